@@ -1,0 +1,138 @@
+"""The `ibllm` command line: one sub-command per stage, each taking a config, overrides and --json."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from pydantic import BaseModel
+
+from pipelines.config import Config, ConfigError, dump_config, load_config
+from stores.ledger import LedgerConflict
+
+log = logging.getLogger("ibllm")
+Command = Callable[[Config, argparse.Namespace], BaseModel | None]
+
+
+def _stage_options() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-c", "--config", help="YAML config (default: the packaged configs/demo.yaml)")
+    common.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        help="override one setting, e.g. --set download.timeout=5 (repeatable; values are YAML)",
+    )  # fmt: skip
+    common.add_argument("--workspace", help="workspace root: a folder or an fsspec URL such as s3://bucket/run")
+    common.add_argument("--json", action="store_true", help="print the result as one JSON document on stdout")
+    common.add_argument("--force", action="store_true", help="discard outputs made with other settings and redo")
+    common.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return common
+
+
+def cmd_config(cfg: Config, args: argparse.Namespace) -> None:
+    """Print the resolved configuration."""
+    sys.stdout.write(dump_config(cfg))
+
+
+def cmd_synthetic(cfg: Config, args: argparse.Namespace) -> BaseModel:
+    """Write the synthetic source, check what the server answers, and optionally keep serving."""
+    from pipelines import synthetic
+    from pipelines.synthetic_server import SyntheticServer
+
+    with SyntheticServer(cfg.synthetic) as server:
+        result = synthetic.run(cfg, server.base_url, force=args.force)
+        if args.serve:
+            log.info("serving %s until interrupted (Ctrl-C)", server.base_url)
+            _wait_for_interrupt()
+    return result
+
+
+def cmd_demo(cfg: Config, args: argparse.Namespace) -> BaseModel:
+    """Run every stage on the config through the Prefect demo flow."""
+    from flows.demo import demo_flow
+
+    return demo_flow(cfg, force=args.force)
+
+
+def _wait_for_interrupt() -> None:
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with contextlib.suppress(KeyboardInterrupt):
+        stop.wait()
+
+
+COMMANDS: dict[str, tuple[Command, str]] = {
+    "demo": (cmd_demo, "run every stage on the embedded default (configs/demo.yaml) and show what each made"),
+    "synthetic": (cmd_synthetic, "write the synthetic demo source and serve it on loopback"),
+    "config": (cmd_config, "print the resolved configuration (after --set and --workspace)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of `ibllm`."""
+    parser = argparse.ArgumentParser(
+        prog="ibllm",
+        description="ImageBind-LLM training system: curate, featurise, index, train and serve.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = _stage_options()
+    for name, (func, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, parents=[common], help=help_text, description=func.__doc__)
+        p.set_defaults(func=func)
+        if name == "synthetic":
+            p.add_argument("--serve", action="store_true", help="keep serving until interrupted")
+    return parser
+
+
+def _configure_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("httpx", "httpcore"):  # one line per Prefect API call otherwise
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _emit(result: Any, as_json: bool, out: Any) -> None:
+    if result is None:
+        return
+    if as_json:
+        out.write(result.model_dump_json(indent=2) + "\n")
+    else:
+        out.write((result.summary() if hasattr(result, "summary") else result.model_dump_json(indent=2)) + "\n")
+    out.flush()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `ibllm` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    _configure_logging(args.verbose)
+    overrides = list(args.overrides)
+    if args.workspace:
+        overrides.append(f"workspace={args.workspace}")
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as e:
+        print(f"ibllm: {e}", file=sys.stderr)
+        return 2
+    stdout = sys.stdout
+    try:
+        # With --json, stdout carries only the result: anything else printed goes to stderr.
+        with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+            result = args.func(cfg, args)
+    except LedgerConflict as e:
+        print(f"ibllm: {e}", file=sys.stderr)
+        return 3
+    _emit(result, args.json, stdout)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

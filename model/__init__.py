@@ -1,0 +1,1 @@
+"""Torch models: ImageBind, the bind network, ImageBind-LLM, cache mixing, converters; no I/O formats."""

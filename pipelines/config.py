@@ -1,0 +1,329 @@
+"""Typed configuration: one root model with a section per stage, loaded from YAML with dotted overrides."""
+
+from __future__ import annotations
+
+import ipaddress
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEMO_CONFIG = "demo.yaml"
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SyntheticConfig(Section):
+    """The generated source of the demo and the tests (coloured shapes served on loopback)."""
+
+    count: int = Field(200, gt=0, description="images in the source, good and bad entries together")
+    seed: int = 0
+    bad_fraction: float = Field(0.1, ge=0.0, le=0.9, description="share of entries that are bad on purpose")
+    min_side: int = Field(64, ge=16)
+    max_side: int = Field(320, ge=16)
+    png_fraction: float = Field(0.3, ge=0.0, le=1.0)
+    slow_seconds: float = Field(5.0, gt=0, description="delay of the 'slow' bad entry; set above the timeout")
+    audio_clips: int = Field(3, ge=0)
+    audio_seconds: float = Field(2.0, gt=0, le=30)
+    video_seconds: float = Field(2.0, gt=0, le=30)
+    host: str = "127.0.0.1"
+    port: int = Field(0, ge=0, le=65535, description="0 picks a free ephemeral port")
+
+    @field_validator("host")
+    @classmethod
+    def _loopback_only(cls, host: str) -> str:
+        try:
+            loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            raise ValueError(f"the synthetic server binds loopback addresses only, not {host!r}")
+        return host
+
+    @model_validator(mode="after")
+    def _sides(self) -> SyntheticConfig:
+        if self.min_side > self.max_side:
+            raise ValueError(f"min_side {self.min_side} is larger than max_side {self.max_side}")
+        return self
+
+
+class FilterConfig(Section):
+    """Per-source curation filters; None disables a filter."""
+
+    min_similarity: float | None = Field(None, ge=-1.0, le=1.0)
+    top_k: int | None = Field(None, gt=0, description="keep the K rows with the highest similarity")
+    min_width: int = Field(0, ge=0)
+    min_height: int = Field(0, ge=0)
+    max_aspect_ratio: float | None = Field(None, ge=1.0)
+    min_caption_words: int = Field(0, ge=0)
+    max_caption_words: int | None = Field(None, gt=0)
+    min_caption_chars: int = Field(0, ge=0)
+    max_caption_chars: int | None = Field(None, gt=0)
+    languages: list[str] | None = None
+    max_punsafe: float | None = Field(None, ge=0.0, le=1.0)
+    max_pwatermark: float | None = Field(None, ge=0.0, le=1.0)
+    sample: int | None = Field(None, gt=0, description="deterministic sample to at most this many rows")
+
+
+SourceFormat = Literal["synthetic", "laion", "mmc4", "cc3m", "cc12m", "sbu", "coco", "coyo", "generic"]
+
+
+class SourceConfig(Section):
+    """One metadata source: where it is, how to read it, how to filter it."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_]*$")
+    format: SourceFormat
+    paths: list[str] = Field(default_factory=list, description="files or globs; empty for 'synthetic'")
+    columns: dict[str, str] = Field(default_factory=dict, description="generic format: our column -> theirs")
+    filters: FilterConfig = Field(default_factory=FilterConfig)
+
+
+class DownloadConfig(Section):
+    """img2dataset settings."""
+
+    image_size: int = Field(256, ge=32)
+    resize_mode: Literal["keep_ratio", "center_crop"] = "keep_ratio"
+    processes: int = Field(2, gt=0)
+    threads: int = Field(16, gt=0)
+    timeout: float = Field(2.0, gt=0)
+    retries: int = Field(1, ge=0)
+    samples_per_shard: int = Field(10_000, gt=0)
+    distributor: Literal["multiprocessing", "ray", "pyspark"] = "multiprocessing"
+    disallowed_header_directives: list[str] = Field(
+        default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"]
+    )
+
+
+class ExtractConfig(Section):
+    """ImageBind feature extraction on Ray."""
+
+    batch_size: int = Field(64, gt=0)
+    actors: int = Field(1, gt=0, description="encoder actors (one per GPU when GPUs exist)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    prefetch_batches: int = Field(2, ge=0)
+
+
+class IndexConfig(Section):
+    """The visual cache: an autofaiss index over one feature source, and the mixing defaults."""
+
+    name: str = Field("cache", pattern=r"^[a-z0-9][a-z0-9_-]*$")
+    source: str = "cc3m"
+    max_index_memory: str = Field("4G", pattern=r"^\d+(\.\d+)?[KMG]$")
+    max_query_ms: float = Field(10.0, gt=0)
+    cache_k: int = Field(10, gt=0)
+    cache_t: float = Field(20.0, gt=0)
+    cache_weight: float = Field(0.5, ge=0.0, le=1.0)
+
+
+class ModelConfig(Section):
+    """Encoders and language model: presets for what is built, paths for what is loaded."""
+
+    imagebind: Literal["huge", "tiny"] = "tiny"
+    imagebind_checkpoint: str | None = None
+    llama: Literal["7B", "tiny"] = "tiny"
+    llama_path: str | None = None
+    tokenizer_path: str | None = None
+    adapter_checkpoint: str | None = None
+    lora_rank: int = Field(16, gt=0)
+    lora_alpha: float = Field(16.0, gt=0)
+    max_seq_len: int = Field(512, gt=0)
+
+
+class StageConfig(Section):
+    """One training stage; lr = blr * global_batch_size / 256, as in the reference."""
+
+    epochs: float = Field(gt=0)
+    warmup_epochs: float = Field(ge=0)
+    global_batch_size: int = Field(gt=0)
+    blr: float = Field(gt=0)
+    min_lr: float = Field(0.0, ge=0)
+    weight_decay: float = Field(ge=0)
+    max_words: int = Field(gt=0)
+    accum_iter: int = Field(1, gt=0)
+    clip_grad: float | None = Field(None, gt=0)
+    workers: int = Field(1, gt=0, description="Ray Train workers (one per GPU when use_gpu)")
+    use_gpu: bool = False
+    checkpoint_every_steps: int = Field(500, gt=0)
+    data: list[str] = Field(default_factory=list, description="feature sources or instruction files")
+
+    @property
+    def lr(self) -> float:
+        """Absolute learning rate."""
+        return self.blr * self.global_batch_size / 256
+
+    @model_validator(mode="after")
+    def _warmup(self) -> StageConfig:
+        if self.warmup_epochs > self.epochs:
+            raise ValueError(f"warmup_epochs {self.warmup_epochs} exceeds epochs {self.epochs}")
+        return self
+
+
+class TrainConfig(Section):
+    """Stage 1 (bind network, gates, prefix) and stage 2 (LoRA, biases, norms)."""
+
+    stage1: StageConfig = Field(
+        default_factory=lambda: StageConfig(
+            epochs=3, warmup_epochs=0.1, global_batch_size=1024, blr=1e-4, weight_decay=0.05, max_words=96
+        )
+    )
+    stage2: StageConfig = Field(
+        default_factory=lambda: StageConfig(
+            epochs=4, warmup_epochs=1, global_batch_size=32, blr=1e-3, weight_decay=0.02, max_words=512
+        )
+    )
+
+
+class RetrainConfig(Section):
+    """Scheduled retraining."""
+
+    cron: str = Field("0 3 * * 0", description="weekly by default: Sunday 03:00")
+    timezone: str = "UTC"
+
+    @field_validator("cron")
+    @classmethod
+    def _five_fields(cls, cron: str) -> str:
+        if len(cron.split()) != 5:
+            raise ValueError(f"cron needs 5 fields (minute hour day month weekday), got {cron!r}")
+        return cron
+
+
+class RayConfig(Section):
+    """Where Ray runs: a local instance by default, an existing cluster with an address."""
+
+    address: str | None = None
+    num_cpus: int | None = Field(None, gt=0)
+
+
+class InferConfig(Section):
+    """Generation defaults (those of the reference)."""
+
+    temperature: float = Field(0.1, ge=0)
+    top_p: float = Field(0.75, gt=0, le=1)
+    max_new_tokens: int = Field(256, gt=0)
+    use_cache: bool = False
+
+
+class Config(Section):
+    """The root configuration."""
+
+    workspace: str = "workspace"
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options of the workspace")
+    seed: int = 0
+    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+    sources: list[SourceConfig] = Field(default_factory=list)
+    download: DownloadConfig = Field(default_factory=DownloadConfig)
+    extract: ExtractConfig = Field(default_factory=ExtractConfig)
+    index: IndexConfig = Field(default_factory=IndexConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    retrain: RetrainConfig = Field(default_factory=RetrainConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    infer: InferConfig = Field(default_factory=InferConfig)
+
+    @model_validator(mode="after")
+    def _unique_sources(self) -> Config:
+        names = [s.name for s in self.sources]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"source names must be unique; repeated: {', '.join(dupes)}")
+        return self
+
+    @classmethod
+    def from_yaml(cls, path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+        """Load a YAML file (the packaged demo config when None) and apply `section.key=value` overrides."""
+        return load_config(path, overrides)
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the file and the dotted field path."""
+
+
+def _dotted(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(root)"
+
+
+def format_validation_error(err: ValidationError, origin: str) -> str:
+    """One line per problem: `origin: dotted.path: message (got value)`."""
+    lines = []
+    for e in err.errors():
+        got = f" (got {e['input']!r})" if e["type"] != "missing" and not isinstance(e["input"], dict) else ""
+        lines.append(f"{origin}: {_dotted(e['loc'])}: {e['msg']}{got}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def _read_yaml(path: str | Path | None) -> tuple[dict[str, Any], str]:
+    if path is None:
+        text = resources.files("configs").joinpath(DEMO_CONFIG).read_text()
+        origin = f"configs/{DEMO_CONFIG} (packaged default)"
+    else:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        text, origin = p.read_text(), str(p)
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{origin}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{origin}: the top level must be a mapping, got {type(data).__name__}")
+    return data, origin
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """Set `a.b.c=value` in nested data; the value is parsed as YAML; list items by index or by `name`."""
+    key, sep, raw = override.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {override!r}: expected section.key=value")
+    parts = key.strip().split(".")
+    node: Any = data
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        where = ".".join(parts[: i + 1])
+        if isinstance(node, list):
+            idx = _list_index(node, part, override)
+            if last:
+                node[idx] = yaml.safe_load(raw)
+            node = node[idx]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = yaml.safe_load(raw)
+            else:
+                node = node.setdefault(part, {})
+        else:
+            raise ConfigError(f"--set {override!r}: {where} is a value, not a section")
+
+
+def _list_index(items: list[Any], part: str, override: str) -> int:
+    if part.isdigit() and int(part) < len(items):
+        return int(part)
+    for i, item in enumerate(items):
+        if isinstance(item, dict) and item.get("name") == part:
+            return i
+    raise ConfigError(f"--set {override!r}: no list item {part!r} (use an index or an item's name)")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read, override and validate a config; raise ConfigError naming the file and field on any problem."""
+    data, origin = _read_yaml(path)
+    for override in overrides or []:
+        apply_override(data, override)
+    if overrides:
+        origin = f"{origin} with --set {' --set '.join(overrides)}"
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, origin)) from None
+
+
+def dump_config(cfg: Config) -> str:
+    """The config as YAML, every default spelled out."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,122 @@
+"""The workspace: one root (local path or fsspec URL) and the storage layout of every stage under it."""
+
+from __future__ import annotations
+
+import posixpath
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+_LOCAL_PROTOCOLS = {"file", "local"}
+
+
+@dataclass
+class Workspace:
+    """Paths and file access under one root; `s3://bucket/run` and `/data/run` behave the same.
+
+    Args:
+        root: a local directory or an fsspec URL.
+        storage_options: fsspec options (credentials, endpoint_url, ...).
+    """
+
+    root: str
+    storage_options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.fs, path = fsspec.core.url_to_fs(self.root, **dict(self.storage_options))
+        self.base = path.rstrip("/") or "/"
+
+    @property
+    def is_local(self) -> bool:
+        """True when renames are atomic (a local filesystem)."""
+        return isinstance(self.fs, LocalFileSystem)
+
+    def path(self, *parts: str) -> str:
+        """A path inside the workspace, in the filesystem's own notation (no protocol)."""
+        return posixpath.join(self.base, *parts)
+
+    def url(self, *parts: str) -> str:
+        """A path inside the workspace as a full URL that other tools (DuckDB, img2dataset) accept."""
+        p = self.path(*parts)
+        protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
+        return p if protocol in _LOCAL_PROTOCOLS else f"{protocol}://{p}"
+
+    # -- layout (DESIGN.md) -------------------------------------------------------------------------------------
+    def synthetic(self, *parts: str) -> str:
+        """The generated demo source."""
+        return self.path("synthetic", *parts)
+
+    def sources(self, source: str, *parts: str) -> str:
+        """Normalised metadata of one source."""
+        return self.path("sources", source, *parts)
+
+    def curated(self, source: str, *parts: str) -> str:
+        """Curated url lists of one source."""
+        return self.path("curated", source, *parts)
+
+    def shards(self, source: str, *parts: str) -> str:
+        """Downloaded webdataset shards of one source."""
+        return self.path("shards", source, *parts)
+
+    def features(self, encoder_id: str, source: str, *parts: str) -> str:
+        """Feature Parquet of one source under one encoder."""
+        return self.path("features", encoder_id, source, *parts)
+
+    def index(self, name: str, *parts: str) -> str:
+        """One cache index."""
+        return self.path("index", name, *parts)
+
+    def checkpoints(self, stage: str, run_id: str, *parts: str) -> str:
+        """One training run's checkpoints."""
+        return self.path("checkpoints", stage, run_id, *parts)
+
+    def reports(self, date: str, *parts: str) -> str:
+        """Reports of one day."""
+        return self.path("reports", date, *parts)
+
+    def ledger(self, *parts: str) -> str:
+        """Ledger records."""
+        return self.path("ledger", *parts)
+
+    # -- file access --------------------------------------------------------------------------------------------
+    def open(self, path: str, mode: str = "rb") -> IO[Any]:
+        """Open a workspace path; parent folders are made when writing to a local disk."""
+        if "w" in mode and self.is_local:
+            self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        return self.fs.open(path, mode)
+
+    def exists(self, path: str) -> bool:
+        """True when the path exists."""
+        return bool(self.fs.exists(path))
+
+    def makedirs(self, path: str) -> None:
+        """Make a folder (a no-op on object stores, which have none)."""
+        self.fs.makedirs(path, exist_ok=True)
+
+    def glob(self, pattern: str) -> list[str]:
+        """Sorted paths matching a glob."""
+        return sorted(self.fs.glob(pattern))
+
+    def rename(self, src: str, dst: str) -> None:
+        """Move a file: atomic on a local disk, copy + delete on object stores."""
+        if self.is_local:
+            self.fs.makedirs(posixpath.dirname(dst), exist_ok=True)
+        self.fs.mv(src, dst)
+
+    def remove(self, path: str) -> None:
+        """Delete a file if it exists."""
+        if self.fs.exists(path):
+            self.fs.rm(path)
+
+    def write_bytes(self, path: str, data: bytes) -> None:
+        """Write a whole file (a single PUT on object stores, so readers see all of it or none)."""
+        with self.open(path, "wb") as f:
+            f.write(data)
+
+    def read_bytes(self, path: str) -> bytes:
+        """Read a whole file."""
+        with self.open(path, "rb") as f:
+            return f.read()
