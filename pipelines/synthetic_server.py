@@ -104,6 +104,8 @@ class SyntheticServer:
     def start(self) -> SyntheticServer:
         """Bind and serve in a background thread."""
         media_files = {**self.source.audio(), **self.source.video()}
+        if any(it.kind == "huge" for it in self.source.items):
+            media.huge_png()  # built once up front (about a second), not inside a client's timeout
         self._server = _Server(self.source, media_files, self._address)
         self._thread = threading.Thread(target=self._server.serve_forever, name="synthetic-http", daemon=True)
         self._thread.start()

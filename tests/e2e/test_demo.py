@@ -1,0 +1,42 @@
+"""The demo end to end: through the Prefect flow in a test harness, and as `ibllm demo` in a fresh process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from prefect.testing.utilities import prefect_test_harness
+
+from flows.demo import DemoResult, demo_flow
+from pipelines.config import Config
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def test_demo_flow_runs_every_stage(prefect_harness: None, config: Config) -> None:
+    result = demo_flow(config)
+    assert isinstance(result, DemoResult)
+    assert result.synthetic.rows == 40 and result.synthetic.served["ok"] == result.synthetic.good
+    assert "== synthetic source" in result.summary()
+
+
+@pytest.mark.slow
+def test_ibllm_demo_command(tmp_path: Path) -> None:
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "demo", "--json", "--workspace", str(tmp_path / "ws"),
+         "--set", "synthetic.count=60"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    assert result["synthetic"]["rows"] == 60
+    assert (tmp_path / "ws" / "synthetic" / "metadata.parquet").is_file()

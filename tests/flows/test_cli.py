@@ -1,0 +1,59 @@
+"""The ibllm command line: help, --json on stdout only, config errors and ledger conflicts as exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flows.cli import COMMANDS, main
+
+SMALL = ["--set", "synthetic.count=24", "--set", "synthetic.slow_seconds=3", "--set", "download.timeout=1.5"]
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, cwd=cwd, env=os.environ.copy()
+    )
+
+
+def test_help_lists_every_command() -> None:
+    proc = run_cli("--help")
+    assert proc.returncode == 0
+    for name in COMMANDS:
+        assert name in proc.stdout
+    for flag in ("--config", "--set", "--workspace", "--json", "--force"):
+        assert flag in run_cli("synthetic", "--help").stdout
+
+
+def test_json_result_alone_on_stdout(tmp_path: Path) -> None:
+    proc = run_cli("synthetic", "--json", "--workspace", str(tmp_path / "ws"), *SMALL)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["rows"] == 24 and result["served"]["ok"] == result["good"]
+    assert "served at http://127.0.0.1:" in proc.stderr  # logs went to stderr
+
+
+def test_config_error_names_the_field(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["synthetic", "--set", "synthetic.count=-3"]) == 2
+    err = capsys.readouterr().err
+    assert "synthetic.count" in err and "-3" in err
+
+
+def test_config_command_prints_resolved_yaml(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert main(["config", "--workspace", str(tmp_path), "--set", "index.cache_k=4"]) == 0
+    out = capsys.readouterr().out
+    assert f"workspace: {tmp_path}" in out and "cache_k: 4" in out
+
+
+def test_changed_settings_exit_3_then_force(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ws = ["--workspace", str(tmp_path / "ws")]
+    assert main(["synthetic", "--json", *ws, *SMALL]) == 0
+    capsys.readouterr()
+    assert main(["synthetic", *ws, *SMALL, "--set", "synthetic.seed=9"]) == 3
+    assert "seed: 0 -> 9" in capsys.readouterr().err
+    assert main(["synthetic", "--json", "--force", *ws, *SMALL, "--set", "synthetic.seed=9"]) == 0

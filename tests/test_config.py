@@ -1,0 +1,116 @@
+"""Config loading, overrides and validation messages; every shipped YAML loads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import configs
+from pipelines.config import Config, ConfigError, apply_override, dump_config, load_config
+
+CONFIG_DIR = Path(configs.__file__).parent
+
+
+@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_yaml_loads(path: Path) -> None:
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+    assert load_config(None).model_dump() == load_config(CONFIG_DIR / "demo.yaml").model_dump()
+
+
+def test_paper_recipe_values() -> None:
+    cfg = load_config(CONFIG_DIR / "paper.yaml")
+    names = [s.name for s in cfg.sources]
+    assert names == ["laion", "mmc4", "coco", "cc3m", "cc12m", "sbu", "coyo"]
+    assert cfg.sources[0].filters.top_k == 100_000_000 and cfg.sources[1].filters.top_k == 20_000_000
+    assert cfg.index.source == "cc3m"
+    s1, s2 = cfg.train.stage1, cfg.train.stage2
+    assert (s1.workers, s1.global_batch_size, s1.epochs) == (32, 1024, 3)
+    assert s1.lr == pytest.approx(4e-4)
+    assert (s2.workers, s2.global_batch_size, s2.epochs, s2.warmup_epochs) == (8, 32, 4, 1)
+    assert s2.lr == pytest.approx(1.25e-4)
+    assert (s1.max_words, s2.max_words, s1.weight_decay, s2.weight_decay) == (96, 512, 0.05, 0.02)
+
+
+def test_overrides_parse_yaml_values_and_reach_list_items_by_name() -> None:
+    cfg = load_config(
+        None,
+        ["download.timeout=7.5", "sources.synthetic.filters.top_k=10", "sources.0.filters.languages=[en, de]"],
+    )
+    assert cfg.download.timeout == 7.5
+    assert cfg.sources[0].filters.top_k == 10
+    assert cfg.sources[0].filters.languages == ["en", "de"]
+
+
+def test_error_names_file_and_dotted_path(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  stage1:\n    blr: -1\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(bad)
+    msg = str(e.value)
+    assert str(bad) in msg and "train.stage1.blr" in msg and "-1" in msg
+
+
+def test_unknown_keys_and_list_positions_are_named(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sources:\n  - name: a\n    format: laion\n    filters: {min_widht: 3}\n")
+    with pytest.raises(ConfigError, match=r"sources\[0\]\.filters\.min_widht: Extra inputs"):
+        load_config(bad)
+
+
+def test_override_errors_name_the_override() -> None:
+    with pytest.raises(ConfigError, match=r"--set download\.timeout=-2.*download\.timeout"):
+        load_config(None, ["download.timeout=-2"])
+    with pytest.raises(ConfigError, match=r"expected section\.key=value"):
+        load_config(None, ["download.timeout"])
+    with pytest.raises(ConfigError, match="no list item 'nope'"):
+        load_config(None, ["sources.nope.format=laion"])
+
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        ("synthetic.host=10.0.0.1", "synthetic.host"),
+        ("synthetic.min_side=500", "synthetic"),
+        ("train.stage2.warmup_epochs=9", "train.stage2"),
+        ("retrain.cron='* *'", "retrain.cron"),
+        ("index.max_index_memory=lots", "index.max_index_memory"),
+        ("download.resize_mode=border", "download.resize_mode"),
+    ],
+)
+def test_invalid_values_are_refused(override: str, field: str) -> None:
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_duplicate_source_names_refused(tmp_path: Path) -> None:
+    bad = tmp_path / "dup.yaml"
+    bad.write_text("sources:\n  - {name: a, format: laion}\n  - {name: a, format: coyo}\n")
+    with pytest.raises(ConfigError, match="repeated: a"):
+        load_config(bad)
+
+
+def test_missing_and_malformed_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(tmp_path / "list.yaml")
+    (tmp_path / "broken.yaml").write_text("a: [1,\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "broken.yaml")
+
+
+def test_dump_round_trips() -> None:
+    cfg = load_config(CONFIG_DIR / "paper.yaml")
+    import yaml
+
+    data = yaml.safe_load(dump_config(cfg))
+    assert Config.model_validate(data) == cfg
+
+
+def test_apply_override_into_new_section() -> None:
+    data: dict = {}
+    apply_override(data, "ray.address=auto")
+    assert data == {"ray": {"address": "auto"}}
