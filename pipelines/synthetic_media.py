@@ -60,8 +60,8 @@ def draw_shape(size: tuple[int, int], shape: str, color: str, background: str, s
         draw.ellipse(box, outline=fill, width=max(2, int(r * 0.3)))
     else:
         draw.polygon(_shape_points(shape, cx, cy, r), fill=fill)
-    noise = rng.normal(0, 6, (h, w, 3))  # a little sensor noise so JPEG behaves as on photos
-    arr = np.clip(np.asarray(img, dtype=np.float32) + noise, 0, 255).astype(np.uint8)
+    noise = rng.integers(-10, 11, (h, w, 3), dtype=np.int16)  # a little sensor noise, so JPEG works as on photos
+    arr = np.clip(np.asarray(img, dtype=np.int16) + noise, 0, 255).astype(np.uint8)
     return Image.fromarray(arr)
 
 

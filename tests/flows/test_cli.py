@@ -57,3 +57,29 @@ def test_changed_settings_exit_3_then_force(tmp_path: Path, capsys: pytest.Captu
     assert main(["synthetic", *ws, *SMALL, "--set", "synthetic.seed=9"]) == 3
     assert "seed: 0 -> 9" in capsys.readouterr().err
     assert main(["synthetic", "--json", "--force", *ws, *SMALL, "--set", "synthetic.seed=9"]) == 0
+
+
+def test_serve_until_terminated(tmp_path: Path) -> None:
+    import re
+    import signal
+    import time
+    import urllib.request
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "synthetic", "--serve", "--workspace", str(tmp_path / "ws"), *SMALL],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline, url = time.time() + 60, None
+        while url is None and time.time() < deadline:
+            line = proc.stderr.readline()
+            if "until interrupted" in line:
+                url = re.search(r"http://127\.0\.0\.1:\d+", line).group(0)
+        assert url, "the server never said where it serves"
+        with urllib.request.urlopen(url + "/media/audio_00.wav", timeout=10) as resp:
+            assert resp.status == 200 and resp.read(4) == b"RIFF"
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0 and "24 rows" in out
+    finally:
+        proc.kill()
