@@ -11,7 +11,7 @@ from prefect import flow, get_run_logger, task
 from pydantic import BaseModel
 
 from pipelines import synthetic
-from pipelines.config import Config
+from pipelines.config import Config, resolve_config
 from pipelines.synthetic_server import SyntheticServer
 
 
@@ -38,9 +38,12 @@ def synthetic_task(cfg: Config, base_url: str, force: bool = False) -> synthetic
 
 
 @flow(name="ibllm-demo", log_prints=True)
-def demo_flow(cfg: Config, force: bool = False) -> DemoResult:
+def demo_flow(
+    config: Config | str | None = None, overrides: list[str] | None = None, force: bool = False
+) -> DemoResult:
     """Make the synthetic source, serve it on loopback, and run every stage on it."""
     logger = get_run_logger()
+    cfg = resolve_config(config, overrides)
     with SyntheticServer(cfg.synthetic) as server:
         logger.info("synthetic source served at %s", server.base_url)
         syn = synthetic_task(cfg, server.base_url, force=force)

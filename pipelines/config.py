@@ -314,6 +314,17 @@ def _list_index(items: list[Any], part: str, override: str) -> int:
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Read, override and validate a config; raise ConfigError naming the file and field on any problem."""
     data, origin = _read_yaml(path)
+    return _validate(data, origin, overrides)
+
+
+def resolve_config(config: Config | str | Path | None, overrides: list[str] | None = None) -> Config:
+    """A config given as an object, a YAML path, or None (the packaged demo config), with overrides applied."""
+    if isinstance(config, Config):
+        return _validate(config.model_dump(mode="json"), "config", overrides)
+    return load_config(config, overrides)
+
+
+def _validate(data: dict[str, Any], origin: str, overrides: list[str] | None) -> Config:
     for override in overrides or []:
         apply_override(data, override)
     if overrides:

@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
 
 from PIL import Image
+from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,8 @@ def probe(urls: Iterable[str], timeout: float, threads: int = 16) -> dict[str, i
     unique = list(dict.fromkeys(urls))
     start = time.perf_counter()
     with ThreadPoolExecutor(threads) as pool:
-        counts = Counter(pool.map(lambda u: classify(u, timeout), unique))
+        outcomes = pool.map(lambda u: classify(u, timeout), unique)
+        counts = Counter(tqdm(outcomes, total=len(unique), desc="probe urls", unit="url", leave=False))
     if len(urls) > len(unique):
         counts["duplicate"] = len(urls) - len(unique)
     log.info("probed %d urls in %.1fs", len(unique), time.perf_counter() - start)

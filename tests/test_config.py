@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 import configs
-from pipelines.config import Config, ConfigError, apply_override, dump_config, load_config
+from pipelines.config import Config, ConfigError, apply_override, dump_config, load_config, resolve_config
 
 CONFIG_DIR = Path(configs.__file__).parent
 
@@ -114,3 +114,13 @@ def test_apply_override_into_new_section() -> None:
     data: dict = {}
     apply_override(data, "ray.address=auto")
     assert data == {"ray": {"address": "auto"}}
+
+
+def test_resolve_config_from_object_path_or_default(tmp_path: Path) -> None:
+    base = load_config(None)
+    cfg = resolve_config(base, ["seed=5"])
+    assert cfg.seed == 5 and base.seed == 0  # the given object is not changed
+    assert resolve_config(str(CONFIG_DIR / "paper.yaml")).index.source == "cc3m"
+    assert resolve_config(None) == base
+    with pytest.raises(ConfigError, match=r"config with --set seed=x: seed"):
+        resolve_config(base, ["seed=x"])

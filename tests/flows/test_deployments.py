@@ -1,0 +1,25 @@
+"""prefect.yaml: every deployment names a flow that loads, on the ibllm process pool, with a config that loads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from prefect.flows import Flow, load_flow_from_entrypoint
+
+from pipelines.config import load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_every_deployment_loads() -> None:
+    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    assert spec["deployments"]
+    for dep in spec["deployments"]:
+        flow = load_flow_from_entrypoint(str(ROOT / dep["entrypoint"]))
+        assert isinstance(flow, Flow)
+        assert dep["work_pool"]["name"] == "ibllm"
+        params = dep.get("parameters", {})
+        assert set(params) <= set(flow.parameters.properties), dep["name"]
+        if params.get("config"):
+            load_config(ROOT / params["config"], params.get("overrides"))
