@@ -89,6 +89,10 @@ class PendingShard:
         self.files.append((tmp, final))
         return tmp
 
+    def put(self, local: str, final: str) -> None:
+        """Hand over a finished local file to be committed as `final`."""
+        self.ws.upload(local, self.path(final))
+
     def discard(self) -> None:
         """Remove every temporary written so far."""
         for tmp, _ in self.files:
@@ -118,6 +122,7 @@ class Ledger:
         settings: Mapping[str, Any],
         encoder_id: str | None = None,
         force: bool = False,
+        read_only: bool = False,
     ) -> None:
         for label, value in (("stage", stage), ("output", output)):
             if not _NAME.match(value):
@@ -126,8 +131,27 @@ class Ledger:
         self.settings = dict(settings)
         self.config_hash = settings_hash(self.settings)
         self.encoder_id = encoder_id
+        self.read_only = read_only
         self._dir = ws.ledger(stage, output)
-        self._open(force)
+        if not read_only:
+            self._open(force)
+
+    @classmethod
+    def reader(cls, ws: Workspace, stage: str, output: str) -> Ledger:
+        """A read-only view of an output's ledger, whatever settings it was made with."""
+        return cls(ws, stage, output, {}, read_only=True)
+
+    def files(self, suffix: str = "") -> list[str]:
+        """Every committed file ending in `suffix`, in shard order: what a reader of this output should read."""
+        recs = sorted(self.committed().values(), key=lambda r: r.shard_id)
+        return [f.path for r in recs for f in r.files if f.path.endswith(suffix)]
+
+    def is_current(self, shard_id: str, input_fingerprint: str) -> bool:
+        """True when the shard is committed and was made from an input with this fingerprint."""
+        path = self._record(shard_id)
+        if not self.ws.exists(path):
+            return False
+        return self._read_model(path, ShardRecord).extra.get("input") == input_fingerprint
 
     # -- settings -----------------------------------------------------------------------------------------------
     def _open(self, force: bool) -> None:
@@ -198,6 +222,8 @@ class Ledger:
         """
         if not _NAME.match(shard_id):
             raise ValueError(f"shard id {shard_id!r} must match {_NAME.pattern}")
+        if self.read_only:
+            raise RuntimeError(f"ledger {self.stage}/{self.output} was opened read-only")
         pending = PendingShard(self.ws, shard_id)
         start = time.perf_counter()
         try:
@@ -218,6 +244,7 @@ class Ledger:
     def _commit(self, pending: PendingShard, seconds: float) -> ShardRecord:
         if not pending.files:
             raise ValueError(f"shard {pending.shard_id!r} wrote no file")
+        previous = self.committed_record(pending.shard_id)
         entries = []
         for tmp, final in pending.files:
             if not self.ws.exists(tmp):
@@ -241,7 +268,16 @@ class Ledger:
         )
         self._write_json(self._record(pending.shard_id), rec.model_dump())  # the commit point
         self.ws.remove(self._failure(pending.shard_id))
+        if previous is not None:  # a redone shard: its old files that the new commit did not replace go
+            for f in previous.files:
+                if f.path not in {e.path for e in entries}:
+                    self.ws.remove(f.path)
         return rec
+
+    def committed_record(self, shard_id: str) -> ShardRecord | None:
+        """The record of a committed shard, or None."""
+        path = self._record(shard_id)
+        return self._read_model(path, ShardRecord) if self.ws.exists(path) else None
 
     # -- helpers ------------------------------------------------------------------------------------------------
     def _record(self, shard_id: str) -> str:

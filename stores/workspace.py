@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import posixpath
-from collections.abc import Mapping
+import secrets
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -120,3 +125,26 @@ class Workspace:
         """Read a whole file."""
         with self.open(path, "rb") as f:
             return f.read()
+
+    def upload(self, local: str, path: str) -> None:
+        """Move a local file to a workspace path (a rename on a local workspace, an upload otherwise)."""
+        if self.is_local:
+            self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+            shutil.move(local, path)
+        else:
+            self.fs.put_file(local, path)
+            os.remove(local)
+
+    @contextmanager
+    def scratch(self) -> Iterator[str]:
+        """A private local folder for intermediate files, removed afterwards (inside the workspace when local,
+        so that moving results into place is a rename)."""
+        if self.is_local:
+            path = self.path(".scratch", secrets.token_hex(6))
+            os.makedirs(path)
+        else:
+            path = tempfile.mkdtemp(prefix="ibllm-")
+        try:
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
