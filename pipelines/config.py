@@ -84,6 +84,14 @@ class SourceConfig(Section):
     filters: FilterConfig = Field(default_factory=FilterConfig)
 
 
+class CurateConfig(Section):
+    """DuckDB resources of ingest and curation, and the size of the url-list files."""
+
+    memory_limit: str = Field("2GB", pattern=r"^\d+(\.\d+)?\s*(KB|MB|GB|TB|KiB|MiB|GiB|TiB)$")
+    threads: int | None = Field(None, gt=0)
+    rows_per_file: int = Field(1_000_000, gt=0, description="rows per curated url-list file")
+
+
 class DownloadConfig(Section):
     """img2dataset settings."""
 
@@ -94,6 +102,10 @@ class DownloadConfig(Section):
     timeout: float = Field(2.0, gt=0)
     retries: int = Field(1, ge=0)
     samples_per_shard: int = Field(10_000, gt=0)
+    min_image_size: int = Field(0, ge=0, description="refuse images whose short side is smaller")
+    max_image_area: int | None = Field(
+        89_478_485, gt=0, description="refuse larger images (decompression bombs); PIL's limit by default"
+    )
     distributor: Literal["multiprocessing", "ray", "pyspark"] = "multiprocessing"
     disallowed_header_directives: list[str] = Field(
         default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"]
@@ -217,6 +229,7 @@ class Config(Section):
     seed: int = 0
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
     sources: list[SourceConfig] = Field(default_factory=list)
+    curate: CurateConfig = Field(default_factory=CurateConfig)
     download: DownloadConfig = Field(default_factory=DownloadConfig)
     extract: ExtractConfig = Field(default_factory=ExtractConfig)
     index: IndexConfig = Field(default_factory=IndexConfig)

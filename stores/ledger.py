@@ -234,6 +234,36 @@ class Ledger:
             raise
         self._commit(pending, time.perf_counter() - start)
 
+    def record_existing(
+        self, shard_id: str, paths: list[str], rows: int, extra: Mapping[str, Any] | None = None
+    ) -> ShardRecord:
+        """Commit a shard that a tool wrote in place with its own completion mark (img2dataset's stats file).
+
+        The caller checks the mark first; the record is still the commit point for every reader of the ledger.
+        """
+        if self.read_only:
+            raise RuntimeError(f"ledger {self.stage}/{self.output} was opened read-only")
+        entries = [
+            FileEntry(path=p, bytes=size, sha256=digest) for p in paths for size, digest in [_sha256(self.ws, p)]
+        ]
+        rec = ShardRecord(
+            stage=self.stage,
+            output=self.output,
+            shard_id=shard_id,
+            path=entries[0].path,
+            checksum=entries[0].sha256,
+            rows=rows,
+            files=entries,
+            config_hash=self.config_hash,
+            encoder_id=self.encoder_id,
+            seconds=0.0,
+            committed_at=_now(),
+            extra=dict(extra or {}),
+        )
+        self._write_json(self._record(shard_id), rec.model_dump())
+        self.ws.remove(self._failure(shard_id))
+        return rec
+
     def record_failure(self, shard_id: str, error: str) -> None:
         """Remember that a shard failed, so that it never silently vanishes."""
         fail = ShardFailure(

@@ -1,0 +1,151 @@
+"""The DuckDB catalog: views over every committed output (metadata, curated lists, funnels, download status)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import duckdb
+
+from stores.ledger import Ledger
+from stores.workspace import Workspace
+
+log = logging.getLogger(__name__)
+CATALOG_FILE = "catalog.duckdb"
+
+# img2dataset's error messages -> a reason; retryable reasons are worth another attempt later.
+REASON_SQL = r"""
+CASE
+  WHEN status = 'success' THEN 'success'
+  WHEN error_message ILIKE '%infinite loop%' OR regexp_matches(error_message, '^HTTP Error 30\d') THEN 'redirect_loop'
+  WHEN regexp_matches(error_message, '^HTTP Error \d{3}')
+       THEN 'http_' || regexp_extract(error_message, '^HTTP Error (\d{3})', 1)
+  WHEN error_message ILIKE '%timed out%' OR error_message ILIKE '%timeout%' THEN 'timeout'
+  WHEN error_message ILIKE '%X-Robots-Tag%' THEN 'opt_out'
+  WHEN error_message ILIKE '%urlopen error%' OR error_message ILIKE '%connection%' OR error_message ILIKE '%errno%'
+       OR error_message ILIKE '%name or service not known%' OR error_message ILIKE '%remote end closed%'
+       THEN 'connection'
+  WHEN error_message = 'image too small' THEN 'too_small'
+  WHEN error_message = 'image area too large' THEN 'too_large'
+  WHEN error_message = 'aspect ratio too large' THEN 'aspect_ratio'
+  WHEN error_message = 'hash mismatch' THEN 'hash_mismatch'
+  WHEN error_message ILIKE '%decod%' OR error_message ILIKE '%cannot identify%' OR error_message ILIKE '%truncated%'
+       THEN 'decode'
+  ELSE 'other'
+END
+"""
+RETRYABLE_SQL = "reason IN ('timeout', 'connection', 'http_429') OR regexp_matches(reason, '^http_5\\d\\d$')"
+DOWNLOAD_COLUMNS = (
+    "uid, source, similarity, caption, url, key, status, error_message, width, height, original_width, original_height"
+)
+EMPTY = {
+    "metadata": "SELECT NULL::VARCHAR AS uid, NULL::VARCHAR AS source, NULL::VARCHAR AS url, NULL::VARCHAR AS caption, "
+    "NULL::DOUBLE AS similarity, NULL::BIGINT AS width, NULL::BIGINT AS height, NULL::DOUBLE AS punsafe, "
+    "NULL::DOUBLE AS pwatermark, NULL::VARCHAR AS language, NULL::VARCHAR AS extra WHERE false",
+    "curated": "SELECT NULL::VARCHAR AS uid, NULL::VARCHAR AS source, NULL::VARCHAR AS url, NULL::VARCHAR AS caption, "
+    "NULL::DOUBLE AS similarity, NULL::BIGINT AS width, NULL::BIGINT AS height WHERE false",
+    "funnel": "SELECT NULL::VARCHAR AS source, NULL::VARCHAR AS step, NULL::BIGINT AS rows_in, "
+    "NULL::BIGINT AS rows_out, NULL::BIGINT AS removed WHERE false",
+    "downloads_raw": "SELECT NULL::VARCHAR AS uid, NULL::VARCHAR AS source, NULL::DOUBLE AS similarity, "
+    "NULL::VARCHAR AS caption, NULL::VARCHAR AS url, NULL::VARCHAR AS key, NULL::VARCHAR AS status, "
+    "NULL::VARCHAR AS error_message, NULL::BIGINT AS width, NULL::BIGINT AS height, NULL::BIGINT AS original_width, "
+    "NULL::BIGINT AS original_height, NULL::VARCHAR AS output, NULL::VARCHAR AS shard, NULL::INTEGER AS round "
+    "WHERE false",
+}
+
+
+def outputs(ws: Workspace, stage: str) -> list[str]:
+    """Every output name that has a ledger under `stage`."""
+    return sorted(os.path.basename(p.rstrip("/")) for p in ws.glob(ws.ledger(stage, "*")))
+
+
+def retry_round(output: str) -> int:
+    """0 for a source's first download, n for its retry round n (`<source>.retry-NN`)."""
+    _, _, tail = output.partition(".retry-")
+    return int(tail) if tail else 0
+
+
+class Catalog:
+    """A DuckDB connection whose views list exactly what the ledgers say is committed.
+
+    Views: `metadata`, `curated`, `funnel`, `downloads` (every attempt, with `reason`, `retryable`, `round`,
+    `shard`), `download_latest` (one row per uid: its success if any attempt succeeded, else its last failure).
+    """
+
+    def __init__(self, ws: Workspace, path: str = ":memory:") -> None:
+        self.ws = ws
+        self.con = duckdb.connect(path)
+        if not ws.is_local:
+            self.con.register_filesystem(ws.fs)
+        self.refresh()
+
+    def _url(self, path: str) -> str:
+        return path if self.ws.is_local else self.ws.fs.unstrip_protocol(path)
+
+    def _files(self, stage: str, suffix: str) -> list[str]:
+        return [
+            self._url(f) for out in outputs(self.ws, stage) for f in Ledger.reader(self.ws, stage, out).files(suffix)
+        ]
+
+    def _view(self, name: str, files: list[str], select: str) -> None:
+        if files:
+            listing = "[" + ", ".join("'" + f.replace("'", "''") + "'" for f in files) + "]"
+            body = select.replace("$files", listing)
+        else:
+            body = EMPTY[name]
+        self._ddl(f"CREATE OR REPLACE VIEW {name} AS {body}")
+
+    def _ddl(self, sql: str) -> None:
+        self._statements.append(sql)
+        self.con.execute(sql)
+
+    def refresh(self) -> None:
+        """Re-read the ledgers and redefine every view."""
+        self._statements: list[str] = []
+        self._view(
+            "metadata", self._files("ingest", ".parquet"), "SELECT * FROM read_parquet($files, union_by_name = true)"
+        )
+        self._view(
+            "curated", self._files("curate", ".parquet"), "SELECT * FROM read_parquet($files, union_by_name = true)"
+        )
+        self._view("funnel", self._files("curate", "funnel.json"), "SELECT * FROM read_json($files)")
+        downloads = []
+        for out in outputs(self.ws, "download"):
+            for f in Ledger.reader(self.ws, "download", out).files(".parquet"):
+                downloads.append((self._url(f), out))
+        if downloads:
+            parts = [
+                f"SELECT {DOWNLOAD_COLUMNS}, '{out}' AS output, "
+                f"regexp_extract(filename, '(\\d+)\\.parquet$', 1) AS shard, {retry_round(out)} AS round "
+                f"FROM read_parquet('{f.replace(chr(39), chr(39) * 2)}', filename = true, union_by_name = true)"
+                for f, out in downloads
+            ]
+            self._ddl("CREATE OR REPLACE VIEW downloads_raw AS " + " UNION ALL ".join(parts))
+        else:
+            self._ddl(f"CREATE OR REPLACE VIEW downloads_raw AS {EMPTY['downloads_raw']}")
+        self._ddl(
+            f"CREATE OR REPLACE VIEW downloads AS SELECT *, ({RETRYABLE_SQL}) AS retryable "
+            f"FROM (SELECT *, {REASON_SQL} AS reason FROM downloads_raw)"
+        )
+        self._ddl(
+            "CREATE OR REPLACE VIEW download_latest AS SELECT * FROM downloads "
+            "QUALIFY row_number() OVER (PARTITION BY uid ORDER BY (status = 'success') DESC, round DESC) = 1"
+        )
+
+    def query(self, sql: str, params: dict[str, Any] | None = None) -> list[tuple]:
+        """Rows of a query over the views."""
+        return self.con.execute(sql, params or {}).fetchall()
+
+    def save(self) -> str:
+        """Write the view definitions to `catalog.duckdb` in the workspace, for `duckdb` users; returns its URL."""
+        with self.ws.scratch() as scratch:
+            local = os.path.join(scratch, CATALOG_FILE)
+            target = duckdb.connect(local)
+            for name, sql in self.con.execute(
+                "SELECT view_name, sql FROM duckdb_views() WHERE NOT internal ORDER BY view_name"
+            ).fetchall():
+                target.execute(sql.replace(f"CREATE VIEW {name}", f"CREATE OR REPLACE VIEW {name}", 1))
+            target.close()
+            self.ws.upload(local, self.ws.path(CATALOG_FILE))
+        return self.ws.url(CATALOG_FILE)
