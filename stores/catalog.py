@@ -142,10 +142,8 @@ class Catalog:
         with self.ws.scratch() as scratch:
             local = os.path.join(scratch, CATALOG_FILE)
             target = duckdb.connect(local)
-            for name, sql in self.con.execute(
-                "SELECT view_name, sql FROM duckdb_views() WHERE NOT internal ORDER BY view_name"
-            ).fetchall():
-                target.execute(sql.replace(f"CREATE VIEW {name}", f"CREATE OR REPLACE VIEW {name}", 1))
+            for sql in self._statements:
+                target.execute(sql)
             target.close()
             self.ws.upload(local, self.ws.path(CATALOG_FILE))
         return self.ws.url(CATALOG_FILE)
