@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -15,11 +16,13 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel
 
 from pipelines.config import Config
+from stores.catalog import Catalog, outputs
 from stores.ledger import Ledger
 from stores.workspace import Workspace
 
 log = logging.getLogger(__name__)
 ADDITIONAL_COLUMNS = ["uid", "source", "similarity"]
+RETRY_COLUMNS = ["uid", "source", "url", "caption", "similarity"]
 
 
 class SourceDownload(BaseModel):
@@ -137,59 +140,106 @@ def _brief(stats: dict) -> dict:
     return {k: stats.get(k) for k in ("count", "successes", "failed_to_download", "failed_to_resize", "duration")}
 
 
-def download_list(
-    cfg: Config, ws: Workspace, source: str, url_lists: list[str], list_folder: str, output: str, force: bool
+def shard_folder(ws: Workspace, output: str) -> str:
+    """Where an output's shards live: `shards/<source>/`, retry rounds in `shards/<source>/retry-NN/`."""
+    source, _, tail = output.partition(".retry-")
+    return ws.shards(source, f"retry-{tail}") if tail else ws.shards(source)
+
+
+def download_into(
+    cfg: Config, ws: Workspace, source: str, output: str, url_lists: list[str], list_checksum: str, force: bool
 ) -> SourceDownload:
-    """Download one url-list folder into one shard folder, commit what completed, and count the outcome."""
-    rec = Ledger.reader(ws, "curate", source).committed_record("curated")
-    checksum = ",".join(sorted(_checksums(ws, url_lists))) if rec is None or output != source else rec.checksum
-    ledger = Ledger(ws, "download", output.replace("/", "."), settings(cfg, checksum), force=force)
-    folder = ws.shards(output)
+    """Download url lists into an output's shard folder, commit what completed, and count the outcome."""
+    ledger = Ledger(ws, "download", output, settings(cfg, list_checksum), force=force)
+    folder = shard_folder(ws, output)
     expected = expected_shards(ws, url_lists, cfg.download.samples_per_shard)
     todo = ledger.pending(expected)
     start = time.perf_counter()
     if todo:
-        img2dataset_download(cfg, ws.url(*_rel(ws, list_folder)), ws.url("shards", output))
+        list_folder = posixpath.dirname(url_lists[0])
+        img2dataset_download(cfg, _as_url(ws, list_folder), _as_url(ws, folder))
     took = time.perf_counter() - start
     new, missing = commit_shards(ws, ledger, folder, expected)
     committed = ledger.committed()
     attempted = sum(r.extra.get("stats", {}).get("count") or 0 for r in committed.values())
-    succeeded = sum(r.rows for r in committed.values())
+    done_now = sum(committed[s].extra["stats"]["count"] or 0 for s in todo if s in committed)
     return SourceDownload(
         source=source,
-        output=ws.url("shards", output),
+        output=_as_url(ws, folder),
         shards=len(committed),
         new_shards=new,
         failed_shards=missing,
         attempted=attempted,
-        succeeded=succeeded,
-        failed=attempted - succeeded,
-        images_per_second=round(sum(committed[s].extra["stats"]["count"] for s in todo if s in committed) / took, 1)
-        if todo and took > 0
-        else None,
+        succeeded=sum(r.rows for r in committed.values()),
+        failed=attempted - sum(r.rows for r in committed.values()),
+        images_per_second=round(done_now / took, 1) if todo and took > 0 else None,
     )
 
 
-def _rel(ws: Workspace, path: str) -> list[str]:
-    return posixpath.relpath(path, ws.base).split("/")
+def _as_url(ws: Workspace, path: str) -> str:
+    return path if ws.is_local else ws.fs.unstrip_protocol(path)
 
 
-def _checksums(ws: Workspace, paths: list[str]) -> list[str]:
-    import hashlib
+def download_source(cfg: Config, ws: Workspace, source: str, force: bool) -> SourceDownload:
+    """First download of a source's curated url lists (or its resumption)."""
+    ledger = Ledger.reader(ws, "curate", source)
+    rec = ledger.committed_record("curated")
+    if rec is None:
+        raise FileNotFoundError(f"source {source!r} has no curated url list; run `ibllm curate` first")
+    lists = ledger.files(".parquet")
+    if not lists:
+        return SourceDownload(source=source, output=_as_url(ws, shard_folder(ws, source)), shards=0, new_shards=0,
+                              failed_shards=[], attempted=0, succeeded=0, failed=0, images_per_second=None)  # fmt: skip
+    return download_into(cfg, ws, source, source, lists, rec.checksum, force)
 
-    return [hashlib.sha256(ws.read_bytes(p)).hexdigest()[:16] for p in paths]
+
+def retry_source(cfg: Config, ws: Workspace, source: str, force: bool) -> SourceDownload:
+    """Download again, into new shards, the samples whose last attempt failed for a retryable reason.
+
+    An unfinished retry round is resumed; otherwise a new round starts from the catalog's retryable failures.
+    """
+    rounds = sorted(o for o in outputs(ws, "download") if o.startswith(f"{source}.retry-"))
+    if rounds:
+        last = rounds[-1]
+        rec = Ledger.reader(ws, "download", last)
+        lists = [ws.curated(source, f"retry-{last.partition('.retry-')[2]}", "urls.parquet")]
+        if rec.pending(expected_shards(ws, lists, cfg.download.samples_per_shard)):
+            return download_into(cfg, ws, source, last, lists, _checksum(ws, lists[0]), force)
+    failed = (
+        Catalog(ws)
+        .con.execute(
+            f"SELECT {', '.join(RETRY_COLUMNS)} FROM download_latest WHERE source = $s AND retryable ORDER BY uid",
+            {"s": source},
+        )
+        .to_arrow_table()
+    )
+    n = len(rounds) + 1
+    output = f"{source}.retry-{n:02d}"
+    if failed.num_rows == 0:
+        log.info("%s: no retryable failures", source)
+        return SourceDownload(source=source, output=_as_url(ws, shard_folder(ws, output)), shards=0, new_shards=0,
+                              failed_shards=[], attempted=0, succeeded=0, failed=0, images_per_second=None)  # fmt: skip
+    path = ws.curated(source, f"retry-{n:02d}", "urls.parquet")
+    with ws.scratch() as scratch:
+        local = posixpath.join(scratch, "urls.parquet")
+        pq.write_table(failed, local)
+        ws.upload(local, path)
+    log.info("%s: retrying %d samples in round %d", source, failed.num_rows, n)
+    return download_into(cfg, ws, source, output, [path], _checksum(ws, path), force)
 
 
-def run(cfg: Config, force: bool = False) -> DownloadResult:
-    """Download every source's curated url lists."""
+def _checksum(ws: Workspace, path: str) -> str:
+    return hashlib.sha256(ws.read_bytes(path)).hexdigest()
+
+
+def run(cfg: Config, force: bool = False, retry_failed: bool = False) -> DownloadResult:
+    """Download every source's curated url lists, or with `retry_failed` only their retryable failures."""
     if not cfg.sources:
         raise ValueError("the config has no sources to download (add entries under `sources:`)")
     start = time.perf_counter()
     ws = Workspace(cfg.workspace, cfg.storage_options)
     results = []
     for src in cfg.sources:
-        lists = Ledger.reader(ws, "curate", src.name).files(".parquet")
-        if not lists:
-            raise FileNotFoundError(f"source {src.name!r} has no curated url list; run `ibllm curate` first")
-        results.append(download_list(cfg, ws, src.name, lists, ws.curated(src.name), src.name, force))
+        step = retry_source if retry_failed else download_source
+        results.append(step(cfg, ws, src.name, force))
     return DownloadResult(sources=results, seconds=round(time.perf_counter() - start, 3))

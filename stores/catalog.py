@@ -147,3 +147,9 @@ class Catalog:
             target.close()
             self.ws.upload(local, self.ws.path(CATALOG_FILE))
         return self.ws.url(CATALOG_FILE)
+
+    def retryable(self, source: str, columns: list[str]) -> Any:
+        """The samples of a source whose last attempt failed for a retryable reason, as an Arrow table."""
+        cols = ", ".join(columns)
+        sql = f"SELECT {cols} FROM download_latest WHERE source = $s AND retryable ORDER BY uid"
+        return self.con.sql(sql, params={"s": source}).to_arrow_table()
