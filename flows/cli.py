@@ -5,16 +5,18 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from pydantic import BaseModel
 
 from pipelines.config import Config, ConfigError, dump_config, load_config
 from stores.ledger import LedgerConflict
+from stores.sources import SourceFileError
 
 log = logging.getLogger("ibllm")
 Command = Callable[[Config, argparse.Namespace], BaseModel | None]
@@ -42,14 +44,44 @@ def cmd_config(cfg: Config, args: argparse.Namespace) -> None:
 def cmd_synthetic(cfg: Config, args: argparse.Namespace) -> BaseModel:
     """Write the synthetic source, check what the server answers, and optionally keep serving."""
     from pipelines import synthetic
-    from pipelines.synthetic_server import SyntheticServer
+    from pipelines.synthetic_server import server_for
 
-    with SyntheticServer(cfg.synthetic) as server:
+    with server_for(cfg) as server:
         result = synthetic.run(cfg, server.base_url, force=args.force)
         if args.serve:
             log.info("serving %s until interrupted (Ctrl-C)", server.base_url)
             _wait_for_interrupt()
     return result
+
+
+def cmd_ingest(cfg: Config, args: argparse.Namespace) -> BaseModel:
+    """Normalise every source's metadata files into sources/<source>/ (one shard per file)."""
+    from pipelines import ingest
+
+    return ingest.run(cfg, force=args.force)
+
+
+def cmd_curate(cfg: Config, args: argparse.Namespace) -> BaseModel:
+    """Filter every source into url lists, with the funnel of every filter."""
+    from pipelines import curate
+
+    return curate.run(cfg, force=args.force)
+
+
+def cmd_download(cfg: Config, args: argparse.Namespace) -> BaseModel:
+    """Download the curated url lists into webdataset shards with img2dataset (resumable)."""
+    from pipelines import download
+    from pipelines.synthetic_server import serving
+
+    with serving(cfg):
+        return download.run(cfg, force=args.force, retry_failed=args.retry_failed)
+
+
+def cmd_report(cfg: Config, args: argparse.Namespace) -> BaseModel:
+    """Write the curation report (HTML, figures, summary.json) and refresh the catalog."""
+    from pipelines import report
+
+    return report.run(cfg)
 
 
 def cmd_demo(cfg: Config, args: argparse.Namespace) -> BaseModel:
@@ -69,6 +101,10 @@ def _wait_for_interrupt() -> None:
 COMMANDS: dict[str, tuple[Command, str]] = {
     "demo": (cmd_demo, "run every stage on the embedded default (configs/demo.yaml) and show what each made"),
     "synthetic": (cmd_synthetic, "write the synthetic demo source and serve it on loopback"),
+    "ingest": (cmd_ingest, "normalise source metadata (LAION, MMC4, CC3M, CC12M, SBU, COCO, COYO, generic)"),
+    "curate": (cmd_curate, "filter sources by CLIP score, size, caption, language, safety; dedup; url lists"),
+    "download": (cmd_download, "download url lists into webdataset shards (img2dataset); --retry-failed"),
+    "report": (cmd_report, "write the curation report and the DuckDB catalog"),
     "config": (cmd_config, "print the resolved configuration (after --set and --workspace)"),
 }
 
@@ -86,6 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         if name == "synthetic":
             p.add_argument("--serve", action="store_true", help="keep serving until interrupted")
+        if name == "download":
+            p.add_argument(
+                "--retry-failed", action="store_true",
+                help="download again, into new shards, only the samples that failed for a retryable reason",
+            )  # fmt: skip
     return parser
 
 
@@ -122,16 +163,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         print(f"ibllm: {e}", file=sys.stderr)
         return 2
-    stdout = sys.stdout
     try:
-        # With --json, stdout carries only the result: anything else printed goes to stderr.
-        with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        # stdout carries only the result: anything else printed, by any process, goes to stderr.
+        with _stdout_to_stderr():
             result = args.func(cfg, args)
     except LedgerConflict as e:
         print(f"ibllm: {e}", file=sys.stderr)
         return 3
-    _emit(result, args.json, stdout)
+    except (SourceFileError, FileNotFoundError) as e:
+        print(f"ibllm: {e}", file=sys.stderr)
+        return 4
+    _emit(result, args.json, sys.stdout)
     return 0
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """Point file descriptor 1 at stderr (child processes inherit it) and restore it afterwards."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 if __name__ == "__main__":

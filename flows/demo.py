@@ -10,9 +10,9 @@ os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "pipelines,stores,model")
 from prefect import flow, get_run_logger, task
 from pydantic import BaseModel
 
-from pipelines import synthetic
+from pipelines import curate, download, ingest, report, synthetic
 from pipelines.config import Config, resolve_config
-from pipelines.synthetic_server import SyntheticServer
+from pipelines.synthetic_server import server_for
 
 
 class DemoResult(BaseModel):
@@ -20,10 +20,20 @@ class DemoResult(BaseModel):
 
     workspace: str
     synthetic: synthetic.SyntheticResult
+    ingest: ingest.IngestResult
+    curate: curate.CurateResult
+    download: download.DownloadResult
+    report: report.ReportResult
 
     def summary(self) -> str:
         """Human lines, one block per stage."""
-        blocks = [("synthetic source", self.synthetic.summary())]
+        blocks = [
+            ("synthetic source", self.synthetic.summary()),
+            ("ingest", self.ingest.summary()),
+            ("curate: the funnel", self.curate.summary()),
+            ("download", self.download.summary()),
+            ("report", self.report.summary()),
+        ]
         out = [f"workspace: {self.workspace}"]
         for name, text in blocks:
             out.append(f"\n== {name}")
@@ -37,6 +47,30 @@ def synthetic_task(cfg: Config, base_url: str, force: bool = False) -> synthetic
     return synthetic.run(cfg, base_url, force=force)
 
 
+@task(name="ingest", retries=1)
+def ingest_task(cfg: Config, force: bool = False) -> ingest.IngestResult:
+    """Normalise every source's metadata."""
+    return ingest.run(cfg, force=force)
+
+
+@task(name="curate", retries=1)
+def curate_task(cfg: Config, force: bool = False) -> curate.CurateResult:
+    """Filter every source into url lists."""
+    return curate.run(cfg, force=force)
+
+
+@task(name="download", retries=1, retry_delay_seconds=5)
+def download_task(cfg: Config, force: bool = False) -> download.DownloadResult:
+    """Download the url lists into webdataset shards (a retry resumes from the completed shards)."""
+    return download.run(cfg, force=force)
+
+
+@task(name="report")
+def report_task(cfg: Config) -> report.ReportResult:
+    """Write the curation report."""
+    return report.run(cfg)
+
+
 @flow(name="ibllm-demo", log_prints=True)
 def demo_flow(
     config: Config | str | None = None, overrides: list[str] | None = None, force: bool = False
@@ -44,8 +78,13 @@ def demo_flow(
     """Make the synthetic source, serve it on loopback, and run every stage on it."""
     logger = get_run_logger()
     cfg = resolve_config(config, overrides)
-    with SyntheticServer(cfg.synthetic) as server:
+    with server_for(cfg) as server:
         logger.info("synthetic source served at %s", server.base_url)
         syn = synthetic_task(cfg, server.base_url, force=force)
-        logger.info("synthetic: %d rows, served as %s", syn.rows, syn.served)
-    return DemoResult(workspace=cfg.workspace, synthetic=syn)
+        ing = ingest_task(cfg, force=force)
+        cur = curate_task(cfg, force=force)
+        logger.info("curation funnel:\n%s", cur.summary())
+        dl = download_task(cfg, force=force)
+        rep = report_task(cfg)
+        logger.info("report: %s", rep.html)
+    return DemoResult(workspace=cfg.workspace, synthetic=syn, ingest=ing, curate=cur, download=dl, report=rep)

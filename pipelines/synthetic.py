@@ -209,6 +209,12 @@ class SyntheticResult(BaseModel):
         return "\n".join(lines)
 
 
+def written_base_url(ws: Workspace) -> str | None:
+    """The server address the committed synthetic metadata was written for, if any."""
+    rec = Ledger.reader(ws, "synthetic", "synthetic").committed_record("metadata")
+    return rec.extra.get("base_url") if rec else None
+
+
 def settings(cfg: SyntheticConfig) -> dict[str, object]:
     """The settings that shape the synthetic output (the server's address does not)."""
     return cfg.model_dump(exclude={"host", "port"})
@@ -235,14 +241,15 @@ def run(cfg: Config, base_url: str, force: bool = False, check: bool = True) -> 
                 ws.write_bytes(shard.path(final), data)
                 shard.rows = 1
         written.append(ws.url("synthetic", "media", name))
-    # The metadata carries the server's (ephemeral) address, so it is rewritten on every run.
+    # The metadata carries the server's address: rewritten only when that changed.
     table = source.metadata(base_url)
     meta_path = ws.synthetic("metadata.parquet")
-    with ledger.shard("metadata") as shard:
-        with ws.open(shard.path(meta_path), "wb") as f:
-            pq.write_table(table, f)
-        shard.rows = table.num_rows
-        shard.extra = {"base_url": base_url}
+    if written_base_url(ws) != base_url or not ledger.is_committed("metadata"):
+        with ledger.shard("metadata") as shard:
+            with ws.open(shard.path(meta_path), "wb") as f:
+                pq.write_table(table, f)
+            shard.rows = table.num_rows
+            shard.extra = {"base_url": base_url}
     kinds = [it.kind for it in source.items]
     bad = {k: kinds.count(k) for k in BAD_KINDS if kinds.count(k)}
     served = None

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import ipaddress
 import logging
 import threading
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from urllib.parse import urlsplit
 
+from pipelines import synthetic
 from pipelines import synthetic_media as media
-from pipelines.config import SyntheticConfig
+from pipelines.config import Config, SyntheticConfig
 from pipelines.synthetic import Item, SyntheticSource
+from stores.workspace import Workspace
 
 log = logging.getLogger(__name__)
 HTML_PAGE = b"<!doctype html><html><body><h1>Not an image</h1><p>A page, not a picture.</p></body></html>"
@@ -84,12 +88,13 @@ class SyntheticServer:
     Use as a context manager: `with SyntheticServer(cfg) as srv: srv.base_url`.
     """
 
-    def __init__(self, cfg: SyntheticConfig) -> None:
+    def __init__(self, cfg: SyntheticConfig, preferred_port: int | None = None) -> None:
         host = "127.0.0.1" if cfg.host == "localhost" else cfg.host
         if not ipaddress.ip_address(host).is_loopback:  # the config refuses it too; never bind elsewhere
             raise ValueError(f"the synthetic server binds loopback addresses only, not {host!r}")
         self.source = SyntheticSource(cfg)
         self._address = (host, cfg.port)
+        self._preferred = preferred_port if cfg.port == 0 else None
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -106,7 +111,13 @@ class SyntheticServer:
         media_files = {**self.source.audio(), **self.source.video()}
         if any(it.kind == "huge" for it in self.source.items):
             media.huge_png()  # built once up front (about a second), not inside a client's timeout
-        self._server = _Server(self.source, media_files, self._address)
+        try:  # the port of the last run keeps the metadata's URLs valid; any free port otherwise
+            self._server = _Server(self.source, media_files, (self._address[0], self._preferred or self._address[1]))
+        except OSError:
+            if not self._preferred:
+                raise
+            log.info("port %d is taken; serving on a new one", self._preferred)
+            self._server = _Server(self.source, media_files, self._address)
         self._thread = threading.Thread(target=self._server.serve_forever, name="synthetic-http", daemon=True)
         self._thread.start()
         log.info("synthetic source served at %s", self.base_url)
@@ -127,3 +138,29 @@ class SyntheticServer:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+def server_for(cfg: Config) -> SyntheticServer:
+    """A (not yet started) server for the config's synthetic source, on the port its metadata was written for."""
+    written = synthetic.written_base_url(Workspace(cfg.workspace, cfg.storage_options))
+    return SyntheticServer(cfg.synthetic, preferred_port=urlsplit(written).port if written else None)
+
+
+@contextlib.contextmanager
+def serving(cfg: Config) -> Iterator[SyntheticServer | None]:
+    """Serve the synthetic source while later stages fetch it, when the config has one (else do nothing).
+
+    The server takes the port the source's metadata was written for; if that port is taken the URLs would be
+    wrong, so this refuses and asks for `ibllm synthetic` to write the source again.
+    """
+    if not any(s.format == "synthetic" for s in cfg.sources):
+        yield None
+        return
+    written = synthetic.written_base_url(Workspace(cfg.workspace, cfg.storage_options))
+    with server_for(cfg) as server:
+        if written and server.base_url != written:
+            raise RuntimeError(
+                f"the synthetic source was written for {written}, which is no longer free; "
+                "run `ibllm synthetic` to write it for a new address"
+            )
+        yield server

@@ -153,3 +153,55 @@ class Catalog:
         cols = ", ".join(columns)
         sql = f"SELECT {cols} FROM download_latest WHERE source = $s AND retryable ORDER BY uid"
         return self.con.sql(sql, params={"s": source}).to_arrow_table()
+
+    # -- report queries -----------------------------------------------------------------------------------------
+    def rows(self, sql: str, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        """A query's rows as dicts."""
+        cur = self.con.execute(sql, params or {})
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+
+    def funnel(self) -> list[dict[str, Any]]:
+        """Every source's filter steps, in order."""
+        return self.rows("SELECT source, step, rows_in, rows_out, removed FROM funnel")
+
+    def download_reasons(self) -> list[dict[str, Any]]:
+        """Samples per source and final outcome (success or the reason of the last failure)."""
+        return self.rows(
+            "SELECT source, reason, retryable, count(*) AS samples FROM download_latest "
+            "GROUP BY ALL ORDER BY source, samples DESC, reason"
+        )
+
+    def totals(self) -> list[dict[str, Any]]:
+        """Per source: metadata rows, curated rows, attempted and downloaded samples."""
+        return self.rows(
+            """
+            WITH m AS (SELECT source, count(*) AS metadata_rows FROM metadata GROUP BY source),
+                 c AS (SELECT source, count(*) AS curated_rows FROM curated GROUP BY source),
+                 d AS (SELECT source, count(*) AS attempted, count(*) FILTER (WHERE status = 'success') AS downloaded
+                       FROM download_latest GROUP BY source)
+            SELECT m.source, metadata_rows, coalesce(curated_rows, 0) AS curated_rows,
+                   coalesce(attempted, 0) AS attempted, coalesce(downloaded, 0) AS downloaded
+            FROM m LEFT JOIN c USING (source) LEFT JOIN d USING (source) ORDER BY m.source
+            """
+        )
+
+    def shard_counts(self) -> list[dict[str, Any]]:
+        """Samples per download shard: attempted, succeeded, failed."""
+        return self.rows(
+            "SELECT output, shard, count(*) AS attempted, count(*) FILTER (WHERE status = 'success') AS succeeded, "
+            "count(*) FILTER (WHERE status <> 'success') AS failed FROM downloads GROUP BY ALL ORDER BY output, shard"
+        )
+
+    def histogram(self, view: str, expr: str, lo: float, hi: float, bins: int, by_source: bool = True) -> dict:
+        """Counts of `expr` over `view` in `bins` equal bins on [lo, hi] (values outside are clamped), per source."""
+        width = (hi - lo) / bins
+        sql = (
+            f"SELECT {'source' if by_source else 'NULL'} AS source, "
+            f"least(greatest(floor(({expr} - $lo) / $w), 0), $last)::INTEGER AS b, count(*) AS n "
+            f"FROM {view} WHERE {expr} IS NOT NULL GROUP BY ALL"
+        )
+        out: dict[str, list[int]] = {}
+        for source, b, n in self.query(sql, {"lo": lo, "w": width, "last": bins - 1}):
+            out.setdefault(source or "all", [0] * bins)[b] += n
+        return {"edges": [lo + i * width for i in range(bins + 1)], "counts": out}
