@@ -205,14 +205,7 @@ def retry_source(cfg: Config, ws: Workspace, source: str, force: bool) -> Source
         lists = [ws.curated(source, f"retry-{last.partition('.retry-')[2]}", "urls.parquet")]
         if rec.pending(expected_shards(ws, lists, cfg.download.samples_per_shard)):
             return download_into(cfg, ws, source, last, lists, _checksum(ws, lists[0]), force)
-    failed = (
-        Catalog(ws)
-        .con.execute(
-            f"SELECT {', '.join(RETRY_COLUMNS)} FROM download_latest WHERE source = $s AND retryable ORDER BY uid",
-            {"s": source},
-        )
-        .to_arrow_table()
-    )
+    failed = Catalog(ws).retryable(source, RETRY_COLUMNS)
     n = len(rounds) + 1
     output = f"{source}.retry-{n:02d}"
     if failed.num_rows == 0:

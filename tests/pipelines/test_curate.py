@@ -128,7 +128,7 @@ def test_reruns_skip_changes_are_refused_new_input_is_redone(tmp_path: Path) -> 
     assert curate.run(cfg).sources[0].skipped
     changed = cfg.model_copy(deep=True)
     changed.sources[0].filters.min_width = 500
-    with pytest.raises(LedgerConflict, match="filters.min_width: 10 -> 500"):
+    with pytest.raises(LedgerConflict, match=r"filters\.min_width: 10 -> 500"):
         curate.run(changed)
     assert curate.run(changed, force=True).sources[0].rows_out == 0  # every row is 400 wide
     write_laion(tmp_path / "a" / "part-1.parquet", [{"url": "http://new/1.jpg", "width": 600}])

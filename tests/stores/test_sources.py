@@ -47,7 +47,7 @@ def mmc4_doc(i: int) -> dict:
                 "matched_sim": 0.25,
                 "face_detections": None,
             },
-        ],  # fmt: skip
+        ],
         "similarity_matrix": [[0.1, 0.3], [0.25, 0.2]],
     }
 
