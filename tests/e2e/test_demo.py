@@ -25,7 +25,18 @@ def test_demo_flow_runs_every_stage(prefect_harness: None, config: Config) -> No
     result = demo_flow(config)
     assert isinstance(result, DemoResult)
     assert result.synthetic.rows == 40 and result.synthetic.served["ok"] == result.synthetic.good
-    assert "== synthetic source" in result.summary()
+    assert result.ingest.sources[0].rows == 40
+    kept = result.curate.sources[0].rows_out
+    assert 0 < kept < 40
+    (dl,) = result.download.sources
+    assert dl.attempted == kept and 0 < dl.succeeded < kept
+    assert result.report.totals[0]["downloaded"] == dl.succeeded
+    text = result.summary()
+    for block in ("== synthetic source", "== ingest", "== curate: the funnel", "== download", "== report"):
+        assert block in text
+    again = demo_flow(config)  # a rerun redoes nothing
+    assert again.ingest.sources[0].written == 0 and again.curate.sources[0].skipped
+    assert again.download.sources[0].new_shards == 0
 
 
 @pytest.mark.slow
@@ -39,4 +50,6 @@ def test_ibllm_demo_command(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout)
     assert result["synthetic"]["rows"] == 60
+    assert result["download"]["sources"][0]["succeeded"] > 0
     assert (tmp_path / "ws" / "synthetic" / "metadata.parquet").is_file()
+    assert Path(result["report"]["html"]).is_file()

@@ -83,3 +83,26 @@ def test_serve_until_terminated(tmp_path: Path) -> None:
         assert proc.returncode == 0 and "24 rows" in out
     finally:
         proc.kill()
+
+
+def test_stage_commands_chain_and_bad_input_exit_4(tmp_path: Path) -> None:
+    ws = ["--workspace", str(tmp_path / "ws")]
+    for command in ("ingest", "curate", "download"):
+        proc = run_cli(command, *ws, *SMALL, "--set", "download.processes=1")
+        assert proc.returncode == 4, (command, proc.stderr[-500:])  # nothing to read yet: a clear message
+        assert "ibllm:" in proc.stderr and "Traceback" not in proc.stderr
+    assert run_cli("synthetic", "--json", *ws, *SMALL).returncode == 0
+    steps = {}
+    for command in ("ingest", "curate", "download", "report"):
+        proc = run_cli(command, "--json", *ws, *SMALL, "--set", "download.processes=1")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        steps[command] = json.loads(proc.stdout)
+    kept = steps["curate"]["sources"][0]["rows_out"]
+    assert steps["download"]["sources"][0]["attempted"] == kept
+    assert steps["report"]["totals"][0]["curated_rows"] == kept
+    bad = tmp_path / "bad.csv"
+    bad.write_text("link,text\nhttp://x,a,extra\n")
+    proc = run_cli(
+        "ingest", *ws, "--set", f"sources=[{{name: g, format: generic, paths: ['{bad}'], columns: {{url: link}}}}]"
+    )
+    assert proc.returncode == 4 and "bad.csv" in proc.stderr

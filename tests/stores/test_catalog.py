@@ -1,0 +1,43 @@
+"""Failure reasons from img2dataset's messages, and which are retryable."""
+
+from __future__ import annotations
+
+import duckdb
+import pytest
+
+from stores.catalog import REASON_SQL, RETRYABLE_SQL, retry_round
+
+MESSAGES = [
+    ("success", None, "success", False),
+    ("failed_to_download", "HTTP Error 404: Not Found", "http_404", False),
+    ("failed_to_download", "HTTP Error 503: Service Unavailable", "http_503", True),
+    ("failed_to_download", "HTTP Error 429: Too Many Requests", "http_429", True),
+    ("failed_to_download", "HTTP Error 302: The HTTP server returned a redirect error that would lead to an infinite "
+     "loop.\nThe last 30x error message was:\nFound", "redirect_loop", False),
+    ("failed_to_download", "timed out", "timeout", True),
+    ("failed_to_download", "The read operation timed out", "timeout", True),
+    ("failed_to_download", "<urlopen error [Errno 111] Connection refused>", "connection", True),
+    ("failed_to_download", "<urlopen error [Errno -2] Name or service not known>", "connection", True),
+    ("failed_to_download", "Remote end closed connection without response", "connection", True),
+    ("failed_to_download", "Use of image disallowed by X-Robots-Tag directive", "opt_out", False),
+    ("failed_to_resize", "Image decoding error", "decode", False),
+    ("failed_to_resize", "image too small", "too_small", False),
+    ("failed_to_resize", "image area too large", "too_large", False),
+    ("failed_to_resize", "aspect ratio too large", "aspect_ratio", False),
+    ("failed_to_download", "hash mismatch", "hash_mismatch", False),
+    ("failed_to_download", "something new", "other", False),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("status", "message", "reason", "retryable"), MESSAGES)
+def test_reason_and_retryable(status: str, message: str | None, reason: str, retryable: bool) -> None:
+    got = duckdb.execute(
+        f"SELECT reason, {RETRYABLE_SQL} FROM (SELECT {REASON_SQL} AS reason FROM "
+        "(SELECT $s AS status, $m AS error_message))",
+        {"s": status, "m": message},
+    ).fetchall()[0]
+    assert got == (reason, retryable)
+
+
+def test_retry_round_names() -> None:
+    assert retry_round("laion") == 0 and retry_round("laion.retry-03") == 3
