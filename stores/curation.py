@@ -6,7 +6,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-WORDS = r"len(regexp_split_to_array(trim(caption), '\s+'))"
+# Words = runs of non-whitespace. Counting single spaces is exact and cheap when no run of whitespace or control
+# whitespace is present; only the other captions take the regex path.
+_IRREGULAR = " OR ".join(["contains(caption, '  ')"] + [f"contains(caption, chr({c}))" for c in (9, 10, 11, 12, 13)])
+WORDS = (
+    f"(CASE WHEN {_IRREGULAR} THEN len(regexp_split_to_array(trim(caption, ' ' || chr(9) || chr(10) || chr(11) || "
+    r"chr(12) || chr(13)), '\s+')) ELSE length(trim(caption)) - length(replace(trim(caption), ' ', '')) + 1 END)"
+)
 ASPECT = "greatest(width, height)::DOUBLE / least(width, height)"
 
 # Row filters, in funnel order: (step, config key or None when always on, predicate). NULL values pass a filter
@@ -30,14 +36,24 @@ ROW_STEPS: tuple[tuple[str, str | None, str], ...] = (
     ("max_pwatermark", "max_pwatermark", "pwatermark IS NULL OR pwatermark <= $max_pwatermark"),
     ("min_similarity", "min_similarity", "similarity IS NOT NULL AND similarity >= $min_similarity"),
 )
+# Within a source the same URL has the same uid, so only the uids seen twice need ranking.
 DEDUP_WITHIN = """
-CREATE OR REPLACE TABLE step_out AS SELECT * FROM step_in
-QUALIFY row_number() OVER (PARTITION BY url ORDER BY similarity DESC NULLS LAST, caption, uid) = 1
+CREATE OR REPLACE TABLE step_out AS
+WITH dups AS (SELECT uid FROM step_in GROUP BY uid HAVING count(*) > 1)
+SELECT * FROM step_in ANTI JOIN dups USING (uid)
+UNION ALL
+(SELECT * FROM step_in SEMI JOIN dups USING (uid)
+ QUALIFY row_number() OVER (PARTITION BY uid ORDER BY similarity DESC NULLS LAST, caption) = 1)
 """
+# Top-K without sorting every row: find the K-th score, keep what is above it and the first ties by uid.
+KTH_SCORE = "SELECT similarity FROM step_in WHERE similarity IS NOT NULL ORDER BY similarity DESC LIMIT 1 OFFSET $k"
 TOP_K = """
-CREATE OR REPLACE TABLE step_out AS SELECT * FROM step_in WHERE similarity IS NOT NULL
-QUALIFY row_number() OVER (ORDER BY similarity DESC, uid) <= $top_k
+CREATE OR REPLACE TABLE step_out AS
+SELECT * FROM step_in WHERE similarity > $kth
+UNION ALL
+(SELECT * FROM step_in WHERE similarity = $kth ORDER BY uid LIMIT $ties)
 """
+ALL_SCORED = "CREATE OR REPLACE TABLE step_out AS SELECT * FROM step_in WHERE similarity IS NOT NULL"
 DEDUP_ACROSS = """
 CREATE OR REPLACE TABLE step_out AS SELECT * FROM step_in ANTI JOIN (SELECT url FROM read_parquet($earlier)) USING (url)
 """
@@ -94,23 +110,37 @@ def run_funnel(
     params: dict[str, Any] = {"files": list(inputs)}
     for _, _, p in steps:
         params.update(p)
-    cumulative = [" AND ".join(f"({pred})" for _, pred, _ in steps[: i + 1]) for i in range(len(steps))]
-    counts = con.execute(
-        "SELECT count(*), " + ", ".join(f"count(*) FILTER (WHERE {c})" for c in cumulative)
-        + " FROM read_parquet($files)",
-        params,
-    ).fetchone()  # fmt: skip
-    funnel = [FunnelStep(step, counts[i], counts[i + 1]) for i, (step, _, _) in enumerate(steps)]
-    con.execute(f"CREATE OR REPLACE TABLE step_in AS SELECT * FROM read_parquet($files) WHERE {cumulative[-1]}", params)
+    # One pass counts where each row first fails (each predicate evaluated at most once per row) ...
+    first_fail = " ".join(f"WHEN NOT coalesce(({pred}), false) THEN {i + 1}" for i, (_, pred, _) in enumerate(steps))
+    fails = dict(
+        con.execute(
+            f"SELECT CASE {first_fail} ELSE 0 END AS fail, count(*) FROM read_parquet($files) GROUP BY fail", params
+        ).fetchall()
+    )
+    funnel, rows = [], sum(fails.values())
+    for i, (step, _, _) in enumerate(steps):
+        funnel.append(FunnelStep(step, rows, rows - fails.get(i + 1, 0)))
+        rows = funnel[-1].rows_out
+    # ... and a second keeps the survivors.
+    every = " AND ".join(f"({pred})" for _, pred, _ in steps)
+    con.execute(f"CREATE OR REPLACE TABLE step_in AS SELECT * FROM read_parquet($files) WHERE {every}", params)
     funnel.append(_set_step(con, "dedup_within", DEDUP_WITHIN, {}))
     if filters.get("top_k"):
-        funnel.append(_set_step(con, "top_k", TOP_K, {"top_k": filters["top_k"]}))
+        funnel.append(_top_k(con, int(filters["top_k"])))
     if earlier:
         funnel.append(_set_step(con, "dedup_across", DEDUP_ACROSS, {"earlier": list(earlier)}))
     if filters.get("sample"):
         funnel.append(_set_step(con, "sample", SAMPLE, {"sample": filters["sample"], "seed": str(seed)}))
     con.execute("ALTER TABLE step_in RENAME TO step_out")
     return funnel
+
+
+def _top_k(con: Any, k: int) -> FunnelStep:
+    kth = con.execute(KTH_SCORE, {"k": k - 1}).fetchall()
+    if not kth:  # fewer than K scored rows: keep them all
+        return _set_step(con, "top_k", ALL_SCORED, {})
+    above = con.execute("SELECT count(*) FROM step_in WHERE similarity > $kth", {"kth": kth[0][0]}).fetchall()[0][0]
+    return _set_step(con, "top_k", TOP_K, {"kth": kth[0][0], "ties": k - above})
 
 
 def _set_step(con: Any, step: str, sql: str, params: Mapping[str, Any]) -> FunnelStep:
