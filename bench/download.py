@@ -8,8 +8,10 @@ and the best of each is compared (the pipeline's time includes its ledger commit
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 
@@ -21,7 +23,7 @@ from pipelines.synthetic_server import SyntheticServer
 def bare_command(cfg: Config, url_list: str, out: str) -> list[str]:
     d = cfg.download
     return [
-        "img2dataset", f"--url_list={url_list}", f"--output_folder={out}", "--input_format=parquet",
+        os.path.join(os.path.dirname(sys.executable), "img2dataset"), f"--url_list={url_list}", f"--output_folder={out}", "--input_format=parquet",
         "--url_col=url", "--caption_col=caption", "--output_format=webdataset", f"--image_size={d.image_size}",
         f"--resize_mode={d.resize_mode}", "--resize_only_if_bigger=True", f"--processes_count={d.processes}",
         f"--thread_count={d.threads}", f"--number_sample_per_shard={d.samples_per_shard}", f"--timeout={d.timeout}",

@@ -139,12 +139,7 @@ def _table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "<p><em>nothing yet</em></p>"
     head = "".join(f"<th>{html.escape(str(k))}</th>" for k in rows[0])
-    body = "".join(
-        "<tr>"
-        + "".join(f"<td>{html.escape(f'{v:,}' if isinstance(v, int) else str(v))}</td>" for v in r.values())
-        + "</tr>"
-        for r in rows
-    )
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(v))}</td>" for v in r.values()) + "</tr>" for r in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 

@@ -49,6 +49,7 @@ def test_report_numbers_agree_with_the_catalog(downloaded: Config) -> None:
     for section in ("Funnel", "Download outcomes", "CLIP score", "Caption length", "Downloaded images", "Shards"):
         assert f"<h2>{section}" in page
     assert "min_similarity" in page and "http_404" in page
+    assert "<td>yes</td>" in page and "<td>no</td>" in page  # retryable, in words
     for fig in result.figures:
         with Image.open(fig) as img:
             assert img.format == "PNG" and img.width > 300 and img.height > 150
