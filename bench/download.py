@@ -23,7 +23,8 @@ from pipelines.synthetic_server import SyntheticServer
 def bare_command(cfg: Config, url_list: str, out: str) -> list[str]:
     d = cfg.download
     return [
-        os.path.join(os.path.dirname(sys.executable), "img2dataset"), f"--url_list={url_list}", f"--output_folder={out}", "--input_format=parquet",
+        os.path.join(os.path.dirname(sys.executable), "img2dataset"),
+        f"--url_list={url_list}", f"--output_folder={out}", "--input_format=parquet",
         "--url_col=url", "--caption_col=caption", "--output_format=webdataset", f"--image_size={d.image_size}",
         f"--resize_mode={d.resize_mode}", "--resize_only_if_bigger=True", f"--processes_count={d.processes}",
         f"--thread_count={d.threads}", f"--number_sample_per_shard={d.samples_per_shard}", f"--timeout={d.timeout}",
