@@ -80,7 +80,7 @@ def _input_fingerprint(ws: Workspace, source: str, earlier: list[str]) -> str:
         h.update(rec.checksum.encode())
     for name in earlier:
         rec = Ledger.reader(ws, "curate", name).committed_record(SHARD)
-        h.update(rec.checksum.encode() if rec else b"-")
+        h.update(rec.fingerprint.encode() if rec else b"-")
     return h.hexdigest()[:16]
 
 
@@ -104,9 +104,9 @@ def curate_source(cfg: Config, ws: Workspace, index: int, force: bool = False) -
         # Remote workspaces: DuckDB reads them through fsspec.
         if not ws.is_local:
             con.register_filesystem(ws.fs)
-        urls = [_duck_url(ws, p) for p in inputs]
+        urls = [ws.as_url(p) for p in inputs]
         steps = curation.run_funnel(
-            con, urls, src.filters.model_dump(), [_duck_url(ws, p) for p in earlier_files], cfg.seed
+            con, urls, src.filters.model_dump(), [ws.as_url(p) for p in earlier_files], cfg.seed
         )
         out_dir = os.path.join(scratch, "out")
         curation.write_output(con, out_dir, cfg.curate.rows_per_file)
@@ -125,10 +125,6 @@ def curate_source(cfg: Config, ws: Workspace, index: int, force: bool = False) -
             shard.rows = steps[-1].rows_out
             shard.extra = {"input": fingerprint}
     return _result(src.name, funnel, curated_files(ws, src.name), skipped=False)
-
-
-def _duck_url(ws: Workspace, path: str) -> str:
-    return path if ws.is_local else ws.fs.unstrip_protocol(path)
 
 
 def _result(source: str, funnel: list[dict], files: list[str], skipped: bool) -> SourceCurate:

@@ -157,7 +157,7 @@ def download_into(
     start = time.perf_counter()
     if todo:
         list_folder = posixpath.dirname(url_lists[0])
-        img2dataset_download(cfg, _as_url(ws, list_folder), _as_url(ws, folder))
+        img2dataset_download(cfg, ws.as_url(list_folder), ws.as_url(folder))
     took = time.perf_counter() - start
     new, missing = commit_shards(ws, ledger, folder, expected)
     committed = ledger.committed()
@@ -165,7 +165,7 @@ def download_into(
     done_now = sum(committed[s].extra["stats"]["count"] or 0 for s in todo if s in committed)
     return SourceDownload(
         source=source,
-        output=_as_url(ws, folder),
+        output=ws.as_url(folder),
         shards=len(committed),
         new_shards=new,
         failed_shards=missing,
@@ -176,10 +176,6 @@ def download_into(
     )
 
 
-def _as_url(ws: Workspace, path: str) -> str:
-    return path if ws.is_local else ws.fs.unstrip_protocol(path)
-
-
 def download_source(cfg: Config, ws: Workspace, source: str, force: bool) -> SourceDownload:
     """First download of a source's curated url lists (or its resumption)."""
     ledger = Ledger.reader(ws, "curate", source)
@@ -188,9 +184,8 @@ def download_source(cfg: Config, ws: Workspace, source: str, force: bool) -> Sou
         raise FileNotFoundError(f"source {source!r} has no curated url list; run `ibllm curate` first")
     lists = ledger.files(".parquet")
     if not lists:
-        return SourceDownload(source=source, output=_as_url(ws, shard_folder(ws, source)), shards=0, new_shards=0,
-                              failed_shards=[], attempted=0, succeeded=0, failed=0, images_per_second=None)  # fmt: skip
-    return download_into(cfg, ws, source, source, lists, rec.checksum, force)
+        return _nothing_to_do(ws, source, source)
+    return download_into(cfg, ws, source, source, lists, rec.fingerprint, force)
 
 
 def retry_source(cfg: Config, ws: Workspace, source: str, force: bool) -> SourceDownload:
@@ -210,8 +205,7 @@ def retry_source(cfg: Config, ws: Workspace, source: str, force: bool) -> Source
     output = f"{source}.retry-{n:02d}"
     if failed.num_rows == 0:
         log.info("%s: no retryable failures", source)
-        return SourceDownload(source=source, output=_as_url(ws, shard_folder(ws, output)), shards=0, new_shards=0,
-                              failed_shards=[], attempted=0, succeeded=0, failed=0, images_per_second=None)  # fmt: skip
+        return _nothing_to_do(ws, source, output)
     path = ws.curated(source, f"retry-{n:02d}", "urls.parquet")
     with ws.scratch() as scratch:
         local = posixpath.join(scratch, "urls.parquet")
@@ -219,6 +213,13 @@ def retry_source(cfg: Config, ws: Workspace, source: str, force: bool) -> Source
         ws.upload(local, path)
     log.info("%s: retrying %d samples in round %d", source, failed.num_rows, n)
     return download_into(cfg, ws, source, output, [path], _checksum(ws, path), force)
+
+
+def _nothing_to_do(ws: Workspace, source: str, output: str) -> SourceDownload:
+    return SourceDownload(
+        source=source, output=ws.as_url(shard_folder(ws, output)), shards=0, new_shards=0, failed_shards=[],
+        attempted=0, succeeded=0, failed=0, images_per_second=None,
+    )  # fmt: skip
 
 
 def _checksum(ws: Workspace, path: str) -> str:

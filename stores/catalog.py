@@ -80,12 +80,11 @@ class Catalog:
             self.con.register_filesystem(ws.fs)
         self.refresh()
 
-    def _url(self, path: str) -> str:
-        return path if self.ws.is_local else self.ws.fs.unstrip_protocol(path)
-
     def _files(self, stage: str, suffix: str) -> list[str]:
         return [
-            self._url(f) for out in outputs(self.ws, stage) for f in Ledger.reader(self.ws, stage, out).files(suffix)
+            self.ws.as_url(f)
+            for out in outputs(self.ws, stage)
+            for f in Ledger.reader(self.ws, stage, out).files(suffix)
         ]
 
     def _view(self, name: str, files: list[str], select: str) -> None:
@@ -113,7 +112,7 @@ class Catalog:
         downloads = []
         for out in outputs(self.ws, "download"):
             for f in Ledger.reader(self.ws, "download", out).files(".parquet"):
-                downloads.append((self._url(f), out))
+                downloads.append((self.ws.as_url(f), out))
         if downloads:
             parts = [
                 f"SELECT {DOWNLOAD_COLUMNS}, '{out}' AS output, "

@@ -53,6 +53,11 @@ class ShardRecord(BaseModel):
     committed_at: str
     extra: dict[str, Any] = Field(default_factory=dict)
 
+    @property
+    def fingerprint(self) -> str:
+        """Changes when any file of the shard changes."""
+        return hashlib.sha256("".join(f.sha256 for f in self.files).encode()).hexdigest()[:32]
+
 
 class ShardFailure(BaseModel):
     """The last failure of a shard that has not been committed since."""

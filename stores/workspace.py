@@ -49,6 +49,10 @@ class Workspace:
         protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
         return p if protocol in _LOCAL_PROTOCOLS else f"{protocol}://{p}"
 
+    def as_url(self, path: str) -> str:
+        """A path of this filesystem (as `path()` and `glob()` give) as a URL other tools accept."""
+        return path if self.is_local else self.fs.unstrip_protocol(path)
+
     # -- layout (DESIGN.md) -------------------------------------------------------------------------------------
     def synthetic(self, *parts: str) -> str:
         """The generated demo source."""
