@@ -15,6 +15,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # img2dataset's albument
 import pyarrow.parquet as pq
 from pydantic import BaseModel
 
+from pipelines import ray_runtime
 from pipelines.config import Config
 from stores.catalog import Catalog, outputs
 from stores.ledger import Ledger
@@ -90,6 +91,8 @@ def img2dataset_download(cfg: Config, url_list: str, output_folder: str) -> None
     distributor = d.distributor
     if distributor == "multiprocessing" and cfg.ray.address:
         distributor = "ray"
+    if distributor == "ray":
+        ray_runtime.connect(cfg.ray)
     download(
         url_list=url_list,
         output_folder=output_folder,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -77,10 +78,13 @@ def test_override_errors_name_the_override() -> None:
         ("retrain.cron='* *'", "retrain.cron"),
         ("index.max_index_memory=lots", "index.max_index_memory"),
         ("download.resize_mode=border", "download.resize_mode"),
+        ("sources.synthetic.filters.max_punsafe=1.5", "sources[0].filters.max_punsafe"),
+        ("sources.synthetic.filters.min_similarity=2", "sources[0].filters.min_similarity"),
+        ("curate.memory_limit=lots", "curate.memory_limit"),
     ],
 )
 def test_invalid_values_are_refused(override: str, field: str) -> None:
-    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+    with pytest.raises(ConfigError, match=re.escape(field)):
         load_config(None, [override])
 
 

@@ -108,3 +108,26 @@ def test_killed_download_resumes_and_every_outcome_has_its_reason(tmp_path: Path
     with serving(patient):
         again = download.run(patient, retry_failed=True)  # only the 500s are left to try
     assert again.sources[0].attempted == errors and again.sources[0].output.endswith("retry-02")
+
+
+@pytest.mark.slow
+def test_ray_distributor_on_a_local_instance(tmp_path: Path) -> None:
+    path = write_config(tmp_path)
+    overrides = ["download.distributor=ray", "ray.num_cpus=2", "synthetic.bad_fraction=0"]
+    cfg = load_config(path, overrides)
+    prepare(cfg)
+    code = (
+        "import sys; from pipelines.config import load_config; from pipelines import download; "
+        "from pipelines.synthetic_server import serving; "
+        "cfg = load_config(sys.argv[1], sys.argv[2:]);\n"
+        "with serving(cfg): r = download.run(cfg)\n"
+        "print(r.sources[0].succeeded, r.sources[0].attempted)"
+    )
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(path), *overrides],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    succeeded, attempted = map(int, proc.stdout.split()[-2:])
+    assert succeeded == attempted == 48
