@@ -1,0 +1,1 @@
+"""ImageBind: the model, its presets, and preprocessing for every modality."""

@@ -1,0 +1,185 @@
+"""Image preprocessing for ImageBind: decode, orient, resize, crop and CLIP-normalise, as imagebind/data.py does."""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+IMAGE_SIZE = 224
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# ImageBind-LLM's training augmentation: RandomResizedCrop(224, scale=(0.9, 1.0), ratio=(0.75, 1.3333), BICUBIC).
+TRAIN_SCALE = (0.9, 1.0)
+TRAIN_RATIO = (0.75, 1.3333)  # the reference writes 1.3333, not 4/3
+RRC_ATTEMPTS = 10  # torchvision's RandomResizedCrop tries this many random boxes before its fallback
+EXIF_ORIENTATION = 0x0112
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+ImageSource = str | os.PathLike | bytes
+
+
+def _describe(source: ImageSource) -> str:
+    return f"<{len(source)} bytes>" if isinstance(source, bytes | bytearray) else os.fspath(source)
+
+
+def _orientation(img: Image.Image) -> int:
+    """The EXIF orientation tag, 1 (upright) when absent or when the EXIF block is unreadable."""
+    try:
+        return int(img.getexif().get(EXIF_ORIENTATION, 1))
+    except Exception:  # a broken EXIF block must not make a decodable image fail
+        return 1
+
+
+def to_rgb(img: Image.Image, exif_transpose: bool = False) -> Image.Image:
+    """Applies the EXIF orientation (optional) and converts to 8-bit RGB the way `Image.convert("RGB")` does.
+
+    Alpha is dropped, not composited, and palette images take their palette colours, exactly as the reference's
+    `.convert("RGB")`. The one deviation: 16-bit greyscale is scaled to 8 bits (round(v * 255 / 65535)) where
+    PIL would clip every value above 255 to white.
+
+    Args:
+        img: any PIL image.
+        exif_transpose: rotate/flip by the EXIF orientation tag first (`load_image` does; the reference does not).
+
+    Returns:
+        An RGB image (the input itself when it is already RGB and upright).
+    """
+    if exif_transpose and _orientation(img) != 1:
+        img = ImageOps.exif_transpose(img)
+    if img.mode in _SIXTEEN_BIT_MODES:
+        wide = np.asarray(img).astype(np.uint32)  # (H, W)
+        img = Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8), mode="L")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def load_image(source: ImageSource, exif_transpose: bool = True) -> Image.Image:
+    """Decodes an image file or its bytes into an upright RGB PIL image.
+
+    Args:
+        source: a path or the encoded bytes.
+        exif_transpose: apply the EXIF orientation (the reference does not; a photo's pixels then lie on their side).
+
+    Returns:
+        The decoded RGB image.
+
+    Raises:
+        FileNotFoundError: the path does not exist.
+        ValueError: the input cannot be decoded; the message names the file (or the byte count).
+    """
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes | bytearray) else source) as img:
+            img.load()
+            rgb = to_rgb(img, exif_transpose)
+            return rgb.copy() if rgb is img else rgb  # the original is closed on leaving the block
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # PIL raises many types for corrupt data (OSError, SyntaxError, struct.error, ...)
+        raise ValueError(f"cannot decode image {_describe(source)}: {err}") from err
+
+
+def resized_size(width: int, height: int, size: int = IMAGE_SIZE) -> tuple[int, int]:
+    """The (width, height) after torchvision's `Resize(size)`: short side `size`, long side `int(size*long/short)`."""
+    if width <= height:
+        return size, int(size * height / width)
+    return int(size * width / height), size
+
+
+def center_crop_box(width: int, height: int, size: int = IMAGE_SIZE) -> tuple[int, int, int, int]:
+    """PIL crop box (left, top, right, bottom) of torchvision's `CenterCrop(size)`: offsets `int(round((L-size)/2))`."""
+    top = round((height - size) / 2.0)
+    left = round((width - size) / 2.0)
+    return left, top, left + size, top + size
+
+
+def to_normalized_tensor(img: Image.Image) -> torch.Tensor:
+    """`ToTensor` (divide by 255 in float32) then CLIP `Normalize`, for an RGB image; returns (3, H, W) float32."""
+    pixels = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)  # (3, H, W) uint8
+    x = pixels.to(torch.float32).div(255)
+    mean = torch.tensor(CLIP_MEAN, dtype=torch.float32)[:, None, None]
+    std = torch.tensor(CLIP_STD, dtype=torch.float32)[:, None, None]
+    return x.sub_(mean).div_(std).contiguous()
+
+
+def preprocess_image(img: Image.Image) -> torch.Tensor:
+    """ImageBind's inference transform: bicubic short-side resize to 224, centre crop, CLIP normalisation.
+
+    Args:
+        img: a PIL image of any mode (converted with `to_rgb`; orientation is `load_image`'s job, not this one's).
+
+    Returns:
+        (3, 224, 224) float32.
+    """
+    img = to_rgb(img)
+    new_size = resized_size(*img.size)
+    if new_size != img.size:
+        img = img.resize(new_size, Image.Resampling.BICUBIC)
+    return to_normalized_tensor(img.crop(center_crop_box(*img.size)))
+
+
+def random_resized_crop_params(
+    width: int,
+    height: int,
+    generator: torch.Generator,
+    scale: tuple[float, float] = TRAIN_SCALE,
+    ratio: tuple[float, float] = TRAIN_RATIO,
+) -> tuple[int, int, int, int]:
+    """torchvision's `RandomResizedCrop.get_params`, drawing from `generator` in the same order.
+
+    Ten attempts at an area fraction uniform in `scale` and a log-uniform aspect ratio in `ratio`; a box that fits
+    gets a uniform position. Otherwise the centre crop of the image clamped to the ratio bounds.
+
+    Returns:
+        (top, left, height, width) of the crop box.
+    """
+    area = height * width
+    log_ratio = torch.log(torch.tensor(ratio))
+    for _ in range(RRC_ATTEMPTS):
+        target_area = area * torch.empty(1).uniform_(scale[0], scale[1], generator=generator).item()
+        log_r = torch.empty(1).uniform_(log_ratio[0].item(), log_ratio[1].item(), generator=generator)
+        aspect = torch.exp(log_r).item()
+        w = round(math.sqrt(target_area * aspect))
+        h = round(math.sqrt(target_area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, size=(1,), generator=generator).item())
+            left = int(torch.randint(0, width - w + 1, size=(1,), generator=generator).item())
+            return top, left, h, w
+    in_ratio = float(width) / float(height)
+    if in_ratio < min(ratio):
+        w, h = width, round(width / min(ratio))
+    elif in_ratio > max(ratio):
+        w, h = round(height * max(ratio)), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def train_transform(img: Image.Image, generator: torch.Generator | int) -> torch.Tensor:
+    """ImageBind-LLM's training transform: RandomResizedCrop(224, (0.9, 1.0), (0.75, 1.3333), bicubic), no flip.
+
+    Args:
+        img: a PIL image of any mode.
+        generator: a `torch.Generator` (advanced by the call) or an integer seed.
+
+    Returns:
+        (3, 224, 224) float32.
+    """
+    if isinstance(generator, int):
+        generator = torch.Generator().manual_seed(generator)
+    img = to_rgb(img)
+    top, left, h, w = random_resized_crop_params(img.width, img.height, generator)
+    crop = img.crop((left, top, left + w, top + h)).resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BICUBIC)
+    return to_normalized_tensor(crop)
+
+
+def preprocess_images(items: Sequence[ImageSource | Image.Image]) -> torch.Tensor:
+    """Loads (paths, bytes) or takes (PIL images) a batch and applies `preprocess_image`; returns (B, 3, 224, 224)."""
+    if not items:
+        return torch.empty(0, 3, IMAGE_SIZE, IMAGE_SIZE)
+    tensors = [preprocess_image(it if isinstance(it, Image.Image) else load_image(it)) for it in items]
+    return torch.stack(tensors)  # (B, 3, 224, 224)
