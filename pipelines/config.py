@@ -136,8 +136,9 @@ class IndexConfig(Section):
 class ModelConfig(Section):
     """Encoders and language model: presets for what is built, paths for what is loaded."""
 
-    imagebind: Literal["huge", "tiny"] = "tiny"
-    imagebind_checkpoint: str | None = None
+    imagebind: Literal["huge", "base", "tiny"] = "tiny"
+    imagebind_checkpoint: str | None = Field(None, description="imagebind_huge.pth (or .safetensors) as released")
+    imagebind_vocab: str | None = Field(None, description="CLIP BPE vocabulary, bpe_simple_vocab_16e6.txt.gz")
     llama: Literal["7B", "tiny"] = "tiny"
     llama_path: str | None = None
     tokenizer_path: str | None = None
