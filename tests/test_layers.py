@@ -1,0 +1,37 @@
+"""The layering rules hold: flows -> pipelines -> {model, stores}; ray, prefect, duckdb/faiss each in one layer."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LAYERS = ("flows", "pipelines", "model", "stores")
+# layer -> top-level modules it must not import
+FORBIDDEN = {
+    "flows": {"ray", "duckdb", "faiss", "autofaiss"},
+    "pipelines": {"prefect", "flows", "duckdb", "faiss", "autofaiss"},
+    "model": {"prefect", "ray", "flows", "pipelines", "stores", "duckdb", "faiss", "autofaiss"},
+    "stores": {"prefect", "ray", "flows", "pipelines", "model", "torch"},
+}
+
+
+def imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.add(node.module.split(".")[0])
+    return out
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_layer_imports(layer: str) -> None:
+    bad = {
+        str(p.relative_to(ROOT)): sorted(imports(p) & FORBIDDEN[layer]) for p in sorted((ROOT / layer).rglob("*.py"))
+    }
+    assert {k: v for k, v in bad.items() if v} == {}
