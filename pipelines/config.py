@@ -115,9 +115,12 @@ class DownloadConfig(Section):
 class ExtractConfig(Section):
     """ImageBind feature extraction on Ray."""
 
-    batch_size: int = Field(64, gt=0)
-    actors: int = Field(1, gt=0, description="encoder actors (one per GPU when GPUs exist)")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    batch_size: int = Field(64, gt=0, description="samples per encoder call")
+    actors: int = Field(1, gt=0, description="encoder actors; on GPUs 1 means one per GPU of the cluster")
+    actor_cpus: float = Field(1.0, gt=0, description="CPUs reserved per encoder actor (also its torch threads)")
+    task_cpus: float = Field(0.5, gt=0, description="CPUs reserved per read/decode/preprocess task")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="bf16 on GPU when auto")
     prefetch_batches: int = Field(2, ge=0)
 
 

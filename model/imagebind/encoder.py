@@ -22,6 +22,11 @@ ALIASES = {"image": "vision", "video": "vision", "vision": "vision", "text": "te
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 
 
+def encoder_id_for(preset: str, checkpoint: str | None, seed: int = 0) -> str:
+    """Names the weights: `imagebind-<preset>-<sha of the checkpoint file>`, or `-init<seed>` for seeded weights."""
+    return f"imagebind-{preset}-{file_digest(checkpoint)}" if checkpoint else f"imagebind-{preset}-init{seed}"
+
+
 def resolve_device(device: str) -> torch.device:
     """`auto` is the first CUDA device when there is one, else the CPU."""
     return torch.device(
@@ -70,11 +75,9 @@ class ImageBind:
         model = ImageBindModel(cfg)
         if checkpoint:
             load_weights(model, read_state_dict(checkpoint), checkpoint)
-            encoder_id = f"imagebind-{preset}-{file_digest(checkpoint)}"
-        else:
-            if preset == "huge":
-                log.warning("ImageBind huge with random weights: give model.imagebind_checkpoint for real features")
-            encoder_id = f"imagebind-{preset}-init{seed}"
+        elif preset == "huge":
+            log.warning("ImageBind huge with random weights: give model.imagebind_checkpoint for real features")
+        encoder_id = encoder_id_for(preset, checkpoint, seed)
         dev = resolve_device(device)
         model = model.eval().requires_grad_(False).to(dev)
         tokenizer = Tokenizer(vocab) if vocab else None

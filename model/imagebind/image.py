@@ -97,13 +97,26 @@ def center_crop_box(width: int, height: int, size: int = IMAGE_SIZE) -> tuple[in
     return left, top, left + size, top + size
 
 
-def to_normalized_tensor(img: Image.Image) -> torch.Tensor:
-    """`ToTensor` (divide by 255 in float32) then CLIP `Normalize`, for an RGB image; returns (3, H, W) float32."""
-    pixels = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)  # (3, H, W) uint8
-    x = pixels.to(torch.float32).div(255)
-    mean = torch.tensor(CLIP_MEAN, dtype=torch.float32)[:, None, None]
-    std = torch.tensor(CLIP_STD, dtype=torch.float32)[:, None, None]
+def normalize_pixels(pixels: torch.Tensor) -> torch.Tensor:
+    """`ToTensor` (divide by 255 in float32) then CLIP `Normalize`: uint8 (..., H, W, 3) -> float32 (..., 3, H, W)."""
+    x = pixels.movedim(-1, -3).to(torch.float32).div(255)
+    mean = torch.tensor(CLIP_MEAN, dtype=torch.float32, device=x.device)[:, None, None]
+    std = torch.tensor(CLIP_STD, dtype=torch.float32, device=x.device)[:, None, None]
     return x.sub_(mean).div_(std).contiguous()
+
+
+def to_normalized_tensor(img: Image.Image) -> torch.Tensor:
+    """`ToTensor` then CLIP `Normalize` for an RGB image; returns (3, H, W) float32."""
+    return normalize_pixels(torch.from_numpy(np.array(img, dtype=np.uint8)))
+
+
+def resize_crop(img: Image.Image) -> Image.Image:
+    """Any-mode image -> RGB, bicubic short-side resize to 224, centre crop: the 224 x 224 picture the model sees."""
+    img = to_rgb(img)
+    new_size = resized_size(*img.size)
+    if new_size != img.size:
+        img = img.resize(new_size, Image.Resampling.BICUBIC)
+    return img.crop(center_crop_box(*img.size))
 
 
 def preprocess_image(img: Image.Image) -> torch.Tensor:
@@ -115,11 +128,7 @@ def preprocess_image(img: Image.Image) -> torch.Tensor:
     Returns:
         (3, 224, 224) float32.
     """
-    img = to_rgb(img)
-    new_size = resized_size(*img.size)
-    if new_size != img.size:
-        img = img.resize(new_size, Image.Resampling.BICUBIC)
-    return to_normalized_tensor(img.crop(center_crop_box(*img.size)))
+    return to_normalized_tensor(resize_crop(img))
 
 
 def random_resized_crop_params(

@@ -1,0 +1,228 @@
+"""Extract: ImageBind image and text features of every downloaded shard into Parquet, once, with Ray Data."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel
+from tqdm import tqdm
+
+from model.imagebind.encoder import encoder_id_for
+from model.imagebind.tokenizer import learn_merges, write_vocab
+from pipelines import extract_tasks, ray_runtime
+from pipelines.config import Config
+from stores import features
+from stores.catalog import Catalog, outputs
+from stores.ledger import Ledger
+from stores.workspace import Workspace
+
+log = logging.getLogger(__name__)
+DEMO_VOCAB_MERGES = 2000
+
+
+class SourceExtract(BaseModel):
+    """What extraction did for one source."""
+
+    source: str
+    shards: int
+    new_shards: int
+    failed_shards: dict[str, str]
+    rows: int
+    failures: int
+    output: str
+
+
+class ExtractResult(BaseModel):
+    """What the extract stage produced."""
+
+    encoder_id: str
+    sources: list[SourceExtract]
+    images_per_second: float | None
+    seconds: float
+
+    def summary(self) -> str:
+        """Human lines."""
+        rate = f" at {self.images_per_second:.1f} images/s" if self.images_per_second else ""
+        lines = [f"feature set {self.encoder_id}{rate}"]
+        for s in self.sources:
+            lines.append(f"{s.source}: {s.rows} features, {s.failures} failed samples in {s.shards} shard(s) "
+                         f"({s.new_shards} new) -> {s.output}")  # fmt: skip
+            lines += [f"  shard {sid} failed: {err}" for sid, err in s.failed_shards.items()]
+        return "\n".join(lines)
+
+
+def resolve_vocab(cfg: Config, ws: Workspace) -> bytes:
+    """The CLIP BPE vocabulary: the configured file, or for small presets one learned from the curated captions."""
+    if cfg.model.imagebind_vocab:
+        return Workspace(os.path.dirname(cfg.model.imagebind_vocab) or ".").read_bytes(cfg.model.imagebind_vocab)
+    if cfg.model.imagebind == "huge":
+        raise ValueError("model.imagebind_vocab is required with the huge encoder (bpe_simple_vocab_16e6.txt.gz)")
+    path = ws.path("models", "clip_bpe_demo.txt.gz")
+    if not ws.exists(path):  # a small vocabulary of the same format, learned from the data (no download)
+        captions = [r[0] for r in Catalog(ws).query("SELECT caption FROM curated ORDER BY uid")]
+        with ws.scratch() as scratch:
+            local = os.path.join(scratch, "vocab.txt.gz")
+            write_vocab(local, learn_merges(captions, DEMO_VOCAB_MERGES))
+            ws.upload(local, path)
+    return ws.read_bytes(path)
+
+
+def shard_items(ws: Workspace, source: str) -> list[dict[str, Any]]:
+    """Every committed download shard of a source (first round and retry rounds) as extraction work items."""
+    items = []
+    for out in outputs(ws, "download"):
+        if out != source and not out.startswith(f"{source}.retry-"):
+            continue
+        prefix = f"retry-{out.partition('.retry-')[2]}-" if ".retry-" in out else ""
+        for rec in sorted(Ledger.reader(ws, "download", out).committed().values(), key=lambda r: r.shard_id):
+            tar = next(f.path for f in rec.files if f.path.endswith(".tar"))
+            items.append({"source": source, "shard": prefix + rec.shard_id, "tar": tar, "input": rec.fingerprint})
+    return items
+
+
+def _device(cfg: Config) -> str:
+    import ray
+
+    if cfg.extract.device != "auto":
+        return cfg.extract.device
+    return "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
+
+
+def build_dataset(cfg: Config, ws: Workspace, items: list[dict], vocab: bytes, encoder_args: dict) -> Any:
+    """Ray Data: read shards and preprocess as CPU tasks, then encode in an actor pool (one actor per GPU)."""
+    import ray
+
+    gpu = encoder_args["device"] == "cuda"
+    actors = int(ray.cluster_resources().get("GPU", 1)) if gpu and cfg.extract.actors == 1 else cfg.extract.actors
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    cpu = {"num_cpus": cfg.extract.task_cpus}  # differs from the actor's, so Ray keeps these as separate CPU tasks
+    ds = ds.flat_map(
+        extract_tasks.read_shard, fn_kwargs={"root": ws.root, "storage_options": dict(ws.storage_options)}, **cpu
+    )
+    ds = ds.map_batches(
+        extract_tasks.preprocess, fn_kwargs={"vocab": vocab}, batch_format="numpy", batch_size=64, **cpu
+    )
+    return ds.map_batches(
+        extract_tasks.Encoder,
+        fn_constructor_kwargs={**encoder_args, "threads": int(cfg.extract.actor_cpus)},
+        batch_format="numpy",
+        batch_size=cfg.extract.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_gpus=1 if gpu else 0,
+        num_cpus=cfg.extract.actor_cpus,
+    )
+
+
+class ShardCollector:
+    """Gathers a shard's rows as they stream back and commits the shard once all of them are there."""
+
+    def __init__(self, ws: Workspace, ledgers: dict[str, Ledger], encoder_id: str, dim: int) -> None:
+        self.ws, self.ledgers, self.encoder_id, self.dim = ws, ledgers, encoder_id, dim
+        self.parts: dict[tuple[str, str], list[dict[str, np.ndarray]]] = defaultdict(list)
+        self.seen: dict[tuple[str, str], int] = defaultdict(int)
+        self.failed: dict[str, dict[str, str]] = defaultdict(dict)
+        self.committed: dict[str, int] = defaultdict(int)
+
+    def add(self, batch: dict[str, np.ndarray]) -> int:
+        """Take one batch; returns the number of samples it finished."""
+        keys = list(zip(batch["source"], batch["shard"], strict=True))
+        done = 0
+        for key in dict.fromkeys(keys):
+            rows = {k: v[[i for i, kk in enumerate(keys) if kk == key]] for k, v in batch.items()}
+            kind = rows["kind"][0]
+            if kind == "shard_error":
+                self.ledgers[key[0]].record_failure(key[1], str(rows["caption"][0]))
+                self.failed[key[0]][key[1]] = str(rows["caption"][0])
+                continue
+            self.parts[key].append(rows)
+            self.seen[key] += len(rows["kind"]) if kind == "sample" else 0
+            if kind == "empty" or self.seen[key] == int(rows["shard_rows"][0]):
+                done += self.seen[key]
+                self._commit(key)
+        return done
+
+    def _commit(self, key: tuple[str, str]) -> None:
+        source, shard = key
+        parts = self.parts.pop(key)
+        rows = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        self.seen.pop(key, None)
+        samples = rows["kind"] == "sample"
+        ok = samples & (rows["reason"] == "")
+        with self.ws.scratch() as scratch, self.ledgers[source].shard(shard) as pending:
+            part, fails = os.path.join(scratch, "part.parquet"), os.path.join(scratch, "failures.parquet")
+            n = features.write_features(part, {
+                "uid": rows["uid"][ok], "source": rows["source"][ok], "caption": rows["caption"][ok],
+                "url": rows["url"][ok], "image_emb": rows["image_emb"][ok], "text_emb": rows["text_emb"][ok],
+                "clip_score": rows["clip_score"][ok], "encoder_id": [self.encoder_id] * int(ok.sum()),
+            }, self.dim)  # fmt: skip
+            bad = samples & ~ok
+            features.write_failures(
+                fails, {k: rows[k][bad].tolist() for k in ("uid", "source", "url", "caption", "reason")}
+            )
+            pending.put(part, self.ws.features(self.encoder_id, source, f"part-{shard}.parquet"))
+            pending.put(fails, self.ws.features(self.encoder_id, source, f"failures-{shard}.parquet"))
+            pending.rows = n
+            pending.extra = {"input": str(rows["input"][0]), "failures": int(bad.sum())}
+        self.committed[source] += 1
+
+
+def run(cfg: Config, force: bool = False) -> ExtractResult:
+    """Featurise every committed download shard not yet in the feature set; commit each shard when complete."""
+    import ray
+
+    start = time.perf_counter()
+    ws = Workspace(cfg.workspace, cfg.storage_options)
+    m = cfg.model
+    encoder_id = encoder_id_for(m.imagebind, m.imagebind_checkpoint, cfg.seed)
+    vocab = resolve_vocab(cfg, ws)
+    ray_runtime.connect(cfg.ray)
+    device = _device(cfg)
+    dtype = cfg.extract.dtype if cfg.extract.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
+    settings = {"encoder_id": encoder_id, "vocab": hashlib.sha256(vocab).hexdigest()[:16], "dtype": dtype}
+    names = [s.name for s in cfg.sources]
+    ledgers = {
+        s: Ledger(ws, "extract", f"{encoder_id}.{s}", settings, encoder_id=encoder_id, force=force) for s in names
+    }
+    items = [it for s in names for it in shard_items(ws, s) if not ledgers[s].is_current(it["shard"], it["input"])]
+    encoder_args = {"preset": m.imagebind, "checkpoint": m.imagebind_checkpoint, "seed": cfg.seed,
+                    "device": device, "dtype": dtype}  # fmt: skip
+    meta = features.read_meta(ws, encoder_id)
+    if meta is None or meta.get("settings") != settings:
+        holder = ray.remote(num_gpus=1 if device == "cuda" else 0)(extract_tasks.placeholder_feature)
+        features.write_meta(ws, encoder_id, {"encoder_id": encoder_id, "settings": settings, "preset": m.imagebind,
+                                             "checkpoint": m.imagebind_checkpoint,
+                                             "placeholder": ray.get(holder.remote(**encoder_args))})  # fmt: skip
+    dim = len(features.placeholder(ws, encoder_id))
+    collector = ShardCollector(ws, ledgers, encoder_id, dim)
+    images, enc_start = 0, time.perf_counter()
+    if items:
+        ds = build_dataset(cfg, ws, items, vocab, encoder_args)
+        with tqdm(desc="extract", unit="img", leave=False) as bar:
+            for batch in ds.iter_batches(
+                batch_size=None, batch_format="numpy", prefetch_batches=cfg.extract.prefetch_batches
+            ):
+                finished = collector.add(batch)
+                images += finished
+                bar.update(finished)
+    took = time.perf_counter() - enc_start
+    results = []
+    for s in names:
+        committed = ledgers[s].committed()
+        results.append(SourceExtract(
+            source=s, shards=len(committed), new_shards=collector.committed[s], failed_shards=collector.failed[s],
+            rows=sum(r.rows for r in committed.values()),
+            failures=sum(int(r.extra.get("failures", 0)) for r in committed.values()),
+            output=ws.as_url(ws.features(encoder_id, s)),
+        ))  # fmt: skip
+    return ExtractResult(
+        encoder_id=encoder_id,
+        sources=results,
+        images_per_second=round(images / took, 1) if images and took > 0 else None,
+        seconds=round(time.perf_counter() - start, 3),
+    )
