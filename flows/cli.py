@@ -77,6 +77,13 @@ def cmd_download(cfg: Config, args: argparse.Namespace) -> BaseModel:
         return download.run(cfg, force=args.force, retry_failed=args.retry_failed)
 
 
+def cmd_extract(cfg: Config, args: argparse.Namespace) -> BaseModel:
+    """Compute ImageBind image and text features of every downloaded shard into Parquet (Ray, resumable)."""
+    from pipelines import extract
+
+    return extract.run(cfg, force=args.force)
+
+
 def cmd_report(cfg: Config, args: argparse.Namespace) -> BaseModel:
     """Write the curation report (HTML, figures, summary.json) and refresh the catalog."""
     from pipelines import report
@@ -104,6 +111,7 @@ COMMANDS: dict[str, tuple[Command, str]] = {
     "ingest": (cmd_ingest, "normalise source metadata (LAION, MMC4, CC3M, CC12M, SBU, COCO, COYO, generic)"),
     "curate": (cmd_curate, "filter sources by CLIP score, size, caption, language, safety; dedup; url lists"),
     "download": (cmd_download, "download url lists into webdataset shards (img2dataset); --retry-failed"),
+    "extract": (cmd_extract, "ImageBind features of the downloaded shards into Parquet with Ray (resumable)"),
     "report": (cmd_report, "write the curation report and the DuckDB catalog"),
     "config": (cmd_config, "print the resolved configuration (after --set and --workspace)"),
 }

@@ -10,7 +10,7 @@ os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "pipelines,stores,model")
 from prefect import flow, get_run_logger, task
 from pydantic import BaseModel
 
-from pipelines import curate, download, ingest, report, synthetic
+from pipelines import curate, download, extract, ingest, report, synthetic
 from pipelines.config import Config, resolve_config
 from pipelines.synthetic_server import server_for
 
@@ -23,6 +23,7 @@ class DemoResult(BaseModel):
     ingest: ingest.IngestResult
     curate: curate.CurateResult
     download: download.DownloadResult
+    extract: extract.ExtractResult
     report: report.ReportResult
 
     def summary(self) -> str:
@@ -32,6 +33,7 @@ class DemoResult(BaseModel):
             ("ingest", self.ingest.summary()),
             ("curate: the funnel", self.curate.summary()),
             ("download", self.download.summary()),
+            ("extract", self.extract.summary()),
             ("report", self.report.summary()),
         ]
         out = [f"workspace: {self.workspace}"]
@@ -65,6 +67,12 @@ def download_task(cfg: Config, force: bool = False) -> download.DownloadResult:
     return download.run(cfg, force=force)
 
 
+@task(name="extract", retries=1, retry_delay_seconds=5)
+def extract_task(cfg: Config, force: bool = False) -> extract.ExtractResult:
+    """ImageBind features of the downloaded shards (a retry continues from the committed shards)."""
+    return extract.run(cfg, force=force)
+
+
 @task(name="report")
 def report_task(cfg: Config) -> report.ReportResult:
     """Write the curation report."""
@@ -85,6 +93,9 @@ def demo_flow(
         cur = curate_task(cfg, force=force)
         logger.info("curation funnel:\n%s", cur.summary())
         dl = download_task(cfg, force=force)
-        rep = report_task(cfg)
-        logger.info("report: %s", rep.html)
-    return DemoResult(workspace=cfg.workspace, synthetic=syn, ingest=ing, curate=cur, download=dl, report=rep)
+    ext = extract_task(cfg, force=force)
+    rep = report_task(cfg)
+    logger.info("report: %s", rep.html)
+    return DemoResult(
+        workspace=cfg.workspace, synthetic=syn, ingest=ing, curate=cur, download=dl, extract=ext, report=rep
+    )

@@ -22,6 +22,7 @@ from stores.workspace import Workspace
 
 SHORT_SIDE = "least(original_width, original_height)"
 DOWNLOADED = "(SELECT * FROM download_latest WHERE status = 'success')"
+CLIP_THRESHOLDS = [0.1, 0.15, 0.2, 0.25, 0.28, 0.3, 0.35]
 DOWNLOADED_ASPECT = ASPECT.replace("width", "original_width").replace("height", "original_height")
 
 
@@ -162,6 +163,9 @@ PAGE = """<!doctype html>
 <h2>Caption length, before and after filtering</h2><img src="caption_words.png" alt="caption length histogram">
 <h2>Downloaded images</h2><img src="image_short_side.png" alt="image size histogram">
 <img src="image_aspect.png" alt="aspect ratio histogram">
+<h2>Features</h2>{features}<img src="feature_clip_score.png" alt="clip_score histogram">
+<h3>Pairs kept by a clip_score threshold (the post-extraction CLIP filter)</h3>{thresholds}
+<h3>Samples that could not be featurised</h3>{feature_failures}
 <h2>Duplicates removed</h2>{dupes}
 <h2>Shards</h2>{shards}
 </body></html>
@@ -177,6 +181,12 @@ def run(cfg: Config) -> ReportResult:
     funnel, reasons, totals, shards = cat.funnel(), cat.download_reasons(), cat.totals(), cat.shard_counts()
     dupes = [r for r in funnel if r["step"].startswith("dedup")]
     hists = histograms(cat)
+    hists["feature_clip_score"] = {
+        "after": cat.histogram("features", "clip_score", -1.0, 1.0, 80),
+        "xlabel": "ImageBind clip_score (cosine)",
+    }
+    feats, feat_fails = cat.feature_counts(), cat.feature_failure_reasons()
+    thresholds = cat.clip_thresholds(CLIP_THRESHOLDS)
     figures = ["funnel.png", "download_reasons.png", *(f"{k}.png" for k in hists)]
     with ws.scratch() as scratch:
         _plot_funnel(os.path.join(scratch, "funnel.png"), funnel)
@@ -190,12 +200,16 @@ def run(cfg: Config) -> ReportResult:
             funnel=_table(funnel),
             reasons=_table(reasons),
             dupes=_table(dupes),
+            features=_table(feats),
+            thresholds=_table(thresholds),
+            feature_failures=_table(feat_fails),
             shards=_table(shards),
         )
         with open(os.path.join(scratch, "curation.html"), "w") as f:
             f.write(page)
         summary = {"generated": stamp, "totals": totals, "funnel": funnel, "download_reasons": reasons,
-                   "duplicates_removed": dupes, "shards": shards, "histograms": hists}  # fmt: skip
+                   "duplicates_removed": dupes, "shards": shards, "features": feats, "clip_thresholds": thresholds,
+                   "feature_failures": feat_fails, "histograms": hists}  # fmt: skip
         with open(os.path.join(scratch, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1, default=str)
         for name in [*figures, "curation.html", "summary.json"]:  # summary.json last: the report's completion mark

@@ -47,6 +47,11 @@ EMPTY = {
     "NULL::DOUBLE AS similarity, NULL::BIGINT AS width, NULL::BIGINT AS height WHERE false",
     "funnel": "SELECT NULL::VARCHAR AS source, NULL::VARCHAR AS step, NULL::BIGINT AS rows_in, "
     "NULL::BIGINT AS rows_out, NULL::BIGINT AS removed WHERE false",
+    "features": "SELECT NULL::VARCHAR AS uid, NULL::VARCHAR AS source, NULL::VARCHAR AS caption, NULL::VARCHAR AS url, "
+    "NULL::FLOAT[] AS image_emb, NULL::FLOAT[] AS text_emb, NULL::FLOAT AS clip_score, "
+    "NULL::VARCHAR AS encoder_id WHERE false",
+    "feature_failures": "SELECT NULL::VARCHAR AS uid, NULL::VARCHAR AS source, NULL::VARCHAR AS url, "
+    "NULL::VARCHAR AS caption, NULL::VARCHAR AS reason, NULL::VARCHAR AS encoder_id WHERE false",
     "downloads_raw": "SELECT NULL::VARCHAR AS uid, NULL::VARCHAR AS source, NULL::DOUBLE AS similarity, "
     "NULL::VARCHAR AS caption, NULL::VARCHAR AS url, NULL::VARCHAR AS key, NULL::VARCHAR AS status, "
     "NULL::VARCHAR AS error_message, NULL::BIGINT AS width, NULL::BIGINT AS height, NULL::BIGINT AS original_width, "
@@ -109,6 +114,15 @@ class Catalog:
             "curated", self._files("curate", ".parquet"), "SELECT * FROM read_parquet($files, union_by_name = true)"
         )
         self._view("funnel", self._files("curate", "funnel.json"), "SELECT * FROM read_json($files)")
+        extracted = self._files("extract", ".parquet")
+        parts = [f for f in extracted if os.path.basename(f).startswith("part-")]
+        failed = [f for f in extracted if os.path.basename(f).startswith("failures-")]
+        self._view("features", parts, "SELECT * FROM read_parquet($files, union_by_name = true)")
+        self._view(
+            "feature_failures", failed,
+            "SELECT *, regexp_extract(filename, 'features/([^/]+)/', 1) AS encoder_id "
+            "FROM read_parquet($files, filename = true) ",
+        )  # fmt: skip
         downloads = []
         for out in outputs(self.ws, "download"):
             for f in Ledger.reader(self.ws, "download", out).files(".parquet"):
@@ -190,6 +204,32 @@ class Catalog:
         return self.rows(
             "SELECT output, shard, count(*) AS attempted, count(*) FILTER (WHERE status = 'success') AS succeeded, "
             "count(*) FILTER (WHERE status <> 'success') AS failed FROM downloads GROUP BY ALL ORDER BY output, shard"
+        )
+
+    def feature_counts(self) -> list[dict[str, Any]]:
+        """Per feature set and source: features, failed samples, and the clip_score mean."""
+        return self.rows(
+            """
+            WITH f AS (SELECT encoder_id, source, count(*) AS features, round(avg(clip_score), 4) AS mean_clip_score
+                       FROM features GROUP BY ALL),
+                 x AS (SELECT encoder_id, source, count(*) AS failed FROM feature_failures GROUP BY ALL)
+            SELECT encoder_id, source, coalesce(features, 0) AS features, coalesce(failed, 0) AS failed, mean_clip_score
+            FROM f FULL JOIN x USING (encoder_id, source) ORDER BY encoder_id, source
+            """
+        )
+
+    def feature_failure_reasons(self) -> list[dict[str, Any]]:
+        """Failed samples per feature set, source and reason (`decode: <message>` counts as decode)."""
+        return self.rows(
+            "SELECT encoder_id, source, split_part(reason, ':', 1) AS reason, count(*) AS samples "
+            "FROM feature_failures GROUP BY ALL ORDER BY encoder_id, source, samples DESC"
+        )
+
+    def clip_thresholds(self, thresholds: list[float]) -> list[dict[str, Any]]:
+        """How many pairs a post-extraction `clip_score >= t` filter would keep, per feature set and source."""
+        cols = ", ".join(f'count(*) FILTER (WHERE clip_score >= {float(t)}) AS "{t:g}"' for t in thresholds)
+        return self.rows(
+            f"SELECT encoder_id, source, count(*) AS features, {cols} FROM features GROUP BY ALL ORDER BY 1, 2"
         )
 
     def histogram(self, view: str, expr: str, lo: float, hi: float, bins: int, by_source: bool = True) -> dict:

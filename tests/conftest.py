@@ -68,3 +68,15 @@ def workspace(request: pytest.FixtureRequest, tmp_path: Path) -> Workspace:
     if request.param == "local":
         return Workspace(str(tmp_path / "ws"))
     return request.getfixturevalue("s3_workspace")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _ray_shutdown() -> Iterator[None]:
+    """Stop the local Ray instance a test may have started in this process."""
+    yield
+    import sys
+
+    if "ray" in sys.modules:
+        import ray
+
+        ray.shutdown()

@@ -31,12 +31,21 @@ def test_demo_flow_runs_every_stage(prefect_harness: None, config: Config) -> No
     (dl,) = result.download.sources
     assert dl.attempted == kept and 0 < dl.succeeded < kept
     assert result.report.totals[0]["downloaded"] == dl.succeeded
+    (ext,) = result.extract.sources
+    assert ext.rows + ext.failures == dl.succeeded and ext.shards == dl.shards
     text = result.summary()
-    for block in ("== synthetic source", "== ingest", "== curate: the funnel", "== download", "== report"):
+    for block in (
+        "== synthetic source",
+        "== ingest",
+        "== curate: the funnel",
+        "== download",
+        "== extract",
+        "== report",
+    ):
         assert block in text
     again = demo_flow(config)  # a rerun redoes nothing
     assert again.ingest.sources[0].written == 0 and again.curate.sources[0].skipped
-    assert again.download.sources[0].new_shards == 0
+    assert again.download.sources[0].new_shards == 0 and again.extract.sources[0].new_shards == 0
 
 
 @pytest.mark.slow

@@ -41,3 +41,13 @@ def test_reason_and_retryable(status: str, message: str | None, reason: str, ret
 
 def test_retry_round_names() -> None:
     assert retry_round("laion") == 0 and retry_round("laion.retry-03") == 3
+
+
+def test_every_view_exists_on_an_empty_workspace(tmp_path) -> None:
+    from stores.catalog import Catalog
+    from stores.workspace import Workspace
+
+    cat = Catalog(Workspace(str(tmp_path)))
+    for view in ("metadata", "curated", "funnel", "features", "feature_failures", "downloads", "download_latest"):
+        assert cat.query(f"SELECT count(*) FROM {view}") == [(0,)]
+    assert cat.feature_counts() == [] and cat.clip_thresholds([0.2]) == []
