@@ -7,10 +7,11 @@ import logging
 import os
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from tqdm import tqdm
 
 from model.imagebind.encoder import encoder_id_for
@@ -43,7 +44,8 @@ class ExtractResult(BaseModel):
 
     encoder_id: str
     sources: list[SourceExtract]
-    images_per_second: float | None
+    images_per_second: float | None = Field(description="from submitting the work, worker start-up included")
+    steady_images_per_second: float | None = Field(description="after the first batch came back")
     seconds: float
 
     def summary(self) -> str:
@@ -95,19 +97,18 @@ def _device(cfg: Config) -> str:
 
 
 def build_dataset(cfg: Config, ws: Workspace, items: list[dict], vocab: bytes, encoder_args: dict) -> Any:
-    """Ray Data: read shards and preprocess as CPU tasks, then encode in an actor pool (one actor per GPU)."""
+    """Ray Data: read + decode + preprocess a shard per CPU task, then encode in an actor pool (one actor per GPU)."""
     import ray
 
     gpu = encoder_args["device"] == "cuda"
     actors = int(ray.cluster_resources().get("GPU", 1)) if gpu and cfg.extract.actors == 1 else cfg.extract.actors
+    # Shards come back in input order, so each completes (and is committed, and leaves the driver's memory) in turn.
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    cpu = {"num_cpus": cfg.extract.task_cpus}  # differs from the actor's, so Ray keeps these as separate CPU tasks
-    ds = ds.flat_map(
-        extract_tasks.read_shard, fn_kwargs={"root": ws.root, "storage_options": dict(ws.storage_options)}, **cpu
-    )
-    ds = ds.map_batches(
-        extract_tasks.preprocess, fn_kwargs={"vocab": vocab}, batch_format="numpy", batch_size=64, **cpu
-    )
+    # One CPU task per shard reads, decodes, crops and tokenizes it; its CPU share differs from the actor's, so Ray
+    # keeps it a separate task beside the encoder instead of fusing it into the actor.
+    reader = {"root": ws.root, "storage_options": dict(ws.storage_options), "vocab": vocab}
+    ds = ds.flat_map(extract_tasks.read_shard, fn_kwargs=reader, num_cpus=cfg.extract.task_cpus)
     return ds.map_batches(
         extract_tasks.Encoder,
         fn_constructor_kwargs={**encoder_args, "threads": int(cfg.extract.actor_cpus)},
@@ -122,8 +123,10 @@ def build_dataset(cfg: Config, ws: Workspace, items: list[dict], vocab: bytes, e
 class ShardCollector:
     """Gathers a shard's rows as they stream back and commits the shard once all of them are there."""
 
-    def __init__(self, ws: Workspace, ledgers: dict[str, Ledger], encoder_id: str, dim: int) -> None:
-        self.ws, self.ledgers, self.encoder_id, self.dim = ws, ledgers, encoder_id, dim
+    def __init__(
+        self, ws: Workspace, ledgers: dict[str, Ledger], encoder_id: str, on_placeholder: Callable[[np.ndarray], None]
+    ) -> None:
+        self.ws, self.ledgers, self.encoder_id, self.on_placeholder = ws, ledgers, encoder_id, on_placeholder
         self.parts: dict[tuple[str, str], list[dict[str, np.ndarray]]] = defaultdict(list)
         self.seen: dict[tuple[str, str], int] = defaultdict(int)
         self.failed: dict[str, dict[str, str]] = defaultdict(dict)
@@ -136,6 +139,9 @@ class ShardCollector:
         for key in dict.fromkeys(keys):
             rows = {k: v[[i for i, kk in enumerate(keys) if kk == key]] for k, v in batch.items()}
             kind = rows["kind"][0]
+            if kind == "placeholder":
+                self.on_placeholder(rows["image_emb"][0].astype(np.float32))
+                continue
             if kind == "shard_error":
                 self.ledgers[key[0]].record_failure(key[1], str(rows["caption"][0]))
                 self.failed[key[0]][key[1]] = str(rows["caption"][0])
@@ -160,7 +166,7 @@ class ShardCollector:
                 "uid": rows["uid"][ok], "source": rows["source"][ok], "caption": rows["caption"][ok],
                 "url": rows["url"][ok], "image_emb": rows["image_emb"][ok], "text_emb": rows["text_emb"][ok],
                 "clip_score": rows["clip_score"][ok], "encoder_id": [self.encoder_id] * int(ok.sum()),
-            }, self.dim)  # fmt: skip
+            }, rows["image_emb"].shape[1])  # fmt: skip
             bad = samples & ~ok
             features.write_failures(
                 fails, {k: rows[k][bad].tolist() for k in ("uid", "source", "url", "caption", "reason")}
@@ -174,8 +180,6 @@ class ShardCollector:
 
 def run(cfg: Config, force: bool = False) -> ExtractResult:
     """Featurise every committed download shard not yet in the feature set; commit each shard when complete."""
-    import ray
-
     start = time.perf_counter()
     ws = Workspace(cfg.workspace, cfg.storage_options)
     m = cfg.model
@@ -189,29 +193,39 @@ def run(cfg: Config, force: bool = False) -> ExtractResult:
     ledgers = {
         s: Ledger(ws, "extract", f"{encoder_id}.{s}", settings, encoder_id=encoder_id, force=force) for s in names
     }
-    items = [it for s in names for it in shard_items(ws, s) if not ledgers[s].is_current(it["shard"], it["input"])]
+    items = [
+        {**it, "kind": "shard"}
+        for s in names
+        for it in shard_items(ws, s)
+        if not ledgers[s].is_current(it["shard"], it["input"])
+    ]
     encoder_args = {"preset": m.imagebind, "checkpoint": m.imagebind_checkpoint, "seed": cfg.seed,
                     "device": device, "dtype": dtype}  # fmt: skip
     meta = features.read_meta(ws, encoder_id)
-    if meta is None or meta.get("settings") != settings:
-        holder = ray.remote(num_gpus=1 if device == "cuda" else 0)(extract_tasks.placeholder_feature)
-        features.write_meta(ws, encoder_id, {"encoder_id": encoder_id, "settings": settings, "preset": m.imagebind,
-                                             "checkpoint": m.imagebind_checkpoint,
-                                             "placeholder": ray.get(holder.remote(**encoder_args))})  # fmt: skip
-    dim = len(features.placeholder(ws, encoder_id))
-    collector = ShardCollector(ws, ledgers, encoder_id, dim)
-    images, enc_start = 0, time.perf_counter()
+    if meta is None or meta.get("settings") != settings:  # the placeholder feature rides along with the shards
+        items.insert(0, {"kind": "placeholder", "source": "", "shard": "", "tar": "", "input": ""})
+    meta_base = {"encoder_id": encoder_id, "settings": settings, "preset": m.imagebind,
+                 "checkpoint": m.imagebind_checkpoint}  # fmt: skip
+    collector = ShardCollector(ws, ledgers, encoder_id, lambda emb: features.write_meta(
+        ws, encoder_id, {**meta_base, "dim": len(emb), "placeholder": [float(v) for v in emb]}))  # fmt: skip
+    images, enc_start, first = 0, time.perf_counter(), None
     if items:
         ds = build_dataset(cfg, ws, items, vocab, encoder_args)
         with tqdm(desc="extract", unit="img", leave=False) as bar:
             for batch in ds.iter_batches(
                 batch_size=None, batch_format="numpy", prefetch_batches=cfg.extract.prefetch_batches
             ):
+                if first is None:  # start-up (workers, model load) ends with the first batch back
+                    first, first_rows = time.perf_counter(), int((batch["kind"] == "sample").sum())
                 finished = collector.add(batch)
                 images += finished
                 bar.update(finished)
-    took = time.perf_counter() - enc_start
+    end = time.perf_counter()
+    took = end - enc_start
+    steady = (images - first_rows) / (end - first) if first and end > first and images > first_rows else None
     results = []
+    if features.read_meta(ws, encoder_id) is None:
+        raise RuntimeError(f"feature set {encoder_id}: the placeholder feature was not computed")
     for s in names:
         committed = ledgers[s].committed()
         results.append(SourceExtract(
@@ -224,5 +238,6 @@ def run(cfg: Config, force: bool = False) -> ExtractResult:
         encoder_id=encoder_id,
         sources=results,
         images_per_second=round(images / took, 1) if images and took > 0 else None,
+        steady_images_per_second=round(steady, 1) if steady else None,
         seconds=round(time.perf_counter() - start, 3),
     )

@@ -44,9 +44,16 @@ def read_tar(data: bytes) -> dict[str, dict[str, bytes]]:
     return dict(samples)
 
 
-def read_shard(item: dict[str, Any], root: str, storage_options: dict[str, Any]) -> list[dict[str, Any]]:
-    """One shard's samples as rows; a shard that cannot be read becomes a single `shard_error` row."""
+def read_shard(item: dict[str, Any], root: str, storage_options: dict[str, Any], vocab: bytes) -> list[dict[str, Any]]:
+    """One shard's samples, decoded, cropped and tokenized, as rows; an unreadable shard is one `shard_error` row."""
+    return [prepare(row, vocab) for row in shard_rows(item, root, storage_options)]
+
+
+def shard_rows(item: dict[str, Any], root: str, storage_options: dict[str, Any]) -> list[dict[str, Any]]:
+    """One shard's samples as raw rows (image bytes); a shard that cannot be read becomes a `shard_error` row."""
     base = {k: item[k] for k in ("source", "shard", "tar", "input")}
+    if item["kind"] == "placeholder":  # encoded by the actor like any sample, so the model loads only there
+        return [{**base, "kind": "placeholder", "shard_rows": 0, "uid": "", "url": "", "caption": "", "image": b""}]
     try:
         samples = read_tar(Workspace(root, storage_options).read_bytes(item["tar"]))
     except (tarfile.TarError, OSError, EOFError, ValueError) as e:
@@ -77,27 +84,21 @@ def _tokenizer(digest: str, vocab: bytes) -> Tokenizer:
     return Tokenizer(path)
 
 
-def preprocess(batch: dict[str, np.ndarray], vocab: bytes) -> dict[str, np.ndarray]:
-    """Decode and crop images to uint8 (B, 224, 224, 3) and tokenize captions; failures get a reason."""
-    n = len(batch["kind"])
-    pixels = np.zeros((n, SIZE, SIZE, 3), np.uint8)
-    tokens = np.zeros((n, CONTEXT), np.int64)
-    reason = np.array([""] * n, dtype=object)
-    tok = _tokenizer(hashlib.sha256(vocab).hexdigest()[:16], vocab)
-    for i in range(n):
-        if batch["kind"][i] != "sample":
-            continue
-        caption = str(batch["caption"][i]).strip()
-        if not caption:
-            reason[i] = "empty_caption"
-            continue
+def prepare(row: dict[str, Any], vocab: bytes) -> dict[str, Any]:
+    """Decode and crop a sample's image to uint8 (224, 224, 3) and tokenize its caption; failures get a reason."""
+    pixels, tokens, reason = np.zeros((SIZE, SIZE, 3), np.uint8), np.zeros(CONTEXT, np.int64), ""
+    caption = str(row["caption"]).strip()
+    if row["kind"] != "sample":
+        pass
+    elif not caption:
+        reason = "empty_caption"
+    else:
         try:
-            pixels[i] = np.asarray(image_ops.resize_crop(image_ops.load_image(bytes(batch["image"][i]))))
+            pixels = np.asarray(image_ops.resize_crop(image_ops.load_image(bytes(row["image"]))))
+            tokens = _tokenizer(hashlib.sha256(vocab).hexdigest()[:16], vocab)([caption])[0].numpy()
         except (ValueError, OSError) as e:
-            reason[i] = f"decode: {e}"[:300]
-            continue
-        tokens[i] = tok([caption])[0].numpy()
-    out = {k: v for k, v in batch.items() if k != "image"}
+            reason = f"decode: {e}"[:300]
+    out = {k: v for k, v in row.items() if k != "image"}
     return {**out, "pixels": pixels, "tokens": tokens, "reason": reason}
 
 
@@ -114,6 +115,10 @@ class Encoder:
         text_emb = np.zeros((n, dim), np.float16)
         score = np.zeros(n, np.float32)
         ok = np.array([k == "sample" and not r for k, r in zip(batch["kind"], batch["reason"], strict=True)])
+        holder = np.array([k == "placeholder" for k in batch["kind"]])
+        if holder.any():  # the paper's "fake image": the all-zero preprocessed image
+            zeros = torch.zeros(int(holder.sum()), 3, SIZE, SIZE)
+            image_emb[holder] = self.encoder.encode({"vision": zeros})["vision"].numpy()
         if ok.any():
             pixels = image_ops.normalize_pixels(torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok])))
             emb = self.encoder.encode({"vision": pixels, "text": torch.from_numpy(batch["tokens"][ok])})
@@ -121,9 +126,3 @@ class Encoder:
             score[ok] = (emb["vision"] * emb["text"]).sum(-1).numpy()
         out = {k: v for k, v in batch.items() if k not in ("pixels", "tokens")}
         return {**out, "image_emb": image_emb, "text_emb": text_emb, "clip_score": score}
-
-
-def placeholder_feature(preset: str, checkpoint: str | None, seed: int, device: str, dtype: str) -> list[float]:
-    """The paper's "fake image" feature: the embedding of an all-zero preprocessed image (float32)."""
-    encoder = ImageBind.load(preset, checkpoint=checkpoint, device=device, dtype=dtype, seed=seed)
-    return encoder.encode({"vision": torch.zeros(1, 3, SIZE, SIZE)})["vision"][0].tolist()

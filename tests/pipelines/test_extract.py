@@ -150,7 +150,8 @@ def test_features_equal_the_encoder_called_directly(tmp_path: Path) -> None:
     assert torch.nn.functional.cosine_similarity(stored_txt, texts).min() >= 0.999
     torch.testing.assert_close(torch.tensor([r[4] for r in table]), (images * texts).sum(-1), atol=2e-3, rtol=0)
     zeros = encoder.encode({"vision": torch.zeros(1, 3, 224, 224)})["vision"][0]
-    torch.testing.assert_close(torch.from_numpy(features.placeholder(ws, result.encoder_id)), zeros)
+    stored = torch.from_numpy(features.placeholder(ws, result.encoder_id))
+    torch.testing.assert_close(stored, zeros, atol=1e-3, rtol=0)  # stored in fp16, as every feature
 
 
 def test_changed_settings_into_the_same_feature_set_are_refused(tmp_path: Path) -> None:

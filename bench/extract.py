@@ -1,0 +1,166 @@
+"""Benchmark: the Ray extraction pipeline vs a plain single-process loop vs the encoder alone; memory vs shards.
+
+Usage: python bench/extract.py [--preset base] [--dtype bfloat16] [--per-shard 24] [--shards 2 8]
+All three featurise the same webdataset shards with the same model; peak memory is the summed RSS of this process
+and every process it started (Ray's workers included, shared pages split between them), sampled every 0.2 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import tarfile
+import tempfile
+import threading
+import time
+
+import numpy as np
+import psutil
+import torch
+from PIL import Image
+
+from model.imagebind import image as image_ops
+from model.imagebind.encoder import ImageBind
+from model.imagebind.tokenizer import Tokenizer, learn_merges, write_vocab
+from pipelines import extract, extract_tasks, ray_runtime
+from pipelines.config import Config
+from stores import features
+from stores.ledger import Ledger
+from stores.metadata import make_uid
+from stores.workspace import Workspace
+
+WORDS = ["red", "green", "blue", "yellow", "circle", "square", "star", "ring", "small", "large", "on", "a",
+         "background", "of", "the"]  # fmt: skip
+
+
+class PeakRSS:
+    """Samples the summed PSS (proportional set size) of this process tree in a thread."""
+
+    def __init__(self) -> None:
+        self.peak, self._stop = 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        me = psutil.Process()
+        while not self._stop.wait(0.2):
+            total = 0
+            for p in [me, *me.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):  # a process may end between listing and reading
+                    total += p.memory_full_info().pss  # shared pages (torch's libraries) counted once
+            self.peak = max(self.peak, total)
+
+    def __enter__(self) -> PeakRSS:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def make_shards(root: str, shards: int, per_shard: int) -> Config:
+    """Photo-like JPEG shards (img2dataset layout) committed in the download ledger."""
+    rng = np.random.default_rng(0)
+    folder = os.path.join(root, "ws", "shards", "s")
+    os.makedirs(folder)
+    ws = Workspace(os.path.join(root, "ws"))
+    ledger = Ledger(ws, "download", "s", {"bench": 1})
+    for s in range(shards):
+        tar_path = os.path.join(folder, f"{s:05d}.tar")
+        with tarfile.open(tar_path, "w") as tf:
+            for i in range(per_shard):
+                url = f"http://h/{s}/{i}.jpg"
+                caption = " ".join(rng.choice(WORDS, 8))
+                buf = io.BytesIO()
+                small = (rng.random((24, 32, 3)) * 255).astype(np.uint8)
+                Image.fromarray(small).resize((384, 288), Image.BICUBIC).save(buf, "JPEG", quality=90)
+                meta = {"uid": make_uid("s", url), "url": url, "caption": caption}
+                files = {"jpg": buf.getvalue(), "txt": caption.encode(), "json": json.dumps(meta).encode()}
+                for ext, data in files.items():
+                    info = tarfile.TarInfo(f"{s:05d}{i:04d}.{ext}")
+                    info.size = len(data)
+                    tf.addfile(info, io.BytesIO(data))
+        ledger.record_existing(f"{s:05d}", [tar_path], rows=per_shard)
+    vocab = os.path.join(root, "vocab.txt.gz")
+    write_vocab(vocab, learn_merges([" ".join(WORDS)] * 5, 100))
+    return Config(workspace=os.path.join(root, "ws"), sources=[{"name": "s", "format": "synthetic"}],
+                  model={"imagebind": "tiny", "imagebind_vocab": vocab})  # fmt: skip
+
+
+def plain_loop(cfg: Config, encoder: ImageBind, out_dir: str, batch: int) -> int:
+    """Read each tar, decode, preprocess, encode and write one Parquet per shard, in this process."""
+    ws, n = Workspace(cfg.workspace), 0
+    tok = Tokenizer(cfg.model.imagebind_vocab)
+    for item in extract.shard_items(ws, "s"):
+        samples = extract_tasks.read_tar(ws.read_bytes(item["tar"]))
+        keys = sorted(samples)
+        rows: dict[str, list] = {
+            k: [] for k in ("uid", "source", "caption", "url", "image_emb", "text_emb", "clip_score")
+        }
+        for i in range(0, len(keys), batch):
+            chunk = [samples[k] for k in keys[i : i + batch]]
+            pixels = torch.stack([image_ops.preprocess_image(image_ops.load_image(c["jpg"])) for c in chunk])
+            captions = [c["txt"].decode() for c in chunk]
+            emb = encoder.encode({"vision": pixels, "text": tok(captions)})
+            metas = [json.loads(c["json"]) for c in chunk]
+            rows["uid"] += [m["uid"] for m in metas]
+            rows["url"] += [m["url"] for m in metas]
+            rows["source"] += ["s"] * len(chunk)
+            rows["caption"] += captions
+            rows["image_emb"].append(emb["vision"].numpy())
+            rows["text_emb"].append(emb["text"].numpy())
+            rows["clip_score"] += (emb["vision"] * emb["text"]).sum(-1).tolist()
+        rows["image_emb"], rows["text_emb"] = np.concatenate(rows["image_emb"]), np.concatenate(rows["text_emb"])
+        rows["encoder_id"] = [encoder.encoder_id] * len(keys)
+        n += features.write_features(os.path.join(out_dir, f"{item['shard']}.parquet"), rows, encoder.dim)
+    return n
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--preset", default="base")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    p.add_argument("--per-shard", type=int, default=24)
+    p.add_argument("--shards", type=int, nargs="+", default=[2, 8])
+    p.add_argument("--batch", type=int, default=8)
+    args = p.parse_args()
+    cores = os.cpu_count() or 1
+    print(f"{args.preset} encoder, {args.dtype}, {args.per_shard} images a shard, batch {args.batch}, {cores} cores")
+    for shards in args.shards:
+        with tempfile.TemporaryDirectory() as root:
+            cfg = make_shards(root, shards, args.per_shard)
+            cfg.model.imagebind = args.preset
+            # Ray: the encoder actor gets every core for torch; the read/preprocess tasks a slice beside it.
+            cfg.ray.num_cpus, cfg.extract.actor_cpus, cfg.extract.task_cpus = cores + 1, float(cores), 0.5
+            cfg.extract.batch_size, cfg.extract.dtype, cfg.extract.device = args.batch, args.dtype, "cpu"
+            total = shards * args.per_shard
+            ray_runtime.connect(cfg.ray)  # Ray's own start-up is not the pipeline's cost
+            with PeakRSS() as mem:
+                start = time.perf_counter()
+                result = extract.run(cfg)
+                ray_s = time.perf_counter() - start
+            torch.set_num_threads(cores)
+            encoder = ImageBind.load(args.preset, vocab=cfg.model.imagebind_vocab, device="cpu", dtype=args.dtype)
+            start = time.perf_counter()
+            plain_loop(cfg, encoder, root, args.batch)
+            plain_s = time.perf_counter() - start
+            x = torch.randn(total, 3, 224, 224)
+            start = time.perf_counter()
+            for i in range(0, total, args.batch):
+                encoder.encode({"vision": x[i : i + args.batch]})
+            enc_s = time.perf_counter() - start
+            steady = result.steady_images_per_second or 0.0
+            print(f"{shards} shards ({total} images): plain loop {total / plain_s:5.2f} images/s, encoder alone "
+                  f"(vision) {total / enc_s:5.2f}; ray pipeline {total / ray_s:5.2f} end to end "
+                  f"({plain_s / ray_s:.2f}x the plain loop), {steady:5.2f} after start-up "
+                  f"({steady * plain_s / total:.2f}x); pipeline peak PSS {mem.peak / 2**20:,.0f} MB")  # fmt: skip
+            import ray
+
+            ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
