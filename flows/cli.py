@@ -84,6 +84,13 @@ def cmd_extract(cfg: Config, args: argparse.Namespace) -> BaseModel:
     return extract.run(cfg, force=args.force)
 
 
+def cmd_index(cfg: Config, args: argparse.Namespace) -> BaseModel:
+    """Build the visual cache over `index.source`'s features (when they changed); --query-image looks into it."""
+    from pipelines import index
+
+    return index.run(cfg, force=args.force, query_image=args.query_image, k=args.k)
+
+
 def cmd_report(cfg: Config, args: argparse.Namespace) -> BaseModel:
     """Write the curation report (HTML, figures, summary.json) and refresh the catalog."""
     from pipelines import report
@@ -112,6 +119,7 @@ COMMANDS: dict[str, tuple[Command, str]] = {
     "curate": (cmd_curate, "filter sources by CLIP score, size, caption, language, safety; dedup; url lists"),
     "download": (cmd_download, "download url lists into webdataset shards (img2dataset); --retry-failed"),
     "extract": (cmd_extract, "ImageBind features of the downloaded shards into Parquet with Ray (resumable)"),
+    "index": (cmd_index, "build the visual cache index (autofaiss); --query-image X prints its nearest captions"),
     "report": (cmd_report, "write the curation report and the DuckDB catalog"),
     "config": (cmd_config, "print the resolved configuration (after --set and --workspace)"),
 }
@@ -130,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         if name == "synthetic":
             p.add_argument("--serve", action="store_true", help="keep serving until interrupted")
+        if name == "index":
+            p.add_argument("--query-image", metavar="PATH", help="an image whose nearest cached captions to print")
+            p.add_argument("-k", type=int, default=5, help="neighbours to print (default 5)")
         if name == "download":
             p.add_argument(
                 "--retry-failed", action="store_true",

@@ -10,7 +10,7 @@ os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "pipelines,stores,model")
 from prefect import flow, get_run_logger, task
 from pydantic import BaseModel
 
-from pipelines import curate, download, extract, ingest, report, synthetic
+from pipelines import curate, download, extract, index, ingest, report, synthetic
 from pipelines.config import Config, resolve_config
 from pipelines.synthetic_server import server_for
 
@@ -24,6 +24,7 @@ class DemoResult(BaseModel):
     curate: curate.CurateResult
     download: download.DownloadResult
     extract: extract.ExtractResult
+    index: index.IndexResult
     report: report.ReportResult
 
     def summary(self) -> str:
@@ -34,6 +35,7 @@ class DemoResult(BaseModel):
             ("curate: the funnel", self.curate.summary()),
             ("download", self.download.summary()),
             ("extract", self.extract.summary()),
+            ("visual cache index", self.index.summary()),
             ("report", self.report.summary()),
         ]
         out = [f"workspace: {self.workspace}"]
@@ -73,6 +75,12 @@ def extract_task(cfg: Config, force: bool = False) -> extract.ExtractResult:
     return extract.run(cfg, force=force)
 
 
+@task(name="index", retries=1)
+def index_task(cfg: Config, force: bool = False) -> index.IndexResult:
+    """Build the visual cache over the demo's features."""
+    return index.run(cfg, force=force)
+
+
 @task(name="report")
 def report_task(cfg: Config) -> report.ReportResult:
     """Write the curation report."""
@@ -94,8 +102,16 @@ def demo_flow(
         logger.info("curation funnel:\n%s", cur.summary())
         dl = download_task(cfg, force=force)
     ext = extract_task(cfg, force=force)
+    idx = index_task(cfg, force=force)
     rep = report_task(cfg)
     logger.info("report: %s", rep.html)
     return DemoResult(
-        workspace=cfg.workspace, synthetic=syn, ingest=ing, curate=cur, download=dl, extract=ext, report=rep
+        workspace=cfg.workspace,
+        synthetic=syn,
+        ingest=ing,
+        curate=cur,
+        download=dl,
+        extract=ext,
+        index=idx,
+        report=rep,
     )

@@ -129,8 +129,12 @@ class IndexConfig(Section):
 
     name: str = Field("cache", pattern=r"^[a-z0-9][a-z0-9_-]*$")
     source: str = "cc3m"
-    max_index_memory: str = Field("4G", pattern=r"^\d+(\.\d+)?[KMG]$")
+    max_index_memory: str = Field("4G", pattern=r"^\d+(\.\d+)?[KMG]$", description="autofaiss's index budget")
     max_query_ms: float = Field(10.0, gt=0)
+    index_key: str | None = Field(None, description="a fixed faiss index key instead of autofaiss's choice")
+    rescore: int = Field(4, ge=1, description="candidates per neighbour re-scored exactly from the value store")
+    holdout: int = Field(500, gt=0, description="held-out queries for the recall@10 in meta.json")
+    use_gpu: bool = Field(False, description="search with faiss-gpu (the gpu extra) when a GPU is present")
     cache_k: int = Field(10, gt=0)
     cache_t: float = Field(20.0, gt=0)
     cache_weight: float = Field(0.5, ge=0.0, le=1.0)

@@ -33,6 +33,7 @@ def test_demo_flow_runs_every_stage(prefect_harness: None, config: Config) -> No
     assert result.report.totals[0]["downloaded"] == dl.succeeded
     (ext,) = result.extract.sources
     assert ext.rows + ext.failures == dl.succeeded and ext.shards == dl.shards
+    assert result.index.built and result.index.count == ext.rows and result.index.recall_at_10 >= 0.9
     text = result.summary()
     for block in (
         "== synthetic source",
@@ -46,6 +47,7 @@ def test_demo_flow_runs_every_stage(prefect_harness: None, config: Config) -> No
     again = demo_flow(config)  # a rerun redoes nothing
     assert again.ingest.sources[0].written == 0 and again.curate.sources[0].skipped
     assert again.download.sources[0].new_shards == 0 and again.extract.sources[0].new_shards == 0
+    assert not again.index.built
 
 
 @pytest.mark.slow

@@ -97,6 +97,19 @@ def test_stage_commands_chain_and_bad_input_exit_4(tmp_path: Path) -> None:
         proc = run_cli(command, "--json", *ws, *SMALL, "--set", "download.processes=1")
         assert proc.returncode == 0, proc.stderr[-2000:]
         steps[command] = json.loads(proc.stdout)
+    for command in ("extract", "index"):
+        proc = run_cli(command, "--json", *ws, *SMALL)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        steps[command] = json.loads(proc.stdout)
+    image = next((tmp_path / "ws" / "shards").rglob("*.tar"))
+    import tarfile
+
+    with tarfile.open(image) as tf:
+        member = next(m for m in tf.getmembers() if m.name.endswith(".jpg"))
+        (tmp_path / "q.jpg").write_bytes(tf.extractfile(member).read())
+    proc = run_cli("index", "--json", *ws, *SMALL, "--query-image", str(tmp_path / "q.jpg"), "-k", "3")
+    neighbours = json.loads(proc.stdout)["neighbours"]
+    assert len(neighbours) == 3 and neighbours[0]["similarity"] > 0.99  # the image itself is in the cache
     kept = steps["curate"]["sources"][0]["rows_out"]
     assert steps["download"]["sources"][0]["attempted"] == kept
     assert steps["report"]["totals"][0]["curated_rows"] == kept

@@ -1,0 +1,114 @@
+"""The cache index on clustered vectors: recall, exact re-scoring, ids -> rows, mismatches, atomic rebuilds."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from stores import features
+from stores.index import BuildSettings, CacheIndex, IndexMismatch, build, current_version, exact_top_k
+from stores.workspace import Workspace
+
+DIM, ENC = 64, "imagebind-test-init0"
+
+
+def clustered(n: int, seed: int = 0, clusters: int = 40) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(clusters, DIM))
+    x = centres[rng.integers(0, clusters, n)] + 0.35 * rng.normal(size=(n, DIM))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def write_parts(tmp_path: Path, n: int = 3000, parts: int = 3, encoder_id: str = ENC, dim: int = DIM) -> list[str]:
+    img, txt = clustered(n), clustered(n, seed=1)
+    txt = (img + 0.3 * txt) / np.linalg.norm(img + 0.3 * txt, axis=1, keepdims=True)  # captions near their images
+    paths = []
+    for p, idx in enumerate(np.array_split(np.arange(n), parts)):
+        path = str(tmp_path / f"part-{p:05d}.parquet")
+        features.write_features(path, {
+            "uid": [f"u{i}" for i in idx], "source": ["s"] * len(idx), "caption": [f"caption {i}" for i in idx],
+            "url": [f"http://x/{i}" for i in idx], "image_emb": img[idx][:, :dim], "text_emb": txt[idx][:, :dim],
+            "clip_score": np.zeros(len(idx)), "encoder_id": [encoder_id] * len(idx),
+        }, dim)  # fmt: skip
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def compressed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Workspace, list[str]]:
+    tmp = tmp_path_factory.mktemp("index")
+    ws = Workspace(str(tmp / "ws"))
+    parts = write_parts(tmp)
+    build(
+        ws, "cache", parts, ENC, DIM, "fp1", BuildSettings(index_key="Pad64,IVF16_HNSW16,PQ8", rescore=8, holdout=200)
+    )
+    return ws, parts
+
+
+def test_recall_and_exact_rescoring(compressed: tuple[Workspace, list[str]]) -> None:
+    ws, _ = compressed
+    index = CacheIndex.open(ws, "cache", encoder_id=ENC, dim=DIM)
+    assert index.meta["index_key"] == "Pad64,IVF16_HNSW16,PQ8" and index.meta["count"] == 3000
+    assert index.meta["recall_at_10"] >= 0.9  # PQ alone is far lower; re-scoring 80 candidates recovers it
+    rng = np.random.default_rng(7)
+    near = index.gather(rng.integers(0, 3000, 50)) + 0.03 * rng.normal(size=(50, DIM))  # queries among the data
+    queries = (near / np.linalg.norm(near, axis=1, keepdims=True)).astype(np.float32)
+    sims, ids = index.search(queries, 10)
+    exact = np.einsum("bkd,bd->bk", index.gather(ids), queries)
+    np.testing.assert_allclose(sims, exact, rtol=1e-5, atol=1e-6)  # the similarities are exact, not PQ estimates
+    assert (np.diff(sims, axis=1) <= 1e-7).all()
+    truth = exact_top_k(index.values, queries, 10)
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, truth, strict=True)])
+    assert recall >= 0.9
+    assert (
+        index.index.ntotal == 3000
+        and os.path.getsize(Path(ws.index("cache", current_version(ws, "cache"), "values.f16"))) == 3000 * DIM * 2
+    )
+
+
+def test_ids_map_to_their_rows(compressed: tuple[Workspace, list[str]]) -> None:
+    ws, _ = compressed
+    index = CacheIndex.open(ws, "cache")
+    probe = np.array([5, 1234, 2999])
+    sims, ids = index.search(index.gather(probe), 1)
+    assert ids[:, 0].tolist() == probe.tolist() and np.allclose(sims[:, 0], 1.0, atol=2e-3)
+    rows = [r[0] for r in index.lookup(ids)]
+    assert [r["uid"] for r in rows] == ["u5", "u1234", "u2999"] and rows[1]["caption"] == "caption 1234"
+
+
+def test_mismatches_are_refused(compressed: tuple[Workspace, list[str]], tmp_path: Path) -> None:
+    ws, _ = compressed
+    with pytest.raises(IndexMismatch, match="holds features of imagebind-test-init0, not of other"):
+        CacheIndex.open(ws, "cache", encoder_id="other")
+    with pytest.raises(IndexMismatch, match="dimension 64, the encoder gives 1024"):
+        CacheIndex.open(ws, "cache", dim=1024)
+    mixed = write_parts(tmp_path / "a", parts=1) if (tmp_path / "a").mkdir() is None else []
+    mixed += (
+        write_parts(tmp_path / "b", parts=1, encoder_id="imagebind-other") if (tmp_path / "b").mkdir() is None else []
+    )
+    with pytest.raises(IndexMismatch, match="features of encoder"):
+        build(Workspace(str(tmp_path / "ws")), "x", mixed, ENC, DIM, "fp", BuildSettings())
+    with pytest.raises(IndexMismatch, match="image_emb has 64 dimensions, the encoder gives 32"):
+        build(Workspace(str(tmp_path / "ws")), "x", mixed[:1], ENC, 32, "fp", BuildSettings())
+    with pytest.raises(FileNotFoundError, match="run `ibllm index`"):
+        CacheIndex.open(Workspace(str(tmp_path / "empty")), "cache")
+
+
+def test_a_failed_rebuild_leaves_the_previous_index_in_service(tmp_path: Path) -> None:
+    ws = Workspace(str(tmp_path / "ws"))
+    parts = write_parts(tmp_path, n=600, parts=2)
+    build(ws, "cache", parts, ENC, DIM, "fp1", BuildSettings(holdout=50))
+    before = current_version(ws, "cache")
+    q = clustered(5, seed=3)
+    expected = CacheIndex.open(ws, "cache").search(q, 5)
+    with pytest.raises((ValueError, RuntimeError)):  # an impossible index key: the build fails midway
+        build(ws, "cache", parts, ENC, DIM, "fp2", BuildSettings(index_key="NotAnIndex,Nonsense", holdout=50))
+    assert current_version(ws, "cache") == before
+    got = CacheIndex.open(ws, "cache").search(q, 5)
+    np.testing.assert_array_equal(got[1], expected[1])
+    build(ws, "cache", parts[:1], ENC, DIM, "fp3", BuildSettings(holdout=50))  # a good rebuild replaces it
+    assert current_version(ws, "cache") != before and CacheIndex.open(ws, "cache").count == 300
+    assert not list((Path(ws.index("cache")) / before).glob("*"))  # the old version's files are gone
