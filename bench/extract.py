@@ -8,18 +8,16 @@ and every process it started (Ray's workers included, shared pages split between
 from __future__ import annotations
 
 import argparse
-import contextlib
 import io
 import json
 import os
 import tarfile
 import tempfile
-import threading
 import time
 
 import numpy as np
-import psutil
 import torch
+from memory import PeakMemory
 from PIL import Image
 
 from model.imagebind import image as image_ops
@@ -34,31 +32,6 @@ from stores.workspace import Workspace
 
 WORDS = ["red", "green", "blue", "yellow", "circle", "square", "star", "ring", "small", "large", "on", "a",
          "background", "of", "the"]  # fmt: skip
-
-
-class PeakRSS:
-    """Samples the summed PSS (proportional set size) of this process tree in a thread."""
-
-    def __init__(self) -> None:
-        self.peak, self._stop = 0, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        me = psutil.Process()
-        while not self._stop.wait(0.2):
-            total = 0
-            for p in [me, *me.children(recursive=True)]:
-                with contextlib.suppress(psutil.Error):  # a process may end between listing and reading
-                    total += p.memory_full_info().pss  # shared pages (torch's libraries) counted once
-            self.peak = max(self.peak, total)
-
-    def __enter__(self) -> PeakRSS:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def make_shards(root: str, shards: int, per_shard: int) -> Config:
@@ -138,7 +111,7 @@ def main() -> None:
             cfg.extract.batch_size, cfg.extract.dtype, cfg.extract.device = args.batch, args.dtype, "cpu"
             total = shards * args.per_shard
             ray_runtime.connect(cfg.ray)  # Ray's own start-up is not the pipeline's cost
-            with PeakRSS() as mem:
+            with PeakMemory() as mem:
                 start = time.perf_counter()
                 result = extract.run(cfg)
                 ray_s = time.perf_counter() - start

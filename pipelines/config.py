@@ -132,7 +132,7 @@ class IndexConfig(Section):
     max_index_memory: str = Field("4G", pattern=r"^\d+(\.\d+)?[KMG]$", description="autofaiss's index budget")
     max_query_ms: float = Field(10.0, gt=0)
     index_key: str | None = Field(None, description="a fixed faiss index key instead of autofaiss's choice")
-    rescore: int = Field(4, ge=1, description="candidates per neighbour re-scored exactly from the value store")
+    rescore: int = Field(8, ge=1, description="candidates per neighbour re-scored exactly from the value store")
     holdout: int = Field(500, gt=0, description="held-out queries for the recall@10 in meta.json")
     use_gpu: bool = Field(False, description="search with faiss-gpu (the gpu extra) when a GPU is present")
     cache_k: int = Field(10, gt=0)

@@ -34,7 +34,7 @@ class BuildSettings:
     max_index_memory: str = "4G"
     max_query_ms: float = 10.0
     index_key: str | None = None
-    rescore: int = 4  # candidates per wanted neighbour that are re-scored exactly
+    rescore: int = 8  # candidates per wanted neighbour that are re-scored exactly
     holdout: int = 500  # held-out queries (text embeddings of the set) for recall@10
     seed: int = 0
 
@@ -167,7 +167,7 @@ class CacheIndex:
             self.index = faiss.index_cpu_to_all_gpus(self.index)
         self.values = np.memmap(os.path.join(folder, VALUES), np.float16, "r", shape=(self.count, self.dim))
         self.rows = pq.read_table(os.path.join(folder, ROWS))
-        self.rescore = int(meta.get("settings", {}).get("rescore", 4))
+        self.rescore = int(meta.get("settings", {}).get("rescore", 8))
 
     @classmethod
     def open(
