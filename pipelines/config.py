@@ -134,6 +134,7 @@ class IndexConfig(Section):
     index_key: str | None = Field(None, description="a fixed faiss index key instead of autofaiss's choice")
     rescore: int = Field(8, ge=1, description="candidates per neighbour re-scored exactly from the value store")
     holdout: int = Field(500, gt=0, description="held-out queries for the recall@10 in meta.json")
+    target_recall: float = Field(0.95, gt=0, le=1, description="IVF nprobe is raised until recall@10 reaches this")
     use_gpu: bool = Field(False, description="search with faiss-gpu (the gpu extra) when a GPU is present")
     cache_k: int = Field(10, gt=0)
     cache_t: float = Field(20.0, gt=0)

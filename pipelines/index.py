@@ -73,7 +73,9 @@ def run(cfg: Config, force: bool = False, query_image: str | None = None, k: int
         raise FileNotFoundError(f"no features of source {ix.source!r} for {encoder_id}; run `ibllm extract` first")
     meta = features.read_meta(ws, encoder_id) or {}
     dim = int(meta.get("dim") or len(features.placeholder(ws, encoder_id)))
-    settings = BuildSettings(ix.max_index_memory, ix.max_query_ms, ix.index_key, ix.rescore, ix.holdout, cfg.seed)
+    settings = BuildSettings(
+        ix.max_index_memory, ix.max_query_ms, ix.index_key, ix.rescore, ix.holdout, cfg.seed, ix.target_recall
+    )
     built = False
     if force or current_version(ws, ix.name) is None or _stale(ws, ix.name, fingerprint, settings):
         build(ws, ix.name, files, encoder_id, dim, fingerprint, settings)
