@@ -112,3 +112,17 @@ def test_a_failed_rebuild_leaves_the_previous_index_in_service(tmp_path: Path) -
     build(ws, "cache", parts[:1], ENC, DIM, "fp3", BuildSettings(holdout=50))  # a good rebuild replaces it
     assert current_version(ws, "cache") != before and CacheIndex.open(ws, "cache").count == 300
     assert not list((Path(ws.index("cache")) / before).glob("*"))  # the old version's files are gone
+
+
+def test_search_parameters_are_tuned_for_recall(tmp_path: Path) -> None:
+    ws = Workspace(str(tmp_path / "ws"))
+    parts = write_parts(tmp_path, n=3000, parts=2)
+    key = "Pad64,IVF64_HNSW16,PQ16"
+    low = build(ws, "low", parts, ENC, DIM, "fp", BuildSettings(index_key=key, holdout=200, target_recall=0.0))
+    high = build(ws, "high", parts, ENC, DIM, "fp", BuildSettings(index_key=key, holdout=200, target_recall=0.99))
+    assert high["recall_at_10"] >= 0.99 and high["recall_at_10"] > low["recall_at_10"]
+    nprobe = {m["name"]: int(m["index_param"].split("nprobe=")[1].split(",")[0]) for m in (low, high)}
+    assert nprobe["high"] > nprobe["low"]
+    import faiss
+
+    assert faiss.extract_index_ivf(CacheIndex.open(ws, "high").index).nprobe == nprobe["high"]  # kept on reopening
