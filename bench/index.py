@@ -26,13 +26,14 @@ from stores.workspace import Workspace
 DIM = 1024
 
 
-def clustered(n: int, rng: np.random.Generator, clusters: int = 2000) -> np.ndarray:
-    """Unit vectors around `clusters` centres, like image features of a web dataset."""
+def clustered(n: int, rng: np.random.Generator, spread: float = 0.5) -> np.ndarray:
+    """Unit vectors around n/100 centres (cosine ~0.8 within a cluster), like image features of a web dataset."""
+    clusters = max(100, n // 100)
     centres = rng.normal(size=(clusters, DIM)).astype(np.float32)
     out = np.empty((n, DIM), np.float32)
     for s in range(0, n, 50_000):
         m = min(50_000, n - s)
-        x = centres[rng.integers(0, clusters, m)] + 0.9 * rng.normal(size=(m, DIM)).astype(np.float32)
+        x = centres[rng.integers(0, clusters, m)] + spread * rng.normal(size=(m, DIM)).astype(np.float32)
         out[s : s + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
     return out
 

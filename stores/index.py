@@ -122,7 +122,9 @@ def build(
         }  # fmt: skip
         opened = CacheIndex(scratch, meta)
         truth = exact_top_k(opened.values, queries, 10)
-        meta["index_param"], meta["recall_at_10"] = tune_recall(opened, queries, truth, settings.target_recall)
+        meta["index_param"], meta["recall_at_10"] = tune_recall(
+            opened, queries, truth, settings.target_recall, settings.max_query_ms
+        )
         meta["holdout_queries"] = len(queries)
         meta["build_seconds"] = round(time.perf_counter() - start, 2)
         with open(os.path.join(scratch, META), "w") as f:
@@ -143,10 +145,11 @@ def _recall(index: CacheIndex, queries: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean([len(set(a) & set(b)) / truth.shape[1] for a, b in zip(found, truth, strict=True)]))
 
 
-def tune_recall(index: CacheIndex, queries: np.ndarray, truth: np.ndarray, target: float) -> tuple[str | None, float]:
-    """Double an IVF index's nprobe until recall@k (after re-scoring) reaches `target`; autofaiss tunes for speed.
-
-    Returns the search parameters to keep and the recall they give.
+def tune_recall(
+    index: CacheIndex, queries: np.ndarray, truth: np.ndarray, target: float, max_query_ms: float = float("inf")
+) -> tuple[str | None, float]:
+    """Double an IVF index's nprobe until recall@k (after re-scoring) reaches `target` (autofaiss tunes for speed
+    only), as long as a query stays within `max_query_ms`. Returns the search parameters to keep and their recall.
     """
     param, recall = index.meta.get("index_param"), _recall(index, queries, truth)
     try:
@@ -155,9 +158,13 @@ def tune_recall(index: CacheIndex, queries: np.ndarray, truth: np.ndarray, targe
         return param, recall
     nprobe = ivf.nprobe
     while recall < target and nprobe < ivf.nlist:
-        nprobe = min(ivf.nlist, nprobe * 2)
-        ivf.nprobe = nprobe
-        recall = _recall(index, queries, truth)
+        ivf.nprobe = min(ivf.nlist, nprobe * 2)
+        start = time.perf_counter()
+        better = _recall(index, queries, truth)
+        if (time.perf_counter() - start) * 1e3 / len(queries) > max_query_ms:
+            ivf.nprobe = nprobe  # over the time budget: keep the last setting that fitted
+            break
+        nprobe, recall = ivf.nprobe, better
     kept = {k: v for k, v in (kv.split("=") for kv in (param or "").split(",") if kv) if k != "nprobe"}
     return ",".join([f"nprobe={nprobe}", *(f"{k}={v}" for k, v in kept.items())]), recall
 
