@@ -71,7 +71,7 @@ def settings(cfg: Config, index: int) -> dict[str, object]:
 
 def curated_files(ws: Workspace, source: str) -> list[str]:
     """The committed url-list files of a source."""
-    return [f for f in Ledger.reader(ws, "curate", source).files(".parquet")]
+    return Ledger.reader(ws, "curate", source).files(".parquet")
 
 
 def _input_fingerprint(ws: Workspace, source: str, earlier: list[str]) -> str:
@@ -94,8 +94,6 @@ def curate_source(cfg: Config, ws: Workspace, index: int, force: bool = False) -
         raise FileNotFoundError(f"source {src.name!r} has no ingested metadata; run `ibllm ingest` first")
     fingerprint = _input_fingerprint(ws, src.name, earlier)
     if ledger.is_current(SHARD, fingerprint):
-        rec = ledger.committed_record(SHARD)
-        assert rec is not None
         funnel = json.loads(ws.read_bytes(ws.curated(src.name, "funnel.json")))
         return _result(src.name, funnel, curated_files(ws, src.name), skipped=True)
     earlier_files = [f for name in earlier for f in curated_files(ws, name)]

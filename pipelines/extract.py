@@ -10,6 +10,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
+import fsspec
 import numpy as np
 from pydantic import BaseModel, Field
 from tqdm import tqdm
@@ -62,7 +63,8 @@ class ExtractResult(BaseModel):
 def resolve_vocab(cfg: Config, ws: Workspace) -> bytes:
     """The CLIP BPE vocabulary: the configured file, or for small presets one learned from the curated captions."""
     if cfg.model.imagebind_vocab:
-        return Workspace(os.path.dirname(cfg.model.imagebind_vocab) or ".").read_bytes(cfg.model.imagebind_vocab)
+        with fsspec.open(cfg.model.imagebind_vocab, "rb") as f:
+            return f.read()
     if cfg.model.imagebind == "huge":
         raise ValueError("model.imagebind_vocab is required with the huge encoder (bpe_simple_vocab_16e6.txt.gz)")
     path = ws.path("models", "clip_bpe_demo.txt.gz")

@@ -11,7 +11,7 @@ from pydantic import BaseModel
 from model.imagebind.encoder import ImageBind, encoder_id_for
 from pipelines.config import Config
 from stores import features
-from stores.index import BuildSettings, CacheIndex, build, current_version
+from stores.index import BuildSettings, CacheIndex, build, read_meta
 from stores.ledger import Ledger
 from stores.workspace import Workspace
 
@@ -77,7 +77,7 @@ def run(cfg: Config, force: bool = False, query_image: str | None = None, k: int
         ix.max_index_memory, ix.max_query_ms, ix.index_key, ix.rescore, ix.holdout, cfg.seed, ix.target_recall
     )
     built = False
-    if force or current_version(ws, ix.name) is None or _stale(ws, ix.name, fingerprint, settings):
+    if force or _stale(ws, ix.name, fingerprint, settings):
         build(ws, ix.name, files, encoder_id, dim, fingerprint, settings)
         built = True
     index = CacheIndex.open(ws, ix.name, encoder_id=encoder_id, dim=dim, use_gpu=ix.use_gpu)
@@ -97,5 +97,5 @@ def run(cfg: Config, force: bool = False, query_image: str | None = None, k: int
 
 
 def _stale(ws: Workspace, name: str, fingerprint: str, settings: BuildSettings) -> bool:
-    meta = CacheIndex.open(ws, name).meta
-    return meta["fingerprint"] != fingerprint or meta.get("settings") != settings.__dict__
+    meta = read_meta(ws, name)
+    return meta is None or meta["fingerprint"] != fingerprint or meta.get("settings") != settings.__dict__

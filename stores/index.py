@@ -186,6 +186,12 @@ def _local_dir(ws: Workspace, name: str, version: str) -> str:
     return str(cache)
 
 
+def read_meta(ws: Workspace, name: str) -> dict[str, Any] | None:
+    """meta.json of the version of index `name` in service, without opening the index; None if never built."""
+    version = current_version(ws, name)
+    return json.loads(ws.read_bytes(ws.index(name, version, META))) if version else None
+
+
 class CacheIndex:
     """An opened index version: batched approximate search, exact re-scoring from the value store, row lookup."""
 
@@ -242,4 +248,4 @@ class CacheIndex:
     def lookup(self, ids: np.ndarray) -> Iterator[list[dict[str, str]]]:
         """uid, caption and url of each id, per query row."""
         for row in ids:
-            yield [self.rows.slice(int(i), 1).to_pylist()[0] for i in row if i >= 0]
+            yield self.rows.take(row[row >= 0]).to_pylist()

@@ -248,26 +248,11 @@ class Ledger:
         """
         if self.read_only:
             raise RuntimeError(f"ledger {self.stage}/{self.output} was opened read-only")
-        entries = [
-            FileEntry(path=p, bytes=size, sha256=digest) for p in paths for size, digest in [_sha256(self.ws, p)]
-        ]
-        rec = ShardRecord(
-            stage=self.stage,
-            output=self.output,
-            shard_id=shard_id,
-            path=entries[0].path,
-            checksum=entries[0].sha256,
-            rows=rows,
-            files=entries,
-            config_hash=self.config_hash,
-            encoder_id=self.encoder_id,
-            seconds=0.0,
-            committed_at=_now(),
-            extra=dict(extra or {}),
-        )
-        self._write_json(self._record(shard_id), rec.model_dump())
-        self.ws.remove(self._failure(shard_id))
-        return rec
+        entries = []
+        for p in paths:
+            size, digest = _sha256(self.ws, p)
+            entries.append(FileEntry(path=p, bytes=size, sha256=digest))
+        return self._write_record(shard_id, entries, rows, 0.0, extra or {})
 
     def record_failure(self, shard_id: str, error: str) -> None:
         """Remember that a shard failed, so that it never silently vanishes."""
@@ -287,26 +272,33 @@ class Ledger:
             size, digest = _sha256(self.ws, tmp)
             self.ws.rename(tmp, final)
             entries.append(FileEntry(path=final, bytes=size, sha256=digest))
+        rec = self._write_record(pending.shard_id, entries, pending.rows, seconds, pending.extra)
+        if previous is not None:  # a redone shard: its old files that the new commit did not replace go
+            for f in previous.files:
+                if f.path not in {e.path for e in entries}:
+                    self.ws.remove(f.path)
+        return rec
+
+    def _write_record(
+        self, shard_id: str, entries: list[FileEntry], rows: int, seconds: float, extra: Mapping[str, Any]
+    ) -> ShardRecord:
+        """Write a shard's record (the commit point) and clear its failure record."""
         rec = ShardRecord(
             stage=self.stage,
             output=self.output,
-            shard_id=pending.shard_id,
+            shard_id=shard_id,
             path=entries[0].path,
             checksum=entries[0].sha256,
-            rows=pending.rows,
+            rows=rows,
             files=entries,
             config_hash=self.config_hash,
             encoder_id=self.encoder_id,
             seconds=round(seconds, 3),
             committed_at=_now(),
-            extra=pending.extra,
+            extra=dict(extra),
         )
-        self._write_json(self._record(pending.shard_id), rec.model_dump())  # the commit point
-        self.ws.remove(self._failure(pending.shard_id))
-        if previous is not None:  # a redone shard: its old files that the new commit did not replace go
-            for f in previous.files:
-                if f.path not in {e.path for e in entries}:
-                    self.ws.remove(f.path)
+        self._write_json(self._record(shard_id), rec.model_dump())
+        self.ws.remove(self._failure(shard_id))
         return rec
 
     def committed_record(self, shard_id: str) -> ShardRecord | None:

@@ -15,8 +15,6 @@ from typing import IO, Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-_LOCAL_PROTOCOLS = {"file", "local"}
-
 
 @dataclass
 class Workspace:
@@ -45,9 +43,7 @@ class Workspace:
 
     def url(self, *parts: str) -> str:
         """A path inside the workspace as a full URL that other tools (DuckDB, img2dataset) accept."""
-        p = self.path(*parts)
-        protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
-        return p if protocol in _LOCAL_PROTOCOLS else f"{protocol}://{p}"
+        return self.as_url(self.path(*parts))
 
     def as_url(self, path: str) -> str:
         """A path of this filesystem (as `path()` and `glob()` give) as a URL other tools accept."""

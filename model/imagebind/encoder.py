@@ -29,9 +29,9 @@ def encoder_id_for(preset: str, checkpoint: str | None, seed: int = 0) -> str:
 
 def resolve_device(device: str) -> torch.device:
     """`auto` is the first CUDA device when there is one, else the CPU."""
-    return torch.device(
-        "cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device
-    )
+    if device != "auto":
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def resolve_dtype(dtype: DType, device: torch.device) -> torch.dtype:

@@ -85,10 +85,10 @@ def test_mismatches_are_refused(compressed: tuple[Workspace, list[str]], tmp_pat
         CacheIndex.open(ws, "cache", encoder_id="other")
     with pytest.raises(IndexMismatch, match="dimension 64, the encoder gives 1024"):
         CacheIndex.open(ws, "cache", dim=1024)
-    mixed = write_parts(tmp_path / "a", parts=1) if (tmp_path / "a").mkdir() is None else []
-    mixed += (
-        write_parts(tmp_path / "b", parts=1, encoder_id="imagebind-other") if (tmp_path / "b").mkdir() is None else []
-    )
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    mixed = write_parts(tmp_path / "a", parts=1)
+    mixed += write_parts(tmp_path / "b", parts=1, encoder_id="imagebind-other")
     with pytest.raises(IndexMismatch, match="features of encoder"):
         build(Workspace(str(tmp_path / "ws")), "x", mixed, ENC, DIM, "fp", BuildSettings())
     with pytest.raises(IndexMismatch, match="image_emb has 64 dimensions, the encoder gives 32"):
