@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from model.imagebind import audio, image, video
-from model.imagebind.checkpoint import file_digest, load_weights, read_state_dict
 from model.imagebind.config import ImageBindConfig
 from model.imagebind.model import ImageBindModel
 from model.imagebind.tokenizer import Tokenizer
+from model.weights import file_digest, load_weights, read_state_dict
 
 log = logging.getLogger(__name__)
 ALIASES = {"image": "vision", "video": "vision", "vision": "vision", "text": "text", "audio": "audio",

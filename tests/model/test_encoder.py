@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from model.imagebind.checkpoint import CheckpointMismatch
 from model.imagebind.encoder import ImageBind
 from model.imagebind.tokenizer import learn_merges, write_vocab
+from model.weights import CheckpointMismatch
 
 CAPTIONS = ["a red circle on a blue background", "a small green square", "a large yellow star on black"]
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from model.imagebind.checkpoint import CheckpointMismatch, load_weights, read_state_dict
 from model.imagebind.config import ImageBindConfig
 from model.imagebind.layers import Attention
 from model.imagebind.model import ImageBindModel
+from model.weights import CheckpointMismatch, load_weights, read_state_dict
 
 KEYS = Path(__file__).parent / "data" / "imagebind_huge_keys.tsv"
 

@@ -1,4 +1,4 @@
-"""Loading ImageBind weights (the official `imagebind_huge.pth` as it is, or safetensors) with a strict key check."""
+"""Reading weight files safely (safetensors, or `torch.load(weights_only=True)`) and strict key/shape checks."""
 
 from __future__ import annotations
 
@@ -39,20 +39,26 @@ def _listing(label: str, keys: list[str]) -> str:
     return f"{len(keys)} {label}: {', '.join(keys[:SHOW])}{more}"
 
 
-def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], origin: str) -> None:
-    """Copy `state` into `model`, refusing any missing, unexpected or mis-shaped key (all listed, with counts)."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
+def check_state(
+    expected: Mapping[str, tuple[int, ...]], state: Mapping[str, torch.Tensor], origin: str, what: str
+) -> None:
+    """Refuse `state` unless its keys and shapes are exactly `expected`; every problem is listed, with counts."""
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
     shapes = sorted(
-        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-        for k in set(own) & set(state)
-        if tuple(state[k].shape) != tuple(own[k].shape)
+        f"{k} {tuple(state[k].shape)} vs {tuple(expected[k])}"
+        for k in set(expected) & set(state)
+        if tuple(state[k].shape) != tuple(expected[k])
     )
     if missing or unexpected or shapes:
         parts = [_listing(lbl, ks) for lbl, ks in (("missing", missing), ("unexpected", unexpected),
                                                    ("with other shapes (file vs model)", shapes)) if ks]  # fmt: skip
-        raise CheckpointMismatch(f"{origin} does not fit this ImageBind model: " + "; ".join(parts))
+        raise CheckpointMismatch(f"{origin} does not fit {what}: " + "; ".join(parts))
+
+
+def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], origin: str) -> None:
+    """Copy `state` into `model`, refusing any missing, unexpected or mis-shaped key (all listed, with counts)."""
+    check_state({k: tuple(v.shape) for k, v in model.state_dict().items()}, state, origin, "this ImageBind model")
     model.load_state_dict(state, strict=True)
 
 

@@ -1,0 +1,197 @@
+"""Text tokenizers of the language model: LLaMA's sentencepiece model and a small byte-level BPE, one interface."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import sentencepiece as spm
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+SENTENCEPIECE_FILE = "tokenizer.model"
+BPE_FILE = "tokenizer.json"
+UNK, BOS, EOS = "<unk>", "<s>", "</s>"
+SPECIAL_TOKENS = (UNK, BOS, EOS)  # ids 0, 1, 2: LLaMA's layout
+MIN_BPE_VOCAB = len(SPECIAL_TOKENS) + 256  # the specials and every byte
+
+
+class TokenizerError(ValueError):
+    """A tokenizer file or directory is missing, ambiguous, unreadable or not a tokenizer."""
+
+
+@runtime_checkable
+class TextTokenizer(Protocol):
+    """What the language model needs from a tokenizer (the reference LLaMA `Tokenizer`'s interface)."""
+
+    @property
+    def bos_id(self) -> int: ...
+
+    @property
+    def eos_id(self) -> int: ...
+
+    @property
+    def n_words(self) -> int:
+        """Vocabulary size."""
+        ...
+
+    def encode(self, text: str, bos: bool, eos: bool) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+    def save(self, directory: str) -> str:
+        """Write the tokenizer file into `directory` (created if needed); return the file's path."""
+        ...
+
+
+class SentencePieceTokenizer:
+    """LLaMA's tokenizer (`tokenizer.model`), behaving exactly like the reference code's `Tokenizer`."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = str(path)
+        try:
+            self._proto = Path(path).read_bytes()
+        except OSError as e:
+            raise TokenizerError(f"cannot read sentencepiece model {self.path!r}: {e}") from e
+        try:
+            self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
+        except Exception as e:  # sentencepiece raises RuntimeError/OSError on a bad proto
+            raise TokenizerError(f"{self.path!r} is not a valid sentencepiece model (tokenizer.model): {e}") from e
+        if self._sp.vocab_size() <= 0 or self._sp.bos_id() < 0 or self._sp.eos_id() < 0:
+            raise TokenizerError(
+                f"sentencepiece model {self.path!r} has vocab_size={self._sp.vocab_size()}, "
+                f"bos_id={self._sp.bos_id()}, eos_id={self._sp.eos_id()}; expected a vocabulary with <s> and </s>"
+            )
+
+    @property
+    def bos_id(self) -> int:
+        return int(self._sp.bos_id())
+
+    @property
+    def eos_id(self) -> int:
+        return int(self._sp.eos_id())
+
+    @property
+    def n_words(self) -> int:
+        return int(self._sp.vocab_size())
+
+    def encode(self, text: str, bos: bool, eos: bool) -> list[int]:
+        ids = list(self._sp.encode(text))
+        if bos:
+            ids = [self.bos_id, *ids]
+        if eos:
+            ids = [*ids, self.eos_id]
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._sp.decode([int(i) for i in ids])
+
+    def save(self, directory: str) -> str:
+        out = Path(directory) / SENTENCEPIECE_FILE
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(self._proto)
+        return str(out)
+
+
+class BPETokenizer:
+    """A byte-level BPE (HuggingFace `tokenizers`) with LLaMA's specials: 0 `<unk>`, 1 `<s>`, 2 `</s>`.
+
+    Every string round-trips: `decode(encode(s, False, False)) == s`. Special-token text inside the input
+    ("<s>") is encoded as ordinary bytes, as sentencepiece does; `decode` drops only the bos/eos ids.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, source: str = "<memory>") -> None:
+        ids = {t: tokenizer.token_to_id(t) for t in (BOS, EOS)}
+        missing = [t for t, i in ids.items() if i is None]
+        if missing:
+            raise TokenizerError(f"BPE tokenizer {source!r} has no {' or '.join(missing)} token; expected {BOS}, {EOS}")
+        tokenizer.encode_special_tokens = True  # not serialised: "<s>" in the text is text, never the bos id
+        self._tok = tokenizer
+        self._bos, self._eos = int(ids[BOS]), int(ids[EOS])
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> BPETokenizer:
+        """Load a `tokenizer.json` written by `save`."""
+        try:
+            tokenizer = Tokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception on unreadable or malformed JSON
+            raise TokenizerError(f"{str(path)!r} is not a valid BPE tokenizer (tokenizer.json): {e}") from e
+        return cls(tokenizer, source=str(path))
+
+    @property
+    def bos_id(self) -> int:
+        return self._bos
+
+    @property
+    def eos_id(self) -> int:
+        return self._eos
+
+    @property
+    def n_words(self) -> int:
+        return int(self._tok.get_vocab_size(with_added_tokens=True))
+
+    def encode(self, text: str, bos: bool, eos: bool) -> list[int]:
+        ids = list(self._tok.encode(text, add_special_tokens=False).ids)
+        if bos:
+            ids = [self._bos, *ids]
+        if eos:
+            ids = [*ids, self._eos]
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        kept = [int(i) for i in ids if int(i) not in (self._bos, self._eos)]
+        return self._tok.decode(kept, skip_special_tokens=False)
+
+    def save(self, directory: str) -> str:
+        out = Path(directory) / BPE_FILE
+        out.parent.mkdir(parents=True, exist_ok=True)
+        self._tok.save(str(out))
+        return str(out)
+
+
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 512, min_frequency: int = 2) -> BPETokenizer:
+    """Train a byte-level BPE on `texts`, in-process and deterministically (same texts -> same ids).
+
+    The vocabulary holds the 3 specials, all 256 bytes and at most `vocab_size - 259` merges.
+    """
+    if vocab_size < MIN_BPE_VOCAB:
+        raise ValueError(f"vocab_size={vocab_size} is too small: a byte-level BPE needs at least {MIN_BPE_VOCAB}")
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(list(texts), trainer=trainer)
+    return BPETokenizer(tokenizer)
+
+
+def _resolve(path: Path) -> Path:
+    """The tokenizer file `path` names: itself, or the only tokenizer.model / tokenizer.json in a directory."""
+    if not path.exists():
+        raise TokenizerError(
+            f"tokenizer path {str(path)!r} does not exist; expected {SENTENCEPIECE_FILE} or {BPE_FILE}"
+        )
+    if not path.is_dir():
+        return path
+    found = [path / name for name in (SENTENCEPIECE_FILE, BPE_FILE) if (path / name).is_file()]
+    if not found:
+        raise TokenizerError(f"directory {str(path)!r} contains neither {SENTENCEPIECE_FILE} nor {BPE_FILE}")
+    if len(found) > 1:
+        raise TokenizerError(f"directory {str(path)!r} holds both {found[0].name} and {found[1].name}; keep only one")
+    return found[0]
+
+
+def load_tokenizer(path: str | os.PathLike[str]) -> TextTokenizer:
+    """Load a `tokenizer.model` (sentencepiece) or `tokenizer.json` (BPE) file, or a directory holding one of them."""
+    file = _resolve(Path(path))
+    if file.suffix == ".model":
+        return SentencePieceTokenizer(file)
+    if file.suffix == ".json":
+        return BPETokenizer.load(file)
+    raise TokenizerError(f"tokenizer file {str(file)!r} is neither a .model (sentencepiece) nor a .json (BPE) file")

@@ -1,0 +1,54 @@
+"""The Alpaca prompt templates of the reference, and turning (prompt, answer) into tokens and answer-only labels."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from model.llm import IGNORE
+from model.llm_tokenizer import TextTokenizer
+
+PROMPT_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:"
+)
+PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:"
+)
+CAPTION_INSTRUCTION = "Generate caption of this image"  # stage 1's prompt
+
+
+def format_prompt(instruction: str, input: str | None = None) -> str:
+    """The reference's `format_prompt`: the no-input template when `input` is None or empty."""
+    if input:
+        return PROMPT_INPUT.format(instruction=instruction, input=input)
+    return PROMPT_NO_INPUT.format(instruction=instruction)
+
+
+def encode_example(tokenizer: TextTokenizer, prompt: str, answer: str, max_words: int) -> tuple[list[int], list[int]]:
+    """Tokens of BOS + prompt + answer + EOS, truncated to `max_words`, and labels with the prompt set to IGNORE.
+
+    As the reference: the answer follows the prompt with no separator, the prompt length is that of the prompt
+    encoded alone, and truncation can drop the EOS. Padding is left to `collate` (to the batch's longest).
+    """
+    n_prompt = len(tokenizer.encode(prompt, bos=True, eos=False))
+    tokens = tokenizer.encode(prompt + answer, bos=True, eos=True)[:max_words]
+    labels = [IGNORE] * min(n_prompt, len(tokens)) + tokens[n_prompt:]
+    return tokens, labels
+
+
+def collate(
+    examples: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int = 0, pad_to: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad (tokens, labels) pairs to the longest (or `pad_to`): (B, L) input ids and labels (IGNORE on pads)."""
+    length = pad_to or max(len(t) for t, _ in examples)
+    ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), length), IGNORE, dtype=torch.long)
+    for i, (t, lab) in enumerate(examples):
+        ids[i, : len(t)] = torch.as_tensor(t[:length], dtype=torch.long)
+        labels[i, : len(lab)] = torch.as_tensor(lab[:length], dtype=torch.long)
+    return ids, labels
