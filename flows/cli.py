@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from pipelines.config import Config, ConfigError, dump_config, load_config
+from pipelines.errors import InputError
 from stores.ledger import LedgerConflict
 from stores.sources import SourceFileError
 
@@ -105,6 +106,17 @@ def cmd_demo(cfg: Config, args: argparse.Namespace) -> BaseModel:
     return demo_flow(cfg, force=args.force)
 
 
+def cmd_convert(cfg: Config, args: argparse.Namespace) -> BaseModel:
+    """Convert released weights: `llama` (Meta -> transformers), `adapter` (official 7B.pth -> ours), `export`."""
+    from pipelines import convert
+
+    if args.kind == "llama":
+        return convert.llama(args.source, args.output, args.dtype, args.vocab_size, args.overwrite)
+    if args.kind == "adapter":
+        return convert.adapter(args.source, args.output, args.vocab_size or 32000)
+    return convert.export(args.source, args.output)
+
+
 def _wait_for_interrupt() -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -121,6 +133,7 @@ COMMANDS: dict[str, tuple[Command, str]] = {
     "extract": (cmd_extract, "ImageBind features of the downloaded shards into Parquet with Ray (resumable)"),
     "index": (cmd_index, "build the visual cache index (autofaiss); --query-image X prints its nearest captions"),
     "report": (cmd_report, "write the curation report and the DuckDB catalog"),
+    "convert": (cmd_convert, "convert released weights: Meta LLaMA, the official adapter 7B.pth, or ours back"),
     "config": (cmd_config, "print the resolved configuration (after --set and --workspace)"),
 }
 
@@ -141,6 +154,15 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "index":
             p.add_argument("--query-image", metavar="PATH", help="an image whose nearest cached captions to print")
             p.add_argument("-k", type=int, default=5, help="neighbours to print (default 5)")
+        if name == "convert":
+            p.add_argument("kind", choices=["llama", "adapter", "export"],
+                           help="llama: Meta folder -> transformers folder; adapter: 7B.pth -> our checkpoint; "
+                           "export: our checkpoint -> official .pth")  # fmt: skip
+            p.add_argument("source", help="input: Meta folder, adapter .pth, or our checkpoint folder")
+            p.add_argument("output", help="output folder (llama, adapter) or .pth file (export)")
+            p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="llama: cast the weights")
+            p.add_argument("--vocab-size", type=int, help="vocabulary size when params.json says -1 (default 32000)")
+            p.add_argument("--overwrite", action="store_true", help="llama: replace a non-empty output folder")
         if name == "download":
             p.add_argument(
                 "--retry-failed", action="store_true",
@@ -189,7 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LedgerConflict as e:
         print(f"ibllm: {e}", file=sys.stderr)
         return 3
-    except (SourceFileError, FileNotFoundError) as e:
+    except (SourceFileError, InputError, FileNotFoundError) as e:
         print(f"ibllm: {e}", file=sys.stderr)
         return 4
     _emit(result, args.json, sys.stdout)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 
 import torch
@@ -44,7 +45,9 @@ class ImageBindLLM(nn.Module):
             for proj in (layer.self_attn.k_proj, layer.self_attn.v_proj):
                 nn.init.zeros_(proj.bias)
         if lora:
-            llama = get_peft_model(llama, lora_config(config))
+            with warnings.catch_warnings():  # peft calls a transformers API deprecated in 5.x
+                warnings.simplefilter("ignore", FutureWarning)
+                llama = get_peft_model(llama, lora_config(config))
         self.llama = llama
         self._visual: torch.Tensor | None = None
         for i, index in enumerate(config.adapter_layers):

@@ -26,12 +26,22 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a pickle with code in it, or not a checkpoint at all
-        raise CheckpointMismatch(f"{path}: not a weights-only checkpoint ({type(e).__name__}: {e})") from None
+        raise CheckpointMismatch(f"{path}: not a weights-only checkpoint ({_reason(e)})") from None
     if isinstance(state, Mapping) and "model" in state and isinstance(state["model"], Mapping):
         state = state["model"]
     if not isinstance(state, Mapping):
         raise CheckpointMismatch(f"{path}: expected a state dict, found {type(state).__name__}")
     return dict(state)
+
+
+def _reason(e: Exception) -> str:
+    """The informative line of a torch.load error (the weights-only unpickler's verdict when there is one)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        if "WeightsUnpickler error:" in line:
+            detail = line.split("WeightsUnpickler error:", 1)[1].strip() or (lines[i + 1] if i + 1 < len(lines) else "")
+            return f"the weights-only unpickler refused it: {detail}"
+    return f"{type(e).__name__}: {lines[0] if lines else e}"
 
 
 def _listing(label: str, keys: list[str]) -> str:

@@ -1,0 +1,94 @@
+"""`ibllm convert`: Meta LLaMA -> transformers, the official adapter `7B.pth` -> our checkpoint, and back."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+
+import torch
+from pydantic import BaseModel
+from safetensors import safe_open
+
+from model.convert_adapter import convert_official_adapter, export_official
+from model.convert_llama import convert_meta_llama
+from model.llm_checkpoint import read_checkpoint
+from pipelines.errors import InputError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class ConvertError(InputError):
+    """A source that is not what the conversion expects; the message names the file and the problem."""
+
+
+class ConvertResult(BaseModel):
+    """What a conversion wrote."""
+
+    kind: str
+    source: str
+    output: str
+    tensors: int
+    parameters: int
+    seconds: float
+
+    def summary(self) -> str:
+        return (f"convert {self.kind}: {self.source} -> {self.output} "
+                f"({self.tensors} tensors, {self.parameters:,} numbers, {self.seconds:.1f}s)")  # fmt: skip
+
+
+def _count_safetensors(directory: str) -> tuple[int, int]:
+    """(tensors, numbers) in the safetensors files under `directory`, read from their headers."""
+    tensors = numbers = 0
+    for root, _, files in os.walk(directory):
+        for name in sorted(f for f in files if f.endswith(".safetensors")):
+            with safe_open(os.path.join(root, name), "pt") as f:
+                for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                    tensors += 1
+                    numbers += math.prod(f.get_slice(key).get_shape())
+    return tensors, numbers
+
+
+def llama(source: str, output: str, dtype: str | None = None, vocab_size: int | None = None,
+          overwrite: bool = False) -> ConvertResult:  # fmt: skip
+    """Meta-format LLaMA (`params.json` + `consolidated.*.pth`) -> a transformers LLaMA directory."""
+    start = time.perf_counter()
+    if dtype is not None and dtype not in DTYPES:
+        raise ConvertError(f"--dtype {dtype!r}: choose one of {sorted(DTYPES)}")
+    try:
+        convert_meta_llama(source, output, vocab_size=vocab_size, dtype=DTYPES.get(dtype or ""),
+                           overwrite=overwrite)  # fmt: skip
+    except (ValueError, FileExistsError) as e:
+        raise ConvertError(str(e)) from None
+    tensors, numbers = _count_safetensors(output)
+    return ConvertResult(kind="llama", source=source, output=output, tensors=tensors, parameters=numbers,
+                         seconds=time.perf_counter() - start)  # fmt: skip
+
+
+def adapter(source: str, output: str, vocab_size: int = 32000) -> ConvertResult:
+    """The released ImageBind-LLM adapter (`7B.pth`) -> our checkpoint directory."""
+    start = time.perf_counter()
+    try:
+        convert_official_adapter(source, output, vocab_size=vocab_size)
+    except ValueError as e:
+        raise ConvertError(str(e)) from None
+    _, tensors, _ = read_checkpoint(output)
+    return ConvertResult(kind="adapter", source=source, output=output, tensors=len(tensors),
+                         parameters=sum(t.numel() for t in tensors.values()),
+                         seconds=time.perf_counter() - start)  # fmt: skip
+
+
+def export(source: str, output: str) -> ConvertResult:
+    """Our checkpoint directory -> the official adapter layout (a `.pth` the reference code loads)."""
+    start = time.perf_counter()
+    try:
+        export_official(source, output)
+    except ValueError as e:
+        raise ConvertError(str(e)) from None
+    state = torch.load(output, map_location="cpu", weights_only=True, mmap=True)["model"]
+    return ConvertResult(kind="export", source=source, output=output, tensors=len(state),
+                         parameters=sum(t.numel() for t in state.values()),
+                         seconds=time.perf_counter() - start)  # fmt: skip
