@@ -106,6 +106,13 @@ def cmd_demo(cfg: Config, args: argparse.Namespace) -> BaseModel:
     return demo_flow(cfg, force=args.force)
 
 
+def cmd_train(cfg: Config, args: argparse.Namespace) -> BaseModel:
+    """Train stage 1 (bind network, gates, prefix) or stage 2 (LoRA, biases, norms) on cached features."""
+    from pipelines import train
+
+    return train.run(cfg, args.stage, resume=args.resume, local=args.local, max_steps=args.max_steps)
+
+
 def cmd_convert(cfg: Config, args: argparse.Namespace) -> BaseModel:
     """Convert released weights: `llama` (Meta -> transformers), `adapter` (official 7B.pth -> ours), `export`."""
     from pipelines import convert
@@ -133,6 +140,7 @@ COMMANDS: dict[str, tuple[Command, str]] = {
     "extract": (cmd_extract, "ImageBind features of the downloaded shards into Parquet with Ray (resumable)"),
     "index": (cmd_index, "build the visual cache index (autofaiss); --query-image X prints its nearest captions"),
     "report": (cmd_report, "write the curation report and the DuckDB catalog"),
+    "train": (cmd_train, "train stage 1 or 2 with Ray Train on the cached features; --resume continues a run"),
     "convert": (cmd_convert, "convert released weights: Meta LLaMA, the official adapter 7B.pth, or ours back"),
     "config": (cmd_config, "print the resolved configuration (after --set and --workspace)"),
 }
@@ -154,6 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "index":
             p.add_argument("--query-image", metavar="PATH", help="an image whose nearest cached captions to print")
             p.add_argument("-k", type=int, default=5, help="neighbours to print (default 5)")
+        if name == "train":
+            p.add_argument("--stage", type=int, choices=[1, 2], required=True, help="1: pretrain, 2: finetune")
+            p.add_argument("--resume", action="store_true", help="continue the newest run of the stage")
+            p.add_argument("--local", action="store_true", help="one worker in this process, without Ray")
+            p.add_argument("--max-steps", type=int, help="stop after this many steps (the schedule is unchanged)")
         if name == "convert":
             p.add_argument("kind", choices=["llama", "adapter", "export"],
                            help="llama: Meta folder -> transformers folder; adapter: 7B.pth -> our checkpoint; "

@@ -172,6 +172,8 @@ class StageConfig(Section):
     use_gpu: bool = False
     checkpoint_every_steps: int = Field(500, gt=0)
     data: list[str] = Field(default_factory=list, description="feature sources or instruction files")
+    shuffle_buffer: int = Field(10_000, gt=0, description="stage 1: rows shuffled in memory while streaming")
+    first_turn_only: bool = Field(False, description="stage 2: only each conversation's first turn (the reference)")
 
     @property
     def lr(self) -> float:

@@ -77,3 +77,22 @@ def placeholder(ws: Workspace, encoder_id: str) -> np.ndarray:
     if not meta or "placeholder" not in meta:
         raise FileNotFoundError(f"feature set {encoder_id!r} has no placeholder feature yet; run `ibllm extract`")
     return np.asarray(meta["placeholder"], dtype=np.float32)
+
+
+def count_rows(ws: Workspace, files: Sequence[str]) -> list[int]:
+    """Rows of each feature part, from the Parquet footers."""
+    out = []
+    for path in files:
+        with ws.open(path, "rb") as f:
+            out.append(pq.ParquetFile(f).metadata.num_rows)
+    return out
+
+
+def read_pairs(ws: Workspace, path: str, column: str = "image_emb") -> tuple[list[str], list[str], np.ndarray]:
+    """(uids, captions, (N, dim) float32 embeddings) of one feature part: what training reads."""
+    with ws.open(path, "rb") as f:
+        table = pq.read_table(f, columns=["uid", "caption", column])
+    col = table.column(column).combine_chunks()
+    dim = col.type.list_size
+    emb = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, dim)
+    return table.column("uid").to_pylist(), table.column("caption").to_pylist(), emb

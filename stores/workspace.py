@@ -117,9 +117,16 @@ class Workspace:
             self.fs.rm(path)
 
     def write_bytes(self, path: str, data: bytes) -> None:
-        """Write a whole file (a single PUT on object stores, so readers see all of it or none)."""
-        with self.open(path, "wb") as f:
+        """Write a whole file atomically: a single PUT on object stores, a rename of a temporary file locally."""
+        if not self.is_local:
+            with self.open(path, "wb") as f:
+                f.write(data)
+            return
+        os.makedirs(posixpath.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{secrets.token_hex(4)}"
+        with open(tmp, "wb") as f:
             f.write(data)
+        os.replace(tmp, path)
 
     def read_bytes(self, path: str) -> bytes:
         """Read a whole file."""
@@ -134,6 +141,19 @@ class Workspace:
         else:
             self.fs.put_file(local, path)
             os.remove(local)
+
+    def upload_dir(self, local: str, path: str) -> None:
+        """Copy a local folder to a workspace path that must not exist yet (renamed into place when local)."""
+        if self.is_local:
+            tmp = f"{path}.tmp-{secrets.token_hex(4)}"
+            shutil.copytree(local, tmp)
+            os.rename(tmp, path)
+        else:
+            self.fs.put(local.rstrip("/") + "/", path, recursive=True)
+
+    def download_dir(self, path: str, local: str) -> None:
+        """Copy a workspace folder to a local folder."""
+        self.fs.get(path.rstrip("/") + "/", local.rstrip("/") + "/", recursive=True)
 
     @contextmanager
     def scratch(self) -> Iterator[str]:

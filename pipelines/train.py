@@ -1,0 +1,230 @@
+"""Train stage 1 or 2 on cached features with Ray Train (1..N workers), checkpointing into the workspace."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import time
+from dataclasses import asdict
+from typing import Any
+
+import torch
+from pydantic import BaseModel
+
+from model.llm_phases import STAGE_PHASE
+from pipelines.config import Config, StageConfig
+from pipelines.errors import InputError
+from pipelines.train_loop import MODEL_DIR, Hyper, train
+from pipelines.train_setup import Job, build_batches, build_model, local_dir, resolve_job
+from stores.workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+RUN_FILE = "run.json"
+LATEST_FILE = "latest.json"
+
+
+class TrainResult(BaseModel):
+    """One training run: where its checkpoint is and how the loss went."""
+
+    stage: int
+    run_id: str
+    steps: int
+    total_steps: int
+    first_loss: float | None
+    final_loss: float | None
+    checkpoint: str
+    workers: int
+    resumed_from: int | None
+    losses: list[float]
+    seconds: float
+
+    def summary(self) -> str:
+        resumed = f", resumed at step {self.resumed_from}" if self.resumed_from else ""
+        return (f"stage {self.stage} run {self.run_id}: {self.steps}/{self.total_steps} steps on {self.workers} "
+                f"worker(s){resumed}, loss {self.first_loss:.4f} -> {self.final_loss:.4f}; checkpoint "
+                f"{self.checkpoint}")  # fmt: skip
+
+
+def stage_config(cfg: Config, stage: int) -> StageConfig:
+    if stage not in STAGE_PHASE:
+        raise InputError(f"--stage {stage}: choose 1 (bind network, gates, prefix) or 2 (LoRA, biases, norms)")
+    return getattr(cfg.train, f"stage{stage}")
+
+
+def run(
+    cfg: Config, stage: int, resume: bool = False, local: bool = False, max_steps: int | None = None
+) -> TrainResult:
+    """Train `stage`; `resume` continues the newest unfinished (or finished) run of the stage from its last checkpoint.
+
+    `local` runs the one worker in this process without Ray (quick checks on a laptop); otherwise Ray Train's
+    TorchTrainer runs `train.stageN.workers` workers (gloo on CPU, nccl on GPUs).
+    """
+    start = time.perf_counter()
+    ws = Workspace(cfg.workspace, cfg.storage_options)
+    sc = stage_config(cfg, stage)
+    run_id = _latest_run(ws, stage) if resume else None
+    if resume and run_id is None:
+        log.warning("no earlier stage %d run to resume: starting a new one", stage)
+    run_id = run_id or time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
+    job = resolve_job(cfg, ws, stage, run_id, max_steps)
+    previous = _read_json(ws, ws.checkpoints(f"stage{stage}", run_id, RUN_FILE)) or {}
+    attempt = int(previous.get("attempts", 0)) + 1
+    latest = _read_json(ws, ws.checkpoints(f"stage{stage}", run_id, LATEST_FILE))
+    resumed_from = int(latest["step"]) if latest else None
+    _write_json(ws, ws.checkpoints(f"stage{stage}", run_id, RUN_FILE),
+                {"status": "running", "attempts": attempt, "job": asdict(job)})  # fmt: skip
+    log.info("stage %d run %s (attempt %d): %d steps, %d examples per step, %d worker(s)%s", stage, run_id, attempt,
+             job.total_steps, sc.global_batch_size, 1 if local else sc.workers,
+             f", resuming at step {resumed_from}" if resumed_from else "")  # fmt: skip
+    if local:
+        worker_main(asdict(job) | {"session": "local", "resume": latest["path"] if latest else None})
+    else:
+        _fit_with_ray(cfg, job, sc, attempt, latest["path"] if latest else None)
+    latest = _read_json(ws, ws.checkpoints(f"stage{stage}", run_id, LATEST_FILE))
+    if not latest:
+        raise RuntimeError(f"stage {stage} run {run_id} ended without a checkpoint")
+    history = latest.get("history", [])
+    losses = [h["loss"] for h in history]
+    result = TrainResult(
+        stage=stage, run_id=run_id, steps=int(latest["step"]), total_steps=job.total_steps,
+        first_loss=losses[0] if losses else None, final_loss=losses[-1] if losses else None,
+        checkpoint=os.path.join(latest["path"], MODEL_DIR), workers=1 if local else sc.workers,
+        resumed_from=resumed_from, losses=losses, seconds=time.perf_counter() - start,
+    )  # fmt: skip
+    status = "complete" if result.steps >= min(job.total_steps, job.max_steps or job.total_steps) else "stopped"
+    _write_json(ws, ws.checkpoints(f"stage{stage}", run_id, RUN_FILE),
+                {"status": status, "attempts": attempt, "job": asdict(job), "checkpoint": result.checkpoint,
+                 "steps": result.steps, "final_loss": result.final_loss})  # fmt: skip
+    return result
+
+
+def _fit_with_ray(cfg: Config, job: Job, sc: StageConfig, attempt: int, resume: str | None) -> None:
+    from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipelines.ray_runtime import connect
+
+    connect(cfg.ray)
+    ws = Workspace(cfg.workspace, cfg.storage_options)
+    trainer = TorchTrainer(
+        worker_main,
+        train_loop_config=asdict(job) | {"session": "ray", "resume": None},
+        torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=sc.workers, use_gpu=sc.use_gpu),
+        run_config=RunConfig(
+            name=f"attempt-{attempt}",
+            storage_path=ws.as_url(ws.checkpoints(f"stage{job.stage}", job.run_id)),
+            failure_config=FailureConfig(max_failures=0),
+        ),
+        resume_from_checkpoint=Checkpoint(resume) if resume else None,
+    )
+    trainer.fit()
+
+
+def worker_main(config: dict[str, Any]) -> None:
+    """One training worker (a Ray Train worker, or this process with `session: local`)."""
+    job = Job(**{k: v for k, v in config.items() if k not in ("session", "resume")})
+    ws = Workspace(job.workspace, job.storage_options)
+    torch.manual_seed(job.seed)
+    session = RaySession(ws, job) if config["session"] == "ray" else LocalSession(ws, job, config.get("resume"))
+    model = build_model(job)
+    hyper = Hyper(lr=job.lr, min_lr=job.min_lr, weight_decay=job.weight_decay, warmup_steps=job.warmup_steps,
+                  total_steps=job.total_steps, clip_grad=job.clip_grad)  # fmt: skip
+    batches = build_batches(job, ws, session.rank, session.world)
+    train(session, model, STAGE_PHASE[job.stage], batches, hyper, job.checkpoint_every, job.max_steps)
+
+
+class _Pointer:
+    """Writes `latest.json` (the newest committed checkpoint and the loss history) after a checkpoint lands."""
+
+    def __init__(self, ws: Workspace, job: Job) -> None:
+        self.ws, self.job = ws, job
+
+    def commit(self, path: str, step: int, checkpoint_dir: str) -> None:
+        blob = torch.load(os.path.join(checkpoint_dir, "state.pt"), map_location="cpu", weights_only=True)
+        history = json.loads(blob["history"])
+        _write_json(self.ws, self.ws.checkpoints(f"stage{self.job.stage}", self.job.run_id, LATEST_FILE),
+                    {"step": step, "path": path, "history": history})  # fmt: skip
+
+
+class LocalSession:
+    rank, world = 0, 1
+
+    def __init__(self, ws: Workspace, job: Job, resume: str | None) -> None:
+        self.ws, self.job, self._resume = ws, job, resume
+        self.device = torch.device("cuda" if job.use_gpu and torch.cuda.is_available() else "cpu")
+        self.pointer = _Pointer(ws, job)
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None, step: int) -> None:
+        if checkpoint_dir:
+            target = self.ws.checkpoints(f"stage{self.job.stage}", self.job.run_id, "local", f"step-{step:08d}")
+            self.ws.upload_dir(checkpoint_dir, target)
+            self.pointer.commit(self.ws.as_url(target), step, checkpoint_dir)
+
+    def resume_dir(self) -> str | None:
+        return local_dir(self.ws, self._resume) if self._resume else None
+
+
+class RaySession:
+    def __init__(self, ws: Workspace, job: Job) -> None:
+        import ray.train
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.ws, self.job, self.pointer = ws, job, _Pointer(ws, job)
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model, move_to_device=True) if self.world > 1 else model
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            torch.distributed.all_reduce(t)
+        return t
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None, step: int) -> None:
+        import ray.train
+
+        if checkpoint_dir is None:
+            ray.train.report(metrics)
+            return
+        name = f"step-{step:08d}"
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if self.rank == 0 else None
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+        if self.rank == 0:  # report returned: the checkpoint is in storage, under the Ray run of this attempt
+            attempt = ray.train.get_context().get_experiment_name()
+            target = self.ws.checkpoints(f"stage{self.job.stage}", self.job.run_id, attempt, name)
+            self.pointer.commit(self.ws.as_url(target), step, checkpoint_dir)
+
+    def resume_dir(self) -> str | None:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        return local_dir(self.ws, checkpoint.path) if "://" in checkpoint.path else checkpoint.path
+
+
+def _latest_run(ws: Workspace, stage: int) -> str | None:
+    runs = sorted(ws.glob(ws.checkpoints(f"stage{stage}", "*", RUN_FILE)))
+    return os.path.basename(os.path.dirname(runs[-1])) if runs else None
+
+
+def _read_json(ws: Workspace, path: str) -> dict[str, Any] | None:
+    return json.loads(ws.read_bytes(path)) if ws.exists(path) else None
+
+
+def _write_json(ws: Workspace, path: str, doc: dict[str, Any]) -> None:
+    ws.write_bytes(path, json.dumps(doc, indent=1, default=str).encode())

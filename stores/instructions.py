@@ -1,0 +1,340 @@
+"""Stage-2 instruction files (Alpaca, GPT4LLM, ShareGPT, LLaVA, cc_sbu_align) as single-turn samples; their features."""
+
+from __future__ import annotations
+
+import json
+import re
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+import duckdb
+import numpy as np
+import pyarrow.parquet as pq
+
+LAYOUTS = {
+    "alpaca": "[{instruction, input?, output}]",
+    "sharegpt": "[{conversations: [{from, value}]}]",
+    "llava": "[{image, conversations: [{from, value}]}]",
+    "cc_sbu_align": "{annotations: [{image_id, caption}]}",
+}
+# cc_sbu_align has captions only; each gets one of these, chosen by a stable hash of its image id.
+DESCRIBE_PROMPTS = (
+    "Describe this image in detail.",
+    "Take a look at this image and describe what you notice.",
+    "Please provide a detailed description of the picture.",
+    "Could you describe the contents of this image for me?",
+)
+IMAGE_FIELDS = {"llava": "image", "cc_sbu_align": "image_id"}
+ROLES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
+IMAGE_TOKEN = re.compile(r"<image>\n|\n<image>|<image>")
+COUNTS = ("records", "samples", "turns", "skipped_empty", "skipped_unanswered", "skipped_later_turns")
+# The join key of a feature row's url; must agree with image_key() (tests check both on the same references).
+KEY_SQL = (
+    r"regexp_replace(regexp_extract(CASE WHEN contains(url, '://') THEN regexp_replace(url, '[?#].*$', '') "
+    r"ELSE url END, '[^/\\]*$'), '^(.+)\.[^.]*$', '\1')"
+)
+JOIN_SQL = """
+SELECT key, emb FROM (SELECT {key} AS key, url, uid, "{column}" AS emb FROM read_parquet($files))
+SEMI JOIN (SELECT unnest($keys) AS key) USING (key)
+WHERE emb IS NOT NULL
+QUALIFY row_number() OVER (PARTITION BY key ORDER BY url, uid) = 1
+"""
+
+
+class InstructionFileError(ValueError):
+    """An instruction file that cannot be read; the message names the file, the first bad record and the count."""
+
+
+@dataclass(frozen=True)
+class Instruction:
+    """One single-turn sample: a (human, gpt) pair of a conversation, or one Alpaca / cc_sbu_align record."""
+
+    file: str
+    index: int
+    turn: int
+    instruction: str
+    input: str
+    answer: str
+    image: str | None
+    layout: str
+
+
+@dataclass
+class InstructionSet:
+    """The samples of one file, its layout, and what was read, made and skipped."""
+
+    file: str
+    layout: str
+    records: list[Instruction]
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+class _Problem(Exception):
+    def __init__(self, kind: str, detail: str = "") -> None:
+        super().__init__(kind)
+        self.kind, self.detail = kind, detail
+
+
+def _short(value: Any, width: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _snippet(record: Any, width: int = 200) -> str:
+    if not isinstance(record, dict):
+        return _short(record, width)
+    text = "{" + ", ".join(f"{k!r}: {_short(v)}" for k, v in record.items()) + "}"
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _decode(path: str, open_fn: Callable[[str], IO[bytes]] | None) -> str:
+    with (open_fn or (lambda p: open(p, "rb")))(path) as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise InstructionFileError(f"{path}: not UTF-8 text ({e})") from None
+
+
+def _load(path: str, text: str) -> tuple[Any, list[int] | None]:
+    """The top-level JSON value (or the list of JSONL records) and, for JSONL, each record's line number."""
+    if not text.strip():
+        raise InstructionFileError(f"{path}: empty file")
+    if not path.endswith(".jsonl"):
+        try:
+            return json.loads(text), None
+        except json.JSONDecodeError as e:
+            hint = " (one record per line? name the file .jsonl)" if e.msg == "Extra data" else ""
+            raise InstructionFileError(f"{path}: not JSON: {e.msg} at line {e.lineno} column {e.colno}{hint}") from None
+    records, lines, bad = [], [], []
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+                lines.append(number)
+            except json.JSONDecodeError as e:
+                bad.append((number, e, line))
+    if bad:
+        number, e, line = bad[0]
+        raise InstructionFileError(
+            f"{path}: line {number}: not JSON ({e.msg} at column {e.colno}): {_short(line, 80)}; "
+            f"{len(bad)} line(s) are not valid JSON"
+        )
+    return records, lines
+
+
+def _records(path: str, value: Any) -> list[Any]:
+    if isinstance(value, dict):
+        if isinstance(value.get("annotations"), list):
+            return value["annotations"]
+        raise InstructionFileError(
+            f"{path}: unknown layout: a top-level object with keys {sorted(value)[:10]}; expected a list of records "
+            f"or {LAYOUTS['cc_sbu_align']} ({_expected()})"
+        )
+    if not isinstance(value, list):
+        raise InstructionFileError(f"{path}: unknown layout: top-level {type(value).__name__}; expected a list")
+    return value
+
+
+def _expected() -> str:
+    return "expected one of " + "; ".join(f"{name} {shape}" for name, shape in LAYOUTS.items())
+
+
+def _layout_of(record: Any) -> str | None:
+    if not isinstance(record, dict):
+        return None
+    if "conversations" in record:
+        return "llava" if "image" in record else "sharegpt"
+    if "instruction" in record or "output" in record:
+        return "alpaca"
+    if "image_id" in record or "caption" in record:
+        return "cc_sbu_align"
+    return None
+
+
+def _family(layout: str | None) -> str | None:
+    return "conversation" if layout in ("sharegpt", "llava") else layout
+
+
+def _text(record: dict[str, Any], key: str, *, optional: bool = False, nonempty: bool = False) -> str:
+    value = record.get(key)
+    if value is None and optional:
+        return ""
+    if key not in record:
+        raise _Problem(f"missing field {key!r}")
+    if not isinstance(value, str):
+        raise _Problem(f"field {key!r} is not a string", f" (got {type(value).__name__})")
+    if nonempty and not value.strip():
+        raise _Problem(f"empty field {key!r}")
+    return value
+
+
+def _pairs(record: dict[str, Any]) -> list[tuple[str, str]]:
+    """The (human, gpt) values of a conversation, checked: known roles, alternating from human; no answer, no pair."""
+    turns = record.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        raise _Problem("'conversations' is not a non-empty list")
+    values = []
+    for t, turn in enumerate(turns):
+        if not (isinstance(turn, dict) and all(isinstance(turn.get(k), str) for k in ("from", "value"))):
+            raise _Problem("a turn is not {'from': str, 'value': str}", f" (turn {t}: {_short(turn)})")
+        role = ROLES.get(turn["from"].lower())
+        if role is None:
+            raise _Problem("unknown role", f" {turn['from']!r} in turn {t} (expected human/user or gpt/assistant)")
+        if role != ("human", "gpt")[t % 2]:
+            raise _Problem("roles do not alternate human/gpt", f" (turn {t} is {turn['from']!r})")
+        values.append(turn["value"])
+    return list(zip(values[::2], values[1::2], strict=False))
+
+
+def _samples(record: Any, layout: str, keep_image_token: bool, counts: dict[str, int]) -> list[tuple[str, str, str]]:
+    """(instruction, input, answer) per turn of one record; empty turns are skipped (and counted)."""
+    if layout == "alpaca":
+        out = [(_text(record, "instruction", nonempty=True), _text(record, "input", optional=True),
+                _text(record, "output", nonempty=True))]  # fmt: skip
+    elif layout == "cc_sbu_align":
+        image_id, caption = _text(record, "image_id", nonempty=True), _text(record, "caption", nonempty=True)
+        out = [(DESCRIBE_PROMPTS[zlib.crc32(image_id.encode()) % len(DESCRIBE_PROMPTS)], "", caption)]
+    else:
+        pairs = _pairs(record)
+        counts["skipped_unanswered"] += len(record["conversations"]) % 2
+        strip = "image" in record and not keep_image_token
+        out = [(IMAGE_TOKEN.sub("", q).strip() if strip else q, "", a) for q, a in pairs]
+    counts["turns"] += len(out)
+    return out
+
+
+@dataclass
+class _Problems:
+    """Per kind of problem: the first record that has it and how many do."""
+
+    path: str
+    lines: list[int] | None
+    first: dict[str, tuple[int, str, Any]] = field(default_factory=dict)
+    count: dict[str, int] = field(default_factory=dict)
+
+    def add(self, kind: str, index: int, detail: str, record: Any) -> None:
+        self.first.setdefault(kind, (index, detail, record))
+        self.count[kind] = self.count.get(kind, 0) + 1
+
+    def where(self, index: int) -> str:
+        return f"record {index}" + (f" (line {self.lines[index]})" if self.lines else "")
+
+    def check(self) -> None:
+        if not self.first:
+            return
+        kind = min(self.first, key=lambda k: self.first[k][0])
+        index, detail, record = self.first[kind]
+        others = "; ".join(f"{n} with {k!r}" for k, n in self.count.items() if k != kind)
+        raise InstructionFileError(
+            f"{self.path}: {self.where(index)}: {kind}{detail}: {_snippet(record)}; "
+            f"{self.count[kind]} record(s) have this problem" + (f" (also: {others})" if others else "")
+        )
+
+
+def read_instructions(
+    path: str,
+    *,
+    first_turn_only: bool = False,
+    keep_image_token: bool = False,
+    limit: int | None = None,
+    open_fn: Callable[[str], IO[bytes]] | None = None,
+) -> InstructionSet:
+    """Read one instruction file (.json or .jsonl) into single-turn samples; raise InstructionFileError on bad data.
+
+    Each (human, gpt) pair of a conversation becomes a sample (`first_turn_only` keeps the first pair, as the
+    reference does); pairs with an empty side are skipped. `limit` reads only the first records. `open_fn` opens
+    the path for binary reading (e.g. Workspace.open); plain open() by default.
+    """
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be positive, got {limit}")
+    value, lines = _load(path, _decode(path, open_fn))
+    records = _records(path, value)
+    if not records:
+        raise InstructionFileError(f"{path}: empty file (no records)")
+    records = records[:limit]
+    layouts = [_layout_of(r) for r in records]
+    problems = _Problems(path, lines)
+    if layouts[0] is None:
+        first = records[0]
+        has = f"has keys {sorted(first)}" if isinstance(first, dict) else f"is a {type(first).__name__}, not an object"
+        raise InstructionFileError(
+            f"{path}: unknown layout: {problems.where(0)} {has} ({_snippet(first)}); {_expected()}; "
+            f"{layouts.count(None)} record(s) have no known layout"
+        )
+    family = _family(layouts[0])
+    layout = "llava" if "llava" in layouts and family == "conversation" else layouts[0]
+    counts = dict.fromkeys(COUNTS, 0)
+    counts["records"] = len(records)
+    out: list[Instruction] = []
+    for index, (record, kind) in enumerate(zip(records, layouts, strict=True)):
+        if _family(kind) != family:
+            looks = f" (looks like {kind or 'no known layout'}; record 0 is {layouts[0]})"
+            problems.add("mixed layouts", index, looks, record)
+            continue
+        try:
+            image_field = IMAGE_FIELDS.get(kind)
+            image = _text(record, image_field, nonempty=True) if image_field else None
+            samples = _samples(record, kind, keep_image_token, counts)
+        except _Problem as e:
+            problems.add(e.kind, index, e.detail, record)
+            continue
+        if first_turn_only:
+            counts["skipped_later_turns"] += len(samples) - 1
+            samples = samples[:1]
+        for turn, (instruction, text_input, answer) in enumerate(samples):
+            if not instruction.strip() or not answer.strip():
+                counts["skipped_empty"] += 1
+                continue
+            out.append(Instruction(path, index, turn, instruction, text_input, answer, image, layout))
+    problems.check()
+    counts["samples"] = len(out)
+    return InstructionSet(path, layout, out, counts)
+
+
+def image_key(reference: str) -> str:
+    """The join key of an image reference and a feature row's url: its base name without directory or extension."""
+    ref = re.sub(r"[?#].*$", "", reference) if "://" in reference else reference
+    key = re.sub(r"^(.+)\.[^.]*$", r"\1", re.search(r"[^/\\]*$", ref).group())
+    if not key:
+        raise ValueError(f"image reference {reference!r} has no file name")
+    return key
+
+
+def join_features(
+    keys: Sequence[str | None], feature_files: Sequence[str], column: str = "image_emb"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Look image keys up by image_key(url) in local feature Parquet files: (found (N,) bool, (N, dim) float32).
+
+    Not found (and None) keys get zeros. A key with several rows takes the first by (url, uid).
+    """
+    if not feature_files:
+        raise ValueError("no feature files to join")
+    kind = pq.read_schema(feature_files[0]).field(column).type
+    dim = getattr(kind, "list_size", None)
+    if dim is None:
+        raise ValueError(f"{feature_files[0]}: column {column!r} is {kind}, not a fixed-size embedding")
+    wanted = sorted({k for k in keys if k is not None})
+    sql = JOIN_SQL.format(key=KEY_SQL, column=column)
+    with duckdb.connect() as con:
+        table = con.sql(sql, params={"files": list(feature_files), "keys": wanted}).to_arrow_table()
+    rows = {k: i for i, k in enumerate(table.column("key").to_pylist())}
+    values = np.asarray(table.column("emb").combine_chunks().flatten(), dtype=np.float32).reshape(-1, dim)
+    found = np.array([k in rows for k in keys], dtype=bool)
+    emb = np.zeros((len(keys), dim), dtype=np.float32)
+    emb[found] = values[[rows[k] for k in keys if k in rows]]
+    return found, emb
+
+
+def require_features(records: Sequence[Instruction], found: np.ndarray) -> None:
+    """Raise InstructionFileError if a sample with an image has no feature (found is join_features' mask)."""
+    missing = [r for r, ok in zip(records, found, strict=True) if r.image is not None and not ok]
+    if missing:
+        first = missing[0]
+        images = len({r.image for r in missing})
+        raise InstructionFileError(
+            f"{first.file}: record {first.index} (image {first.image!r}) has no feature; {len(missing)} sample(s) "
+            f"({images} distinct image(s)) have none"
+        )
