@@ -50,8 +50,7 @@ def cmd_synthetic(cfg: Config, args: argparse.Namespace) -> BaseModel:
     with server_for(cfg) as server:
         result = synthetic.run(cfg, server.base_url, force=args.force)
         if args.serve:
-            log.info("serving %s until interrupted (Ctrl-C)", server.base_url)
-            _wait_for_interrupt()
+            _wait_for_interrupt(f"serving {server.base_url} until interrupted (Ctrl-C)")
     return result
 
 
@@ -124,9 +123,10 @@ def cmd_convert(cfg: Config, args: argparse.Namespace) -> BaseModel:
     return convert.export(args.source, args.output)
 
 
-def _wait_for_interrupt() -> None:
+def _wait_for_interrupt(message: str) -> None:
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())  # before saying so: a quick SIGTERM must find the handler
+    log.info(message)
     with contextlib.suppress(KeyboardInterrupt):
         stop.wait()
 

@@ -102,7 +102,7 @@ def run(
 
 
 def _fit_with_ray(cfg: Config, job: Job, sc: StageConfig, attempt: int, resume: str | None) -> None:
-    from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipelines.ray_runtime import connect
@@ -111,7 +111,7 @@ def _fit_with_ray(cfg: Config, job: Job, sc: StageConfig, attempt: int, resume: 
     ws = Workspace(cfg.workspace, cfg.storage_options)
     trainer = TorchTrainer(
         worker_main,
-        train_loop_config=asdict(job) | {"session": "ray", "resume": None},
+        train_loop_config=asdict(job) | {"session": "ray", "resume": resume},
         torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=sc.workers, use_gpu=sc.use_gpu),
         run_config=RunConfig(
@@ -119,7 +119,6 @@ def _fit_with_ray(cfg: Config, job: Job, sc: StageConfig, attempt: int, resume: 
             storage_path=ws.as_url(ws.checkpoints(f"stage{job.stage}", job.run_id)),
             failure_config=FailureConfig(max_failures=0),
         ),
-        resume_from_checkpoint=Checkpoint(resume) if resume else None,
     )
     trainer.fit()
 
@@ -129,7 +128,7 @@ def worker_main(config: dict[str, Any]) -> None:
     job = Job(**{k: v for k, v in config.items() if k not in ("session", "resume")})
     ws = Workspace(job.workspace, job.storage_options)
     torch.manual_seed(job.seed)
-    session = RaySession(ws, job) if config["session"] == "ray" else LocalSession(ws, job, config.get("resume"))
+    session = (RaySession if config["session"] == "ray" else LocalSession)(ws, job, config.get("resume"))
     model = build_model(job)
     hyper = Hyper(lr=job.lr, min_lr=job.min_lr, weight_decay=job.weight_decay, warmup_steps=job.warmup_steps,
                   total_steps=job.total_steps, clip_grad=job.clip_grad)  # fmt: skip
@@ -175,14 +174,14 @@ class LocalSession:
 
 
 class RaySession:
-    def __init__(self, ws: Workspace, job: Job) -> None:
+    def __init__(self, ws: Workspace, job: Job, resume: str | None) -> None:
         import ray.train
         import ray.train.torch
 
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
-        self.ws, self.job, self.pointer = ws, job, _Pointer(ws, job)
+        self.ws, self.job, self.pointer, self._resume = ws, job, _Pointer(ws, job), resume
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
         import ray.train.torch
@@ -209,12 +208,12 @@ class RaySession:
             self.pointer.commit(self.ws.as_url(target), step, checkpoint_dir)
 
     def resume_dir(self) -> str | None:
+        """A checkpoint Ray restored after a worker failure in this fit, else the one this attempt resumes from."""
         import ray.train
 
         checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            return None
-        return local_dir(self.ws, checkpoint.path) if "://" in checkpoint.path else checkpoint.path
+        path = checkpoint.path if checkpoint is not None else self._resume
+        return local_dir(self.ws, path) if path else None
 
 
 def _latest_run(ws: Workspace, stage: int) -> str | None:
