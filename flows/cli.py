@@ -112,6 +112,13 @@ def cmd_train(cfg: Config, args: argparse.Namespace) -> BaseModel:
     return train.run(cfg, args.stage, resume=args.resume, local=args.local, max_steps=args.max_steps)
 
 
+def cmd_evaluate(cfg: Config, args: argparse.Namespace) -> BaseModel:
+    """Held-out loss and perplexity of a checkpoint, and the loss with the visual features shuffled."""
+    from pipelines import evaluate
+
+    return evaluate.run(cfg, args.stage, checkpoint=args.checkpoint)
+
+
 def cmd_convert(cfg: Config, args: argparse.Namespace) -> BaseModel:
     """Convert released weights: `llama` (Meta -> transformers), `adapter` (official 7B.pth -> ours), `export`."""
     from pipelines import convert
@@ -141,6 +148,7 @@ COMMANDS: dict[str, tuple[Command, str]] = {
     "index": (cmd_index, "build the visual cache index (autofaiss); --query-image X prints its nearest captions"),
     "report": (cmd_report, "write the curation report and the DuckDB catalog"),
     "train": (cmd_train, "train stage 1 or 2 with Ray Train on the cached features; --resume continues a run"),
+    "evaluate": (cmd_evaluate, "held-out loss, perplexity and the visual-grounding gap of a checkpoint"),
     "convert": (cmd_convert, "convert released weights: Meta LLaMA, the official adapter 7B.pth, or ours back"),
     "config": (cmd_config, "print the resolved configuration (after --set and --workspace)"),
 }
@@ -167,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--resume", action="store_true", help="continue the newest run of the stage")
             p.add_argument("--local", action="store_true", help="one worker in this process, without Ray")
             p.add_argument("--max-steps", type=int, help="stop after this many steps (the schedule is unchanged)")
+        if name == "evaluate":
+            p.add_argument("--stage", type=int, choices=[1, 2], default=1, help="newest complete run of this stage")
+            p.add_argument("--checkpoint", help="a checkpoint folder instead (its model/ folder)")
         if name == "convert":
             p.add_argument("kind", choices=["llama", "adapter", "export"],
                            help="llama: Meta folder -> transformers folder; adapter: 7B.pth -> our checkpoint; "

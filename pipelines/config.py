@@ -190,6 +190,8 @@ class StageConfig(Section):
 class TrainConfig(Section):
     """Stage 1 (bind network, gates, prefix) and stage 2 (LoRA, biases, norms)."""
 
+    holdout: float = Field(0.01, ge=0, lt=1, description="share of feature rows (by uid hash) kept out for evaluation")
+
     stage1: StageConfig = Field(
         default_factory=lambda: StageConfig(
             epochs=3, warmup_epochs=0.1, global_batch_size=1024, blr=1e-4, weight_decay=0.05, max_words=96

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import queue
 import threading
 from collections.abc import Iterator, Sequence
@@ -14,7 +15,7 @@ import torch
 from model.llm_tokenizer import TextTokenizer
 from model.prompts import CAPTION_INSTRUCTION, collate, encode_example, format_prompt
 from pipelines.errors import InputError
-from stores.features import count_rows, read_pairs
+from stores.features import count_rows, read_pairs, read_uids
 from stores.workspace import Workspace
 
 CAPTION_PROMPT = format_prompt(CAPTION_INSTRUCTION)
@@ -38,18 +39,29 @@ class ExampleSource(Protocol):
     def iterate(self, epoch: int) -> Iterator[Example]: ...
 
 
+def is_heldout(uid: str, fraction: float) -> bool:
+    """Whether a feature row belongs to the evaluation split: a stable hash of its uid, the same on every run."""
+    return fraction > 0 and int(hashlib.sha256(uid.encode()).hexdigest()[:8], 16) < fraction * 2**32
+
+
 class FeatureCaptions:
     """Stage 1: (image feature, caption) pairs streamed from feature Parquet parts.
 
     Each epoch visits the parts in a seeded order and shuffles rows through a seeded buffer, so memory stays at
-    `buffer` examples whatever the size of the set, and the order depends only on (seed, epoch).
+    `buffer` examples whatever the size of the set, and the order depends only on (seed, epoch). `split` picks
+    the training rows ("train"), the held-out rows ("heldout", see `is_heldout`) or all of them.
     """
 
-    def __init__(self, ws: Workspace, files: Sequence[str], seed: int, buffer: int = 10_000) -> None:
+    def __init__(self, ws: Workspace, files: Sequence[str], seed: int, buffer: int = 10_000,
+                 holdout: float = 0.0, split: str = "all", size: int | None = None) -> None:  # fmt: skip
         if not files:
             raise InputError("stage 1 has no feature parts to read: run `ibllm extract` for train.stage1.data")
         self.ws, self.files, self.seed, self.buffer = ws, list(files), seed, max(1, buffer)
-        self.size = sum(count_rows(ws, self.files))
+        self.holdout, self.split = holdout, split
+        self.size = size if size is not None else count_split(ws, self.files, holdout, split)
+
+    def _keep(self, uid: str) -> bool:
+        return self.split == "all" or is_heldout(uid, self.holdout) == (self.split == "heldout")
 
     def iterate(self, epoch: int) -> Iterator[Example]:
         rng = np.random.default_rng([self.seed, epoch])
@@ -57,6 +69,8 @@ class FeatureCaptions:
         for i in rng.permutation(len(self.files)):
             uids, captions, emb = read_pairs(self.ws, self.files[i])
             for uid, caption, feature in zip(uids, captions, emb, strict=True):
+                if not self._keep(uid):
+                    continue
                 pool.append(Example(feature, CAPTION_PROMPT, str(caption), uid))
                 if len(pool) >= self.buffer:
                     j = int(rng.integers(len(pool)))
@@ -64,6 +78,13 @@ class FeatureCaptions:
                     yield pool.pop()
         for j in rng.permutation(len(pool)):
             yield pool[j]
+
+
+def count_split(ws: Workspace, files: Sequence[str], holdout: float, split: str) -> int:
+    """Rows of a split (footers only when nothing is held out)."""
+    if split == "all" or holdout == 0:
+        return sum(count_rows(ws, files)) if split != "heldout" else 0
+    return sum(is_heldout(u, holdout) == (split == "heldout") for f in files for u in read_uids(ws, f))
 
 
 class ExampleList:

@@ -28,11 +28,11 @@ from pipelines.train_data import (
     ExampleSource,
     FeatureCaptions,
     Plan,
+    count_split,
     prefetch,
     step_batches,
 )
 from pipelines.train_instructions import instruction_examples
-from stores.features import count_rows
 from stores.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,7 @@ class Job:
     use_gpu: bool
     workers: int
     shuffle_buffer: int = 10_000
+    holdout: float = 0.0
     first_turn_only: bool = False
     max_steps: int | None = None
     notes: dict[str, Any] = field(default_factory=dict)
@@ -97,7 +98,7 @@ def resolve_job(cfg: Config, ws: Workspace, stage: int, run_id: str, max_steps: 
             feature_parts += [ws.as_url(f) for f in files]
         if not feature_parts:
             raise InputError(f"stage 1 needs features: none under {ws.as_url(ws.features(encoder_id, ''))}")
-        examples = sum(count_rows(ws, feature_parts))
+        examples = count_split(ws, feature_parts, cfg.train.holdout, "train")
         prompt = len(tokenizer.encode(CAPTION_PROMPT, bos=True, eos=False))
         if prompt >= sc.max_words:
             raise InputError(f"the stage-1 prompt is {prompt} tokens with {tokenizer_path}: train.stage1.max_words "
@@ -122,7 +123,8 @@ def resolve_job(cfg: Config, ws: Workspace, stage: int, run_id: str, max_steps: 
         min_lr=sc.min_lr, weight_decay=sc.weight_decay, warmup_steps=round(sc.warmup_epochs * spe),
         total_steps=total, steps_per_epoch=spe, examples=examples, clip_grad=sc.clip_grad,
         checkpoint_every=sc.checkpoint_every_steps, use_gpu=sc.use_gpu, workers=sc.workers,
-        shuffle_buffer=sc.shuffle_buffer, first_turn_only=sc.first_turn_only, max_steps=max_steps,
+        shuffle_buffer=sc.shuffle_buffer, holdout=cfg.train.holdout, first_turn_only=sc.first_turn_only,
+        max_steps=max_steps,
     )  # fmt: skip
 
 
@@ -187,7 +189,9 @@ def build_batches(job: Job, ws: Workspace, rank: int, world: int) -> Callable[[i
     tokenizer = load_tokenizer(job.tokenizer)
     source: ExampleSource
     if job.stage == 1:
-        source = FeatureCaptions(ws, job.feature_files, job.seed, job.shuffle_buffer)
+        source = FeatureCaptions(
+            ws, job.feature_files, job.seed, job.shuffle_buffer, job.holdout, "train", job.examples
+        )
     else:
         examples = instruction_examples(ws, job.encoder_id, job.instruction_files, job.feature_files,
                                         job.first_turn_only)  # fmt: skip

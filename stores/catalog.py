@@ -52,6 +52,10 @@ EMPTY = {
     "NULL::VARCHAR AS encoder_id WHERE false",
     "feature_failures": "SELECT NULL::VARCHAR AS uid, NULL::VARCHAR AS source, NULL::VARCHAR AS url, "
     "NULL::VARCHAR AS caption, NULL::VARCHAR AS reason, NULL::VARCHAR AS encoder_id WHERE false",
+    "evaluations": "SELECT NULL::BIGINT AS stage, NULL::VARCHAR AS run_id, NULL::VARCHAR AS checkpoint, "
+    "NULL::BIGINT AS examples, NULL::BIGINT AS tokens, NULL::DOUBLE AS loss, NULL::DOUBLE AS perplexity, "
+    "NULL::DOUBLE AS shuffled_loss, NULL::DOUBLE AS grounding_gap, NULL::VARCHAR AS evaluated_at, "
+    "NULL::DOUBLE AS seconds WHERE false",
     "downloads_raw": "SELECT NULL::VARCHAR AS uid, NULL::VARCHAR AS source, NULL::DOUBLE AS similarity, "
     "NULL::VARCHAR AS caption, NULL::VARCHAR AS url, NULL::VARCHAR AS key, NULL::VARCHAR AS status, "
     "NULL::VARCHAR AS error_message, NULL::BIGINT AS width, NULL::BIGINT AS height, NULL::BIGINT AS original_width, "
@@ -123,6 +127,10 @@ class Catalog:
             "SELECT *, regexp_extract(filename, 'features/([^/]+)/', 1) AS encoder_id "
             "FROM read_parquet($files, filename = true) ",
         )  # fmt: skip
+        evaluations = [
+            self.ws.as_url(f) for f in self.ws.glob(self.ws.path("checkpoints", "*", "*", "evaluations", "*.json"))
+        ]
+        self._view("evaluations", sorted(evaluations), "SELECT * FROM read_json($files, union_by_name = true)")
         downloads = []
         for out in outputs(self.ws, "download"):
             for f in Ledger.reader(self.ws, "download", out).files(".parquet"):

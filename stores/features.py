@@ -88,6 +88,12 @@ def count_rows(ws: Workspace, files: Sequence[str]) -> list[int]:
     return out
 
 
+def read_uids(ws: Workspace, path: str) -> list[str]:
+    """The uid column of one feature part."""
+    with ws.open(path, "rb") as f:
+        return pq.read_table(f, columns=["uid"]).column("uid").to_pylist()
+
+
 def read_pairs(ws: Workspace, path: str, column: str = "image_emb") -> tuple[list[str], list[str], np.ndarray]:
     """(uids, captions, (N, dim) float32 embeddings) of one feature part: what training reads."""
     with ws.open(path, "rb") as f:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -161,3 +162,20 @@ def test_ray_two_workers_and_resume_match_one_worker(tmp_path: Path) -> None:
     _, a, _ = read_checkpoint(one.checkpoint)
     _, b, _ = read_checkpoint(two.checkpoint)
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+
+
+def test_evaluate_reports_held_out_loss_and_the_grounding_gap_into_the_catalog(tmp_path: Path) -> None:
+    from pipelines import evaluate
+    from stores.catalog import Catalog
+
+    cfg = train_config(tmp_path, epochs=4)
+    cfg.train.holdout = 0.2
+    trained = train.run(cfg, 1, local=True)
+    result = evaluate.run(cfg, 1, batch_size=8)
+    assert result.run_id == trained.run_id and result.examples >= 8
+    assert result.perplexity == pytest.approx(math.exp(result.loss))
+    assert result.grounding_gap == pytest.approx(result.shuffled_loss - result.loss)
+    rows = Catalog(Workspace(cfg.workspace)).rows("SELECT run_id, loss, grounding_gap FROM evaluations")
+    assert rows == [{"run_id": trained.run_id, "loss": result.loss, "grounding_gap": result.grounding_gap}]
+    with pytest.raises(InputError, match="no complete stage-2 run"):
+        evaluate.run(cfg, 2)

@@ -1,0 +1,104 @@
+"""Evaluate a checkpoint on the held-out captions: loss, perplexity, and the loss with features shuffled."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import torch
+from pydantic import BaseModel
+
+from model.llm import ImageBindLLM
+from model.llm_checkpoint import load_tensors, read_checkpoint
+from model.llm_tokenizer import load_tokenizer
+from pipelines.config import Config
+from pipelines.errors import InputError
+from pipelines.train_data import FeatureCaptions, Plan, step_batches
+from pipelines.train_loop import masked_sum_loss
+from pipelines.train_setup import build_model, latest_checkpoint, local_dir, resolve_job
+from stores.workspace import Workspace
+
+EVAL_DIR = "evaluations"
+
+
+class EvalResult(BaseModel):
+    """Held-out metrics of one checkpoint; `grounding_gap` > 0 says the visual path carries information."""
+
+    stage: int
+    run_id: str
+    checkpoint: str
+    examples: int
+    tokens: int
+    loss: float
+    perplexity: float
+    shuffled_loss: float
+    grounding_gap: float
+    evaluated_at: str
+    seconds: float
+
+    def summary(self) -> str:
+        return (f"evaluate stage {self.stage} run {self.run_id}: {self.examples} held-out captions, loss "
+                f"{self.loss:.4f} (perplexity {self.perplexity:.2f}), with shuffled features {self.shuffled_loss:.4f} "
+                f"(gap {self.grounding_gap:+.4f})")  # fmt: skip
+
+
+@torch.no_grad()
+def held_out_losses(model: ImageBindLLM, batches: list, device: torch.device) -> tuple[float, float, int]:
+    """(loss, loss with features shuffled across the held-out set, answer tokens) as token means."""
+    model.eval().to(device)
+    features = torch.cat([m.features for m in batches])
+    shuffled = features.roll(1, dims=0)  # every sample gets another sample's feature
+    true_sum = fake_sum = 0.0
+    tokens, at = 0, 0
+    for m in batches:
+        ids, labels = m.input_ids.to(device), m.labels.to(device)
+        n = len(ids)
+        true_sum += float(masked_sum_loss(model(ids, m.features.to(device)).logits, labels))
+        fake_sum += float(masked_sum_loss(model(ids, shuffled[at : at + n].to(device)).logits, labels))
+        tokens += m.tokens
+        at += n
+    if tokens == 0:
+        raise InputError("the held-out captions have no answer tokens within max_words")
+    return true_sum / tokens, fake_sum / tokens, tokens
+
+
+def run(cfg: Config, stage: int = 1, checkpoint: str | None = None, batch_size: int = 32) -> EvalResult:
+    """Evaluate `checkpoint` (default: the newest complete run of `stage`) on the held-out split of stage 1's
+    features (`train.holdout`), and record the metrics beside the run (the catalog's `evaluations` view)."""
+    start = time.perf_counter()
+    ws = Workspace(cfg.workspace, cfg.storage_options)
+    checkpoint = checkpoint or latest_checkpoint(ws, stage)
+    if checkpoint is None:
+        raise InputError(f"no complete stage-{stage} run to evaluate: run `ibllm train --stage {stage}` first")
+    job = resolve_job(cfg.model_copy(deep=True), ws, 1, "evaluate")
+    model = build_model(job)
+    _, tensors, _ = read_checkpoint(local_dir(ws, checkpoint))
+    load_tensors(model, tensors, checkpoint)
+    source = FeatureCaptions(ws, job.feature_files, job.seed, holdout=job.holdout, split="heldout")
+    if source.size < 2:
+        raise InputError(f"{source.size} held-out captions: raise train.holdout ({job.holdout}) to evaluate")
+    tokenizer = load_tokenizer(job.tokenizer)
+    size = min(batch_size, source.size)
+    plan = Plan(size, 1, 1, job.max_words)
+    stream = step_batches(source, tokenizer, plan, 0, 0, model.config.pad_id)
+    batches = [next(stream)[0] for _ in range(source.size // size)]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    loss, shuffled, tokens = held_out_losses(model, batches, device)
+    run_id = _run_id(checkpoint)
+    result = EvalResult(
+        stage=stage, run_id=run_id, checkpoint=checkpoint, examples=sum(len(m.input_ids) for m in batches),
+        tokens=tokens, loss=loss, perplexity=math.exp(min(loss, 50.0)), shuffled_loss=shuffled,
+        grounding_gap=shuffled - loss, evaluated_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
+        seconds=time.perf_counter() - start,
+    )  # fmt: skip
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    ws.write_bytes(ws.checkpoints(f"stage{stage}", run_id, EVAL_DIR, f"{stamp}.json"),
+                   result.model_dump_json(indent=1).encode())  # fmt: skip
+    return result
+
+
+def _run_id(checkpoint: str) -> str:
+    """The run folder of a checkpoint path `.../checkpoints/stage<N>/<run_id>/<attempt>/<step>/model`."""
+    parts = checkpoint.rstrip("/").split("/")
+    return parts[parts.index("checkpoints") + 2] if "checkpoints" in parts else os.path.basename(checkpoint)
