@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from model.llm_config import LLMConfig
+from model.weights import replace_dir
 
 # Meta's model parallelism (fairscale): column-parallel outputs split on dim 0, row-parallel inputs (and
 # ParallelEmbedding's embedding dim) on dim 1, everything else (RMSNorm weights) replicated.
@@ -369,22 +370,8 @@ def convert_meta_llama(
         _hf_llama_config(cfg, dtype or dtypes["tok_embeddings.weight"]).save_pretrained(tmp)
         if tokenizer is not None:
             shutil.copyfile(tokenizer, tmp / "tokenizer.model")
-        _replace_dir(tmp, dst)
+        replace_dir(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return str(dst)
-
-
-def _replace_dir(tmp: Path, dst: Path) -> None:
-    if not dst.exists():
-        tmp.rename(dst)
-        return
-    if not any(dst.iterdir()):
-        dst.rmdir()
-        tmp.rename(dst)
-        return
-    old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
-    dst.rename(old)
-    tmp.rename(dst)
-    shutil.rmtree(old, ignore_errors=True)

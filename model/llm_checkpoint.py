@@ -19,7 +19,7 @@ from transformers.utils import logging as hf_logging
 from model.llm import ImageBindLLM, lora_config
 from model.llm_config import LLMConfig, config_from_llama
 from model.llm_phases import phase_parameters
-from model.weights import CheckpointMismatch, check_state
+from model.weights import CheckpointMismatch, check_state, replace_dir
 
 log = logging.getLogger(__name__)
 
@@ -70,21 +70,11 @@ def write_checkpoint(
             os.makedirs(os.path.join(tmp, LORA_DIR))
             lora_config(config).save_pretrained(os.path.join(tmp, LORA_DIR))
             save_file(lora, os.path.join(tmp, LORA_DIR, LORA_FILE), metadata={"format": "pt"})
-        _replace_dir(tmp, directory)
+        replace_dir(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
-
-
-def _replace_dir(tmp: str, directory: str) -> None:
-    old = None
-    if os.path.exists(directory):
-        old = tempfile.mkdtemp(prefix=".old-", dir=os.path.dirname(os.path.abspath(directory)))
-        os.rename(directory, os.path.join(old, "x"))
-    os.rename(tmp, directory)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def read_checkpoint(directory: str) -> tuple[LLMConfig, dict[str, torch.Tensor], dict[str, Any]]:

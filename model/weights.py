@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import secrets
+import shutil
 from collections.abc import Mapping
 
 import torch
@@ -79,3 +81,15 @@ def file_digest(path: str, length: int = 12) -> str:
         while chunk := f.read(1 << 22):
             h.update(chunk)
     return h.hexdigest()[:length]
+
+
+def replace_dir(tmp: str | os.PathLike, directory: str | os.PathLike) -> None:
+    """Put the finished folder `tmp` at `directory`, replacing what is there: readers see the old or the new one."""
+    tmp, directory = os.fspath(tmp), os.fspath(directory)
+    old = None
+    if os.path.exists(directory):
+        old = f"{directory.rstrip('/')}.old-{secrets.token_hex(4)}"
+        os.rename(directory, old)
+    os.rename(tmp, directory)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
