@@ -68,7 +68,7 @@ class ImageBindLLM(nn.Module):
         return isinstance(self.llama, PeftModel)
 
     def _injector(self, i: int, attn: nn.Module) -> Callable:
-        heads, head_dim = self.config.n_heads, self.config.head_dim
+        head_dim = self.config.head_dim
 
         def inject(module: nn.Module, args: tuple) -> tuple | None:
             visual = self._visual
@@ -85,7 +85,6 @@ class ImageBindLLM(nn.Module):
             x = args[0]
             if value.shape[0] != x.shape[0]:  # generation expanded the batch (several samples per prompt)
                 value = value.repeat_interleave(x.shape[0] // value.shape[0], dim=0)
-            assert value.shape[-1] == heads * head_dim
             return (x + value.to(x.dtype), *args[1:])
 
         return inject

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -20,8 +19,6 @@ from model.llm import ImageBindLLM, lora_config
 from model.llm_config import LLMConfig, config_from_llama
 from model.llm_phases import phase_parameters
 from model.weights import CheckpointMismatch, check_state, replace_dir
-
-log = logging.getLogger(__name__)
 
 FORMAT = "ibllm-imagebind-llm"
 VERSION = 1

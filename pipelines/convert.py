@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import time
@@ -15,8 +14,6 @@ from model.convert_adapter import convert_official_adapter, export_official
 from model.convert_llama import convert_meta_llama
 from model.llm_checkpoint import read_checkpoint
 from pipelines.errors import InputError
-
-log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

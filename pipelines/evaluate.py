@@ -71,7 +71,7 @@ def run(cfg: Config, stage: int = 1, checkpoint: str | None = None, batch_size: 
     checkpoint = checkpoint or latest_checkpoint(ws, stage)
     if checkpoint is None:
         raise InputError(f"no complete stage-{stage} run to evaluate: run `ibllm train --stage {stage}` first")
-    job = resolve_job(cfg.model_copy(deep=True), ws, 1, "evaluate")
+    job = resolve_job(cfg, ws, 1, "evaluate")
     model = build_model(job)
     _, tensors, _ = read_checkpoint(local_dir(ws, checkpoint))
     load_tensors(model, tensors, checkpoint)

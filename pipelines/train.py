@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import secrets
@@ -17,7 +16,7 @@ from model.llm_phases import STAGE_PHASE
 from pipelines.config import Config, StageConfig
 from pipelines.errors import InputError
 from pipelines.train_loop import MODEL_DIR, Hyper, train
-from pipelines.train_setup import Job, build_batches, build_model, local_dir, resolve_job
+from pipelines.train_setup import Job, build_batches, build_model, local_dir, read_json, resolve_job, write_json
 from stores.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -70,11 +69,11 @@ def run(
         log.warning("no earlier stage %d run to resume: starting a new one", stage)
     run_id = run_id or time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
     job = resolve_job(cfg, ws, stage, run_id, max_steps)
-    previous = _read_json(ws, ws.checkpoints(f"stage{stage}", run_id, RUN_FILE)) or {}
+    previous = read_json(ws, ws.checkpoints(f"stage{stage}", run_id, RUN_FILE)) or {}
     attempt = int(previous.get("attempts", 0)) + 1
-    latest = _read_json(ws, ws.checkpoints(f"stage{stage}", run_id, LATEST_FILE))
+    latest = read_json(ws, ws.checkpoints(f"stage{stage}", run_id, LATEST_FILE))
     resumed_from = int(latest["step"]) if latest else None
-    _write_json(ws, ws.checkpoints(f"stage{stage}", run_id, RUN_FILE),
+    write_json(ws, ws.checkpoints(f"stage{stage}", run_id, RUN_FILE),
                 {"status": "running", "attempts": attempt, "job": asdict(job)})  # fmt: skip
     log.info("stage %d run %s (attempt %d): %d steps, %d examples per step, %d worker(s)%s", stage, run_id, attempt,
              job.total_steps, sc.global_batch_size, 1 if local else sc.workers,
@@ -83,7 +82,7 @@ def run(
         worker_main(asdict(job) | {"session": "local", "resume": latest["path"] if latest else None})
     else:
         _fit_with_ray(cfg, job, sc, attempt, latest["path"] if latest else None)
-    latest = _read_json(ws, ws.checkpoints(f"stage{stage}", run_id, LATEST_FILE))
+    latest = read_json(ws, ws.checkpoints(f"stage{stage}", run_id, LATEST_FILE))
     if not latest:
         raise RuntimeError(f"stage {stage} run {run_id} ended without a checkpoint")
     history = latest.get("history", [])
@@ -95,7 +94,7 @@ def run(
         resumed_from=resumed_from, losses=losses, seconds=time.perf_counter() - start,
     )  # fmt: skip
     status = "complete" if result.steps >= min(job.total_steps, job.max_steps or job.total_steps) else "stopped"
-    _write_json(ws, ws.checkpoints(f"stage{stage}", run_id, RUN_FILE),
+    write_json(ws, ws.checkpoints(f"stage{stage}", run_id, RUN_FILE),
                 {"status": status, "attempts": attempt, "job": asdict(job), "checkpoint": result.checkpoint,
                  "steps": result.steps, "final_loss": result.final_loss})  # fmt: skip
     return result
@@ -142,10 +141,8 @@ class _Pointer:
     def __init__(self, ws: Workspace, job: Job) -> None:
         self.ws, self.job = ws, job
 
-    def commit(self, path: str, step: int, checkpoint_dir: str) -> None:
-        blob = torch.load(os.path.join(checkpoint_dir, "state.pt"), map_location="cpu", weights_only=True)
-        history = json.loads(blob["history"])
-        _write_json(self.ws, self.ws.checkpoints(f"stage{self.job.stage}", self.job.run_id, LATEST_FILE),
+    def commit(self, path: str, step: int, history: list) -> None:
+        write_json(self.ws, self.ws.checkpoints(f"stage{self.job.stage}", self.job.run_id, LATEST_FILE),
                     {"step": step, "path": path, "history": history})  # fmt: skip
 
 
@@ -163,11 +160,13 @@ class LocalSession:
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         return t
 
-    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None, step: int) -> None:
+    def report(
+        self, metrics: dict[str, Any], checkpoint_dir: str | None, step: int, history: list | None = None
+    ) -> None:
         if checkpoint_dir:
             target = self.ws.checkpoints(f"stage{self.job.stage}", self.job.run_id, "local", f"step-{step:08d}")
             self.ws.upload_dir(checkpoint_dir, target)
-            self.pointer.commit(self.ws.as_url(target), step, checkpoint_dir)
+            self.pointer.commit(self.ws.as_url(target), step, history or [])
 
     def resume_dir(self) -> str | None:
         return local_dir(self.ws, self._resume) if self._resume else None
@@ -193,7 +192,9 @@ class RaySession:
             torch.distributed.all_reduce(t)
         return t
 
-    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None, step: int) -> None:
+    def report(
+        self, metrics: dict[str, Any], checkpoint_dir: str | None, step: int, history: list | None = None
+    ) -> None:
         import ray.train
 
         if checkpoint_dir is None:
@@ -205,7 +206,7 @@ class RaySession:
         if self.rank == 0:  # report returned: the checkpoint is in storage, under the Ray run of this attempt
             attempt = ray.train.get_context().get_experiment_name()
             target = self.ws.checkpoints(f"stage{self.job.stage}", self.job.run_id, attempt, name)
-            self.pointer.commit(self.ws.as_url(target), step, checkpoint_dir)
+            self.pointer.commit(self.ws.as_url(target), step, history or [])
 
     def resume_dir(self) -> str | None:
         """A checkpoint Ray restored after a worker failure in this fit, else the one this attempt resumes from."""
@@ -219,11 +220,3 @@ class RaySession:
 def _latest_run(ws: Workspace, stage: int) -> str | None:
     runs = sorted(ws.glob(ws.checkpoints(f"stage{stage}", "*", RUN_FILE)))
     return os.path.basename(os.path.dirname(runs[-1])) if runs else None
-
-
-def _read_json(ws: Workspace, path: str) -> dict[str, Any] | None:
-    return json.loads(ws.read_bytes(path)) if ws.exists(path) else None
-
-
-def _write_json(ws: Workspace, path: str, doc: dict[str, Any]) -> None:
-    ws.write_bytes(path, json.dumps(doc, indent=1, default=str).encode())

@@ -61,7 +61,9 @@ class Session(Protocol):
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor: ...
 
-    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None, step: int) -> None: ...
+    def report(
+        self, metrics: dict[str, Any], checkpoint_dir: str | None, step: int, history: list | None = None
+    ) -> None: ...
 
     def resume_dir(self) -> str | None: ...
 
@@ -187,7 +189,7 @@ def _checkpoint(session: Session, model: ImageBindLLM, optimizer: torch.optim.Op
     try:
         if tmp:
             save_state(tmp, model, optimizer, state)
-        session.report(metrics, tmp, state.step)
+        session.report(metrics, tmp, state.step, state.history)
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)

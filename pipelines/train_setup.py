@@ -157,10 +157,20 @@ def _all_feature_parts(ws: Workspace, encoder_id: str) -> list[str]:
 def latest_checkpoint(ws: Workspace, stage: int) -> str | None:
     """Our checkpoint folder of the newest complete run of a stage."""
     for path in sorted(ws.glob(ws.checkpoints(f"stage{stage}", "*", "run.json")), reverse=True):
-        doc = json.loads(ws.read_bytes(path))
+        doc = read_json(ws, path) or {}
         if doc.get("status") == "complete" and doc.get("checkpoint"):
             return doc["checkpoint"]
     return None
+
+
+def read_json(ws: Workspace, path: str) -> dict[str, Any] | None:
+    """A JSON document of the workspace, or None when absent."""
+    return json.loads(ws.read_bytes(path)) if ws.exists(path) else None
+
+
+def write_json(ws: Workspace, path: str, doc: dict[str, Any]) -> None:
+    """Write a JSON document in one atomic write."""
+    ws.write_bytes(path, json.dumps(doc, indent=1, default=str).encode())
 
 
 def local_dir(ws: Workspace, url: str) -> str:
