@@ -62,7 +62,7 @@ class Item:
     @property
     def caption(self) -> str:
         """What the picture shows, in words."""
-        return f"a {'large' if self.large else 'small'} {self.color} {self.shape} on a {self.background} background"
+        return media.Scene("large" if self.large else "small", self.color, self.shape, self.background).caption
 
     @property
     def url_path(self) -> str:
@@ -96,10 +96,10 @@ class SyntheticSource:
         rng = np.random.default_rng(cfg.seed)
         n_bad = round(n * cfg.bad_fraction)
         bad_at = {int(p): BAD_KINDS[i % len(BAD_KINDS)] for i, p in enumerate(rng.permutation(n)[:n_bad])}
-        colors = list(media.COLORS)
+        colors, shades = list(media.COLORS), list(media.BACKGROUNDS)
         items: list[Item] = []
         for i in range(n):
-            color, background = rng.choice(len(colors), size=2, replace=False)
+            color, shade = rng.choice(len(colors), size=2, replace=False)  # one draw, as before backgrounds were grey
             short = int(rng.integers(cfg.min_side, cfg.max_side + 1))
             aspect = float(rng.choice(_ASPECTS))
             w, h = (round(short * aspect), short) if aspect >= 1 else (short, round(short / aspect))
@@ -112,7 +112,7 @@ class SyntheticSource:
                 kind=kind,
                 shape=str(rng.choice(media.SHAPES)),
                 color=colors[color],
-                background=colors[background],
+                background=shades[shade % len(shades)],
                 large=bool(rng.random() < 0.5),
                 width=w,
                 height=h,

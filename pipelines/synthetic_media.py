@@ -5,9 +5,11 @@ from __future__ import annotations
 import functools
 import io
 import math
+import re
 import struct
 import wave
 import zlib
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -22,8 +24,50 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "white": (245, 245, 245),
     "black": (20, 20, 20),
 }
+# neutral backgrounds: the shape's colour is the one colour word of a caption, so a tiny language model can learn it
+BACKGROUNDS: dict[str, tuple[int, int, int]] = {
+    "grey": (128, 128, 128),
+    "light grey": (200, 200, 195),
+    "dark grey": (70, 70, 75),
+}
 SHAPES = ("circle", "square", "triangle", "diamond", "star", "ring")
 HUGE_SIZE = (14_000, 13_000)  # 182M pixels: above PIL's decompression-bomb error limit (2 x 89.5M)
+
+
+SIZES = ("large", "small")
+_CAPTION = re.compile(r"^a (large|small) (\w+) (\w+) on a ([\w ]+) background$")
+
+
+@dataclass(frozen=True)
+class Scene:
+    """What a synthetic picture shows."""
+
+    size: str
+    color: str
+    shape: str
+    background: str
+
+    @property
+    def caption(self) -> str:
+        return f"a {self.size} {self.color} {self.shape} on a {self.background} background"
+
+
+def parse_caption(caption: str) -> Scene | None:
+    """The scene a synthetic caption describes, or None for any other text."""
+    m = _CAPTION.match(caption.strip())
+    if not m or m.group(2) not in COLORS or m.group(3) not in SHAPES:
+        return None
+    return Scene(m.group(1), m.group(2), m.group(3), m.group(4))
+
+
+def random_scene(rng: np.random.Generator) -> Scene:
+    """A scene drawn uniformly from the vocabulary."""
+    return Scene(
+        str(rng.choice(SIZES)),
+        str(rng.choice(list(COLORS))),
+        str(rng.choice(SHAPES)),
+        str(rng.choice(list(BACKGROUNDS))),
+    )
 
 
 def _shape_points(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
@@ -42,10 +86,10 @@ def _shape_points(shape: str, cx: float, cy: float, r: float) -> list[tuple[floa
 
 
 def draw_shape(size: tuple[int, int], shape: str, color: str, background: str, scale: float, seed: int) -> Image.Image:
-    """A `shape` in `color` on a `background` of `size` (w, h); `scale` is the shape's share of the short side."""
+    """A `shape` in `color` on a `background` (BACKGROUNDS or COLORS) of `size` (w, h); `scale`: of the short side."""
     w, h = size
     rng = np.random.default_rng(seed)
-    img = Image.new("RGB", size, COLORS[background])
+    img = Image.new("RGB", size, BACKGROUNDS.get(background) or COLORS[background])
     draw = ImageDraw.Draw(img)
     r = scale * min(w, h) / 2
     cx = w / 2 + rng.uniform(-0.15, 0.15) * (w - 2 * r)

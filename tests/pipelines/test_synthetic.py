@@ -85,12 +85,12 @@ def test_images_show_what_the_caption_says(small_synthetic: SyntheticConfig) -> 
     item = next(it for it in SyntheticSource(small_synthetic).items if it.kind == "good" and it.shape == "square")
     img = Image.open(io.BytesIO(item.render(small_synthetic.seed))).convert("RGB")
     assert img.size == (item.width, item.height)
-    from pipelines.synthetic_media import COLORS
+    from pipelines.synthetic_media import BACKGROUNDS, COLORS
 
     center = img.getpixel((img.width // 2, img.height // 2))
     corner = img.getpixel((1, 1))
     assert sum(abs(c - e) for c, e in zip(center, COLORS[item.color], strict=True)) < 60
-    assert sum(abs(c - e) for c, e in zip(corner, COLORS[item.background], strict=True)) < 60
+    assert sum(abs(c - e) for c, e in zip(corner, BACKGROUNDS[item.background], strict=True)) < 60
 
 
 @pytest.fixture
