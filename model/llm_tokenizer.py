@@ -38,6 +38,10 @@ class TextTokenizer(Protocol):
 
     def encode(self, text: str, bos: bool, eos: bool) -> list[int]: ...
 
+    def encode_batch(self, texts: Sequence[str], bos: bool, eos: bool) -> list[list[int]]:
+        """`encode` of every text, in one call to the tokenizer's native batch encoder."""
+        ...
+
     def decode(self, ids: Sequence[int]) -> str: ...
 
     def save(self, directory: str) -> str:
@@ -77,12 +81,11 @@ class SentencePieceTokenizer:
         return int(self._sp.vocab_size())
 
     def encode(self, text: str, bos: bool, eos: bool) -> list[int]:
-        ids = list(self._sp.encode(text))
-        if bos:
-            ids = [self.bos_id, *ids]
-        if eos:
-            ids = [*ids, self.eos_id]
-        return ids
+        return _specials(list(self._sp.encode(text)), self.bos_id if bos else None, self.eos_id if eos else None)
+
+    def encode_batch(self, texts: Sequence[str], bos: bool, eos: bool) -> list[list[int]]:
+        b, e = self.bos_id if bos else None, self.eos_id if eos else None
+        return [_specials(list(ids), b, e) for ids in self._sp.encode(list(texts))]
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
@@ -133,11 +136,11 @@ class BPETokenizer:
 
     def encode(self, text: str, bos: bool, eos: bool) -> list[int]:
         ids = list(self._tok.encode(text, add_special_tokens=False).ids)
-        if bos:
-            ids = [self._bos, *ids]
-        if eos:
-            ids = [*ids, self._eos]
-        return ids
+        return _specials(ids, self._bos if bos else None, self._eos if eos else None)
+
+    def encode_batch(self, texts: Sequence[str], bos: bool, eos: bool) -> list[list[int]]:
+        b, e = self._bos if bos else None, self._eos if eos else None
+        return [_specials(list(x.ids), b, e) for x in self._tok.encode_batch(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Sequence[int]) -> str:
         kept = [int(i) for i in ids if int(i) not in (self._bos, self._eos)]
@@ -148,6 +151,14 @@ class BPETokenizer:
         out.parent.mkdir(parents=True, exist_ok=True)
         self._tok.save(str(out))
         return str(out)
+
+
+def _specials(ids: list[int], bos: int | None, eos: int | None) -> list[int]:
+    if bos is not None:
+        ids.insert(0, bos)
+    if eos is not None:
+        ids.append(eos)
+    return ids
 
 
 def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 512, min_frequency: int = 2) -> BPETokenizer:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from model.llm import IGNORE
@@ -41,14 +42,28 @@ def encode_example(tokenizer: TextTokenizer, prompt: str, answer: str, max_words
     return tokens, labels
 
 
+def encode_examples(
+    tokenizer: TextTokenizer, pairs: Sequence[tuple[str, str]], max_words: int
+) -> list[tuple[list[int], list[int]]]:
+    """`encode_example` of every (prompt, answer): one batched tokenizer call, each distinct prompt measured once."""
+    prompts = list(dict.fromkeys(p for p, _ in pairs))
+    lengths = dict(zip(prompts, map(len, tokenizer.encode_batch(prompts, bos=True, eos=False)), strict=True))
+    out = []
+    for (prompt, _), tokens in zip(pairs, tokenizer.encode_batch([p + a for p, a in pairs], True, True), strict=True):
+        tokens = tokens[:max_words]
+        n_prompt = lengths[prompt]
+        out.append((tokens, [IGNORE] * min(n_prompt, len(tokens)) + tokens[n_prompt:]))
+    return out
+
+
 def collate(
     examples: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int = 0, pad_to: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad (tokens, labels) pairs to the longest (or `pad_to`): (B, L) input ids and labels (IGNORE on pads)."""
     length = pad_to or max(len(t) for t, _ in examples)
-    ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), length), IGNORE, dtype=torch.long)
+    ids = np.full((len(examples), length), pad_id, dtype=np.int64)
+    labels = np.full((len(examples), length), IGNORE, dtype=np.int64)
     for i, (t, lab) in enumerate(examples):
-        ids[i, : len(t)] = torch.as_tensor(t[:length], dtype=torch.long)
-        labels[i, : len(lab)] = torch.as_tensor(lab[:length], dtype=torch.long)
-    return ids, labels
+        ids[i, : min(len(t), length)] = t[:length]
+        labels[i, : min(len(lab), length)] = lab[:length]
+    return torch.from_numpy(ids), torch.from_numpy(labels)

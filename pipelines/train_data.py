@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from model.llm_tokenizer import TextTokenizer
-from model.prompts import CAPTION_INSTRUCTION, collate, encode_example, format_prompt
+from model.prompts import CAPTION_INSTRUCTION, collate, encode_examples, format_prompt
 from pipelines.errors import InputError
 from stores.features import count_rows, read_pairs, read_uids
 from stores.workspace import Workspace
@@ -168,7 +168,7 @@ def step_batches(
 
 
 def _micro(examples: Sequence[Example], tokenizer: TextTokenizer, max_words: int, pad_id: int) -> Micro:
-    encoded = [encode_example(tokenizer, e.prompt, e.answer, max_words) for e in examples]
+    encoded = encode_examples(tokenizer, [(e.prompt, e.answer) for e in examples], max_words)
     ids, labels = collate(encoded, pad_id)
     features = torch.from_numpy(np.stack([e.feature for e in examples]).astype(np.float32))
     return Micro(ids, labels, features)

@@ -244,3 +244,17 @@ def test_unknown_file_suffix(tmp_path: Path) -> None:
     path.write_text("hello")
     with pytest.raises(TokenizerError, match=rf"{re.escape(str(path))}.*neither a .model"):
         load_tokenizer(str(path))
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "bpe"])
+def test_batched_encoding_equals_one_by_one(kind: str, sp_dir: Path) -> None:
+    from model.prompts import CAPTION_INSTRUCTION, encode_example, encode_examples, format_prompt
+
+    texts = ["a red dog on the grass", "", "Where is the cat?\n\nin a box", "<s> is text here"]
+    tok = load_tokenizer(sp_dir) if kind == "sentencepiece" else train_bpe_tokenizer(texts * 3, vocab_size=300)
+    for bos, eos in [(True, True), (True, False), (False, False)]:
+        assert tok.encode_batch(texts, bos, eos) == [tok.encode(t, bos, eos) for t in texts]
+    pairs = [(format_prompt(CAPTION_INSTRUCTION), "a red dog"), (format_prompt("Where is the cat?"), "in a box"),
+             (format_prompt(CAPTION_INSTRUCTION), "a small bird near the water")]  # fmt: skip
+    for max_words in (512, 30, 5):
+        assert encode_examples(tok, pairs, max_words) == [encode_example(tok, p, a, max_words) for p, a in pairs]
