@@ -170,6 +170,11 @@ class StageConfig(Section):
     clip_grad: float | None = Field(None, gt=0)
     workers: int = Field(1, gt=0, description="Ray Train workers (one per GPU when use_gpu)")
     use_gpu: bool = False
+    parallel: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="how 2+ workers split the work: ddp replicates the model on every worker; fsdp shards the "
+        "frozen base and the adapter over the workers: for bases that do not fit one device",
+    )
     checkpoint_every_steps: int = Field(500, gt=0)
     data: list[str] = Field(default_factory=list, description="feature sources or instruction files")
     shuffle_buffer: int = Field(10_000, gt=0, description="stage 1: rows shuffled in memory while streaming")
@@ -187,9 +192,25 @@ class StageConfig(Section):
         return self
 
 
-class TrainConfig(Section):
-    """Stage 1 (bind network, gates, prefix) and stage 2 (LoRA, biases, norms)."""
+class BaseLMConfig(Section):
+    """The demo's stage 0: a small LLaMA and BPE tokenizer trained on the synthetic source's language."""
 
+    dim: int = Field(128, gt=0)
+    n_layers: int = Field(4, gt=0)
+    n_heads: int = Field(4, gt=0)
+    intermediate_size: int = Field(384, gt=0)
+    vocab_size: int = Field(512, ge=259, description="BPE vocabulary: 3 specials, 256 bytes, the rest merges")
+    texts: int = Field(4000, gt=0, description="generated captions and question-answer pairs")
+    steps: int = Field(400, gt=0)
+    batch_size: int = Field(32, gt=0)
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+
+
+class TrainConfig(Section):
+    """Stage 1 (bind network, gates, prefix) and stage 2 (LoRA, biases, norms); stage 0 only in the demo."""
+
+    stage0: BaseLMConfig | None = Field(None, description="the demo's own base LLaMA (stands in for a real one)")
     holdout: float = Field(0.01, ge=0, lt=1, description="share of feature rows (by uid hash) kept out for evaluation")
 
     stage1: StageConfig = Field(

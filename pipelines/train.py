@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 import torch
@@ -15,7 +16,7 @@ from pydantic import BaseModel
 from model.llm_phases import STAGE_PHASE
 from pipelines.config import Config, StageConfig
 from pipelines.errors import InputError
-from pipelines.train_loop import MODEL_DIR, Hyper, train
+from pipelines.train_loop import MODEL_DIR, Hyper, shard_model, train
 from pipelines.train_setup import Job, build_batches, build_model, local_dir, read_json, resolve_job, write_json
 from stores.workspace import Workspace
 
@@ -54,12 +55,20 @@ def stage_config(cfg: Config, stage: int) -> StageConfig:
 
 
 def run(
-    cfg: Config, stage: int, resume: bool = False, local: bool = False, max_steps: int | None = None
+    cfg: Config,
+    stage: int,
+    resume: bool = False,
+    local: bool = False,
+    max_steps: int | None = None,
+    reuse: bool = False,
+    init: str | None = None,
 ) -> TrainResult:
     """Train `stage`; `resume` continues the newest unfinished (or finished) run of the stage from its last checkpoint.
 
     `local` runs the one worker in this process without Ray (quick checks on a laptop); otherwise Ray Train's
-    TorchTrainer runs `train.stageN.workers` workers (gloo on CPU, nccl on GPUs).
+    TorchTrainer runs `train.stageN.workers` workers (gloo on CPU, nccl on GPUs). `reuse` returns the newest
+    complete run made from exactly the same inputs and settings instead of training again. Stage 2 starts from
+    `init` (a stage-1 checkpoint), by default the newest complete stage-1 run's.
     """
     start = time.perf_counter()
     ws = Workspace(cfg.workspace, cfg.storage_options)
@@ -68,7 +77,15 @@ def run(
     if resume and run_id is None:
         log.warning("no earlier stage %d run to resume: starting a new one", stage)
     run_id = run_id or time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
-    job = resolve_job(cfg, ws, stage, run_id, max_steps)
+    job = resolve_job(cfg, ws, stage, run_id, max_steps, init=init)
+    if reuse and not resume:
+        same = _same_run(ws, job)
+        if same is not None and same[1] == "complete":
+            log.info("stage %d: run %s was made from the same inputs and settings; reusing it", stage, same[0])
+            return _result(ws, replace(job, run_id=same[0]), sc.workers, None, 0.0)
+        if same is not None:
+            log.info("stage %d: continuing the unfinished run %s of the same inputs and settings", stage, same[0])
+            run_id, job = same[0], replace(job, run_id=same[0])
     previous = read_json(ws, ws.checkpoints(f"stage{stage}", run_id, RUN_FILE)) or {}
     attempt = int(previous.get("attempts", 0)) + 1
     latest = read_json(ws, ws.checkpoints(f"stage{stage}", run_id, LATEST_FILE))
@@ -82,22 +99,38 @@ def run(
         worker_main(asdict(job) | {"session": "local", "resume": latest["path"] if latest else None})
     else:
         _fit_with_ray(cfg, job, sc, attempt, latest["path"] if latest else None)
-    latest = read_json(ws, ws.checkpoints(f"stage{stage}", run_id, LATEST_FILE))
-    if not latest:
+    result = _result(ws, job, 1 if local else sc.workers, resumed_from, time.perf_counter() - start)
+    if result is None:
         raise RuntimeError(f"stage {stage} run {run_id} ended without a checkpoint")
-    history = latest.get("history", [])
-    losses = [h["loss"] for h in history]
-    result = TrainResult(
-        stage=stage, run_id=run_id, steps=int(latest["step"]), total_steps=job.total_steps,
-        first_loss=losses[0] if losses else None, final_loss=losses[-1] if losses else None,
-        checkpoint=os.path.join(latest["path"], MODEL_DIR), workers=1 if local else sc.workers,
-        resumed_from=resumed_from, losses=losses, seconds=time.perf_counter() - start,
-    )  # fmt: skip
     status = "complete" if result.steps >= min(job.total_steps, job.max_steps or job.total_steps) else "stopped"
     write_json(ws, ws.checkpoints(f"stage{stage}", run_id, RUN_FILE),
                 {"status": status, "attempts": attempt, "job": asdict(job), "checkpoint": result.checkpoint,
                  "steps": result.steps, "final_loss": result.final_loss})  # fmt: skip
     return result
+
+
+def _result(ws: Workspace, job: Job, workers: int, resumed_from: int | None, seconds: float) -> TrainResult | None:
+    """The run's result from its `latest.json` (None before its first checkpoint)."""
+    latest = read_json(ws, ws.checkpoints(f"stage{job.stage}", job.run_id, LATEST_FILE))
+    if not latest:
+        return None
+    losses = [h["loss"] for h in latest.get("history", [])]
+    return TrainResult(
+        stage=job.stage, run_id=job.run_id, steps=int(latest["step"]), total_steps=job.total_steps,
+        first_loss=losses[0] if losses else None, final_loss=losses[-1] if losses else None,
+        checkpoint=os.path.join(latest["path"], MODEL_DIR), workers=workers, resumed_from=resumed_from,
+        losses=losses, seconds=seconds,
+    )  # fmt: skip
+
+
+def _same_run(ws: Workspace, job: Job) -> tuple[str, str] | None:
+    """(run id, status) of the newest run of the stage whose job equals `job` but for its run id."""
+    want = json.loads(json.dumps(asdict(job), default=str)) | {"run_id": None}
+    for path in sorted(ws.glob(ws.checkpoints(f"stage{job.stage}", "*", RUN_FILE)), reverse=True):
+        doc = read_json(ws, path) or {}
+        if (doc.get("job") or {}) | {"run_id": None} == want:
+            return os.path.basename(os.path.dirname(path)), str(doc.get("status"))
+    return None
 
 
 def _fit_with_ray(cfg: Config, job: Job, sc: StageConfig, attempt: int, resume: str | None) -> None:
@@ -132,7 +165,10 @@ def worker_main(config: dict[str, Any]) -> None:
     hyper = Hyper(lr=job.lr, min_lr=job.min_lr, weight_decay=job.weight_decay, warmup_steps=job.warmup_steps,
                   total_steps=job.total_steps, clip_grad=job.clip_grad)  # fmt: skip
     batches = build_batches(job, ws, session.rank, session.world)
-    train(session, model, STAGE_PHASE[job.stage], batches, hyper, job.checkpoint_every, job.max_steps)
+    metadata = {"stage": job.stage, "run_id": job.run_id, "encoder_id": job.encoder_id, "seed": job.seed,
+                "base_llama": job.base_llama, "tokenizer": job.tokenizer}  # fmt: skip
+    train(session, model, STAGE_PHASE[job.stage], batches, hyper, job.checkpoint_every, job.max_steps,
+          metadata=metadata)  # fmt: skip
 
 
 class _Pointer:
@@ -155,6 +191,8 @@ class LocalSession:
         self.pointer = _Pointer(ws, job)
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        if self.job.parallel == "fsdp":
+            log.info("parallel: fsdp is ignored by a local run (one worker: nothing to shard)")
         return model
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
@@ -185,7 +223,16 @@ class RaySession:
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
         import ray.train.torch
 
-        return ray.train.torch.prepare_model(model, move_to_device=True) if self.world > 1 else model
+        if self.world == 1:
+            if self.job.parallel == "fsdp":
+                log.info("parallel: fsdp is ignored with one worker (nothing to shard)")
+            return model
+        if self.job.parallel == "fsdp":
+            if self.rank == 0:
+                log.info("parallel: fsdp, each decoder layer and the rest of the model sharded over %d workers",
+                         self.world)  # fmt: skip
+            return shard_model(model, self.device, self.world)  # type: ignore[arg-type]
+        return ray.train.torch.prepare_model(model, move_to_device=True)
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         if self.world > 1:

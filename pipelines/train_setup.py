@@ -72,11 +72,17 @@ class Job:
     holdout: float = 0.0
     first_turn_only: bool = False
     max_steps: int | None = None
+    parallel: str = "ddp"  # "ddp" or "fsdp" (StageConfig.parallel)
     notes: dict[str, Any] = field(default_factory=dict)
 
 
-def resolve_job(cfg: Config, ws: Workspace, stage: int, run_id: str, max_steps: int | None = None) -> Job:
-    """Check every input of the stage (clear errors before anything runs) and size the run."""
+def resolve_job(
+    cfg: Config, ws: Workspace, stage: int, run_id: str, max_steps: int | None = None, init: str | None = None
+) -> Job:
+    """Check every input of the stage (clear errors before anything runs) and size the run.
+
+    Stage 2 starts from `init` (a stage-1 checkpoint folder), by default the newest complete stage-1 run's.
+    """
     sc = getattr(cfg.train, f"stage{stage}")
     m = cfg.model
     encoder_id = encoder_id_for(m.imagebind, m.imagebind_checkpoint, cfg.seed)
@@ -88,26 +94,18 @@ def resolve_job(cfg: Config, ws: Workspace, stage: int, run_id: str, max_steps: 
     llm = _llm_config(cfg, base, tokenizer.n_words, tokenizer.bos_id, tokenizer.eos_id)
     feature_parts: list[str] = []
     instruction_files: list[str] = []
-    init = None
     if stage == 1:
-        for source in sc.data or _feature_sources(ws, encoder_id):
-            files, _ = feature_files(ws, encoder_id, source)
-            if not files:
-                raise InputError(f"train.stage1.data: no features of source {source!r} for {encoder_id}; "
-                                 "run `ibllm extract` first")  # fmt: skip
-            feature_parts += [ws.as_url(f) for f in files]
-        if not feature_parts:
-            raise InputError(f"stage 1 needs features: none under {ws.as_url(ws.features(encoder_id, ''))}")
+        feature_parts = stage1_features(cfg, ws, encoder_id)
         examples = count_split(ws, feature_parts, cfg.train.holdout, "train")
         prompt = len(tokenizer.encode(CAPTION_PROMPT, bos=True, eos=False))
         if prompt >= sc.max_words:
             raise InputError(f"the stage-1 prompt is {prompt} tokens with {tokenizer_path}: train.stage1.max_words "
                              f"{sc.max_words} leaves no room for the caption")  # fmt: skip
     else:
-        if not sc.data:
+        instruction_files = list(sc.data) or [p for p in [_demo_instructions(ws)] if p]
+        if not instruction_files:
             raise InputError("train.stage2.data lists no instruction files (Alpaca, ShareGPT, LLaVA, cc_sbu_align)")
-        instruction_files = list(sc.data)
-        init = latest_checkpoint(ws, 1)
+        init = init or latest_checkpoint(ws, 1)
         if init is None:
             raise InputError("stage 2 starts from a stage-1 checkpoint: run `ibllm train --stage 1` first")
         feature_parts = _all_feature_parts(ws, encoder_id)
@@ -124,7 +122,7 @@ def resolve_job(cfg: Config, ws: Workspace, stage: int, run_id: str, max_steps: 
         total_steps=total, steps_per_epoch=spe, examples=examples, clip_grad=sc.clip_grad,
         checkpoint_every=sc.checkpoint_every_steps, use_gpu=sc.use_gpu, workers=sc.workers,
         shuffle_buffer=sc.shuffle_buffer, holdout=cfg.train.holdout, first_turn_only=sc.first_turn_only,
-        max_steps=max_steps,
+        max_steps=max_steps, parallel=sc.parallel,
     )  # fmt: skip
 
 
@@ -144,6 +142,29 @@ def _demo_file(ws: Workspace, name: str) -> str | None:
     """The demo's own base language model and tokenizer (stage 0), when it has made them."""
     path = ws.checkpoints("stage0", "base", name)
     return path if ws.is_local and os.path.exists(path) else None
+
+
+def stage1_features(cfg: Config, ws: Workspace, encoder_id: str) -> list[str]:
+    """The feature parts stage 1 reads: those of `train.stage1.data`'s sources (default: every source)."""
+    parts = []
+    for source in cfg.train.stage1.data or _feature_sources(ws, encoder_id):
+        files, _ = feature_files(ws, encoder_id, source)
+        if not files:
+            raise InputError(f"train.stage1.data: no features of source {source!r} for {encoder_id}; "
+                             "run `ibllm extract` first")  # fmt: skip
+        parts += [ws.as_url(f) for f in files]
+    if not parts:
+        raise InputError(f"stage 1 needs features: none under {ws.as_url(ws.features(encoder_id, ''))}")
+    return parts
+
+
+DEMO_INSTRUCTIONS = ("instructions", "synthetic.json")
+
+
+def _demo_instructions(ws: Workspace) -> str | None:
+    """The demo's generated instruction file (stage 2's default data), when it has been written."""
+    path = ws.path(*DEMO_INSTRUCTIONS)
+    return ws.as_url(path) if ws.exists(path) else None
 
 
 def _feature_sources(ws: Workspace, encoder_id: str) -> list[str]:

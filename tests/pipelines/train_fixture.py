@@ -61,9 +61,11 @@ def train_config(tmp: Path, **stage1: object) -> Config:
               "request.\n\n### Instruction:\n\n### Response:"] * 4  # fmt: skip
     tok = train_bpe_tokenizer(texts, vocab_size=1000)
     tok_path = tok.save(str(tmp / "tok"))
-    overrides = [f"workspace={tmp / 'ws'}", f"model.tokenizer_path={tok_path}", "train.stage1.global_batch_size=8",
+    overrides = [f"workspace={tmp / 'ws'}", f"model.tokenizer_path={tok_path}", "train.holdout=0.01",
+                 "train.stage1.global_batch_size=8",
                  "train.stage1.epochs=2", "train.stage1.warmup_epochs=0.25", "train.stage1.blr=0.02",
-                 "train.stage1.checkpoint_every_steps=4", "train.stage1.workers=1"]  # fmt: skip
+                 "train.stage1.checkpoint_every_steps=4", "train.stage1.workers=1", "train.stage2.epochs=2",
+                 "train.stage2.blr=0.02", "train.stage2.checkpoint_every_steps=20"]  # fmt: skip
     overrides += [f"train.stage1.{k}={v}" for k, v in stage1.items()]
     cfg = Config.from_yaml(None, overrides)
     ws = Workspace(cfg.workspace)
