@@ -10,7 +10,20 @@ os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "pipelines,stores,model")
 from prefect import flow, get_run_logger, task
 from pydantic import BaseModel
 
-from pipelines import curate, download, extract, index, ingest, report, synthetic
+from pipelines import (
+    base_lm,
+    curate,
+    demo_check,
+    demo_data,
+    download,
+    evaluate,
+    extract,
+    index,
+    ingest,
+    report,
+    synthetic,
+    train,
+)
 from pipelines.config import Config, resolve_config
 from pipelines.synthetic_server import server_for
 
@@ -26,6 +39,12 @@ class DemoResult(BaseModel):
     extract: extract.ExtractResult
     index: index.IndexResult
     report: report.ReportResult
+    base: base_lm.BaseLMResult
+    stage1: train.TrainResult
+    instructions: demo_data.InstructionsResult
+    stage2: train.TrainResult
+    evaluation: evaluate.EvalResult
+    check: demo_check.DemoCheck
 
     def summary(self) -> str:
         """Human lines, one block per stage."""
@@ -37,6 +56,12 @@ class DemoResult(BaseModel):
             ("extract", self.extract.summary()),
             ("visual cache index", self.index.summary()),
             ("report", self.report.summary()),
+            ("stage 0: the demo's base LLaMA", self.base.summary()),
+            ("stage 1: bind network, gates, prefix", self.stage1.summary()),
+            ("stage 2 data", self.instructions.summary()),
+            ("stage 2: LoRA, biases, norms", self.stage2.summary()),
+            ("evaluate", self.evaluation.summary()),
+            ("what the model says about held-out images", self.check.summary()),
         ]
         out = [f"workspace: {self.workspace}"]
         for name, text in blocks:
@@ -87,6 +112,36 @@ def report_task(cfg: Config) -> report.ReportResult:
     return report.run(cfg)
 
 
+@task(name="base-llama", retries=1)
+def base_task(cfg: Config, force: bool = False) -> base_lm.BaseLMResult:
+    """Stage 0: the demo's base language model and tokenizer."""
+    return base_lm.run(cfg, force=force)
+
+
+@task(name="train", retries=1, retry_delay_seconds=5)
+def train_task(cfg: Config, stage: int, init: str | None = None) -> train.TrainResult:
+    """Train a stage; a run of the same inputs and settings is reused when complete, continued when not."""
+    return train.run(cfg, stage, reuse=True, init=init)
+
+
+@task(name="instructions")
+def instructions_task(cfg: Config) -> demo_data.InstructionsResult:
+    """Generate the stage-2 conversations about the training images."""
+    return demo_data.run(cfg)
+
+
+@task(name="evaluate")
+def evaluate_task(cfg: Config, stage: int, checkpoint: str) -> evaluate.EvalResult:
+    """Held-out loss, perplexity and the shuffled-feature loss of a checkpoint."""
+    return evaluate.run(cfg, stage, checkpoint)
+
+
+@task(name="demo-check")
+def check_task(cfg: Config, stage1: str, stage2: str) -> demo_check.DemoCheck:
+    """Caption held-out images and answer the colour question about them."""
+    return demo_check.run(cfg, stage1, stage2)
+
+
 @flow(name="ibllm-demo", log_prints=True)
 def demo_flow(
     config: Config | str | None = None, overrides: list[str] | None = None, force: bool = False
@@ -105,6 +160,13 @@ def demo_flow(
     idx = index_task(cfg, force=force)
     rep = report_task(cfg)
     logger.info("report: %s", rep.html)
+    base = base_task(cfg, force=force)
+    s1 = train_task(cfg, 1)
+    ins = instructions_task(cfg)
+    s2 = train_task(cfg, 2, init=s1.checkpoint)
+    ev = evaluate_task(cfg, 1, s1.checkpoint)
+    check = check_task(cfg, s1.checkpoint, s2.checkpoint)
+    logger.info("held-out images:\n%s", check.summary())
     return DemoResult(
         workspace=cfg.workspace,
         synthetic=syn,
@@ -114,4 +176,10 @@ def demo_flow(
         extract=ext,
         index=idx,
         report=rep,
+        base=base,
+        stage1=s1,
+        instructions=ins,
+        stage2=s2,
+        evaluation=ev,
+        check=check,
     )

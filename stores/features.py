@@ -102,3 +102,9 @@ def read_pairs(ws: Workspace, path: str, column: str = "image_emb") -> tuple[lis
     dim = col.type.list_size
     emb = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, dim)
     return table.column("uid").to_pylist(), table.column("caption").to_pylist(), emb
+
+
+def read_columns(ws: Workspace, path: str, columns: Sequence[str]) -> dict[str, list[Any]]:
+    """Some scalar columns of one feature part, as Python lists."""
+    with ws.open(path, "rb") as f:
+        return pq.read_table(f, columns=list(columns)).to_pydict()

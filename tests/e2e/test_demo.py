@@ -21,8 +21,15 @@ def prefect_harness():
         yield
 
 
+# training sized for 40 synthetic rows (about 20 features): every stage runs, quickly; learning is the slow test's
+SMALL_TRAINING = ["train.stage0.dim=32", "train.stage0.n_layers=2", "train.stage0.intermediate_size=64",
+                  "train.stage0.steps=30", "train.stage0.texts=300", "train.stage1.global_batch_size=4",
+                  "train.stage1.epochs=2", "train.stage1.warmup_epochs=0", "train.stage2.global_batch_size=4",
+                  "train.stage2.epochs=1", "train.stage2.warmup_epochs=0"]  # fmt: skip
+
+
 def test_demo_flow_runs_every_stage(prefect_harness: None, config: Config) -> None:
-    result = demo_flow(config)
+    result = demo_flow(config, SMALL_TRAINING)
     assert isinstance(result, DemoResult)
     assert result.synthetic.rows == 40 and result.synthetic.served["ok"] == result.synthetic.good
     assert result.ingest.sources[0].rows == 40
@@ -42,25 +49,43 @@ def test_demo_flow_runs_every_stage(prefect_harness: None, config: Config) -> No
         "== download",
         "== extract",
         "== report",
+        "== stage 0",
+        "== stage 1",
+        "== stage 2",
+        "== evaluate",
+        "== what the model says",
     ):
         assert block in text
-    again = demo_flow(config)  # a rerun redoes nothing
+    assert result.base.trained and result.stage1.steps == result.stage1.total_steps > 0
+    assert result.instructions.images > 0 and result.stage2.steps == result.stage2.total_steps > 0
+    assert result.check.heldout == result.evaluation.examples or result.check.heldout >= 2
+    again = demo_flow(config, SMALL_TRAINING)  # a rerun redoes nothing
     assert again.ingest.sources[0].written == 0 and again.curate.sources[0].skipped
     assert again.download.sources[0].new_shards == 0 and again.extract.sources[0].new_shards == 0
     assert not again.index.built
+    assert not again.base.trained
+    assert (again.stage1.run_id, again.stage2.run_id) == (result.stage1.run_id, result.stage2.run_id)
 
 
 @pytest.mark.slow
-def test_ibllm_demo_command(tmp_path: Path) -> None:
+def test_ibllm_demo_learns_to_see_the_colour(tmp_path: Path) -> None:
+    """`ibllm demo` as `make demo` runs it, on the embedded default: the model really learns from the features."""
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")}
     proc = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "demo", "--json", "--workspace", str(tmp_path / "ws"),
-         "--set", "synthetic.count=60"],
-        capture_output=True, text=True, env=env, timeout=600,
+        [sys.executable, "-m", "flows.cli", "demo", "--json", "--workspace", str(tmp_path / "ws")],
+        capture_output=True, text=True, env=env, timeout=1200,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout)
-    assert result["synthetic"]["rows"] == 60
+    assert result["synthetic"]["rows"] == 500
     assert result["download"]["sources"][0]["succeeded"] > 0
+    check = result["check"]
+    assert check["heldout"] >= 40
+    assert check["colour_accuracy"] >= 0.9, check  # the caption names the shape's colour
+    assert check["shuffled_accuracy"] <= 0.3, check  # near chance (1/8) with another image's feature
+    assert check["answer_accuracy"] >= 0.9, check  # stage 2 answers the question
+    losses = result["stage1"]["losses"]
+    assert sum(losses[-50:]) / 50 < 0.8 * sum(losses[:50]) / 50  # stage-1 loss falls
+    assert result["evaluation"]["grounding_gap"] > 0.1
     assert (tmp_path / "ws" / "synthetic" / "metadata.parquet").is_file()
     assert Path(result["report"]["html"]).is_file()
