@@ -130,6 +130,21 @@ def cmd_convert(cfg: Config, args: argparse.Namespace) -> BaseModel:
     return convert.export(args.source, args.output)
 
 
+def cmd_generate(cfg: Config, args: argparse.Namespace) -> BaseModel:
+    """Answer a prompt about any mix of image, audio, video and text inputs, or every request of a JSONL file."""
+    from pipelines import infer
+    from pipelines.infer_inputs import make_request, parse_weights
+
+    sampling = {"temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens}
+    request = make_request(
+        {"image": args.image, "audio": args.audio, "video": args.video, "text": args.text,
+         "weights": parse_weights(args.weight), "prompt": args.prompt,
+         "seed": cfg.seed if args.seed is None else args.seed} | {k: v for k, v in sampling.items() if v is not None}
+    )  # fmt: skip
+    return infer.run(cfg, request, requests_file=args.requests, checkpoint=args.checkpoint, cache=args.cache,
+                     output=args.output, device=args.device, dtype=args.dtype)  # fmt: skip
+
+
 def _wait_for_interrupt(message: str) -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())  # before saying so: a quick SIGTERM must find the handler
@@ -149,6 +164,7 @@ COMMANDS: dict[str, tuple[Command, str]] = {
     "report": (cmd_report, "write the curation report and the DuckDB catalog"),
     "train": (cmd_train, "train stage 1 or 2 with Ray Train on the cached features; --resume continues a run"),
     "evaluate": (cmd_evaluate, "held-out loss, perplexity and the visual-grounding gap of a checkpoint"),
+    "generate": (cmd_generate, "answer a prompt about images, audio, video and text (or a JSONL batch of requests)"),
     "convert": (cmd_convert, "convert released weights: Meta LLaMA, the official adapter 7B.pth, or ours back"),
     "config": (cmd_config, "print the resolved configuration (after --set and --workspace)"),
 }
@@ -178,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "evaluate":
             p.add_argument("--stage", type=int, choices=[1, 2], default=1, help="newest complete run of this stage")
             p.add_argument("--checkpoint", help="a checkpoint folder instead (its model/ folder)")
+        if name == "generate":
+            _generate_options(p)
         if name == "convert":
             p.add_argument("kind", choices=["llama", "adapter", "export"],
                            help="llama: Meta folder -> transformers folder; adapter: 7B.pth -> our checkpoint; "
@@ -193,6 +211,40 @@ def build_parser() -> argparse.ArgumentParser:
                 help="download again, into new shards, only the samples that failed for a retryable reason",
             )  # fmt: skip
     return parser
+
+
+def _generate_options(p: argparse.ArgumentParser) -> None:
+    inputs = {"image": "an image file", "audio": "an audio file", "video": "a video file",
+              "text": "a text for ImageBind's text tower (not the prompt)"}  # fmt: skip
+    for modality, what in inputs.items():
+        p.add_argument(f"--{modality}", action="append", default=[], metavar="STRING" if modality == "text" else "PATH",
+                       help=f"{what} (repeatable; several are averaged)")  # fmt: skip
+    p.add_argument(
+        "--weight",
+        action="append",
+        default=[],
+        metavar="MODALITY=W",
+        help="weight of a modality in the mix, e.g. --weight audio=0.5 (default 1 each)",
+    )
+    p.add_argument("--prompt", help="the instruction (default with inputs: 'Generate caption of this image')")
+    p.add_argument("--cache", action="store_true", help="mix in the visual cache built by `ibllm index`")
+    p.add_argument(
+        "--checkpoint", help="our checkpoint folder (default: the newest complete stage-2, else stage-1 run)"
+    )
+    p.add_argument("--temperature", type=float, help="sampling temperature, 0 = greedy (default 0.1)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling mass (default 0.75)")
+    p.add_argument("--max-new-tokens", type=int, help="longest answer in tokens (default 256)")
+    p.add_argument("--seed", type=int, help="sampling seed (default: the config's seed)")
+    p.add_argument(
+        "--requests",
+        metavar="FILE.jsonl",
+        help="one JSON request per line: image/audio/video/text, weights, prompt, temperature, top_p, "
+        "max_new_tokens, seed (the options above are the defaults)",
+    )
+    p.add_argument("--output", metavar="FILE.jsonl", help="write one JSON line per request there (default: stdout)")
+    p.add_argument("--device", default="auto", help="auto (a GPU when present), cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="of the language model and encoder (auto: bfloat16 on a GPU, float32 on the CPU)")  # fmt: skip
 
 
 def _configure_logging(verbose: bool) -> None:

@@ -1,0 +1,169 @@
+"""What `ibllm generate` is asked: requests (inputs, weights, prompt, sampling), their checks and their embeddings."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+from model.imagebind.encoder import ImageBind
+from pipelines.errors import InputError
+
+MODALITIES = ("image", "audio", "video", "text")  # text: strings through ImageBind's text tower, not the prompt
+FILE_MODALITIES = ("image", "audio", "video")
+TEXT_NEEDS_VOCAB = (
+    "text inputs need ImageBind's CLIP BPE vocabulary: set model.imagebind_vocab (bpe_simple_vocab_16e6.txt.gz)"
+)
+
+
+class Request(BaseModel):
+    """One generation request; a field left out takes the command line's value (or the built-in default)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: list[str] = []
+    audio: list[str] = []
+    video: list[str] = []
+    text: list[str] = []
+    weights: dict[str, float] = {}
+    prompt: str | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    max_new_tokens: int | None = None
+    seed: int | None = None
+
+    @field_validator("image", "audio", "video", "text", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: object) -> object:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("weights")
+    @classmethod
+    def _known_weights(cls, value: dict[str, float]) -> dict[str, float]:
+        for modality, weight in value.items():
+            check_weight(modality, weight)
+        return value
+
+    @field_validator("temperature", "top_p", "max_new_tokens")
+    @classmethod
+    def _not_negative(cls, value: float | None) -> float | None:
+        if value is not None and not value >= 0:
+            raise ValueError(f"must be >= 0, got {value}")
+        return value
+
+    def inputs(self) -> dict[str, list[str]]:
+        """The modalities this request gives, in MODALITIES order."""
+        return {m: list(getattr(self, m)) for m in MODALITIES if getattr(self, m)}
+
+
+def check_weight(modality: str, weight: float) -> None:
+    """Refuse a weight of an unknown modality, or one that is negative or not finite."""
+    if modality not in MODALITIES:
+        raise InputError(f"weight of unknown modality {modality!r}: use one of {', '.join(MODALITIES)}")
+    if not (math.isfinite(weight) and weight >= 0):
+        raise InputError(f"the weight of {modality} must be a finite number >= 0, got {weight}")
+
+
+def parse_weights(specs: list[str]) -> dict[str, float]:
+    """`["image=1", "audio=0.5"]` -> {"image": 1.0, "audio": 0.5} (the --weight options)."""
+    weights: dict[str, float] = {}
+    for spec in specs:
+        modality, sep, value = spec.partition("=")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = None
+        if not sep or weight is None:
+            raise InputError(f"--weight {spec!r}: expected MODALITY=NUMBER, e.g. image=1 or audio=0.5")
+        check_weight(modality.strip(), weight)
+        weights[modality.strip()] = weight
+    return weights
+
+
+def parse_request(line: str, number: int) -> Request:
+    """One JSON line of a requests file (`number` counts from 1), or an InputError naming the line and the problem."""
+    try:
+        doc = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise InputError(f"line {number}: not JSON ({e})") from None
+    if not isinstance(doc, dict):
+        raise InputError(f"line {number}: expected a JSON object, got {type(doc).__name__}")
+    try:
+        return make_request(doc)
+    except InputError as e:
+        raise InputError(f"line {number}: {e}") from None
+
+
+def make_request(fields: dict[str, Any]) -> Request:
+    """A Request from plain fields, or an InputError naming each bad field and why."""
+    try:
+        return Request.model_validate(fields)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'request'}: {_reason(err)}" for err in e.errors())
+        raise InputError(problems) from None
+
+
+def _reason(err: dict) -> str:
+    cause = (err.get("ctx") or {}).get("error")
+    return str(cause) if cause is not None else str(err["msg"])
+
+
+def read_requests(path: str) -> list[tuple[int, Request | InputError]]:
+    """(line number, request or the error of that line) for each non-blank line of a JSONL file."""
+    if not os.path.isfile(path):
+        raise InputError(f"requests file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    out: list[tuple[int, Request | InputError]] = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            out.append((number, parse_request(line, number)))
+        except InputError as e:
+            out.append((number, e))
+    if not out:
+        raise InputError(f"{path}: no requests (one JSON object per line)")
+    return out
+
+
+def check_request(request: Request) -> None:
+    """A request has something to answer and every input file it names exists."""
+    if not request.inputs() and not request.prompt:
+        raise InputError("nothing to answer: give a prompt, inputs (image, audio, video, text), or both")
+    check_files(request)
+
+
+def check_files(request: Request) -> None:
+    """Every input file exists (a missing one is named before anything is decoded)."""
+    for modality in FILE_MODALITIES:
+        for path in getattr(request, modality):
+            if not os.path.isfile(path):
+                raise InputError(f"{modality} file not found: {path}")
+
+
+def embed_request(encoder: ImageBind, request: Request) -> dict[str, torch.Tensor]:
+    """modality -> (1, dim) ImageBind embedding; several inputs of one modality are averaged (then normalised)."""
+    check_files(request)
+    embedders: dict[str, Callable] = {"image": encoder.embed_images, "audio": encoder.embed_audio,
+                                      "video": encoder.embed_video, "text": encoder.embed_texts}  # fmt: skip
+    out = {}
+    for modality, items in request.inputs().items():
+        if modality == "text" and encoder.tokenizer is None:
+            raise InputError(TEXT_NEEDS_VOCAB)
+        rows = []
+        for item in items:
+            try:
+                rows.append(embedders[modality]([item]))
+            except FileNotFoundError as e:
+                raise InputError(f"{modality} file not found: {item} ({e})") from None
+            except ValueError as e:  # the decoders' errors name the file and say why
+                raise InputError(f"unreadable {modality} {item}: {e}") from None
+        out[modality] = F.normalize(torch.cat(rows).mean(0, keepdim=True), dim=-1)
+    return out
