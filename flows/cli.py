@@ -99,10 +99,10 @@ def cmd_report(cfg: Config, args: argparse.Namespace) -> BaseModel:
 
 
 def cmd_demo(cfg: Config, args: argparse.Namespace) -> BaseModel:
-    """Run every stage on the config through the Prefect demo flow."""
-    from flows.demo import demo_flow
+    """Run every stage on the config through the Prefect `pipeline` flow."""
+    from flows.pipeline import pipeline_flow
 
-    return demo_flow(cfg, force=args.force)
+    return pipeline_flow(cfg, force=args.force)
 
 
 def cmd_train(cfg: Config, args: argparse.Namespace) -> BaseModel:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -9,9 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from prefect.client.orchestration import get_client
 from prefect.testing.utilities import prefect_test_harness
 
-from flows.demo import DemoResult, demo_flow
+from flows.pipeline import PipelineResult, pipeline_flow
 from pipelines.config import Config
 
 
@@ -29,13 +31,14 @@ SMALL_TRAINING = ["train.stage0.dim=32", "train.stage0.n_layers=2", "train.stage
 
 
 def test_demo_flow_runs_every_stage(prefect_harness: None, config: Config) -> None:
-    result = demo_flow(config, SMALL_TRAINING)
-    assert isinstance(result, DemoResult)
-    assert result.synthetic.rows == 40 and result.synthetic.served["ok"] == result.synthetic.good
-    assert result.ingest.sources[0].rows == 40
-    kept = result.curate.sources[0].rows_out
+    result = pipeline_flow(config, SMALL_TRAINING)
+    assert isinstance(result, PipelineResult)
+    cur = result.curation
+    assert cur.synthetic.rows == 40 and cur.synthetic.served["ok"] == cur.synthetic.good
+    assert cur.ingest.sources[0].rows == 40
+    kept = cur.curate.sources[0].rows_out
     assert 0 < kept < 40
-    (dl,) = result.download.sources
+    (dl,) = cur.download.sources
     assert dl.attempted == kept and 0 < dl.succeeded < kept
     assert result.report.totals[0]["downloaded"] == dl.succeeded
     (ext,) = result.extract.sources
@@ -59,12 +62,20 @@ def test_demo_flow_runs_every_stage(prefect_harness: None, config: Config) -> No
     assert result.base.trained and result.stage1.steps == result.stage1.total_steps > 0
     assert result.instructions.images > 0 and result.stage2.steps == result.stage2.total_steps > 0
     assert result.check.heldout == result.evaluation.examples or result.check.heldout >= 2
-    again = demo_flow(config, SMALL_TRAINING)  # a rerun redoes nothing
-    assert again.ingest.sources[0].written == 0 and again.curate.sources[0].skipped
-    assert again.download.sources[0].new_shards == 0 and again.extract.sources[0].new_shards == 0
+    again = pipeline_flow(config, SMALL_TRAINING)  # a rerun redoes nothing
+    assert again.curation.ingest.sources[0].written == 0 and again.curation.curate.sources[0].skipped
+    assert again.curation.download.sources[0].new_shards == 0 and again.extract.sources[0].new_shards == 0
     assert not again.index.built
     assert not again.base.trained
     assert (again.stage1.run_id, again.stage2.run_id) == (result.stage1.run_id, result.stage2.run_id)
+    keys = {a.key for a in asyncio.run(_artifacts())}
+    assert {"curation-funnel", "curation-report", "training-stage1", "training-stage2", "evaluation-stage1",
+            "demo-check"} <= keys  # fmt: skip
+
+
+async def _artifacts() -> list:
+    async with get_client() as client:
+        return await client.read_artifacts()
 
 
 @pytest.mark.slow

@@ -1,0 +1,49 @@
+"""Prefect artifacts of the stages: the curation funnel, the report summary, training metrics, held-out checks."""
+
+from __future__ import annotations
+
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from pipelines.curate import CurateResult
+from pipelines.demo_check import DemoCheck
+from pipelines.evaluate import EvalResult
+from pipelines.report import ReportResult
+from pipelines.train import TrainResult
+
+CURVE_POINTS = 50  # rows of the loss-curve table
+
+
+def funnel(result: CurateResult) -> None:
+    """The curation funnel: rows into and out of every filter of every source."""
+    rows = [r.model_dump() for s in result.sources for r in s.funnel]
+    create_table_artifact(rows, key="curation-funnel", description="Rows into and out of every curation filter")
+
+
+def report(result: ReportResult) -> None:
+    """The report's totals as markdown, with the path of the HTML report."""
+    lines = ["# Curation report", "", f"HTML report: `{result.html}`", "",
+             "| source | metadata rows | curated | attempted | downloaded |", "|---|---:|---:|---:|---:|"]  # fmt: skip
+    for t in result.totals:
+        lines.append(f"| {t['source']} | {t['metadata_rows']} | {t['curated_rows']} | {t['attempted']} | "
+                     f"{t['downloaded']} |")  # fmt: skip
+    create_markdown_artifact("\n".join(lines), key="curation-report", description="Curation report summary")
+
+
+def training(result: TrainResult) -> None:
+    """A stage's loss curve (at most CURVE_POINTS rows) and its summary."""
+    losses = result.losses
+    every = max(1, len(losses) // CURVE_POINTS)
+    rows = [{"step": i + 1, "loss": round(loss, 5)} for i, loss in enumerate(losses) if (i + 1) % every == 0]
+    create_table_artifact(rows, key=f"training-stage{result.stage}", description=result.summary())
+
+
+def evaluation(result: EvalResult) -> None:
+    """Held-out loss, perplexity and the shuffled-feature loss of a checkpoint."""
+    create_table_artifact([result.model_dump(exclude={"checkpoint"})], key=f"evaluation-stage{result.stage}",
+                          description=result.summary())  # fmt: skip
+
+
+def demo_check(result: DemoCheck) -> None:
+    """What the model said about held-out images, as markdown."""
+    create_markdown_artifact("# Held-out images\n\n```\n" + result.summary() + "\n```", key="demo-check",
+                             description="Colour named in held-out captions, true vs shuffled features")  # fmt: skip

@@ -1,0 +1,113 @@
+"""The end-to-end `pipeline` flow: every stage in order; on the demo config it ends by checking what the model sees."""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger
+from pydantic import BaseModel
+
+from flows import artifacts
+from flows.stages import CurationResult, curate_flow, evaluate_flow, extract_flow, index_flow, report_flow, train_flow
+from flows.tasks import ask_task, base_task, check_task, instructions_task
+from pipelines import base_lm, demo_ask, demo_check, demo_data, evaluate, extract, index, report, train
+from pipelines.config import Config, resolve_config
+
+
+class PipelineResult(BaseModel):
+    """What each stage produced, in order (stage 0, generated instructions and the check only on the demo)."""
+
+    workspace: str
+    curation: CurationResult
+    extract: extract.ExtractResult
+    index: index.IndexResult
+    report: report.ReportResult
+    base: base_lm.BaseLMResult | None
+    stage1: train.TrainResult
+    instructions: demo_data.InstructionsResult | None
+    stage2: train.TrainResult
+    evaluation: evaluate.EvalResult
+    check: demo_check.DemoCheck | None
+    answers: demo_ask.DemoAnswers | None
+
+    def summary(self) -> str:
+        """Human lines, one block per stage."""
+        c = self.curation
+        blocks = [
+            ("synthetic source", c.synthetic.summary() if c.synthetic else None),
+            ("ingest", c.ingest.summary()),
+            ("curate: the funnel", c.curate.summary()),
+            ("download", c.download.summary()),
+            ("extract", self.extract.summary()),
+            ("visual cache index", self.index.summary()),
+            ("report", self.report.summary()),
+            ("stage 0: the demo's base LLaMA", self.base.summary() if self.base else None),
+            ("stage 1: bind network, gates, prefix", self.stage1.summary()),
+            ("stage 2 data", self.instructions.summary() if self.instructions else None),
+            ("stage 2: LoRA, biases, norms", self.stage2.summary()),
+            ("evaluate", self.evaluation.summary()),
+            ("what the model says about held-out images", self.check.summary() if self.check else None),
+            (
+                "ibllm generate on a held-out picture and an audio clip",
+                self.answers.summary() if self.answers else None,
+            ),
+            ("summary", self.table()),
+        ]
+        out = [f"workspace: {self.workspace}"]
+        for name, text in blocks:
+            if text is not None:
+                out.append(f"\n== {name}")
+                out.extend("   " + line for line in text.splitlines())
+        return "\n".join(out)
+
+    def table(self) -> str:
+        """One line per stage: its main figure."""
+        c, x, s1, s2, ev = self.curation, self.extract, self.stage1, self.stage2, self.evaluation
+        kept = f"{sum(s.rows_in for s in c.curate.sources)} rows -> {sum(s.rows_out for s in c.curate.sources)}"
+        images = sum(s.succeeded for s in c.download.sources)
+        rows = [
+            ("curate", kept),
+            ("download", f"{images} images in {sum(s.shards for s in c.download.sources)} shards"),
+            ("extract", f"{sum(s.rows for s in x.sources)} features ({x.encoder_id})"),
+            ("index", f"{self.index.count} vectors, recall@10 {self.index.recall_at_10:.3f}"),
+            ("stage 1", f"{s1.steps} steps, loss {s1.first_loss:.3f} -> {s1.final_loss:.3f}"),
+            ("stage 2", f"{s2.steps} steps, loss {s2.first_loss:.3f} -> {s2.final_loss:.3f}"),
+            ("evaluate", f"held-out loss {ev.loss:.3f}, grounding gap {ev.grounding_gap:+.3f}"),
+        ]
+        if self.check:
+            rows.append(
+                (
+                    "check",
+                    f"colour right {self.check.colour_accuracy:.0%} (shuffled "
+                    f"{self.check.shuffled_accuracy:.0%}), answers {self.check.answer_accuracy:.0%}",
+                )
+            )
+        return "\n".join(f"{name:<10} {text}" for name, text in rows)
+
+
+@flow(name="ibllm-pipeline", log_prints=True)
+def pipeline_flow(
+    config: Config | str | None = None, overrides: list[str] | None = None, force: bool = False
+) -> PipelineResult:
+    """Curate, download, extract, index, report, train stage 1 and 2, evaluate (stage 0 and a check on the demo)."""
+    logger = get_run_logger()
+    cfg = resolve_config(config, overrides)
+    demo = cfg.train.stage0 is not None
+    cur = curate_flow(cfg, force=force)
+    ext = extract_flow(cfg, force=force)
+    idx = index_flow(cfg, force=force)
+    rep = report_flow(cfg)
+    base = base_task(cfg, force=force) if demo else None
+    s1 = train_flow(cfg, stage=1)
+    ins = instructions_task(cfg) if demo and not cfg.train.stage2.data else None
+    s2 = train_flow(cfg, stage=2, init=s1.checkpoint)
+    ev = evaluate_flow(cfg, stage=1, checkpoint=s1.checkpoint)
+    check = answers = None
+    if demo:
+        check = check_task(cfg, s1.checkpoint, s2.checkpoint)
+        artifacts.demo_check(check)
+        logger.info("held-out images:\n%s", check.summary())
+        answers = ask_task(cfg, s2.checkpoint)
+        logger.info("questions:\n%s", answers.summary())
+    return PipelineResult(
+        workspace=cfg.workspace, curation=cur, extract=ext, index=idx, report=rep, base=base, stage1=s1,
+        instructions=ins, stage2=s2, evaluation=ev, check=check, answers=answers,
+    )  # fmt: skip

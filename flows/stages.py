@@ -1,0 +1,117 @@
+"""A Prefect flow per stage: curation (synthetic, ingest, curate, download), extract, index, report, train, evaluate."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "pipelines,stores,model")
+
+from prefect import flow, get_run_logger
+from pydantic import BaseModel
+
+from flows import artifacts
+from flows.tasks import (
+    curate_task,
+    download_source_task,
+    evaluate_task,
+    extract_task,
+    index_task,
+    ingest_task,
+    report_task,
+    synthetic_task,
+    train_task,
+)
+from pipelines import curate, download, evaluate, extract, index, ingest, report, synthetic, train
+from pipelines.config import Config, resolve_config
+from pipelines.synthetic_server import server_for
+
+ConfigParam = Config | str | None
+
+
+class CurationResult(BaseModel):
+    """The data stages up to webdataset shards."""
+
+    synthetic: synthetic.SyntheticResult | None
+    ingest: ingest.IngestResult
+    curate: curate.CurateResult
+    download: download.DownloadResult
+
+
+@flow(name="ibllm-curate", log_prints=True)
+def curate_flow(config: ConfigParam = None, overrides: list[str] | None = None, force: bool = False) -> CurationResult:
+    """Ingest, curate and download every source (the synthetic one is generated and served on loopback first)."""
+    logger = get_run_logger()
+    cfg = resolve_config(config, overrides)
+    has_synthetic = any(s.format == "synthetic" for s in cfg.sources)
+    with server_for(cfg) if has_synthetic else contextlib.nullcontext() as server:
+        syn = None
+        if server is not None:
+            logger.info("synthetic source served at %s", server.base_url)
+            syn = synthetic_task(cfg, server.base_url, force=force)
+        ing = ingest_task(cfg, force=force)
+        cur = curate_task(cfg, force=force)
+        artifacts.funnel(cur)
+        logger.info("curation funnel:\n%s", cur.summary())
+        start = time.perf_counter()
+        sources = [download_source_task(cfg, s.name, force=force) for s in cfg.sources]
+    dl = download.DownloadResult(sources=sources, seconds=round(time.perf_counter() - start, 3))
+    logger.info("download:\n%s", dl.summary())
+    return CurationResult(synthetic=syn, ingest=ing, curate=cur, download=dl)
+
+
+@flow(name="ibllm-extract", log_prints=True)
+def extract_flow(
+    config: ConfigParam = None, overrides: list[str] | None = None, force: bool = False
+) -> extract.ExtractResult:
+    """ImageBind features of every downloaded shard not yet in the feature set (resumable at shard level)."""
+    result = extract_task(resolve_config(config, overrides), force=force)
+    get_run_logger().info("extract:\n%s", result.summary())
+    return result
+
+
+@flow(name="ibllm-index", log_prints=True)
+def index_flow(
+    config: ConfigParam = None, overrides: list[str] | None = None, force: bool = False
+) -> index.IndexResult:
+    """The visual cache index over `index.source`'s features (rebuilt only when they changed)."""
+    result = index_task(resolve_config(config, overrides), force=force)
+    get_run_logger().info("index:\n%s", result.summary())
+    return result
+
+
+@flow(name="ibllm-report", log_prints=True)
+def report_flow(config: ConfigParam = None, overrides: list[str] | None = None) -> report.ReportResult:
+    """The curation report (HTML and JSON) from the catalog."""
+    result = report_task(resolve_config(config, overrides))
+    artifacts.report(result)
+    get_run_logger().info("report: %s", result.html)
+    return result
+
+
+@flow(name="ibllm-train", flow_run_name="ibllm-train-stage{stage}", log_prints=True)
+def train_flow(
+    config: ConfigParam = None,
+    overrides: list[str] | None = None,
+    stage: int = 1,
+    init: str | None = None,
+    resume: bool = False,
+) -> train.TrainResult:
+    """Train stage 1 or 2 (stage 2 from `init`, default the newest stage-1 run); the loss curve as an artifact."""
+    result = train_task(resolve_config(config, overrides), stage, init=init, resume=resume)
+    artifacts.training(result)
+    get_run_logger().info("%s", result.summary())
+    return result
+
+
+@flow(name="ibllm-evaluate", flow_run_name="ibllm-evaluate-stage{stage}", log_prints=True)
+def evaluate_flow(
+    config: ConfigParam = None, overrides: list[str] | None = None, stage: int = 1, checkpoint: str | None = None
+) -> evaluate.EvalResult:
+    """Held-out metrics of a checkpoint (default: the stage's newest complete run), into the catalog."""
+    result = evaluate_task(resolve_config(config, overrides), stage, checkpoint)
+    artifacts.evaluation(result)
+    get_run_logger().info("%s", result.summary())
+    return result
