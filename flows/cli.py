@@ -119,6 +119,13 @@ def cmd_evaluate(cfg: Config, args: argparse.Namespace) -> BaseModel:
     return evaluate.run(cfg, args.stage, checkpoint=args.checkpoint)
 
 
+def cmd_retrain(cfg: Config, args: argparse.Namespace) -> BaseModel:
+    """Retrain on the shards new since the last retrain and promote the model only when it is at least as good."""
+    from pipelines import retrain
+
+    return retrain.run(cfg, force=args.force)
+
+
 def cmd_convert(cfg: Config, args: argparse.Namespace) -> BaseModel:
     """Convert released weights: `llama` (Meta -> transformers), `adapter` (official 7B.pth -> ours), `export`."""
     from pipelines import convert
@@ -164,6 +171,7 @@ COMMANDS: dict[str, tuple[Command, str]] = {
     "report": (cmd_report, "write the curation report and the DuckDB catalog"),
     "train": (cmd_train, "train stage 1 or 2 with Ray Train on the cached features; --resume continues a run"),
     "evaluate": (cmd_evaluate, "held-out loss, perplexity and the visual-grounding gap of a checkpoint"),
+    "retrain": (cmd_retrain, "extract, index and train on what is new; promote when at least as good; --force"),
     "generate": (cmd_generate, "answer a prompt about images, audio, video and text (or a JSONL batch of requests)"),
     "convert": (cmd_convert, "convert released weights: Meta LLaMA, the official adapter 7B.pth, or ours back"),
     "config": (cmd_config, "print the resolved configuration (after --set and --workspace)"),

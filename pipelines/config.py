@@ -226,10 +226,15 @@ class TrainConfig(Section):
 
 
 class RetrainConfig(Section):
-    """Scheduled retraining."""
+    """Scheduled retraining: new shards -> extract -> index -> stage 1 -> stage 2 -> promote when at least as good."""
 
     cron: str = Field("0 3 * * 0", description="weekly by default: Sunday 03:00")
     timezone: str = "UTC"
+    heldout_size: int = Field(
+        1000, ge=2, description="held-out uids frozen at the first retrain: every candidate is measured on them"
+    )
+    eval_batch_size: int = Field(32, gt=0, description="held-out captions per evaluation batch")
+    local: bool = Field(False, description="train in this process with one worker instead of Ray Train (small runs)")
 
     @field_validator("cron")
     @classmethod

@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
+from collections.abc import Iterator, Sequence
 
 import torch
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from model.llm import ImageBindLLM
 from model.llm_checkpoint import load_tensors, read_checkpoint
 from model.llm_tokenizer import load_tokenizer
 from pipelines.config import Config
 from pipelines.errors import InputError
-from pipelines.train_data import FeatureCaptions, Plan, step_batches
+from pipelines.train_data import CAPTION_PROMPT, Example, ExampleSource, FeatureCaptions, Plan, step_batches
 from pipelines.train_loop import masked_sum_loss
 from pipelines.train_setup import build_model, latest_checkpoint, local_dir, resolve_job
+from stores.features import read_pairs
 from stores.workspace import Workspace
 
+log = logging.getLogger(__name__)
 EVAL_DIR = "evaluations"
 
 
@@ -36,6 +40,7 @@ class EvalResult(BaseModel):
     grounding_gap: float
     evaluated_at: str
     seconds: float
+    heldout: str = Field("split", description="'split' (train.holdout's uid hash) or 'uids' (a given uid list)")
 
     def summary(self) -> str:
         return (f"evaluate stage {self.stage} run {self.run_id}: {self.examples} held-out captions, loss "
@@ -63,9 +68,37 @@ def held_out_losses(model: ImageBindLLM, batches: list, device: torch.device) ->
     return true_sum / tokens, fake_sum / tokens, tokens
 
 
-def run(cfg: Config, stage: int = 1, checkpoint: str | None = None, batch_size: int = 32) -> EvalResult:
+class UidCaptions:
+    """The (feature, caption) rows of a fixed uid list, in the list's order (a yardstick that new data never moves)."""
+
+    def __init__(self, ws: Workspace, files: Sequence[str], uids: Sequence[str]) -> None:
+        wanted = {u: i for i, u in enumerate(uids)}
+        found: dict[str, Example] = {}
+        for path in files:
+            part_uids, captions, emb = read_pairs(ws, path)
+            for uid, caption, feature in zip(part_uids, captions, emb, strict=True):
+                if uid in wanted and uid not in found:
+                    found[uid] = Example(feature, CAPTION_PROMPT, str(caption), uid)
+        if len(found) < len(wanted):
+            log.warning("%d of %d held-out uids are not in the features: evaluating on the other %d",
+                        len(wanted) - len(found), len(wanted), len(found))  # fmt: skip
+        self.examples = sorted(found.values(), key=lambda e: wanted[e.key])
+        self.size = len(self.examples)
+
+    def iterate(self, epoch: int) -> Iterator[Example]:
+        return iter(self.examples)
+
+
+def run(
+    cfg: Config,
+    stage: int = 1,
+    checkpoint: str | None = None,
+    batch_size: int = 32,
+    uids: Sequence[str] | None = None,
+) -> EvalResult:
     """Evaluate `checkpoint` (default: the newest complete run of `stage`) on the held-out split of stage 1's
-    features (`train.holdout`), and record the metrics beside the run (the catalog's `evaluations` view)."""
+    features (`train.holdout`), or on the rows of the given `uids` only, and record the metrics beside the run
+    (the catalog's `evaluations` view)."""
     start = time.perf_counter()
     ws = Workspace(cfg.workspace, cfg.storage_options)
     checkpoint = checkpoint or latest_checkpoint(ws, stage)
@@ -75,9 +108,15 @@ def run(cfg: Config, stage: int = 1, checkpoint: str | None = None, batch_size: 
     model = build_model(job)
     _, tensors, _ = read_checkpoint(local_dir(ws, checkpoint))
     load_tensors(model, tensors, checkpoint)
-    source = FeatureCaptions(ws, job.feature_files, job.seed, holdout=job.holdout, split="heldout")
-    if source.size < 2:
-        raise InputError(f"{source.size} held-out captions: raise train.holdout ({job.holdout}) to evaluate")
+    source: ExampleSource
+    if uids is not None:
+        source = UidCaptions(ws, job.feature_files, uids)
+        if source.size < 2:
+            raise InputError(f"{source.size} of the {len(uids)} held-out uids are in the features: too few to evaluate")
+    else:
+        source = FeatureCaptions(ws, job.feature_files, job.seed, holdout=job.holdout, split="heldout")
+        if source.size < 2:
+            raise InputError(f"{source.size} held-out captions: raise train.holdout ({job.holdout}) to evaluate")
     tokenizer = load_tokenizer(job.tokenizer)
     size = min(batch_size, source.size)
     plan = Plan(size, 1, 1, job.max_words)
@@ -90,7 +129,7 @@ def run(cfg: Config, stage: int = 1, checkpoint: str | None = None, batch_size: 
         stage=stage, run_id=run_id, checkpoint=checkpoint, examples=sum(len(m.input_ids) for m in batches),
         tokens=tokens, loss=loss, perplexity=math.exp(min(loss, 50.0)), shuffled_loss=shuffled,
         grounding_gap=shuffled - loss, evaluated_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
-        seconds=time.perf_counter() - start,
+        seconds=time.perf_counter() - start, heldout="split" if uids is None else "uids",
     )  # fmt: skip
     stamp = time.strftime("%Y%m%d-%H%M%S")
     ws.write_bytes(ws.checkpoints(f"stage{stage}", run_id, EVAL_DIR, f"{stamp}.json"),

@@ -29,6 +29,7 @@ from pipelines.config import Config
 from pipelines.errors import InputError
 from pipelines.infer_inputs import TEXT_NEEDS_VOCAB, Request, check_request, embed_request, read_requests
 from pipelines.train_setup import latest_checkpoint, local_dir
+from stores import registry
 from stores.index import CacheIndex, IndexMismatch
 from stores.workspace import Workspace
 
@@ -72,9 +73,15 @@ class GenerateResult(BaseModel):
 
 
 def choose_checkpoint(ws: Workspace, given: str | None = None) -> str:
-    """The checkpoint to answer with: `given`, else the newest complete stage-2 run, else stage-1's."""
+    """The checkpoint to answer with: `given`, else the registry's promoted stage-2 checkpoint (the model in
+    service), else the newest complete stage-2 run, else stage-1's."""
     if given:
         return given
+    in_service = registry.promoted(ws)
+    if in_service is not None:
+        if "://" in in_service.stage2_checkpoint or os.path.isdir(in_service.stage2_checkpoint):
+            return in_service.stage2_checkpoint
+        log.warning("the promoted checkpoint %s is gone: using the newest complete run", in_service.stage2_checkpoint)
     for stage in (2, 1):
         found = latest_checkpoint(ws, stage)
         if found:

@@ -55,7 +55,7 @@ EMPTY = {
     "evaluations": "SELECT NULL::BIGINT AS stage, NULL::VARCHAR AS run_id, NULL::VARCHAR AS checkpoint, "
     "NULL::BIGINT AS examples, NULL::BIGINT AS tokens, NULL::DOUBLE AS loss, NULL::DOUBLE AS perplexity, "
     "NULL::DOUBLE AS shuffled_loss, NULL::DOUBLE AS grounding_gap, NULL::VARCHAR AS evaluated_at, "
-    "NULL::DOUBLE AS seconds WHERE false",
+    "NULL::DOUBLE AS seconds, NULL::VARCHAR AS heldout WHERE false",
     "downloads_raw": "SELECT NULL::VARCHAR AS uid, NULL::VARCHAR AS source, NULL::DOUBLE AS similarity, "
     "NULL::VARCHAR AS caption, NULL::VARCHAR AS url, NULL::VARCHAR AS key, NULL::VARCHAR AS status, "
     "NULL::VARCHAR AS error_message, NULL::BIGINT AS width, NULL::BIGINT AS height, NULL::BIGINT AS original_width, "

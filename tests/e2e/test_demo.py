@@ -14,6 +14,7 @@ from prefect.client.orchestration import get_client
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.pipeline import PipelineResult, pipeline_flow
+from flows.retrain import retrain_flow
 from pipelines.config import Config
 
 
@@ -68,9 +69,14 @@ def test_demo_flow_runs_every_stage(prefect_harness: None, config: Config) -> No
     assert not again.index.built
     assert not again.base.trained
     assert (again.stage1.run_id, again.stage2.run_id) == (result.stage1.run_id, result.stage2.run_id)
+    first = retrain_flow(config, SMALL_TRAINING)  # nothing promoted yet: the pipeline's runs are reused, promoted
+    assert first.decision is not None and first.decision.promoted
+    assert first.stage2.run_id == result.stage2.run_id
+    idle = retrain_flow(config, SMALL_TRAINING)  # no new shards: no work, nothing promoted
+    assert not idle.plan.has_work and idle.decision is None
     keys = {a.key for a in asyncio.run(_artifacts())}
     assert {"curation-funnel", "curation-report", "training-stage1", "training-stage2", "evaluation-stage1",
-            "demo-check"} <= keys  # fmt: skip
+            "demo-check", "retrain-decision"} <= keys  # fmt: skip
 
 
 async def _artifacts() -> list:

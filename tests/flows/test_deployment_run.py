@@ -84,7 +84,17 @@ def test_pipeline_deployment_runs_on_a_worker(server: dict[str, str], tmp_path: 
     _prefect(env, "work-pool", "create", "ibllm", "--type", "process")
     _prefect(env, "--no-prompt", "deploy", "--all")
     listed = _prefect(env, "deployment", "ls")
-    for name in ("pipeline", "curate", "extract", "index", "report", "train-stage1", "train-stage2", "evaluate"):
+    for name in (
+        "pipeline",
+        "curate",
+        "extract",
+        "index",
+        "report",
+        "train-stage1",
+        "train-stage2",
+        "evaluate",
+        "retrain",
+    ):
         assert name in listed, listed
     worker = _start([*PREFECT, "worker", "start", "--pool", "ibllm", "--limit", "1"], env, tmp_path / "worker.log")
     ws = tmp_path / "ws"

@@ -23,3 +23,14 @@ def test_every_deployment_loads() -> None:
         assert set(params) <= set(flow.parameters.properties), dep["name"]
         if params.get("config"):
             load_config(ROOT / params["config"], params.get("overrides"))
+
+
+def test_the_retrain_deployment_runs_weekly_on_the_config_schedule_one_at_a_time() -> None:
+    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    (dep,) = [d for d in spec["deployments"] if d["name"] == "retrain"]
+    cfg = load_config(ROOT / dep["parameters"]["config"])
+    assert dep["schedules"] == [{"cron": cfg.retrain.cron, "timezone": cfg.retrain.timezone}]
+    assert dep["concurrency_limit"] == 1
+    names = {d["name"] for d in spec["deployments"]}
+    assert {"pipeline", "curate", "extract", "index", "report", "train-stage1", "train-stage2", "evaluate",
+            "retrain"} <= names  # fmt: skip
