@@ -94,8 +94,8 @@ def test_ibllm_demo_learns_to_see_the_colour(tmp_path: Path) -> None:
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout)
-    assert result["synthetic"]["rows"] == 500
-    assert result["download"]["sources"][0]["succeeded"] > 0
+    assert result["curation"]["synthetic"]["rows"] == 500
+    assert result["curation"]["download"]["sources"][0]["succeeded"] > 0
     check = result["check"]
     assert check["heldout"] >= 40
     assert check["colour_accuracy"] >= 0.9, check  # the caption names the shape's colour
@@ -104,5 +104,9 @@ def test_ibllm_demo_learns_to_see_the_colour(tmp_path: Path) -> None:
     losses = result["stage1"]["losses"]
     assert sum(losses[-50:]) / 50 < 0.8 * sum(losses[:50]) / 50  # stage-1 loss falls
     assert result["evaluation"]["grounding_gap"] > 0.1
+    asked = result["answers"]["asked"]  # generate on a held-out picture and an audio clip, without and with cache
+    assert [(a["cache"], a["input"].endswith(".wav")) for a in asked] == [(False, False), (False, True), (True, False),
+                                                                          (True, True)]  # fmt: skip
+    assert all(a["answer"] for a in asked)
     assert (tmp_path / "ws" / "synthetic" / "metadata.parquet").is_file()
     assert Path(result["report"]["html"]).is_file()
