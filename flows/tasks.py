@@ -63,7 +63,7 @@ def index_task(cfg: Config, force: bool = False) -> index.IndexResult:
     return index.run(cfg, force=force)
 
 
-@task(name="report", retries=1, timeout_seconds=2 * HOUR)
+@task(name="report", retries=1, retry_delay_seconds=5, timeout_seconds=2 * HOUR)
 def report_task(cfg: Config) -> report.ReportResult:
     """Write the curation report."""
     return report.run(cfg)

@@ -11,18 +11,10 @@ from pathlib import Path
 
 import pytest
 from prefect.client.orchestration import get_client
-from prefect.testing.utilities import prefect_test_harness
 
 from flows.pipeline import PipelineResult, pipeline_flow
 from flows.retrain import retrain_flow
 from pipelines.config import Config
-
-
-@pytest.fixture(scope="session")
-def prefect_harness():
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
 
 # training sized for 40 synthetic rows (about 20 features): every stage runs, quickly; learning is the slow test's
 SMALL_TRAINING = ["train.stage0.dim=32", "train.stage0.n_layers=2", "train.stage0.intermediate_size=64",
