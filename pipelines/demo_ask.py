@@ -57,12 +57,12 @@ def run(cfg: Config, checkpoint: str) -> DemoAnswers:
         raise InputError(f"{audio}: no synthetic audio clip; run `ibllm synthetic`")
     question, caption = demo_text.QUESTIONS[0][0], demo_text.QUESTIONS[-1][0]
     asked = []
-    for cache in (False, True):
+    for cache in (False, True):  # one engine (model, encoder, cache) per setting, asked both questions
+        engine, _ = infer.load_engine(cfg, checkpoint, need_encoder=True, use_cache=cache, device="auto",
+                                      dtype="auto")  # fmt: skip
         for path, kind, prompt, want in ((image, "image", question, truth), (audio, "audio", caption, None)):
-            result = infer.run(cfg, Request(**{kind: [path]}, prompt=prompt, temperature=0.0), checkpoint=checkpoint,
-                               cache=cache)  # fmt: skip
-            asked.append(Asked(input=path, cache=cache, question=prompt, answer=result.answers[0].answer or "",
-                               truth=want))  # fmt: skip
+            answer = engine.answer(Request(**{kind: [path]}, prompt=prompt, temperature=0.0))
+            asked.append(Asked(input=path, cache=cache, question=prompt, answer=answer, truth=want))
     return DemoAnswers(checkpoint=checkpoint, asked=asked)
 
 

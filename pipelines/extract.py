@@ -26,6 +26,7 @@ from stores.workspace import Workspace
 
 log = logging.getLogger(__name__)
 DEMO_VOCAB_MERGES = 2000
+DEMO_VOCAB = ("models", "clip_bpe_demo.txt.gz")  # the CLIP vocabulary learned for small presets
 
 
 class SourceExtract(BaseModel):
@@ -67,7 +68,7 @@ def resolve_vocab(cfg: Config, ws: Workspace) -> bytes:
             return f.read()
     if cfg.model.imagebind == "huge":
         raise ValueError("model.imagebind_vocab is required with the huge encoder (bpe_simple_vocab_16e6.txt.gz)")
-    path = ws.path("models", "clip_bpe_demo.txt.gz")
+    path = ws.path(*DEMO_VOCAB)
     if not ws.exists(path):  # a small vocabulary of the same format, learned from the data (no download)
         captions = [r[0] for r in Catalog(ws).query("SELECT caption FROM curated ORDER BY uid")]
         with ws.scratch() as scratch:

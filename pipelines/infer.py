@@ -27,14 +27,14 @@ from model.llm_tokenizer import TextTokenizer, load_tokenizer
 from model.prompts import CAPTION_INSTRUCTION, format_prompt
 from pipelines.config import Config
 from pipelines.errors import InputError
+from pipelines.extract import DEMO_VOCAB
 from pipelines.infer_inputs import TEXT_NEEDS_VOCAB, Request, check_request, embed_request, read_requests
-from pipelines.train_setup import latest_checkpoint, local_dir
+from pipelines.train_setup import demo_file, latest_checkpoint, local_dir
 from stores import registry
 from stores.index import CacheIndex, IndexMismatch
 from stores.workspace import Workspace
 
 log = logging.getLogger(__name__)
-DEMO_VOCAB = ("models", "clip_bpe_demo.txt.gz")  # the CLIP vocabulary `ibllm extract` learns for small presets
 RUN_FILE = "run.json"
 
 
@@ -113,11 +113,6 @@ def _checkpoint_dir(ws: Workspace, checkpoint: str) -> str:
     local = local_dir(ws, checkpoint)
     nested = os.path.join(local, "model")
     return nested if not os.path.isfile(os.path.join(local, "config.json")) and os.path.isdir(nested) else local
-
-
-def _demo_file(ws: Workspace, name: str) -> str | None:
-    path = ws.checkpoints("stage0", "base", name)
-    return path if ws.is_local and os.path.exists(path) else None
 
 
 def _vocab(cfg: Config, ws: Workspace) -> str | None:
@@ -210,8 +205,8 @@ def load_engine(cfg: Config, checkpoint: str, need_encoder: bool, use_cache: boo
     encoder, cache = None, None
     if need_encoder:
         encoder, cache = _encoder_and_cache(cfg, ws, checkpoint, trained, config.feature_dim, device, dtype, use_cache)
-    base = cfg.model.llama_path or _demo_file(ws, "llama") or job.get("base_llama")
-    tok_path = cfg.model.tokenizer_path or _demo_file(ws, "tokenizer.json") or job.get("tokenizer")
+    base = cfg.model.llama_path or demo_file(ws, "llama") or job.get("base_llama")
+    tok_path = cfg.model.tokenizer_path or demo_file(ws, "tokenizer.json") or job.get("tokenizer")
     if not tok_path:
         raise InputError("model.tokenizer_path is not set (LLaMA's tokenizer.model, or a tokenizer.json)")
     if base is None:  # training built the same seeded random base: rebuild it so the checkpoint fits

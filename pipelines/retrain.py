@@ -220,8 +220,8 @@ def _job(ws: Workspace, stage: int, run_id: str) -> dict:
     return (read_json(ws, ws.checkpoints(f"stage{stage}", run_id, RUN_FILE)) or {}).get("job") or {}
 
 
-def _loss(cfg: Config, checkpoint: str, held: HeldOut) -> float:
-    return evaluate.run(cfg, 2, checkpoint, batch_size=cfg.retrain.eval_batch_size, uids=held.uids).loss
+def _measure(cfg: Config, checkpoint: str, held: HeldOut) -> evaluate.EvalResult:
+    return evaluate.run(cfg, 2, checkpoint, batch_size=cfg.retrain.eval_batch_size, uids=held.uids)
 
 
 def decide(cfg: Config, plan: RetrainPlan, stage1: TrainResult, stage2: TrainResult) -> Decision:
@@ -229,7 +229,7 @@ def decide(cfg: Config, plan: RetrainPlan, stage1: TrainResult, stage2: TrainRes
     at least as good, and record lineage, promotion and decision, in that order (the decision is the commit)."""
     ws = Workspace(cfg.workspace, cfg.storage_options)
     held = heldout_set(cfg)
-    measured = evaluate.run(cfg, 2, stage2.checkpoint, batch_size=cfg.retrain.eval_batch_size, uids=held.uids)
+    measured = _measure(cfg, stage2.checkpoint, held)
     candidate = ModelRef(stage1_run_id=stage1.run_id, stage1_checkpoint=stage1.checkpoint,
                          stage2_run_id=stage2.run_id, stage2_checkpoint=stage2.checkpoint,
                          value=measured.loss)  # fmt: skip
@@ -239,7 +239,7 @@ def decide(cfg: Config, plan: RetrainPlan, stage1: TrainResult, stage2: TrainRes
     incumbent = None
     if promoted is not None:
         same = promoted.stage2_checkpoint == stage2.checkpoint
-        value = measured.loss if same else _loss(cfg, promoted.stage2_checkpoint, held)
+        value = measured.loss if same else _measure(cfg, promoted.stage2_checkpoint, held).loss
         incumbent = ModelRef(**promoted.model_dump(include=set(ModelRef.model_fields)) | {"value": value})
         log.info("promoted stage-2 run %s: held-out loss %.4f", promoted.stage2_run_id, value)
     promote, reason = verdict(measured.loss, incumbent.value if incumbent else None,

@@ -86,11 +86,11 @@ def resolve_job(
     sc = getattr(cfg.train, f"stage{stage}")
     m = cfg.model
     encoder_id = encoder_id_for(m.imagebind, m.imagebind_checkpoint, cfg.seed)
-    tokenizer_path = m.tokenizer_path or _demo_file(ws, "tokenizer.json")
+    tokenizer_path = m.tokenizer_path or demo_file(ws, "tokenizer.json")
     if not tokenizer_path:
         raise InputError("model.tokenizer_path is not set (LLaMA's tokenizer.model, or a tokenizer.json)")
     tokenizer = load_tokenizer(tokenizer_path)
-    base = m.llama_path or _demo_file(ws, "llama")
+    base = m.llama_path or demo_file(ws, "llama")
     llm = _llm_config(cfg, base, tokenizer.n_words, tokenizer.bos_id, tokenizer.eos_id)
     feature_parts: list[str] = []
     instruction_files: list[str] = []
@@ -138,7 +138,7 @@ def _llm_config(cfg: Config, base: str | None, vocab: int, bos: int, eos: int) -
     return LLMConfig.preset("tiny", vocab_size=vocab, bos_id=bos, eos_id=eos, **lora)
 
 
-def _demo_file(ws: Workspace, name: str) -> str | None:
+def demo_file(ws: Workspace, name: str) -> str | None:
     """The demo's own base language model and tokenizer (stage 0), when it has made them."""
     path = ws.checkpoints("stage0", "base", name)
     return path if ws.is_local and os.path.exists(path) else None
