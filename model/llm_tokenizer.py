@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -40,6 +41,10 @@ class TextTokenizer(Protocol):
 
     def encode_batch(self, texts: Sequence[str], bos: bool, eos: bool) -> list[list[int]]:
         """`encode` of every text, in one call to the tokenizer's native batch encoder."""
+        ...
+
+    def encode_after(self, prefix: str, texts: Sequence[str], bos: bool, eos: bool) -> list[list[int]]:
+        """`encode(prefix + t)` of every text, exactly; faster than `encode_batch` when the prefix is long."""
         ...
 
     def decode(self, ids: Sequence[int]) -> str: ...
@@ -87,6 +92,9 @@ class SentencePieceTokenizer:
         b, e = self.bos_id if bos else None, self.eos_id if eos else None
         return [_specials(list(ids), b, e) for ids in self._sp.encode(list(texts))]
 
+    def encode_after(self, prefix: str, texts: Sequence[str], bos: bool, eos: bool) -> list[list[int]]:
+        return self.encode_batch([prefix + t for t in texts], bos, eos)  # sentencepiece's pieces span the join
+
     def decode(self, ids: Sequence[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
 
@@ -112,6 +120,7 @@ class BPETokenizer:
         tokenizer.encode_special_tokens = True  # not serialised: "<s>" in the text is text, never the bos id
         self._tok = tokenizer
         self._bos, self._eos = int(ids[BOS]), int(ids[EOS])
+        self._prefixes = prefix_splitting(tokenizer)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> BPETokenizer:
@@ -142,6 +151,22 @@ class BPETokenizer:
         b, e = self._bos if bos else None, self._eos if eos else None
         return [_specials(list(x.ids), b, e) for x in self._tok.encode_batch(list(texts), add_special_tokens=False)]
 
+    def encode_after(self, prefix: str, texts: Sequence[str], bos: bool, eos: bool) -> list[list[int]]:
+        """`encode(prefix + t)`: the prefix's ids once, then `t` alone, wherever the join is a pre-token boundary.
+
+        A byte-level BPE merges only within the pieces its regex cuts the text into, so when `prefix + t` is cut at
+        `len(prefix)`, its ids are the prefix's followed by `t`'s. Whether it is cut there depends on the prefix and
+        at most the first 3 characters of `t` (GPT-2's pattern: "'re" is the longest look across a join); each
+        (prefix, first 4 characters) is checked once on the real pre-tokenizer. Other texts are encoded whole.
+        """
+        if self._prefixes is None or not prefix:
+            return self.encode_batch([prefix + t for t in texts], bos, eos)
+        head = self._prefixes.ids(prefix)
+        split = [self._prefixes.splits(prefix, t[:4]) for t in texts]
+        rest = self.encode_batch([t if ok else prefix + t for t, ok in zip(texts, split, strict=True)], False, eos)
+        start = [self._bos] if bos else []
+        return [start + (head + ids if ok else ids) for ids, ok in zip(rest, split, strict=True)]
+
     def decode(self, ids: Sequence[int]) -> str:
         kept = [int(i) for i in ids if int(i) not in (self._bos, self._eos)]
         return self._tok.decode(kept, skip_special_tokens=False)
@@ -151,6 +176,51 @@ class BPETokenizer:
         out.parent.mkdir(parents=True, exist_ok=True)
         self._tok.save(str(out))
         return str(out)
+
+
+class _PrefixSplits:
+    """Per tokenizer: the ids of recent prefixes, and whether (prefix, head of text) joins at a piece boundary."""
+
+    def __init__(self, tokenizer: Tokenizer, limit: int = 65_536) -> None:
+        self._tok, self._limit = tokenizer, limit
+        self._ids: dict[str, list[int]] = {}
+        self._splits: dict[tuple[str, str], bool] = {}
+
+    def ids(self, prefix: str) -> list[int]:
+        if prefix not in self._ids:
+            if len(self._ids) >= 256:
+                self._ids.clear()
+            self._ids[prefix] = list(self._tok.encode(prefix, add_special_tokens=False).ids)
+        return list(self._ids[prefix])
+
+    def splits(self, prefix: str, head: str) -> bool:
+        key = (prefix, head)
+        found = self._splits.get(key)
+        if found is None:
+            if len(self._splits) >= self._limit:
+                self._splits.clear()
+            pieces = self._tok.pre_tokenizer.pre_tokenize_str(prefix + head)
+            found = self._splits[key] = not head or any(start == len(prefix) for _, (start, _) in pieces)
+        return found
+
+
+def prefix_splitting(tokenizer: Tokenizer) -> _PrefixSplits | None:
+    """A `_PrefixSplits` when the tokenizer is a plain byte-level BPE over GPT-2's pattern (as we train), else None.
+
+    Anything that acts across pieces (a normalizer, added non-special tokens, BPE dropout, word suffixes) or
+    another pre-tokenizer makes prefix + text not split exactly, and then every text is encoded whole.
+    """
+    config = json.loads(tokenizer.to_str())
+    model = config.get("model") or {}
+    plain = (
+        config.get("normalizer") is None
+        and config.get("pre_tokenizer") == {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+                                            "use_regex": True}  # fmt: skip
+        and model.get("type") == "BPE"
+        and not any(model.get(k) for k in ("dropout", "continuing_subword_prefix", "end_of_word_suffix"))
+        and all(t.get("special") for t in config.get("added_tokens") or [])
+    )
+    return _PrefixSplits(tokenizer) if plain else None
 
 
 def _specials(ids: list[int], bos: int | None, eos: int | None) -> list[int]:

@@ -45,14 +45,17 @@ def encode_example(tokenizer: TextTokenizer, prompt: str, answer: str, max_words
 def encode_examples(
     tokenizer: TextTokenizer, pairs: Sequence[tuple[str, str]], max_words: int
 ) -> list[tuple[list[int], list[int]]]:
-    """`encode_example` of every (prompt, answer): one batched tokenizer call, each distinct prompt measured once."""
-    prompts = list(dict.fromkeys(p for p, _ in pairs))
-    lengths = dict(zip(prompts, map(len, tokenizer.encode_batch(prompts, bos=True, eos=False)), strict=True))
-    out = []
-    for (prompt, _), tokens in zip(pairs, tokenizer.encode_batch([p + a for p, a in pairs], True, True), strict=True):
-        tokens = tokens[:max_words]
-        n_prompt = lengths[prompt]
-        out.append((tokens, [IGNORE] * min(n_prompt, len(tokens)) + tokens[n_prompt:]))
+    """`encode_example` of every (prompt, answer): one batched tokenizer call per distinct prompt, whose own tokens
+    are reused across its answers wherever that is exact (`TextTokenizer.encode_after`)."""
+    by_prompt: dict[str, list[int]] = {}
+    for i, (prompt, _) in enumerate(pairs):
+        by_prompt.setdefault(prompt, []).append(i)
+    out: list[tuple[list[int], list[int]]] = [([], [])] * len(pairs)
+    for prompt, rows in by_prompt.items():
+        n_prompt = len(tokenizer.encode(prompt, bos=True, eos=False))
+        for i, tokens in zip(rows, tokenizer.encode_after(prompt, [pairs[i][1] for i in rows], True, True), strict=True):
+            tokens = tokens[:max_words]
+            out[i] = (tokens, [IGNORE] * min(n_prompt, len(tokens)) + tokens[n_prompt:])
     return out
 
 

@@ -18,6 +18,7 @@ from model.llm_tokenizer import (
     TextTokenizer,
     TokenizerError,
     load_tokenizer,
+    prefix_splitting,
     train_bpe_tokenizer,
 )
 
@@ -258,3 +259,43 @@ def test_batched_encoding_equals_one_by_one(kind: str, sp_dir: Path) -> None:
              (format_prompt(CAPTION_INSTRUCTION), "a small bird near the water")]  # fmt: skip
     for max_words in (512, 30, 5):
         assert encode_examples(tok, pairs, max_words) == [encode_example(tok, p, a, max_words) for p, a in pairs]
+
+
+def _joins(seed: int, n: int) -> list[tuple[str, str]]:
+    """(prefix, text) pairs whose join is likely to be tricky: contractions, punctuation, whitespace runs, digits."""
+    rng = random.Random(seed)
+    alphabet = ["'", "re", "s", "ll", "ve", "d", "m", "t", ":", ".", "!", " ", "  ", "\n", "\t", "a", "Response",
+                "42", "3", "<s>", "<", "s>", "é", "日本", "#", "-", "x"]  # fmt: skip
+    prefixes = [PROMPT, PROMPT + " ", PROMPT + "'", "a", "don", "don'", "we'", "x ", "12", "<", "### Response:\n", ""]
+
+    def text() -> str:
+        return "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 6)))
+
+    return [(rng.choice(prefixes) if i % 3 else text(), text()) for i in range(n)]
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "bpe", "bpe-normalised"])
+def test_encode_after_equals_encoding_the_join(kind: str, sp_dir: Path) -> None:
+    """`encode_after(prefix, texts)` is `encode(prefix + text)` for every text, whether or not the prefix is reused."""
+    from tokenizers import normalizers
+
+    if kind == "sentencepiece":
+        tok = load_tokenizer(sp_dir)
+    else:
+        tok = train_bpe_tokenizer(CORPUS + [s + t for s, t in _joins(1, 300)], vocab_size=400)
+        if kind == "bpe-normalised":  # acts across the join: every text is encoded whole
+            tok._tok.normalizer = normalizers.Lowercase()
+            assert prefix_splitting(tok._tok) is None
+            tok = BPETokenizer(tok._tok)
+        else:
+            assert prefix_splitting(tok._tok) is not None
+    pairs = _joins(2, 3000)
+    reused = 0
+    for prefix in dict.fromkeys(p for p, _ in pairs):
+        texts = [t for p, t in pairs if p == prefix]
+        for bos, eos in [(True, True), (False, False)]:
+            assert tok.encode_after(prefix, texts, bos, eos) == [tok.encode(prefix + t, bos, eos) for t in texts]
+        if kind == "bpe" and prefix:
+            reused += sum(tok._prefixes.splits(prefix, t[:4]) for t in texts)
+    if kind == "bpe":
+        assert reused > 500  # the fast path was taken, and often
