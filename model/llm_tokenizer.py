@@ -16,6 +16,7 @@ BPE_FILE = "tokenizer.json"
 UNK, BOS, EOS = "<unk>", "<s>", "</s>"
 SPECIAL_TOKENS = (UNK, BOS, EOS)  # ids 0, 1, 2: LLaMA's layout
 MIN_BPE_VOCAB = len(SPECIAL_TOKENS) + 256  # the specials and every byte
+BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}  # GPT-2's
 
 
 class TokenizerError(ValueError):
@@ -214,8 +215,7 @@ def prefix_splitting(tokenizer: Tokenizer) -> _PrefixSplits | None:
     model = config.get("model") or {}
     plain = (
         config.get("normalizer") is None
-        and config.get("pre_tokenizer") == {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
-                                            "use_regex": True}  # fmt: skip
+        and config.get("pre_tokenizer") == BYTE_LEVEL
         and model.get("type") == "BPE"
         and not any(model.get(k) for k in ("dropout", "continuing_subword_prefix", "end_of_word_suffix"))
         and all(t.get("special") for t in config.get("added_tokens") or [])

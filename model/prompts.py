@@ -53,7 +53,8 @@ def encode_examples(
     out: list[tuple[list[int], list[int]]] = [([], [])] * len(pairs)
     for prompt, rows in by_prompt.items():
         n_prompt = len(tokenizer.encode(prompt, bos=True, eos=False))
-        for i, tokens in zip(rows, tokenizer.encode_after(prompt, [pairs[i][1] for i in rows], True, True), strict=True):
+        encoded = tokenizer.encode_after(prompt, [pairs[i][1] for i in rows], bos=True, eos=True)
+        for i, tokens in zip(rows, encoded, strict=True):
             tokens = tokens[:max_words]
             out[i] = (tokens, [IGNORE] * min(n_prompt, len(tokens)) + tokens[n_prompt:])
     return out
