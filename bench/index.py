@@ -1,6 +1,6 @@
 """Benchmark: the cache index on clustered 1024-d features: build time and memory, recall@10, latency, mixing.
 
-Usage: python bench/index.py [--n 200000] [--index-key Pad1024,IVF1024_HNSW32,PQ128] [--budget auto]
+Usage: python bench/index.py [--n 200000] [--index-key KEY] [--budget auto] [--rescore 8]
 The reference way of mixing is the official code's: a flat inner-product index, `search`, then `reconstruct`
 one id at a time in Python, then the mixing in numpy. Ours: the compressed index, exact re-scoring from the
 memory-mapped fp16 value store, a vectorised gather and the mixing in torch. Same queries, same data.
@@ -65,7 +65,7 @@ def percentiles(fn, reps: int) -> tuple[float, float]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--n", type=int, default=200_000)
-    p.add_argument("--index-key", default="Pad1024,IVF1024_HNSW32,PQ128")
+    p.add_argument("--index-key", default=None, help="a faiss key (default: chosen for N and the budget)")
     p.add_argument("--budget", default="auto", help="autofaiss memory budget; auto = 1/8 of the flat fp32 index")
     p.add_argument("--rescore", type=int, default=8)
     args = p.parse_args()

@@ -131,10 +131,14 @@ class IndexConfig(Section):
     source: str = "cc3m"
     max_index_memory: str = Field("4G", pattern=r"^\d+(\.\d+)?[KMG]$", description="autofaiss's index budget")
     max_query_ms: float = Field(10.0, gt=0)
-    index_key: str | None = Field(None, description="a fixed faiss index key instead of autofaiss's choice")
-    rescore: int = Field(8, ge=1, description="candidates per neighbour re-scored exactly from the value store")
+    index_key: str | None = Field(
+        None, description="a fixed faiss index key; default: IVF + 4-bit fast-scan PQ sized to the budget, or "
+        "autofaiss's choice for sets up to 100k vectors whose flat index fits"
+    )  # fmt: skip
+    index_param: str | None = Field(None, description="first search parameters of index_key (e.g. nprobe=16)")
+    rescore: int = Field(8, ge=1, description="candidates per neighbour re-scored exactly (tuning may raise it)")
     holdout: int = Field(500, gt=0, description="held-out queries for the recall@10 in meta.json")
-    target_recall: float = Field(0.95, gt=0, le=1, description="IVF nprobe is raised until recall@10 reaches this")
+    target_recall: float = Field(0.95, gt=0, le=1, description="nprobe and re-scoring rise until recall@10 is this")
     use_gpu: bool = Field(False, description="search with faiss-gpu (the gpu extra) when a GPU is present")
     cache_k: int = Field(10, gt=0)
     cache_t: float = Field(20.0, gt=0)

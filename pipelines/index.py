@@ -74,8 +74,10 @@ def run(cfg: Config, force: bool = False, query_image: str | None = None, k: int
     meta = features.read_meta(ws, encoder_id) or {}
     dim = int(meta.get("dim") or len(features.placeholder(ws, encoder_id)))
     settings = BuildSettings(
-        ix.max_index_memory, ix.max_query_ms, ix.index_key, ix.rescore, ix.holdout, cfg.seed, ix.target_recall
-    )
+        max_index_memory=ix.max_index_memory, max_query_ms=ix.max_query_ms, index_key=ix.index_key,
+        index_param=ix.index_param, rescore=ix.rescore, holdout=ix.holdout, seed=cfg.seed,
+        target_recall=ix.target_recall,
+    )  # fmt: skip
     built = False
     if force or _stale(ws, ix.name, fingerprint, settings):
         build(ws, ix.name, files, encoder_id, dim, fingerprint, settings)

@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from stores.index_plan import choose_key, metric_for, tune_search
 from stores.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -33,11 +34,12 @@ class BuildSettings:
 
     max_index_memory: str = "4G"
     max_query_ms: float = 10.0
-    index_key: str | None = None
-    rescore: int = 8  # candidates per wanted neighbour that are re-scored exactly
+    index_key: str | None = None  # None: stores.index_plan.choose_key, or autofaiss's choice for small sets
+    index_param: str | None = None  # the key's first search parameters (autofaiss tunes them when None)
+    rescore: int = 8  # candidates per wanted neighbour that are re-scored exactly (tuning may raise it)
     holdout: int = 500  # held-out queries (text embeddings of the set) for recall@10
     seed: int = 0
-    target_recall: float = 0.95  # nprobe is raised (IVF indexes) until recall@10 on the held-out queries reaches it
+    target_recall: float = 0.95  # nprobe and re-scoring are raised until recall@10 on the held-out queries reaches it
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
@@ -102,29 +104,37 @@ def build(
 ) -> dict[str, Any]:
     """Build a new version of index `name` and make it current (the pointer is written last)."""
     from autofaiss import build_index
+    from autofaiss.utils.cast import cast_memory_to_bytes
 
     start = time.perf_counter()
     with ws.scratch() as scratch:
         n, queries = stage_features(files, ws, encoder_id, dim, scratch, settings)
+        key, param = settings.index_key, settings.index_param
+        if key is None:
+            key, param = choose_key(n, dim, cast_memory_to_bytes(settings.max_index_memory))
         index, infos = build_index(
             embeddings=os.path.join(scratch, "emb"), index_path=os.path.join(scratch, INDEX_FILE),
-            index_infos_path=os.path.join(scratch, "infos.json"), index_key=settings.index_key,
+            index_infos_path=os.path.join(scratch, "infos.json"), index_key=key, index_param=param,
             max_index_memory_usage=settings.max_index_memory, current_memory_available="8G",
-            max_index_query_time_ms=settings.max_query_ms, metric_type="ip", verbose=logging.WARNING,
+            max_index_query_time_ms=settings.max_query_ms, metric_type=metric_for(key, dim),
+            verbose=logging.WARNING,
         )  # fmt: skip
         if index is None:
             raise RuntimeError(f"autofaiss could not build an index within {settings.max_index_memory}")
         meta = {
             "name": name, "encoder_id": encoder_id, "fingerprint": fingerprint, "dim": dim, "count": n,
-            "index_key": (infos or {}).get("index_key"), "index_param": (infos or {}).get("index_param"),
-            "settings": settings.__dict__, "index_bytes": os.path.getsize(os.path.join(scratch, INDEX_FILE)),
+            "index_key": (infos or {}).get("index_key") or key,
+            "index_param": (infos or {}).get("index_param") or param,
+            "metric": metric_for(key, dim), "settings": settings.__dict__,
+            "index_bytes": os.path.getsize(os.path.join(scratch, INDEX_FILE)),
             "values_bytes": os.path.getsize(os.path.join(scratch, VALUES)),
         }  # fmt: skip
         opened = CacheIndex(scratch, meta)
         truth = exact_top_k(opened.values, queries, 10)
-        meta["index_param"], meta["recall_at_10"] = tune_recall(
+        nprobe, meta["rescore"], meta["recall_at_10"] = tune_search(
             opened, queries, truth, settings.target_recall, settings.max_query_ms
         )
+        meta["index_param"] = _with_nprobe(meta["index_param"], nprobe)
         meta["holdout_queries"] = len(queries)
         meta["build_seconds"] = round(time.perf_counter() - start, 2)
         with open(os.path.join(scratch, META), "w") as f:
@@ -140,33 +150,10 @@ def build(
     return meta
 
 
-def _recall(index: CacheIndex, queries: np.ndarray, truth: np.ndarray) -> float:
-    _, found = index.search(queries, truth.shape[1])
-    return float(np.mean([len(set(a) & set(b)) / truth.shape[1] for a, b in zip(found, truth, strict=True)]))
-
-
-def tune_recall(
-    index: CacheIndex, queries: np.ndarray, truth: np.ndarray, target: float, max_query_ms: float = float("inf")
-) -> tuple[str | None, float]:
-    """Double an IVF index's nprobe until recall@k (after re-scoring) reaches `target` (autofaiss tunes for speed
-    only), as long as a query stays within `max_query_ms`. Returns the search parameters to keep and their recall.
-    """
-    param, recall = index.meta.get("index_param"), _recall(index, queries, truth)
-    try:
-        ivf = faiss.extract_index_ivf(index.index)
-    except RuntimeError:  # not an IVF index (flat, HNSW): nothing to raise
-        return param, recall
-    nprobe = ivf.nprobe
-    while recall < target and nprobe < ivf.nlist:
-        ivf.nprobe = min(ivf.nlist, nprobe * 2)
-        start = time.perf_counter()
-        better = _recall(index, queries, truth)
-        if (time.perf_counter() - start) * 1e3 / len(queries) > max_query_ms:
-            ivf.nprobe = nprobe  # over the time budget: keep the last setting that fitted
-            break
-        nprobe, recall = ivf.nprobe, better
-    kept = {k: v for k, v in (kv.split("=") for kv in (param or "").split(",") if kv) if k != "nprobe"}
-    return ",".join([f"nprobe={nprobe}", *(f"{k}={v}" for k, v in kept.items())]), recall
+def _with_nprobe(param: str | None, nprobe: str | None) -> str | None:
+    """autofaiss's search parameters with nprobe replaced by the tuned one (efSearch, ht... kept)."""
+    kept = [kv for kv in (param or "").split(",") if kv and not kv.startswith("nprobe=")]
+    return ",".join(([nprobe] if nprobe else []) + kept) or None
 
 
 def current_version(ws: Workspace, name: str) -> str | None:
@@ -204,7 +191,7 @@ class CacheIndex:
             self.index = faiss.index_cpu_to_all_gpus(self.index)
         self.values = np.memmap(os.path.join(folder, VALUES), np.float16, "r", shape=(self.count, self.dim))
         self.rows = pq.read_table(os.path.join(folder, ROWS))
-        self.rescore = int(meta.get("settings", {}).get("rescore", 8))
+        self.rescore = int(meta.get("rescore") or meta.get("settings", {}).get("rescore", 8))
 
     @classmethod
     def open(

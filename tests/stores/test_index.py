@@ -126,3 +126,33 @@ def test_search_parameters_are_tuned_for_recall(tmp_path: Path) -> None:
     import faiss
 
     assert faiss.extract_index_ivf(CacheIndex.open(ws, "high").index).nprobe == nprobe["high"]  # kept on reopening
+
+
+def test_the_key_is_chosen_for_the_size_and_budget() -> None:
+    from stores.index_plan import choose_key
+
+    mb = 2**20
+    assert choose_key(1_000_000, 1024, 512 * mb) == ("IVF4096,PQ256x4fs", "nprobe=16")  # 1/8 of flat fp32
+    assert choose_key(3_300_000, 1024, 1024 * mb) == ("IVF8192,PQ256x4fs", "nprobe=16")  # CC3M
+    assert choose_key(3_300_000, 1024, 400 * mb)[0] == "IVF8192,PQ128x4fs"  # codes halved to fit
+    assert choose_key(3_300_000, 1024, 50 * mb) == (None, None)  # nothing fits: autofaiss says so
+    assert choose_key(50_000, 1024, 512 * mb) == (None, None)  # small and flat fits: autofaiss's exact/graph index
+    assert choose_key(3000, 64, 500 * 1024)[0] == "IVF64,PQ16x4fs"  # small but over budget: 39 points per list
+
+
+def test_default_index_over_budget_is_fast_scan_and_tuned(tmp_path: Path) -> None:
+    """Over the budget the default is IVF + 4-bit fast-scan PQ (built with L2 on unit vectors); similarities are the
+    exact inner products, and tuning raises the re-scored candidates when they, not nprobe, limit recall."""
+    ws = Workspace(str(tmp_path / "ws"))
+    parts = write_parts(tmp_path, n=3000, parts=2)
+    meta = build(ws, "fs", parts, ENC, DIM, "fp", BuildSettings(max_index_memory="500K", holdout=200))
+    assert meta["index_key"] == "IVF64,PQ16x4fs" and meta["metric"] == "l2" and meta["recall_at_10"] >= 0.95
+    index = CacheIndex.open(ws, "fs")
+    q = clustered(20, seed=5)
+    sims, ids = index.search(q, 10)
+    np.testing.assert_allclose(sims, np.einsum("bkd,bd->bk", index.gather(ids), q), rtol=1e-5, atol=1e-6)
+    coarse = BuildSettings(index_key="IVF16,PQ4x4fs", index_param="nprobe=16", rescore=1, holdout=200,
+                           target_recall=0.99)  # fmt: skip
+    tuned = build(ws, "coarse", parts, ENC, DIM, "fp", coarse)  # all lists probed: only candidates can help
+    assert tuned["rescore"] > 1 and tuned["recall_at_10"] >= 0.99
+    assert CacheIndex.open(ws, "coarse").rescore == tuned["rescore"]  # kept on reopening
