@@ -121,7 +121,14 @@ class ExtractConfig(Section):
     task_cpus: float = Field(0.5, gt=0, description="CPUs reserved per read/decode/preprocess task")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="bf16 on GPU when auto")
-    prefetch_batches: int = Field(2, ge=0)
+    buffer_mb: int | None = Field(
+        512, gt=0, description="object store memory Ray Data may fill with decoded samples waiting for the encoder "
+        "(a soft limit across the cluster; null: Ray's default share of the object store)"
+    )  # fmt: skip
+    prefetch_batches: int = Field(
+        0, ge=0, description="encoded blocks the driver fetches ahead; each one delays its shard's commit, so the "
+        "default 0 commits a shard as soon as it is encoded (the actors never wait on the driver)"
+    )  # fmt: skip
 
 
 class IndexConfig(Section):

@@ -106,7 +106,12 @@ def build_dataset(cfg: Config, ws: Workspace, items: list[dict], vocab: bytes, e
     gpu = encoder_args["device"] == "cuda"
     actors = int(ray.cluster_resources().get("GPU", 1)) if gpu and cfg.extract.actors == 1 else cfg.extract.actors
     # Shards come back in input order, so each completes (and is committed, and leaves the driver's memory) in turn.
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    options = ray.data.DataContext.get_current().execution_options
+    options.preserve_order = True
+    if cfg.extract.buffer_mb:  # readers outrun a CPU encoder: without a bound they fill Ray's default share
+        options.resource_limits = ray.data.ExecutionResources.for_limits(
+            object_store_memory=cfg.extract.buffer_mb * 2**20
+        )
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     # One CPU task per shard reads, decodes, crops and tokenizes it; its CPU share differs from the actor's, so Ray
     # keeps it a separate task beside the encoder instead of fusing it into the actor.

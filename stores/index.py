@@ -188,7 +188,11 @@ class CacheIndex:
         if meta.get("index_param"):
             faiss.ParameterSpace().set_index_parameters(self.index, meta["index_param"])
         if use_gpu and hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0:
-            self.index = faiss.index_cpu_to_all_gpus(self.index)
+            try:
+                self.index = faiss.index_cpu_to_all_gpus(self.index)
+            except RuntimeError as e:  # faiss-gpu has no fast-scan PQ, for one: the CPU index serves instead
+                log.warning("index %s (%s) stays on the CPU: faiss-gpu cannot hold it: %s",
+                            meta.get("name"), meta.get("index_key"), e)  # fmt: skip
         self.values = np.memmap(os.path.join(folder, VALUES), np.float16, "r", shape=(self.count, self.dim))
         self.rows = pq.read_table(os.path.join(folder, ROWS))
         self.rescore = int(meta.get("rescore") or meta.get("settings", {}).get("rescore", 8))
