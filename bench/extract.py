@@ -104,26 +104,23 @@ def main() -> None:
     cores = os.cpu_count() or 1
     print(f"{args.preset} encoder, {args.dtype}, {args.per_shard} images a shard, batch {args.batch}, {cores} cores, "
           f"buffer {args.buffer_mb} MB")  # fmt: skip
+    import ray
+
+    # Peak memory first, for every shard count, on a fresh Ray and before this process loads any model: sampling
+    # every process's PSS costs CPU, so these runs are not timed.
+    peaks = {}
     for shards in args.shards:
         with tempfile.TemporaryDirectory() as root:
-            cfg = make_shards(root, shards, args.per_shard)
-            cfg.model.imagebind = args.preset
-            # Ray: the encoder actor gets every core for torch; the read/preprocess tasks a slice beside it.
-            cfg.ray.num_cpus, cfg.extract.actor_cpus, cfg.extract.task_cpus = cores + 1, float(cores), 0.5
-            cfg.extract.batch_size, cfg.extract.dtype, cfg.extract.device = args.batch, args.dtype, "cpu"
-            cfg.extract.buffer_mb = args.buffer_mb
+            cfg = configure(make_shards(root, shards, args.per_shard), args, cores)
+            ray_runtime.connect(cfg.ray)  # Ray's own start-up is not the pipeline's cost
+            with PeakMemory() as mem:
+                extract.run(cfg)
+            ray.shutdown()
+            peaks[shards] = mem.peak
+    for shards in args.shards:
+        with tempfile.TemporaryDirectory() as root:
+            cfg = configure(make_shards(root, shards, args.per_shard), args, cores)
             total = shards * args.per_shard
-            import ray
-
-            # Peak memory first, on a fresh Ray and a copy of the shards: sampling every process's PSS costs CPU,
-            # so this run is not timed, and the timed run after it starts on a fresh Ray too (no leftover workers).
-            with tempfile.TemporaryDirectory() as again:
-                fresh = make_shards(again, shards, args.per_shard)
-                fresh.model, fresh.ray, fresh.extract = cfg.model, cfg.ray, cfg.extract
-                ray_runtime.connect(cfg.ray)  # Ray's own start-up is not the pipeline's cost
-                with PeakMemory() as mem:
-                    extract.run(fresh)
-                ray.shutdown()
             ray_runtime.connect(cfg.ray)
             start = time.perf_counter()
             result = extract.run(cfg)
@@ -145,7 +142,17 @@ def main() -> None:
                   f"(vision) {total / enc_s:5.2f}; ray pipeline {total / ray_s:5.2f} end to end "
                   f"({plain_s / ray_s:.2f}x the plain loop), {steady:5.2f} once the first shard is back "
                   f"({steady * plain_s / total:.2f}x; start-up {startup:.1f} s); pipeline peak PSS "
-                  f"{mem.peak / 2**20:,.0f} MB", flush=True)  # fmt: skip
+                  f"{peaks[shards] / 2**20:,.0f} MB", flush=True)  # fmt: skip
+            del encoder, x
+
+
+def configure(cfg: Config, args: argparse.Namespace, cores: int) -> Config:
+    """The benchmark's pipeline settings: the encoder actor gets every core for torch, readers a slice beside it."""
+    cfg.model.imagebind = args.preset
+    cfg.ray.num_cpus, cfg.extract.actor_cpus, cfg.extract.task_cpus = cores + 1, float(cores), 0.5
+    cfg.extract.batch_size, cfg.extract.dtype, cfg.extract.device = args.batch, args.dtype, "cpu"
+    cfg.extract.buffer_mb = args.buffer_mb
+    return cfg
 
 
 if __name__ == "__main__":
