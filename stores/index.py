@@ -112,11 +112,12 @@ def build(
         key, param = settings.index_key, settings.index_param
         if key is None:
             key, param = choose_key(n, dim, cast_memory_to_bytes(settings.max_index_memory))
+        metric = metric_for(key, dim)
         index, infos = build_index(
             embeddings=os.path.join(scratch, "emb"), index_path=os.path.join(scratch, INDEX_FILE),
             index_infos_path=os.path.join(scratch, "infos.json"), index_key=key, index_param=param,
             max_index_memory_usage=settings.max_index_memory, current_memory_available="8G",
-            max_index_query_time_ms=settings.max_query_ms, metric_type=metric_for(key, dim),
+            max_index_query_time_ms=settings.max_query_ms, metric_type=metric,
             verbose=logging.WARNING,
         )  # fmt: skip
         if index is None:
@@ -125,7 +126,7 @@ def build(
             "name": name, "encoder_id": encoder_id, "fingerprint": fingerprint, "dim": dim, "count": n,
             "index_key": (infos or {}).get("index_key") or key,
             "index_param": (infos or {}).get("index_param") or param,
-            "metric": metric_for(key, dim), "settings": settings.__dict__,
+            "metric": metric, "settings": settings.__dict__,
             "index_bytes": os.path.getsize(os.path.join(scratch, INDEX_FILE)),
             "values_bytes": os.path.getsize(os.path.join(scratch, VALUES)),
         }  # fmt: skip
