@@ -1,8 +1,10 @@
 """Benchmark: the Ray extraction pipeline vs a plain single-process loop vs the encoder alone; memory vs shards.
 
-Usage: python bench/extract.py [--preset base] [--dtype bfloat16] [--per-shard 256] [--shards 2 8] [--buffer-mb 192]
-All three featurise the same webdataset shards with the same model; peak memory is the summed RSS of this process
+Usage: python bench/extract.py [--preset base] [--dtype bfloat16] [--per-shard 256] [--shards 2 8]
+                               [--speed-shards 8] [--repeat 3] [--batch 8] [--buffer-mb 192]
+All three featurise the same webdataset shards with the same model; peak memory is the summed PSS of this process
 and every process it started (Ray's workers included, shared pages split between them), sampled every 0.2 s.
+About 15 minutes on 2 cores with the defaults.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import argparse
 import io
 import json
 import os
+import statistics
 import tarfile
 import tempfile
 import time
@@ -23,7 +26,7 @@ from PIL import Image
 from model.imagebind import image as image_ops
 from model.imagebind.encoder import ImageBind
 from model.imagebind.tokenizer import Tokenizer, learn_merges, write_vocab
-from pipelines import extract, extract_tasks, ray_runtime
+from pipelines import extract, extract_read, ray_runtime
 from pipelines.config import Config
 from stores import features
 from stores.ledger import Ledger
@@ -68,7 +71,7 @@ def plain_loop(cfg: Config, encoder: ImageBind, out_dir: str, batch: int) -> int
     ws, n = Workspace(cfg.workspace), 0
     tok = Tokenizer(cfg.model.imagebind_vocab)
     for item in extract.shard_items(ws, "s"):
-        samples = extract_tasks.read_tar(ws.read_bytes(item["tar"]))
+        samples = extract_read.read_tar(ws.read_bytes(item["tar"]))
         keys = sorted(samples)
         rows: dict[str, list] = {
             k: [] for k in ("uid", "source", "caption", "url", "image_emb", "text_emb", "clip_score")
@@ -97,7 +100,9 @@ def main() -> None:
     p.add_argument("--preset", default="base")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     p.add_argument("--per-shard", type=int, default=256, help="images a shard (img2dataset writes 10,000)")
-    p.add_argument("--shards", type=int, nargs="+", default=[2, 8])
+    p.add_argument("--shards", type=int, nargs="+", default=[2, 8], help="shard counts whose peak memory is compared")
+    p.add_argument("--speed-shards", type=int, default=8, help="shards of each timed pipeline / plain loop pair")
+    p.add_argument("--repeat", type=int, default=3, help="timed pairs (a shared machine's speed drifts between runs)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--buffer-mb", type=int, default=192, help="extract.buffer_mb: about 4 decoded shards of 256")
     args = p.parse_args()
@@ -108,7 +113,6 @@ def main() -> None:
 
     # Peak memory first, for every shard count, on a fresh Ray and before this process loads any model: sampling
     # every process's PSS costs CPU, so these runs are not timed.
-    peaks = {}
     for shards in args.shards:
         with tempfile.TemporaryDirectory() as root:
             cfg = configure(make_shards(root, shards, args.per_shard), args, cores)
@@ -116,34 +120,48 @@ def main() -> None:
             with PeakMemory() as mem:
                 extract.run(cfg)
             ray.shutdown()
-            peaks[shards] = mem.peak
-    for shards in args.shards:
-        with tempfile.TemporaryDirectory() as root:
-            cfg = configure(make_shards(root, shards, args.per_shard), args, cores)
-            total = shards * args.per_shard
+            print(f"{shards} shards ({shards * args.per_shard} images): pipeline peak PSS {mem.peak / 2**20:,.0f} MB",
+                  flush=True)  # fmt: skip
+    # Then pairs on the same shards, the pipeline and the plain loop back to back: each pair's ratio is measured
+    # within a minute or two, so the drift of a shared machine's speed between pairs does not enter it.
+    ratios, total = [], args.speed_shards * args.per_shard
+    torch.set_num_threads(cores)
+    for i in range(args.repeat):
+        with tempfile.TemporaryDirectory() as root:  # the same shards (fixed seed), a fresh workspace each pair
+            cfg = configure(make_shards(root, args.speed_shards, args.per_shard), args, cores)
+            if i == 0:
+                enc_rate = encoder_alone(cfg, args, min(total, 512))
             ray_runtime.connect(cfg.ray)
             start = time.perf_counter()
-            result = extract.run(cfg)
+            steady = extract.run(cfg).steady_images_per_second or 0.0
             ray_s = time.perf_counter() - start
-            steady = result.steady_images_per_second or 0.0
             ray.shutdown()
-            torch.set_num_threads(cores)
             start = time.perf_counter()  # the plain loop's job includes loading the model, as the actor's does
             encoder = ImageBind.load(args.preset, vocab=cfg.model.imagebind_vocab, device="cpu", dtype=args.dtype)
             plain_loop(cfg, encoder, root, args.batch)
             plain_s = time.perf_counter() - start
-            x = torch.randn(total, 3, 224, 224)
-            start = time.perf_counter()
-            for i in range(0, total, args.batch):
-                encoder.encode({"vision": x[i : i + args.batch]})
-            enc_s = time.perf_counter() - start
-            startup = ray_s - total / steady if steady else float("nan")
-            print(f"{shards} shards ({total} images): plain loop {total / plain_s:5.2f} images/s, encoder alone "
-                  f"(vision) {total / enc_s:5.2f}; ray pipeline {total / ray_s:5.2f} end to end "
-                  f"({plain_s / ray_s:.2f}x the plain loop), {steady:5.2f} once the first shard is back "
-                  f"({steady * plain_s / total:.2f}x; start-up {startup:.1f} s); pipeline peak PSS "
-                  f"{peaks[shards] / 2**20:,.0f} MB", flush=True)  # fmt: skip
-            del encoder, x
+            del encoder
+        ratios.append(plain_s / ray_s)
+        startup = ray_s - total / steady if steady else float("nan")
+        print(f"pair {i + 1}, {total} images: plain loop {total / plain_s:5.2f} images/s; ray pipeline "
+              f"{total / ray_s:5.2f} end to end = {plain_s / ray_s:.2f}x the plain loop, "
+              f"{total / ray_s / enc_rate:.2f}x the encoder alone; {steady:5.2f} once the first shard is back "
+              f"({steady * plain_s / total:.2f}x; start-up {startup:.1f} s)", flush=True)  # fmt: skip
+    print(f"encoder alone (image + text, tensors in memory): {enc_rate:5.2f} images/s")
+    print(f"pipeline vs plain loop, end to end: median {statistics.median(ratios):.2f}x over {len(ratios)} pairs "
+          f"(range {min(ratios):.2f}-{max(ratios):.2f}x)")  # fmt: skip
+
+
+def encoder_alone(cfg: Config, args: argparse.Namespace, n: int) -> float:
+    """Images/s of the encoder by itself (image and text towers, as the pipeline runs them) on tensors in memory."""
+    encoder = ImageBind.load(args.preset, vocab=cfg.model.imagebind_vocab, device="cpu", dtype=args.dtype)
+    tokens = Tokenizer(cfg.model.imagebind_vocab)([" ".join(WORDS[:8])] * args.batch)
+    x = torch.randn(n, 3, 224, 224)
+    encoder.encode({"vision": x[: args.batch], "text": tokens})  # warm-up
+    start = time.perf_counter()
+    for i in range(0, n, args.batch):
+        encoder.encode({"vision": x[i : i + args.batch], "text": tokens[: len(x[i : i + args.batch])]})
+    return n / (time.perf_counter() - start)
 
 
 def configure(cfg: Config, args: argparse.Namespace, cores: int) -> Config:

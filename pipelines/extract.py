@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from model.imagebind.encoder import encoder_id_for
 from model.imagebind.tokenizer import learn_merges, write_vocab
-from pipelines import extract_tasks, ray_runtime
+from pipelines import extract_encode, extract_read, ray_runtime
 from pipelines.config import Config
 from stores import features
 from stores.catalog import Catalog, outputs
@@ -113,12 +113,14 @@ def build_dataset(cfg: Config, ws: Workspace, items: list[dict], vocab: bytes, e
             object_store_memory=cfg.extract.buffer_mb * 2**20
         )
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    # One CPU task per shard reads, decodes, crops and tokenizes it; its CPU share differs from the actor's, so Ray
-    # keeps it a separate task beside the encoder instead of fusing it into the actor.
+    # One CPU task per shard reads, decodes, crops and tokenizes it into columns (no torch in these workers); its CPU
+    # share differs from the actor's, so Ray keeps it a separate task beside the encoder instead of fusing them.
     reader = {"root": ws.root, "storage_options": dict(ws.storage_options), "vocab": vocab}
-    ds = ds.flat_map(extract_tasks.read_shard, fn_kwargs=reader, num_cpus=cfg.extract.task_cpus)
+    ds = ds.map_batches(
+        extract_read.read_shards, fn_kwargs=reader, batch_size=1, batch_format="numpy", num_cpus=cfg.extract.task_cpus
+    )
     return ds.map_batches(
-        extract_tasks.Encoder,
+        extract_encode.Encoder,
         fn_constructor_kwargs={**encoder_args, "threads": int(cfg.extract.actor_cpus)},
         batch_format="numpy",
         batch_size=cfg.extract.batch_size,

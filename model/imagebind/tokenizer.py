@@ -9,11 +9,14 @@ import os
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from functools import cache
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import ftfy
+import numpy as np
 import regex
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 CONTEXT_LENGTH = 77
 NUM_MERGES = 49152 - 256 - 2  # merges used from bpe_simple_vocab_16e6.txt.gz: lines[1 : NUM_MERGES + 1]
@@ -182,8 +185,8 @@ class Tokenizer:
         """BPE ids of a text after cleanup, without SOT/EOT; a literal '<|endoftext|>' becomes the EOT id."""
         return [self._encoder[s] for word in pre_tokenize(clean_text(text)) for s in self._bpe(word)]
 
-    def __call__(self, texts: str | Sequence[str]) -> torch.Tensor:
-        """Token rows for ImageBind's text tower.
+    def rows(self, texts: str | Sequence[str]) -> np.ndarray:
+        """Token rows for ImageBind's text tower, as numpy (what `__call__` returns, without torch).
 
         Args:
             texts: one text or a sequence of texts.
@@ -193,17 +196,23 @@ class Tokenizer:
         """
         texts = [texts] if isinstance(texts, str) else list(texts)
         n = self.context_length
-        out = torch.zeros(len(texts), n, dtype=torch.long)  # (B, L)
+        out = np.zeros((len(texts), n), dtype=np.int64)  # (B, L)
         for row, text in enumerate(texts):
             ids = [self.sot, *self.encode(text)]
             ids = [*ids[: n - 1], self.eot] if self.truncation == "upstream" else [*ids, self.eot][:n]
-            out[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            out[row, : len(ids)] = ids
         return out
 
-    def decode(self, ids: Iterable[int] | torch.Tensor) -> str:
+    def __call__(self, texts: str | Sequence[str]) -> torch.Tensor:
+        """`rows` as a torch int64 tensor (B, context_length)."""
+        import torch  # imported on use: extraction's CPU readers call `rows` and never load torch
+
+        return torch.from_numpy(self.rows(texts))
+
+    def decode(self, ids: Iterable[int] | torch.Tensor | np.ndarray) -> str:
         """Text of token ids: a leading SOT is dropped, decoding stops at the first EOT (so a padded row decodes to its
         text), end-of-word marks become spaces, and the result is stripped. Invalid UTF-8 becomes U+FFFD."""
-        ids = [int(i) for i in (ids.tolist() if isinstance(ids, torch.Tensor) else ids)]
+        ids = [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]  # a tensor or an array
         if ids and ids[0] == self.sot:
             ids = ids[1:]
         if self.eot in ids:

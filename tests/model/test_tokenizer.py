@@ -6,6 +6,7 @@ import gzip
 import pickle
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -110,6 +111,9 @@ def test_rows_padding_and_argmax(tok: Tokenizer) -> None:
         assert not row[len(ids) + 2 :].any()
         assert int(row.argmax()) == len(ids) + 1  # the text head pools the EOT position
     assert tok("a dog").shape == (1, 77)
+    arrays = tok.rows(["a dog", "the photo of a cat"])  # the torch-free path of extraction's readers
+    assert arrays.dtype == np.int64 and np.array_equal(arrays, rows.numpy())
+    assert tok.decode(arrays[1]) == "the photo of a cat"
 
 
 def test_literal_endoftext_is_the_eot_token(tok: Tokenizer) -> None:
