@@ -48,7 +48,11 @@ def test_report_numbers_agree_with_the_catalog(downloaded: Config) -> None:
     page = Path(result.html).read_text()
     for section in ("Funnel", "Download outcomes", "CLIP score", "Caption length", "Downloaded images", "Shards"):
         assert f"<h2>{section}" in page
-    assert "min_similarity" in page and "http_404" in page
+    assert "min_similarity" in page
+    # every download outcome the catalog counts is on the page (which failures occur depends on timing: a 404 queued
+    # behind the synthetic server's slow responses can time out on a loaded machine)
+    assert any(r["reason"] != "success" for r in summary["download_reasons"])
+    assert all(f"<td>{r['reason']}</td>" in page for r in summary["download_reasons"])
     assert "<td>yes</td>" in page and "<td>no</td>" in page  # retryable, in words
     for fig in result.figures:
         with Image.open(fig) as img:
