@@ -1,10 +1,11 @@
 """Benchmark: the Ray extraction pipeline vs a plain single-process loop vs the encoder alone; memory vs shards.
 
-Usage: python bench/extract.py [--preset base] [--dtype bfloat16] [--per-shard 256] [--shards 2 8]
+Usage: python bench/extract.py [--device auto] [--preset base] [--dtype bfloat16] [--per-shard 256] [--shards 2 8]
                                [--speed-shards 8] [--repeat 3] [--batch 8] [--buffer-mb 192]
 All three featurise the same webdataset shards with the same model; peak memory is the summed PSS of this process
 and every process it started (Ray's workers included, shared pages split between them), sampled every 0.2 s.
-About 15 minutes on 2 cores with the defaults.
+About 15 minutes on 2 cores with the defaults. On a CUDA machine the defaults become huge in bf16, 32 shards of 1,024
+and batches of 256, and the pipeline is also set against the H200's FLOP bound.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import argparse
 import io
 import json
 import os
+import shutil
 import statistics
 import tarfile
 import tempfile
@@ -20,6 +22,7 @@ import time
 
 import numpy as np
 import torch
+from encoders import H200_BF16_TFLOPS, HUGE_GFLOPS_PER_IMAGE
 from memory import PeakMemory
 from PIL import Image
 
@@ -96,79 +99,118 @@ def plain_loop(cfg: Config, encoder: ImageBind, out_dir: str, batch: int) -> int
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--preset", default="base")
-    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
-    p.add_argument("--per-shard", type=int, default=256, help="images a shard (img2dataset writes 10,000)")
-    p.add_argument("--shards", type=int, nargs="+", default=[2, 8], help="shard counts whose peak memory is compared")
-    p.add_argument("--speed-shards", type=int, default=8, help="shards of each timed pipeline / plain loop pair")
-    p.add_argument("--repeat", type=int, default=3, help="timed pairs (a shared machine's speed drifts between runs)")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--buffer-mb", type=int, default=192, help="extract.buffer_mb: about 4 decoded shards of 256")
-    args = p.parse_args()
-    cores = os.cpu_count() or 1
-    print(f"{args.preset} encoder, {args.dtype}, {args.per_shard} images a shard, batch {args.batch}, {cores} cores, "
-          f"buffer {args.buffer_mb} MB")  # fmt: skip
+    args = parse_args()
+    gpu, cores = args.device == "cuda", os.cpu_count() or 1
+    print(f"{args.preset} encoder, {args.dtype}, on {args.device}, {args.per_shard} images a shard, "
+          f"batch {args.batch}, {cores} cores, buffer {args.buffer_mb} MB")  # fmt: skip
     import ray
 
-    # Peak memory first, for every shard count, on a fresh Ray and before this process loads any model: sampling
-    # every process's PSS costs CPU, so these runs are not timed.
-    for shards in args.shards:
-        with tempfile.TemporaryDirectory() as root:
-            cfg = configure(make_shards(root, shards, args.per_shard), args, cores)
+    with tempfile.TemporaryDirectory() as root:
+        # Peak memory first, for every shard count, on a fresh Ray and before this process loads any model: sampling
+        # every process's PSS costs CPU, so these runs are not timed.
+        for shards in args.shards:
+            cfg = configure(make_shards(os.path.join(root, f"mem{shards}"), shards, args.per_shard), args, cores)
             ray_runtime.connect(cfg.ray)  # Ray's own start-up is not the pipeline's cost
             with PeakMemory() as mem:
                 extract.run(cfg)
             ray.shutdown()
             print(f"{shards} shards ({shards * args.per_shard} images): pipeline peak PSS {mem.peak / 2**20:,.0f} MB",
                   flush=True)  # fmt: skip
-    # Then pairs on the same shards, the pipeline and the plain loop back to back: each pair's ratio is measured
-    # within a minute or two, so the drift of a shared machine's speed between pairs does not enter it.
-    ratios, total = [], args.speed_shards * args.per_shard
-    torch.set_num_threads(cores)
-    for i in range(args.repeat):
-        with tempfile.TemporaryDirectory() as root:  # the same shards (fixed seed), a fresh workspace each pair
-            cfg = configure(make_shards(root, args.speed_shards, args.per_shard), args, cores)
-            if i == 0:
-                enc_rate = encoder_alone(cfg, args, min(total, 512))
+        # Then pairs on the same shards, the pipeline and the plain loop back to back: each pair's ratio is measured
+        # within a minute or two, so the drift of a shared machine's speed between pairs does not enter it.
+        template = make_shards(os.path.join(root, "speed"), args.speed_shards, args.per_shard)
+        total = args.speed_shards * args.per_shard
+        torch.set_num_threads(cores)
+        enc_rate = encoder_alone(template, args, min(total, 4096 if gpu else 512))
+        vs_plain, vs_encoder, rates = [], [], []
+        for i in range(args.repeat):
+            cfg = configure(fresh_copy(template, os.path.join(root, f"pair{i}")), args, cores)
             ray_runtime.connect(cfg.ray)
             start = time.perf_counter()
             steady = extract.run(cfg).steady_images_per_second or 0.0
             ray_s = time.perf_counter() - start
             ray.shutdown()
             start = time.perf_counter()  # the plain loop's job includes loading the model, as the actor's does
-            encoder = ImageBind.load(args.preset, vocab=cfg.model.imagebind_vocab, device="cpu", dtype=args.dtype)
-            plain_loop(cfg, encoder, root, args.batch)
+            encoder = ImageBind.load(args.preset, vocab=cfg.model.imagebind_vocab, device=args.device, dtype=args.dtype)
+            os.makedirs(plain_out := os.path.join(root, f"plain{i}"))
+            plain_loop(cfg, encoder, plain_out, args.batch)
             plain_s = time.perf_counter() - start
             del encoder
-        ratios.append(plain_s / ray_s)
-        startup = ray_s - total / steady if steady else float("nan")
-        print(f"pair {i + 1}, {total} images: plain loop {total / plain_s:5.2f} images/s; ray pipeline "
-              f"{total / ray_s:5.2f} end to end = {plain_s / ray_s:.2f}x the plain loop, "
-              f"{total / ray_s / enc_rate:.2f}x the encoder alone; {steady:5.2f} once the first shard is back "
-              f"({steady * plain_s / total:.2f}x; start-up {startup:.1f} s)", flush=True)  # fmt: skip
-    print(f"encoder alone (image + text, tensors in memory): {enc_rate:5.2f} images/s")
-    print(f"pipeline vs plain loop, end to end: median {statistics.median(ratios):.2f}x over {len(ratios)} pairs "
-          f"(range {min(ratios):.2f}-{max(ratios):.2f}x)")  # fmt: skip
+            vs_plain.append(plain_s / ray_s)
+            vs_encoder.append(total / ray_s / enc_rate)
+            rates.append(total / ray_s)
+            startup = ray_s - total / steady if steady else float("nan")
+            print(f"pair {i + 1}, {total} images: plain loop {total / plain_s:7.2f} images/s; ray pipeline "
+                  f"{total / ray_s:7.2f} end to end = {plain_s / ray_s:.2f}x the plain loop, "
+                  f"{vs_encoder[-1]:.2f}x the encoder alone; {steady:7.2f} once the first shard is back "
+                  f"({steady * plain_s / total:.2f}x; start-up {startup:.1f} s)", flush=True)  # fmt: skip
+    print(f"encoder alone (image + text, tensors {'on the GPU' if gpu else 'in memory'}): {enc_rate:7.2f} images/s")
+    for name, ratios in (("plain loop", vs_plain), ("encoder alone", vs_encoder)):
+        print(f"pipeline vs {name}, end to end: median {statistics.median(ratios):.2f}x over {len(ratios)} pairs "
+              f"(range {min(ratios):.2f}-{max(ratios):.2f}x)")  # fmt: skip
+    if gpu and args.preset == "huge" and args.dtype == "bfloat16":
+        bound = H200_BF16_TFLOPS * 1e3 / HUGE_GFLOPS_PER_IMAGE
+        print(f"huge bf16 on {torch.cuda.get_device_name()}: pipeline {statistics.median(rates):,.0f} images/s, "
+              f"encoder alone {enc_rate:,.0f}, against the ~{bound:,.0f} images/s FLOP bound of an H200 (the image "
+              "tower alone)")  # fmt: skip
+
+
+def parse_args() -> argparse.Namespace:
+    """Command line; sizes default per device (a 2-core CPU machine or a GPU machine)."""
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when there is one")
+    p.add_argument("--preset", help="default: base on the CPU, huge on a GPU")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    p.add_argument("--per-shard", type=int, help="images a shard (img2dataset writes 10,000); CPU 256, GPU 1024")
+    p.add_argument("--shards", type=int, nargs="+", default=[2, 8], help="shard counts whose peak memory is compared")
+    p.add_argument("--speed-shards", type=int, help="shards of each timed pair; CPU 8, GPU 32")
+    p.add_argument("--repeat", type=int, default=3, help="timed pairs (a shared machine's speed drifts between runs)")
+    p.add_argument("--batch", type=int, help="samples an encoder call; CPU 8, GPU 256")
+    p.add_argument("--buffer-mb", type=int, help="extract.buffer_mb; CPU 192 (about 4 decoded shards), GPU 4096")
+    args = p.parse_args()
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    gpu = args.device == "cuda"
+    defaults = {"preset": ("base", "huge"), "per_shard": (256, 1024), "speed_shards": (8, 32), "batch": (8, 256),
+                "buffer_mb": (192, 4096)}  # fmt: skip
+    for name, (cpu_value, gpu_value) in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, gpu_value if gpu else cpu_value)
+    return args
+
+
+def fresh_copy(template: Config, root: str) -> Config:
+    """A copy of the benchmark workspace (its download ledger points at the template's tars): a new feature set."""
+    shutil.copytree(template.workspace, os.path.join(root, "ws"))
+    return template.model_copy(update={"workspace": os.path.join(root, "ws")}, deep=True)
 
 
 def encoder_alone(cfg: Config, args: argparse.Namespace, n: int) -> float:
-    """Images/s of the encoder by itself (image and text towers, as the pipeline runs them) on tensors in memory."""
-    encoder = ImageBind.load(args.preset, vocab=cfg.model.imagebind_vocab, device="cpu", dtype=args.dtype)
-    tokens = Tokenizer(cfg.model.imagebind_vocab)([" ".join(WORDS[:8])] * args.batch)
-    x = torch.randn(n, 3, 224, 224)
-    encoder.encode({"vision": x[: args.batch], "text": tokens})  # warm-up
+    """Images/s of the encoder by itself (image and text towers, as the pipeline runs them) on tensors already where
+    it runs (memory on the CPU, the GPU's memory on a GPU)."""
+    encoder = ImageBind.load(args.preset, vocab=cfg.model.imagebind_vocab, device=args.device, dtype=args.dtype)
+    tokens = Tokenizer(cfg.model.imagebind_vocab)([" ".join(WORDS[:8])] * args.batch).to(encoder.device)
+    x = torch.randn(n, 3, 224, 224, device=encoder.device)
+    encoder.encode({"vision": x[: args.batch], "text": tokens})  # warm-up (encode returns on the CPU: synchronised)
     start = time.perf_counter()
     for i in range(0, n, args.batch):
         encoder.encode({"vision": x[i : i + args.batch], "text": tokens[: len(x[i : i + args.batch])]})
-    return n / (time.perf_counter() - start)
+    rate = n / (time.perf_counter() - start)
+    del encoder, x
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+    return rate
 
 
 def configure(cfg: Config, args: argparse.Namespace, cores: int) -> Config:
-    """The benchmark's pipeline settings: the encoder actor gets every core for torch, readers a slice beside it."""
+    """The benchmark's pipeline settings. CPU: the encoder actor gets every core for torch, readers a slice beside it.
+    GPU: the actor keeps two host threads, readers (one core each) get the rest."""
     cfg.model.imagebind = args.preset
-    cfg.ray.num_cpus, cfg.extract.actor_cpus, cfg.extract.task_cpus = cores + 1, float(cores), 0.5
-    cfg.extract.batch_size, cfg.extract.dtype, cfg.extract.device = args.batch, args.dtype, "cpu"
+    if args.device == "cuda":
+        cfg.ray.num_cpus, cfg.extract.actor_cpus, cfg.extract.task_cpus = cores, 2.0, 1.0
+    else:
+        cfg.ray.num_cpus, cfg.extract.actor_cpus, cfg.extract.task_cpus = cores + 1, float(cores), 0.5
+    cfg.extract.batch_size, cfg.extract.dtype, cfg.extract.device = args.batch, args.dtype, args.device
     cfg.extract.buffer_mb = args.buffer_mb
     return cfg
 

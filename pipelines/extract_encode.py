@@ -42,7 +42,10 @@ class Encoder:
             zeros = torch.zeros(int(holder.sum()), 3, IMAGE_SIZE, IMAGE_SIZE)
             image_emb[holder] = self.encoder.encode({"vision": zeros})["vision"].numpy()
         if ok.any():
-            pixels = normalize_pixels(torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok])))
+            # uint8 goes to the device and is normalised there: a quarter of the float copy, and on a GPU the host
+            # thread does not turn every pixel into float32 itself
+            pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok])).to(self.encoder.device)
+            pixels = normalize_pixels(pixels)
             emb = self.encoder.encode({"vision": pixels, "text": torch.from_numpy(batch["tokens"][ok])})
             image_emb[ok], text_emb[ok] = emb["vision"].numpy(), emb["text"].numpy()
             score[ok] = (emb["vision"] * emb["text"]).sum(-1).numpy()
