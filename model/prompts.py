@@ -45,18 +45,25 @@ def encode_example(tokenizer: TextTokenizer, prompt: str, answer: str, max_words
 def encode_examples(
     tokenizer: TextTokenizer, pairs: Sequence[tuple[str, str]], max_words: int
 ) -> list[tuple[list[int], list[int]]]:
-    """`encode_example` of every (prompt, answer): one batched tokenizer call per distinct prompt, whose own tokens
-    are reused across its answers wherever that is exact (`TextTokenizer.encode_after`)."""
+    """`encode_example` of every (prompt, answer) in a few batched tokenizer calls: prompts used once (stage 2's
+    instructions) are encoded together, and a prompt shared by several answers (stage 1's caption instruction) has
+    its own tokens reused across them wherever that is exact (`TextTokenizer.encode_after`)."""
     by_prompt: dict[str, list[int]] = {}
     for i, (prompt, _) in enumerate(pairs):
         by_prompt.setdefault(prompt, []).append(i)
-    out: list[tuple[list[int], list[int]]] = [([], [])] * len(pairs)
+    prompts = list(by_prompt)
+    n_prompt = dict(zip(prompts, map(len, tokenizer.encode_batch(prompts, bos=True, eos=False)), strict=True))
+    once = [by_prompt[p][0] for p in prompts if len(by_prompt[p]) == 1]
+    whole = tokenizer.encode_batch([pairs[i][0] + pairs[i][1] for i in once], bos=True, eos=True)
+    encoded = dict(zip(once, whole, strict=True))
     for prompt, rows in by_prompt.items():
-        n_prompt = len(tokenizer.encode(prompt, bos=True, eos=False))
-        encoded = tokenizer.encode_after(prompt, [pairs[i][1] for i in rows], bos=True, eos=True)
-        for i, tokens in zip(rows, encoded, strict=True):
-            tokens = tokens[:max_words]
-            out[i] = (tokens, [IGNORE] * min(n_prompt, len(tokens)) + tokens[n_prompt:])
+        if len(rows) > 1:
+            after = tokenizer.encode_after(prompt, [pairs[i][1] for i in rows], bos=True, eos=True)
+            encoded.update(zip(rows, after, strict=True))
+    out = []
+    for i, (prompt, _) in enumerate(pairs):
+        tokens, n = encoded[i][:max_words], n_prompt[prompt]
+        out.append((tokens, [IGNORE] * min(n, len(tokens)) + tokens[n:]))
     return out
 
 
