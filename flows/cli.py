@@ -16,6 +16,7 @@ from pydantic import BaseModel
 
 from pipelines.config import Config, ConfigError, dump_config, load_config
 from pipelines.errors import InputError
+from pipelines.paths import ENCODER_PATHS, MODEL_PATHS, WorkspaceError, check_model_paths, check_workspace
 from stores.ledger import LedgerConflict
 from stores.sources import SourceFileError
 
@@ -178,6 +179,21 @@ COMMANDS: dict[str, tuple[Command, str]] = {
 }
 
 
+# The model settings each command loads (checked before it starts); commands absent here load no model.
+MODEL_INPUTS: dict[str, tuple[str, ...]] = {
+    "extract": ENCODER_PATHS, "index": ENCODER_PATHS, "train": MODEL_PATHS, "evaluate": MODEL_PATHS,
+    "retrain": MODEL_PATHS, "generate": MODEL_PATHS, "demo": MODEL_PATHS,
+}  # fmt: skip
+NO_WORKSPACE = ("config", "convert")
+
+
+def check_inputs(cfg: Config, command: str) -> None:
+    """Before a command runs: its local workspace can be created, and the model files it loads exist."""
+    if command not in NO_WORKSPACE:
+        check_workspace(cfg)
+    check_model_paths(cfg, MODEL_INPUTS.get(command, ()))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `ibllm`."""
     parser = argparse.ArgumentParser(
@@ -285,9 +301,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides.append(f"workspace={args.workspace}")
     try:
         cfg = load_config(args.config, overrides)
-    except ConfigError as e:
+        check_inputs(cfg, args.command)
+    except (ConfigError, WorkspaceError) as e:
         print(f"ibllm: {e}", file=sys.stderr)
         return 2
+    except InputError as e:
+        print(f"ibllm: {e}", file=sys.stderr)
+        return 4
     try:
         # stdout carries only the result: anything else printed, by any process, goes to stderr.
         with _stdout_to_stderr():

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipelines.paths import absolute, absolute_paths
 
 DEMO_CONFIG = "demo.yaml"
 
@@ -71,17 +74,20 @@ class FilterConfig(Section):
     sample: int | None = Field(None, gt=0, description="deterministic sample to at most this many rows")
 
 
+SOURCE_NAME = r"^[a-z0-9][a-z0-9_]*$"
 SourceFormat = Literal["synthetic", "laion", "mmc4", "cc3m", "cc12m", "sbu", "coco", "coyo", "generic"]
 
 
 class SourceConfig(Section):
     """One metadata source: where it is, how to read it, how to filter it."""
 
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_]*$")
+    name: str = Field(pattern=SOURCE_NAME)
     format: SourceFormat
     paths: list[str] = Field(default_factory=list, description="files or globs; empty for 'synthetic'")
     columns: dict[str, str] = Field(default_factory=dict, description="generic format: our column -> theirs")
     filters: FilterConfig = Field(default_factory=FilterConfig)
+
+    _absolute_paths = field_validator("paths")(absolute_paths)
 
 
 class CurateConfig(Section):
@@ -166,6 +172,11 @@ class ModelConfig(Section):
     lora_alpha: float = Field(16.0, gt=0)
     max_seq_len: int = Field(512, gt=0)
 
+    @field_validator("imagebind_checkpoint", "imagebind_vocab", "llama_path", "tokenizer_path", "adapter_checkpoint")
+    @classmethod
+    def _absolute(cls, value: str | None) -> str | None:
+        return absolute(value) if value else value
+
 
 class StageConfig(Section):
     """One training stage; lr = blr * global_batch_size / 256, as in the reference."""
@@ -190,6 +201,12 @@ class StageConfig(Section):
     data: list[str] = Field(default_factory=list, description="feature sources or instruction files")
     shuffle_buffer: int = Field(10_000, gt=0, description="stage 1: rows shuffled in memory while streaming")
     first_turn_only: bool = Field(False, description="stage 2: only each conversation's first turn (the reference)")
+
+    @field_validator("data")
+    @classmethod
+    def _absolute_files(cls, data: list[str]) -> list[str]:
+        # stage 1 names feature sources, stage 2 instruction files: only what is not a source name is a path
+        return [d if re.fullmatch(SOURCE_NAME, d) else absolute(d) for d in data]
 
     @property
     def lr(self) -> float:
@@ -274,7 +291,9 @@ class InferConfig(Section):
 class Config(Section):
     """The root configuration."""
 
-    workspace: str = "workspace"
+    workspace: str = Field(
+        "workspace", validate_default=True, description="a local folder (made absolute at load) or an fsspec URL"
+    )
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options of the workspace")
     seed: int = 0
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
@@ -288,6 +307,8 @@ class Config(Section):
     retrain: RetrainConfig = Field(default_factory=RetrainConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     infer: InferConfig = Field(default_factory=InferConfig)
+
+    _absolute_workspace = field_validator("workspace")(absolute)
 
     @model_validator(mode="after")
     def _unique_sources(self) -> Config:

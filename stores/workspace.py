@@ -31,6 +31,8 @@ class Workspace:
     def __post_init__(self) -> None:
         self.fs, path = fsspec.core.url_to_fs(self.root, **dict(self.storage_options))
         self.base = path.rstrip("/") or "/"
+        if self.is_local and "://" not in self.root:
+            self.root = self.base  # absolute: a Workspace handed to another process names the same folder there
 
     @property
     def is_local(self) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -16,6 +17,7 @@ SMALL = ["--set", "synthetic.count=24", "--set", "synthetic.slow_seconds=3", "--
 
 
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """`ibllm ARGS` in a fresh interpreter, from `cwd` (default: this one's)."""
     return subprocess.run(
         [sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, cwd=cwd, env=os.environ.copy()
     )
@@ -86,28 +88,32 @@ def test_serve_until_terminated(tmp_path: Path) -> None:
 
 
 def test_stage_commands_chain_and_bad_input_exit_4(tmp_path: Path) -> None:
-    ws = ["--workspace", str(tmp_path / "ws")]
+    # run from a folder that is not the repository, with a relative workspace, as a newcomer would: Ray's workers
+    # (extraction) and img2dataset's processes must see the same files as the command (issue 17)
+    ws = ["--workspace", "ws"]
+    cli = functools.partial(run_cli, cwd=tmp_path)
     for command in ("ingest", "curate", "download"):
-        proc = run_cli(command, *ws, *SMALL, "--set", "download.processes=1")
+        proc = cli(command, *ws, *SMALL, "--set", "download.processes=1")
         assert proc.returncode == 4, (command, proc.stderr[-500:])  # nothing to read yet: a clear message
         assert "ibllm:" in proc.stderr and "Traceback" not in proc.stderr
-    assert run_cli("synthetic", "--json", *ws, *SMALL).returncode == 0
+    assert cli("synthetic", "--json", *ws, *SMALL).returncode == 0
     steps = {}
     for command in ("ingest", "curate", "download", "report"):
-        proc = run_cli(command, "--json", *ws, *SMALL, "--set", "download.processes=1")
+        proc = cli(command, "--json", *ws, *SMALL, "--set", "download.processes=1")
         assert proc.returncode == 0, proc.stderr[-2000:]
         steps[command] = json.loads(proc.stdout)
     for command in ("extract", "index"):
-        proc = run_cli(command, "--json", *ws, *SMALL)
+        proc = cli(command, "--json", *ws, *SMALL)
         assert proc.returncode == 0, proc.stderr[-2000:]
         steps[command] = json.loads(proc.stdout)
+    assert list((tmp_path / "ws" / "features").rglob("part-*.parquet"))  # what the Ray workers wrote, seen here
     image = next((tmp_path / "ws" / "shards").rglob("*.tar"))
     import tarfile
 
     with tarfile.open(image) as tf:
         member = next(m for m in tf.getmembers() if m.name.endswith(".jpg"))
         (tmp_path / "q.jpg").write_bytes(tf.extractfile(member).read())
-    proc = run_cli("index", "--json", *ws, *SMALL, "--query-image", str(tmp_path / "q.jpg"), "-k", "3")
+    proc = cli("index", "--json", *ws, *SMALL, "--query-image", "q.jpg", "-k", "3")
     neighbours = json.loads(proc.stdout)["neighbours"]
     assert len(neighbours) == 3 and neighbours[0]["similarity"] > 0.99  # the image itself is in the cache
     kept = steps["curate"]["sources"][0]["rows_out"]
@@ -115,7 +121,7 @@ def test_stage_commands_chain_and_bad_input_exit_4(tmp_path: Path) -> None:
     assert steps["report"]["totals"][0]["curated_rows"] == kept
     bad = tmp_path / "bad.csv"
     bad.write_text("link,text\nhttp://x,a,extra\n")
-    proc = run_cli(
+    proc = cli(
         "ingest", *ws, "--set", f"sources=[{{name: g, format: generic, paths: ['{bad}'], columns: {{url: link}}}}]"
     )
     assert proc.returncode == 4 and "bad.csv" in proc.stderr
