@@ -103,7 +103,8 @@ class ImageBindLLM(nn.Module):
 
         Each modality's embedding is L2-normalised and weighted (weights / (sum + 1e-6), not re-normalised), as
         the reference does; a bare tensor is one modality of weight 1 (the training path). With a `cache`, the
-        mixed vector is searched in the visual cache and mixed with its neighbours (inference only).
+        mixed vector, unnormalised, is searched in the visual cache and mixed with its neighbours by the softmax of
+        its inner products with them (`model.cache.cache_mix`; inference only).
         """
         if isinstance(embeddings, torch.Tensor):
             embeddings = {"vision": embeddings}

@@ -76,7 +76,7 @@ def run(cfg: Config, force: bool = False, query_image: str | None = None, k: int
     settings = BuildSettings(
         max_index_memory=ix.max_index_memory, max_query_ms=ix.max_query_ms, index_key=ix.index_key,
         index_param=ix.index_param, rescore=ix.rescore, holdout=ix.holdout, seed=cfg.seed,
-        target_recall=ix.target_recall,
+        target_recall=ix.target_recall, values=ix.values,
     )  # fmt: skip
     built = False
     if force or _stale(ws, ix.name, fingerprint, settings):
@@ -100,4 +100,7 @@ def run(cfg: Config, force: bool = False, query_image: str | None = None, k: int
 
 def _stale(ws: Workspace, name: str, fingerprint: str, settings: BuildSettings) -> bool:
     meta = read_meta(ws, name)
-    return meta is None or meta["fingerprint"] != fingerprint or meta.get("settings") != settings.__dict__
+    if meta is None:
+        return True
+    built_with = {"values": "float16"} | meta.get("settings", {})  # indexes built before the setting: fp16
+    return meta["fingerprint"] != fingerprint or built_with != settings.__dict__

@@ -16,7 +16,6 @@ from typing import Any
 import fsspec
 import numpy as np
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel
 
 from model.generate import Sampling, generate_text
@@ -133,11 +132,16 @@ def _vocab(cfg: Config, ws: Workspace) -> str | None:
 
 
 def cache_lookup(index: CacheIndex, k: int) -> CacheLookup:
-    """The model's cache callable over an opened index: the query is normalised before searching, as the reference."""
+    """The model's cache callable over an opened index: (B, D) mixed query -> sims (B, k), neighbours (B, k, D).
+
+    As the reference, the query is searched as it is, not normalised: a mix of several modalities has a norm below 1,
+    and the similarities that `model.cache.cache_mix` takes the softmax of are its inner products with the cached
+    (unit) features. With `index.values: float32` the neighbours are the stored features exactly.
+    """
     k = min(k, index.count)
 
     def lookup(query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        q = F.normalize(query.detach().float(), dim=-1).cpu().numpy()
+        q = query.detach().float().cpu().numpy()
         sims, ids = index.search(q, k)
         return torch.from_numpy(sims), torch.from_numpy(index.gather(np.where(ids < 0, 0, ids)))
 

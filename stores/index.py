@@ -1,4 +1,4 @@
-"""The visual cache: an autofaiss index over a feature set, an exact fp16 value store, atomic versions, search."""
+"""The visual cache: an autofaiss index over a feature set, an fp16 or fp32 value store, atomic versions, search."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import faiss
 import numpy as np
@@ -21,7 +21,10 @@ from stores.index_plan import choose_key, metric_for, tune_search
 from stores.workspace import Workspace
 
 log = logging.getLogger(__name__)
-INDEX_FILE, VALUES, ROWS, META, CURRENT = "knn.index", "values.f16", "rows.parquet", "meta.json", "CURRENT.json"
+INDEX_FILE, ROWS, META, CURRENT = "knn.index", "rows.parquet", "meta.json", "CURRENT.json"
+VALUES = "values.f16"  # the fp16 value store; an fp32 one is values.f32
+ValueType = Literal["float16", "float32"]
+VALUE_FILES: dict[str, str] = {"float16": VALUES, "float32": "values.f32"}
 
 
 class IndexMismatch(ValueError):
@@ -40,6 +43,7 @@ class BuildSettings:
     holdout: int = 500  # held-out queries (text embeddings of the set) for recall@10
     seed: int = 0
     target_recall: float = 0.95  # nprobe and re-scoring are raised until recall@10 on the held-out queries reaches it
+    values: ValueType = "float16"  # the value store: float32 keeps the features exactly (twice the disk)
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
@@ -54,12 +58,12 @@ def _embeddings(column: pa.ChunkedArray | pa.Array, dim: int) -> np.ndarray:
 def stage_features(
     files: list[str], ws: Workspace, encoder_id: str, dim: int, folder: str, settings: BuildSettings
 ) -> tuple[int, np.ndarray]:
-    """Stream feature Parquet into `folder`: normalised float32 .npy parts for autofaiss, the fp16 value store,
-    and rows.parquet (uid, caption, url per id). Returns (count, held-out text queries)."""
+    """Stream feature Parquet into `folder`: normalised float32 .npy parts for autofaiss, the value store (fp16 or
+    fp32, as `settings.values`), and rows.parquet (uid, caption, url per id). Returns (count, held-out queries)."""
     rng = np.random.default_rng(settings.seed)
     os.makedirs(os.path.join(folder, "emb"))
     rows, queries, n = [], [], 0
-    with open(os.path.join(folder, VALUES), "wb") as values:
+    with open(os.path.join(folder, VALUE_FILES[settings.values]), "wb") as values:
         for i, path in enumerate(files):
             with ws.open(path, "rb") as f:
                 table = pq.read_table(f, columns=["uid", "caption", "url", "image_emb", "text_emb", "encoder_id"])
@@ -73,7 +77,7 @@ def stage_features(
                 raise IndexMismatch(f"{path}: image_emb has {width} dimensions, the encoder gives {dim}")
             emb = _normalise(_embeddings(table.column("image_emb"), dim))
             np.save(os.path.join(folder, "emb", f"{i:06d}.npy"), emb)
-            values.write(emb.astype(np.float16).tobytes())
+            values.write(emb.astype(settings.values).tobytes())
             rows.append(table.select(["uid", "caption", "url"]))
             pick = rng.random(table.num_rows) < min(1.0, 4.0 * settings.holdout / max(1, table.num_rows * len(files)))
             queries.append(_embeddings(table.column("text_emb"), dim)[pick])
@@ -85,7 +89,7 @@ def stage_features(
 
 
 def exact_top_k(values: np.ndarray, queries: np.ndarray, k: int, chunk: int = 65536) -> np.ndarray:
-    """Ids of the k largest inner products, by brute force over the (fp16) value store in chunks."""
+    """Ids of the k largest inner products, by brute force over the value store in chunks."""
     best_s = np.full((len(queries), k), -np.inf, np.float32)
     best_i = np.zeros((len(queries), k), np.int64)
     for start in range(0, len(values), chunk):
@@ -128,7 +132,8 @@ def build(
             "index_param": (infos or {}).get("index_param") or param,
             "metric": metric, "settings": settings.__dict__,
             "index_bytes": os.path.getsize(os.path.join(scratch, INDEX_FILE)),
-            "values_bytes": os.path.getsize(os.path.join(scratch, VALUES)),
+            "values": settings.values,
+            "values_bytes": os.path.getsize(os.path.join(scratch, VALUE_FILES[settings.values])),
         }  # fmt: skip
         opened = CacheIndex(scratch, meta)
         truth = exact_top_k(opened.values, queries, 10)
@@ -141,7 +146,7 @@ def build(
         with open(os.path.join(scratch, META), "w") as f:
             json.dump(meta, f, indent=1)
         version = f"v-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
-        for fname in (INDEX_FILE, VALUES, ROWS, META):
+        for fname in (INDEX_FILE, VALUE_FILES[settings.values], ROWS, META):
             ws.upload(os.path.join(scratch, fname), ws.index(name, version, fname))
     previous = current_version(ws, name)
     ws.write_bytes(ws.index(name, CURRENT), json.dumps({"version": version}).encode())  # the commit point
@@ -163,13 +168,19 @@ def current_version(ws: Workspace, name: str) -> str | None:
     return json.loads(ws.read_bytes(path))["version"] if ws.exists(path) else None
 
 
+def value_type(meta: dict[str, Any]) -> ValueType:
+    """The value store's type of an index (float16 for indexes built before the setting existed)."""
+    return meta.get("values", "float16")
+
+
 def _local_dir(ws: Workspace, name: str, version: str) -> str:
     if ws.is_local:
         return ws.index(name, version)
     cache = Path(os.environ.get("IBLLM_CACHE", Path.home() / ".cache" / "ibllm")) / "index" / name / version
     if not (cache / META).exists():
         cache.mkdir(parents=True, exist_ok=True)
-        for fname in (INDEX_FILE, VALUES, ROWS, META):
+        meta = json.loads(ws.read_bytes(ws.index(name, version, META)))
+        for fname in (INDEX_FILE, VALUE_FILES[value_type(meta)], ROWS, META):  # meta.json last: the completion mark
             ws.fs.get_file(ws.index(name, version, fname), str(cache / fname))
     return str(cache)
 
@@ -194,7 +205,8 @@ class CacheIndex:
             except RuntimeError as e:  # faiss-gpu has no fast-scan PQ, for one: the CPU index serves instead
                 log.warning("index %s (%s) stays on the CPU: faiss-gpu cannot hold it: %s",
                             meta.get("name"), meta.get("index_key"), e)  # fmt: skip
-        self.values = np.memmap(os.path.join(folder, VALUES), np.float16, "r", shape=(self.count, self.dim))
+        values = value_type(meta)
+        self.values = np.memmap(os.path.join(folder, VALUE_FILES[values]), values, "r", shape=(self.count, self.dim))
         self.rows = pq.read_table(os.path.join(folder, ROWS))
         self.rescore = int(meta.get("rescore") or meta.get("settings", {}).get("rescore", 8))
 
@@ -217,6 +229,10 @@ class CacheIndex:
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k by inner product for a batch (B, D): approximate candidates, then exact scores from the values.
+
+        The queries are used as given, not normalised: the similarities are their inner products with the stored
+        (unit) features, as faiss's inner-product search returns them. On an L2 index over unit vectors the
+        candidates rank the same, since |q - x|^2 = |q|^2 + 1 - 2 q.x.
 
         Returns:
             sims (B, k) float32, exact, descending; ids (B, k) int64 (-1 where fewer than k exist).

@@ -85,7 +85,7 @@ def test_the_cache_mixes_in_neighbours(trained: tuple[Config, dict[str, str], st
     query = torch.from_numpy(opened.gather(np.array([3, 7]))) * 0.5  # unnormalised queries of stored features
     sims, values = lookup(query)
     assert sims.shape == (2, cfg.index.cache_k) and values.shape == (2, cfg.index.cache_k, opened.dim)
-    assert sims[:, 0].tolist() == pytest.approx([1.0, 1.0], abs=2e-3)  # itself first, at cosine 1
+    assert sims[:, 0].tolist() == pytest.approx([0.5, 0.5], abs=2e-3)  # itself first: the unnormalised inner product
     assert torch.allclose(values[:, 0], query * 2, atol=1e-6)
 
 
