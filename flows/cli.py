@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from pipelines.config import Config, ConfigError, dump_config, load_config
+from pipelines.config import Config, ConfigError, load_config
 from pipelines.errors import InputError
 from pipelines.paths import ENCODER_PATHS, MODEL_PATHS, WorkspaceError, check_model_paths, check_workspace
 from stores.ledger import LedgerConflict
@@ -38,9 +38,9 @@ def _stage_options() -> argparse.ArgumentParser:
     return common
 
 
-def cmd_config(cfg: Config, args: argparse.Namespace) -> None:
-    """Print the resolved configuration."""
-    sys.stdout.write(dump_config(cfg))
+def cmd_config(cfg: Config, args: argparse.Namespace) -> Config:
+    """Print the resolved configuration (YAML; JSON with --json) on stdout."""
+    return cfg
 
 
 def cmd_synthetic(cfg: Config, args: argparse.Namespace) -> BaseModel:
@@ -109,8 +109,17 @@ def cmd_demo(cfg: Config, args: argparse.Namespace) -> BaseModel:
 def cmd_train(cfg: Config, args: argparse.Namespace) -> BaseModel:
     """Train stage 1 (bind network, gates, prefix) or stage 2 (LoRA, biases, norms) on cached features."""
     from pipelines import train
+    from pipelines.demo_setup import prepare_training
 
+    prepare_training(cfg, args.stage)
     return train.run(cfg, args.stage, resume=args.resume, local=args.local, max_steps=args.max_steps)
+
+
+def cmd_base(cfg: Config, args: argparse.Namespace) -> BaseModel:
+    """Stage 0 of the demo: train its small base LLaMA and tokenizer on the synthetic language (once)."""
+    from pipelines import base_lm
+
+    return base_lm.run(cfg, force=args.force)
 
 
 def cmd_evaluate(cfg: Config, args: argparse.Namespace) -> BaseModel:
@@ -134,14 +143,14 @@ def cmd_convert(cfg: Config, args: argparse.Namespace) -> BaseModel:
     if args.kind == "llama":
         return convert.llama(args.source, args.output, args.dtype, args.vocab_size, args.overwrite)
     if args.kind == "adapter":
-        return convert.adapter(args.source, args.output, args.vocab_size or 32000)
-    return convert.export(args.source, args.output)
+        return convert.adapter(args.source, args.output, args.vocab_size or 32000, args.overwrite)
+    return convert.export(args.source, args.output, args.overwrite)
 
 
 def cmd_generate(cfg: Config, args: argparse.Namespace) -> BaseModel:
     """Answer a prompt about any mix of image, audio, video and text inputs, or every request of a JSONL file."""
     from pipelines import infer
-    from pipelines.infer_inputs import make_request, parse_weights
+    from pipelines.infer_inputs import check_weighted_inputs, make_request, parse_weights
 
     sampling = {"temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens}
     request = make_request(
@@ -149,6 +158,8 @@ def cmd_generate(cfg: Config, args: argparse.Namespace) -> BaseModel:
          "weights": parse_weights(args.weight), "prompt": args.prompt,
          "seed": cfg.seed if args.seed is None else args.seed} | {k: v for k, v in sampling.items() if v is not None}
     )  # fmt: skip
+    if not args.requests:  # with a requests file the options are defaults: a line may give the input they weigh
+        check_weighted_inputs(request)
     return infer.run(cfg, request, requests_file=args.requests, checkpoint=args.checkpoint, cache=args.cache,
                      output=args.output, device=args.device, dtype=args.dtype)  # fmt: skip
 
@@ -170,6 +181,7 @@ COMMANDS: dict[str, tuple[Command, str]] = {
     "extract": (cmd_extract, "ImageBind features of the downloaded shards into Parquet with Ray (resumable)"),
     "index": (cmd_index, "build the visual cache index (autofaiss); --query-image X prints its nearest captions"),
     "report": (cmd_report, "write the curation report and the DuckDB catalog"),
+    "base": (cmd_base, "demo stage 0: the small base LLaMA and tokenizer that stand in for LLaMA 7B"),
     "train": (cmd_train, "train stage 1 or 2 with Ray Train on the cached features; --resume continues a run"),
     "evaluate": (cmd_evaluate, "held-out loss, perplexity and the visual-grounding gap of a checkpoint"),
     "retrain": (cmd_retrain, "extract, index and train on what is new; promote when at least as good; --force"),
@@ -227,8 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("source", help="input: Meta folder, adapter .pth, or our checkpoint folder")
             p.add_argument("output", help="output folder (llama, adapter) or .pth file (export)")
             p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="llama: cast the weights")
-            p.add_argument("--vocab-size", type=int, help="vocabulary size when params.json says -1 (default 32000)")
-            p.add_argument("--overwrite", action="store_true", help="llama: replace a non-empty output folder")
+            p.add_argument("--vocab-size", type=int, help="LLaMA's vocabulary: llama, when params.json says -1 "
+                           "(default: the embedding's rows); adapter (default 32000)")  # fmt: skip
+            p.add_argument("--overwrite", action="store_true", help="replace an existing output (folder or file)")
         if name == "download":
             p.add_argument(
                 "--retry-failed", action="store_true",

@@ -4,37 +4,37 @@ from __future__ import annotations
 
 import time
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from flows import artifacts
-from flows.tasks import DAY, HOUR, extract_task, index_task
+from flows.tasks import DAY, HOUR, extract_task, index_task, stage_task
 from pipelines import retrain
 from pipelines.config import Config, resolve_config
 from pipelines.train import TrainResult
 from stores.registry import Decision
 
 
-@task(name="retrain-plan", timeout_seconds=HOUR)
+@stage_task(name="retrain-plan", timeout_seconds=HOUR)
 def plan_task(cfg: Config, force: bool = False) -> retrain.RetrainPlan:
     """What is new since the last retrain."""
     return retrain.plan(cfg, force)
 
 
-@task(name="retrain-inputs", retries=1, timeout_seconds=6 * HOUR)
+@stage_task(name="retrain-inputs", retries=1, timeout_seconds=6 * HOUR)
 def inputs_task(cfg: Config) -> retrain.StageInputs:
     """The demo's own base model and instructions, when the config asks for them."""
     return retrain.stage_inputs(cfg)
 
 
-@task(name="retrain-train", task_run_name="retrain-stage{stage}", retries=1, retry_delay_seconds=10,
+@stage_task(name="retrain-train", task_run_name="retrain-stage{stage}", retries=1, retry_delay_seconds=10,
       timeout_seconds=30 * DAY)  # fmt: skip
 def candidate_task(cfg: Config, stage: int, init: str | None) -> TrainResult:
     """Train a stage of the candidate (a retry continues the same run)."""
     return retrain.train_candidate(cfg, stage, init)
 
 
-@task(name="retrain-decide", timeout_seconds=DAY)
+@stage_task(name="retrain-decide", timeout_seconds=DAY)
 def decide_task(cfg: Config, plan: retrain.RetrainPlan, stage1: TrainResult, stage2: TrainResult) -> Decision:
     """Evaluate candidate and promoted model on the frozen held-out set; promote when at least as good."""
     return retrain.decide(cfg, plan, stage1, stage2)

@@ -26,6 +26,7 @@ from flows.tasks import (
 )
 from pipelines import curate, download, evaluate, extract, index, ingest, report, synthetic, train
 from pipelines.config import Config, resolve_config
+from pipelines.demo_setup import prepare_training
 from pipelines.synthetic_server import server_for
 
 ConfigParam = Config | str | None
@@ -100,7 +101,9 @@ def train_flow(
     resume: bool = False,
 ) -> train.TrainResult:
     """Train stage 1 or 2 (stage 2 from `init`, default the newest stage-1 run); the loss curve as an artifact."""
-    result = train_task(resolve_config(config, overrides), stage, init=init, resume=resume)
+    cfg = resolve_config(config, overrides)
+    prepare_training(cfg, stage)  # the demo's base and conversations when nothing else is configured
+    result = train_task(cfg, stage, init=init, resume=resume)
     artifacts.training(result)
     get_run_logger().info("%s", result.summary())
     return result

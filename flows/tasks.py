@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 from prefect import task
 
 from pipelines import (
@@ -19,87 +22,105 @@ from pipelines import (
     synthetic,
     train,
 )
-from pipelines.config import Config
+from pipelines.config import Config, ConfigError
+from pipelines.errors import InputError
+from stores.ledger import LedgerConflict
+from stores.sources import SourceFileError
 from stores.workspace import Workspace
 
 HOUR = 3600
 DAY = 24 * HOUR
+NOT_RETRIED = (InputError, ConfigError, LedgerConflict, SourceFileError)  # the same input fails the same way again
 
 
-@task(name="synthetic", retries=1, timeout_seconds=HOUR)
+def worth_retrying(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect's retry condition: retry what may pass another time, not a refusal of the user's input."""
+    try:
+        error = state.result(raise_on_failure=False)
+    except Exception:  # the result cannot be read back: retry, as without a condition
+        return True
+    return not isinstance(error, NOT_RETRIED)
+
+
+stage_task = functools.partial(task, retry_condition_fn=worth_retrying)  # a task that never retries a bad input
+
+
+@stage_task(name="synthetic", retries=1, timeout_seconds=HOUR)
 def synthetic_task(cfg: Config, base_url: str, force: bool = False) -> synthetic.SyntheticResult:
     """Write the synthetic source for the running server and check what it serves."""
     return synthetic.run(cfg, base_url, force=force)
 
 
-@task(name="ingest", retries=1, timeout_seconds=6 * HOUR)
+@stage_task(name="ingest", retries=1, timeout_seconds=6 * HOUR)
 def ingest_task(cfg: Config, force: bool = False) -> ingest.IngestResult:
     """Normalise every source's metadata."""
     return ingest.run(cfg, force=force)
 
 
-@task(name="curate", retries=1, timeout_seconds=6 * HOUR)
+@stage_task(name="curate", retries=1, timeout_seconds=6 * HOUR)
 def curate_task(cfg: Config, force: bool = False) -> curate.CurateResult:
     """Filter every source into url lists."""
     return curate.run(cfg, force=force)
 
 
-@task(name="download-source", task_run_name="download-{source}", retries=2, retry_delay_seconds=10,
+@stage_task(name="download-source", task_run_name="download-{source}", retries=2, retry_delay_seconds=10,
       timeout_seconds=7 * DAY)  # fmt: skip
 def download_source_task(cfg: Config, source: str, force: bool = False) -> download.SourceDownload:
     """Download one source's url lists; a retry resumes from its committed shards."""
     return download.download_source(cfg, Workspace(cfg.workspace, cfg.storage_options), source, force)
 
 
-@task(name="extract", retries=2, retry_delay_seconds=10, timeout_seconds=14 * DAY)
+@stage_task(name="extract", retries=2, retry_delay_seconds=10, timeout_seconds=14 * DAY)
 def extract_task(cfg: Config, force: bool = False) -> extract.ExtractResult:
     """ImageBind features of every downloaded shard; a retry redoes only the shards not yet committed."""
     return extract.run(cfg, force=force)
 
 
-@task(name="index", retries=1, timeout_seconds=DAY)
+@stage_task(name="index", retries=1, timeout_seconds=DAY)
 def index_task(cfg: Config, force: bool = False) -> index.IndexResult:
     """Build the visual cache (only when its source's features changed)."""
     return index.run(cfg, force=force)
 
 
-@task(name="report", retries=1, retry_delay_seconds=5, timeout_seconds=2 * HOUR)
+@stage_task(name="report", retries=1, retry_delay_seconds=5, timeout_seconds=2 * HOUR)
 def report_task(cfg: Config) -> report.ReportResult:
     """Write the curation report."""
     return report.run(cfg)
 
 
-@task(name="base-llama", retries=1, timeout_seconds=6 * HOUR)
+@stage_task(name="base-llama", retries=1, timeout_seconds=6 * HOUR)
 def base_task(cfg: Config, force: bool = False) -> base_lm.BaseLMResult:
     """Stage 0 (demo only): the base language model and tokenizer."""
     return base_lm.run(cfg, force=force)
 
 
-@task(name="train", task_run_name="train-stage{stage}", retries=1, retry_delay_seconds=10, timeout_seconds=30 * DAY)
+@stage_task(
+    name="train", task_run_name="train-stage{stage}", retries=1, retry_delay_seconds=10, timeout_seconds=30 * DAY
+)
 def train_task(cfg: Config, stage: int, init: str | None = None, resume: bool = False) -> train.TrainResult:
     """Train a stage; a run of the same inputs and settings is reused when complete and continued when not."""
     return train.run(cfg, stage, resume=resume, reuse=not resume, init=init)
 
 
-@task(name="instructions", timeout_seconds=2 * HOUR)
+@stage_task(name="instructions", timeout_seconds=2 * HOUR)
 def instructions_task(cfg: Config) -> demo_data.InstructionsResult:
     """Generate the demo's stage-2 conversations about the training images."""
     return demo_data.run(cfg)
 
 
-@task(name="evaluate", task_run_name="evaluate-stage{stage}", retries=1, timeout_seconds=DAY)
+@stage_task(name="evaluate", task_run_name="evaluate-stage{stage}", retries=1, timeout_seconds=DAY)
 def evaluate_task(cfg: Config, stage: int, checkpoint: str | None = None) -> evaluate.EvalResult:
     """Held-out loss, perplexity and the shuffled-feature loss of a checkpoint (default: the stage's newest)."""
     return evaluate.run(cfg, stage, checkpoint)
 
 
-@task(name="demo-check", timeout_seconds=2 * HOUR)
+@stage_task(name="demo-check", timeout_seconds=2 * HOUR)
 def check_task(cfg: Config, stage1: str, stage2: str) -> demo_check.DemoCheck:
     """Caption held-out images and answer the colour question about them."""
     return demo_check.run(cfg, stage1, stage2)
 
 
-@task(name="demo-ask", timeout_seconds=HOUR)
+@stage_task(name="demo-ask", timeout_seconds=HOUR)
 def ask_task(cfg: Config, checkpoint: str) -> demo_ask.DemoAnswers:
     """Ask about a held-out picture and an audio clip, with and without the visual cache."""
     return demo_ask.run(cfg, checkpoint)

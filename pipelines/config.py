@@ -322,6 +322,10 @@ class Config(Section):
             raise ValueError(f"source names must be unique; repeated: {', '.join(dupes)}")
         return self
 
+    def summary(self) -> str:
+        """The configuration as YAML, every default spelled out (what `ibllm config` prints)."""
+        return dump_config(self).rstrip("\n")
+
     @classmethod
     def from_yaml(cls, path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
         """Load a YAML file (the packaged demo config when None) and apply `section.key=value` overrides."""
@@ -353,10 +357,7 @@ def _read_yaml(path: str | Path | None) -> tuple[dict[str, Any], str]:
         text = resources.files("configs").joinpath(DEMO_CONFIG).read_text()
         origin = f"configs/{DEMO_CONFIG} (packaged default)"
     else:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{p}: config file not found")
-        text, origin = p.read_text(), str(p)
+        text, origin = _find_config(Path(path))
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
@@ -364,6 +365,24 @@ def _read_yaml(path: str | Path | None) -> tuple[dict[str, Any], str]:
     if not isinstance(data, dict):
         raise ConfigError(f"{origin}: the top level must be a mapping, got {type(data).__name__}")
     return data, origin
+
+
+def packaged_configs() -> list[str]:
+    """Names of the configurations shipped with ibllm (`-c paper` takes configs/paper.yaml from anywhere)."""
+    return sorted(
+        f.name.removesuffix(".yaml") for f in resources.files("configs").iterdir() if f.name.endswith(".yaml")
+    )
+
+
+def _find_config(path: Path) -> tuple[str, str]:
+    """A config file by path, else a packaged one by name (`paper`, `paper.yaml` or `configs/paper.yaml`)."""
+    if path.is_file():
+        return path.read_text(), str(path)
+    name = path.name.removesuffix(".yaml").removesuffix(".yml")
+    if (len(path.parts) == 1 or path.parent.name == "configs") and name in packaged_configs():
+        return resources.files("configs").joinpath(f"{name}.yaml").read_text(), f"configs/{name}.yaml (packaged)"
+    raise ConfigError(f"{path}: config file not found (looked for {path.absolute()}, and among the packaged "
+                      f"configs: {', '.join(packaged_configs())})")  # fmt: skip
 
 
 def apply_override(data: dict[str, Any], override: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -15,6 +16,7 @@ from model.convert_llama import convert_meta_llama
 from model.llm_checkpoint import read_checkpoint
 from pipelines.errors import InputError
 
+log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -31,10 +33,19 @@ class ConvertResult(BaseModel):
     tensors: int
     parameters: int
     seconds: float
+    warnings: list[str] = []
 
     def summary(self) -> str:
-        return (f"convert {self.kind}: {self.source} -> {self.output} "
+        done = (f"convert {self.kind}: {self.source} -> {self.output} "
                 f"({self.tensors} tensors, {self.parameters:,} numbers, {self.seconds:.1f}s)")  # fmt: skip
+        return "\n".join([done, *(f"warning: {w}" for w in self.warnings)])
+
+
+def _refuse_existing(output: str, overwrite: bool) -> None:
+    """Nothing is replaced unless --overwrite says so."""
+    exists = os.path.isfile(output) or (os.path.isdir(output) and any(os.scandir(output)))
+    if exists and not overwrite:
+        raise ConvertError(f"{output}: exists and is not empty; add --overwrite to replace it")
 
 
 def _count_safetensors(directory: str) -> tuple[int, int]:
@@ -55,19 +66,26 @@ def llama(source: str, output: str, dtype: str | None = None, vocab_size: int | 
     start = time.perf_counter()
     if dtype is not None and dtype not in DTYPES:
         raise ConvertError(f"--dtype {dtype!r}: choose one of {sorted(DTYPES)}")
+    _refuse_existing(output, overwrite)
     try:
         convert_meta_llama(source, output, vocab_size=vocab_size, dtype=DTYPES.get(dtype or ""),
                            overwrite=overwrite)  # fmt: skip
     except (ValueError, FileExistsError) as e:
         raise ConvertError(str(e)) from None
     tensors, numbers = _count_safetensors(output)
+    warnings = []
+    if not os.path.isfile(os.path.join(output, "tokenizer.model")):
+        warnings.append(f"no tokenizer.model in {source} or its parent folder, so none in {output}: copy LLaMA's "
+                        "tokenizer.model there, or set model.tokenizer_path to it")  # fmt: skip
+        log.warning("%s", warnings[-1])
     return ConvertResult(kind="llama", source=source, output=output, tensors=tensors, parameters=numbers,
-                         seconds=time.perf_counter() - start)  # fmt: skip
+                         seconds=time.perf_counter() - start, warnings=warnings)  # fmt: skip
 
 
-def adapter(source: str, output: str, vocab_size: int = 32000) -> ConvertResult:
-    """The released ImageBind-LLM adapter (`7B.pth`) -> our checkpoint directory."""
+def adapter(source: str, output: str, vocab_size: int = 32000, overwrite: bool = False) -> ConvertResult:
+    """The released ImageBind-LLM adapter (`7B.pth`) -> our checkpoint directory (`vocab_size`: LLaMA's)."""
     start = time.perf_counter()
+    _refuse_existing(output, overwrite)
     try:
         convert_official_adapter(source, output, vocab_size=vocab_size)
     except ValueError as e:
@@ -78,9 +96,10 @@ def adapter(source: str, output: str, vocab_size: int = 32000) -> ConvertResult:
                          seconds=time.perf_counter() - start)  # fmt: skip
 
 
-def export(source: str, output: str) -> ConvertResult:
+def export(source: str, output: str, overwrite: bool = False) -> ConvertResult:
     """Our checkpoint directory -> the official adapter layout (a `.pth` the reference code loads)."""
     start = time.perf_counter()
+    _refuse_existing(output, overwrite)
     try:
         export_official(source, output)
     except ValueError as e:

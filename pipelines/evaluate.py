@@ -16,7 +16,8 @@ from model.llm_checkpoint import load_tensors, read_checkpoint
 from model.llm_tokenizer import load_tokenizer
 from pipelines.config import Config
 from pipelines.errors import InputError
-from pipelines.train_data import CAPTION_PROMPT, Example, ExampleSource, FeatureCaptions, Plan, step_batches
+from pipelines.paths import resolve_checkpoint
+from pipelines.train_data import CAPTION_PROMPT, Example, ExampleSource, FeatureCaptions, micro_batch
 from pipelines.train_loop import masked_sum_loss
 from pipelines.train_setup import build_model, latest_checkpoint, local_dir, resolve_job
 from stores.features import read_pairs
@@ -101,13 +102,18 @@ def run(
     (the catalog's `evaluations` view)."""
     start = time.perf_counter()
     ws = Workspace(cfg.workspace, cfg.storage_options)
-    checkpoint = checkpoint or latest_checkpoint(ws, stage)
+    checkpoint = resolve_checkpoint(ws, checkpoint) if checkpoint else latest_checkpoint(ws, stage)
     if checkpoint is None:
         raise InputError(f"no complete stage-{stage} run to evaluate: run `ibllm train --stage {stage}` first")
     job = resolve_job(cfg, ws, 1, "evaluate")
     model = build_model(job)
-    _, tensors, _ = read_checkpoint(local_dir(ws, checkpoint))
+    try:
+        _, tensors, doc = read_checkpoint(local_dir(ws, checkpoint))
+    except ValueError as e:  # CheckpointMismatch and the like: the message names the file
+        raise InputError(str(e)) from None
     load_tensors(model, tensors, checkpoint)
+    made_by = doc.get("metadata") or {}  # the training run that wrote it: its stage and run id, not the caller's
+    stage = int(made_by.get("stage") or stage)
     source: ExampleSource
     if uids is not None:
         source = UidCaptions(ws, job.feature_files, uids)
@@ -118,13 +124,13 @@ def run(
         if source.size < 2:
             raise InputError(f"{source.size} held-out captions: raise train.holdout ({job.holdout}) to evaluate")
     tokenizer = load_tokenizer(job.tokenizer)
-    size = min(batch_size, source.size)
-    plan = Plan(size, 1, 1, job.max_words)
-    stream = step_batches(source, tokenizer, plan, 0, 0, model.config.pad_id)
-    batches = [next(stream)[0] for _ in range(source.size // size)]
+    examples = list(source.iterate(0))  # every held-out sample, the last partial batch too
+    pad = model.config.pad_id
+    batches = [micro_batch(examples[i : i + batch_size], tokenizer, job.max_words, pad)
+               for i in range(0, len(examples), batch_size)]  # fmt: skip
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     loss, shuffled, tokens = held_out_losses(model, batches, device)
-    run_id = _run_id(checkpoint)
+    run_id = str(made_by.get("run_id") or _run_id(checkpoint))
     result = EvalResult(
         stage=stage, run_id=run_id, checkpoint=checkpoint, examples=sum(len(m.input_ids) for m in batches),
         tokens=tokens, loss=loss, perplexity=math.exp(min(loss, 50.0)), shuffled_loss=shuffled,

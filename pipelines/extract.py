@@ -19,6 +19,7 @@ from model.imagebind.encoder import encoder_id_for
 from model.imagebind.tokenizer import learn_merges, write_vocab
 from pipelines import extract_encode, extract_read, ray_runtime
 from pipelines.config import Config
+from pipelines.errors import InputError
 from stores import features
 from stores.catalog import Catalog, outputs
 from stores.ledger import Ledger
@@ -194,12 +195,15 @@ def run(cfg: Config, force: bool = False) -> ExtractResult:
     ws = Workspace(cfg.workspace, cfg.storage_options)
     m = cfg.model
     encoder_id = encoder_id_for(m.imagebind, m.imagebind_checkpoint, cfg.seed)
+    names = [s.name for s in cfg.sources]
+    if not any(shard_items(ws, s) for s in names):  # before the demo's vocabulary is learned from the captions
+        raise InputError(f"no downloaded shards of {', '.join(names) or 'any source'} in {ws.url()}: "
+                         "run `ibllm download` first")  # fmt: skip
     vocab = resolve_vocab(cfg, ws)
     ray_runtime.connect(cfg.ray)
     device = _device(cfg)
     dtype = cfg.extract.dtype if cfg.extract.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
     settings = {"encoder_id": encoder_id, "vocab": hashlib.sha256(vocab).hexdigest()[:16], "dtype": dtype}
-    names = [s.name for s in cfg.sources]
     ledgers = {
         s: Ledger(ws, "extract", f"{encoder_id}.{s}", settings, encoder_id=encoder_id, force=force) for s in names
     }

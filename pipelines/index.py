@@ -10,6 +10,7 @@ from pydantic import BaseModel
 
 from model.imagebind.encoder import ImageBind, encoder_id_for
 from pipelines.config import Config
+from pipelines.errors import InputError
 from stores import features
 from stores.index import BuildSettings, CacheIndex, build, read_meta
 from stores.ledger import Ledger
@@ -86,7 +87,13 @@ def run(cfg: Config, force: bool = False, query_image: str | None = None, k: int
     neighbours = None
     if query_image:
         encoder = ImageBind.load(m.imagebind, checkpoint=m.imagebind_checkpoint, seed=cfg.seed)
-        sims, ids = index.search(encoder.embed_images([query_image]).numpy(), k)
+        if not os.path.isfile(query_image):
+            raise InputError(f"--query-image: no such file: {query_image}")
+        try:
+            query = encoder.embed_images([query_image]).numpy()
+        except ValueError as e:  # not an image: the decoder's message names the file
+            raise InputError(f"--query-image: {e}") from None
+        sims, ids = index.search(query, k)
         rows = next(index.lookup(ids))
         neighbours = [Neighbour(similarity=float(s), **r) for s, r in zip(sims[0], rows, strict=False)]
     info = index.meta

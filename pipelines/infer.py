@@ -28,13 +28,14 @@ from pipelines.config import Config
 from pipelines.errors import InputError
 from pipelines.extract import DEMO_VOCAB
 from pipelines.infer_inputs import TEXT_NEEDS_VOCAB, Request, check_request, embed_request, read_requests
+from pipelines.paths import resolve_checkpoint
 from pipelines.train_setup import demo_file, latest_checkpoint, local_dir
 from stores import registry
 from stores.index import CacheIndex, IndexMismatch
+from stores.runs import RUN_FILE
 from stores.workspace import Workspace
 
 log = logging.getLogger(__name__)
-RUN_FILE = "run.json"
 
 
 class Answer(BaseModel):
@@ -75,7 +76,7 @@ def choose_checkpoint(ws: Workspace, given: str | None = None) -> str:
     """The checkpoint to answer with: `given`, else the registry's promoted stage-2 checkpoint (the model in
     service), else the newest complete stage-2 run, else stage-1's."""
     if given:
-        return given
+        return resolve_checkpoint(ws, given)
     in_service = registry.promoted(ws)
     if in_service is not None:
         if "://" in in_service.stage2_checkpoint or os.path.isdir(in_service.stage2_checkpoint):
@@ -107,8 +108,6 @@ def run_job(checkpoint: str, storage_options: dict[str, Any]) -> dict[str, Any]:
 
 def _checkpoint_dir(ws: Workspace, checkpoint: str) -> str:
     """A local folder holding the checkpoint (a run's step folder is taken for its `model/`)."""
-    if "://" not in checkpoint and not os.path.isdir(checkpoint):
-        raise InputError(f"checkpoint not found: {checkpoint}")
     local = local_dir(ws, checkpoint)
     nested = os.path.join(local, "model")
     return nested if not os.path.isfile(os.path.join(local, "config.json")) and os.path.isdir(nested) else local

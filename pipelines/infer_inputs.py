@@ -16,6 +16,7 @@ from model.imagebind.encoder import ImageBind
 from pipelines.errors import InputError
 
 MODALITIES = ("image", "audio", "video", "text")  # text: strings through ImageBind's text tower, not the prompt
+NO_READER = ("depth", "thermal", "imu")  # ImageBind modalities generate has no file reader for
 FILE_MODALITIES = ("image", "audio", "video")
 TEXT_NEEDS_VOCAB = (
     "text inputs need ImageBind's CLIP BPE vocabulary: set model.imagebind_vocab (bpe_simple_vocab_16e6.txt.gz)"
@@ -95,18 +96,33 @@ def parse_request(line: str, number: int) -> Request:
     if not isinstance(doc, dict):
         raise InputError(f"line {number}: expected a JSON object, got {type(doc).__name__}")
     try:
-        return make_request(doc)
+        request = make_request(doc)
+        check_weighted_inputs(request)
+        return request
     except InputError as e:
         raise InputError(f"line {number}: {e}") from None
 
 
 def make_request(fields: dict[str, Any]) -> Request:
     """A Request from plain fields, or an InputError naming each bad field and why."""
+    for name in fields:
+        if name in NO_READER:
+            raise InputError(f"{name}: generate takes {', '.join(MODALITIES)} inputs; ImageBind encodes depth, "
+                             "thermal and IMU (model.imagebind), but generate has no file reader for them")  # fmt: skip
+        if name not in Request.model_fields:
+            raise InputError(f"{name}: unknown field; a request has {', '.join(Request.model_fields)}")
     try:
         return Request.model_validate(fields)
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'request'}: {_reason(err)}" for err in e.errors())
         raise InputError(problems) from None
+
+
+def check_weighted_inputs(request: Request) -> None:
+    """Refuse a weight of a modality the request gives no input of (a typo, or a forgotten file)."""
+    for modality, weight in request.weights.items():
+        if not getattr(request, modality):
+            raise InputError(f"weight {modality}={weight:g} given, but no {modality} input")
 
 
 def _reason(err: dict) -> str:

@@ -12,6 +12,7 @@ from pydantic import BaseModel
 from tqdm import tqdm
 
 from pipelines.config import Config, SourceConfig
+from pipelines.errors import InputError
 from stores import sources as formats
 from stores.ledger import Ledger
 from stores.workspace import Workspace
@@ -59,7 +60,10 @@ def settings(src: SourceConfig) -> dict[str, object]:
 def input_files(ws: Workspace, src: SourceConfig) -> list[str]:
     """The metadata files of a source (the synthetic source's default is its metadata in the workspace)."""
     if src.format == "synthetic" and not src.paths:
-        return [ws.url("synthetic", "metadata.parquet")]
+        metadata = ws.url("synthetic", "metadata.parquet")
+        if not ws.exists(ws.synthetic("metadata.parquet")):
+            raise InputError(f"source {src.name!r}: no synthetic metadata at {metadata}: run `ibllm synthetic` first")
+        return [metadata]
     return formats.expand_inputs(src.paths)
 
 

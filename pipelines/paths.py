@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from pipelines.errors import InputError
+from stores.runs import LATEST_FILE, RUN_FILE
 
 if TYPE_CHECKING:
     from pipelines.config import Config
+    from stores.workspace import Workspace
 
 # The model settings that name files or folders loaded by a stage.
 MODEL_PATHS = ("imagebind_checkpoint", "imagebind_vocab", "llama_path", "tokenizer_path", "adapter_checkpoint")
@@ -63,3 +66,29 @@ def check_model_paths(cfg: Config, fields: Iterable[str] = MODEL_PATHS) -> None:
             missing.append(f"model.{name}: {value} does not exist")
     if missing:
         raise InputError("; ".join(missing))
+
+
+def resolve_checkpoint(ws: Workspace, given: str) -> str:
+    """A checkpoint path a user typed: as given (an URL, or found from the current directory), else relative to the
+    workspace; a training run's folder stands for its newest checkpoint. Raises InputError saying where it looked."""
+    if is_url(given):
+        return given
+    tried = [absolute(given)]
+    if ws.is_local and not os.path.isabs(os.path.expanduser(given)):
+        tried.append(ws.path(given))
+    for path in tried:
+        if os.path.isdir(path):
+            return _run_checkpoint(path) or path
+    raise InputError(f"checkpoint not found: looked for {' and '.join(tried)}")
+
+
+def _run_checkpoint(folder: str) -> str | None:
+    """The checkpoint a run folder (`checkpoints/stage<N>/<run_id>/`) records as its newest, else None."""
+    for record, key, suffix in ((RUN_FILE, "checkpoint", ""), (LATEST_FILE, "path", "model")):
+        path = os.path.join(folder, record)
+        if os.path.isfile(path):
+            with open(path) as f:
+                found = json.load(f).get(key)
+            if found:
+                return os.path.join(found, suffix) if suffix else found
+    return None

@@ -17,7 +17,7 @@ from pipelines.demo_data import InstructionsResult
 from pipelines.errors import InputError
 from pipelines.extract import ExtractResult
 from pipelines.index import IndexResult
-from pipelines.train import RUN_FILE, TrainResult
+from pipelines.train import TrainResult
 from pipelines.train_data import is_heldout
 from pipelines.train_setup import read_json, stage1_features
 from stores import registry
@@ -25,6 +25,7 @@ from stores.features import read_uids
 from stores.index import current_version, read_meta
 from stores.ledger import Ledger
 from stores.registry import Decision, HeldOut, Lineage, ModelRef, Promotion
+from stores.runs import RUN_FILE
 from stores.workspace import Workspace
 
 log = logging.getLogger(__name__)

@@ -18,12 +18,10 @@ from pipelines.config import Config, StageConfig
 from pipelines.errors import InputError
 from pipelines.train_loop import MODEL_DIR, Hyper, shard_model, train
 from pipelines.train_setup import Job, build_batches, build_model, local_dir, read_json, resolve_job, write_json
+from stores.runs import LATEST_FILE, RUN_FILE
 from stores.workspace import Workspace
 
 log = logging.getLogger(__name__)
-
-RUN_FILE = "run.json"
-LATEST_FILE = "latest.json"
 
 
 class TrainResult(BaseModel):

@@ -162,12 +162,13 @@ def step_batches(
             batch = [next(examples) for _ in range(plan.global_batch)]
             mine = batch[rank * share : (rank + 1) * share]
             yield [
-                _micro(mine[i : i + plan.micro], tokenizer, plan.max_words, pad_id) for i in range(0, share, plan.micro)
+                micro_batch(mine[i : i + plan.micro], tokenizer, plan.max_words, pad_id)
+                for i in range(0, share, plan.micro)
             ]
             step += 1
 
 
-def _micro(examples: Sequence[Example], tokenizer: TextTokenizer, max_words: int, pad_id: int) -> Micro:
+def micro_batch(examples: Sequence[Example], tokenizer: TextTokenizer, max_words: int, pad_id: int) -> Micro:
     encoded = encode_examples(tokenizer, [(e.prompt, e.answer) for e in examples], max_words)
     ids, labels = collate(encoded, pad_id)
     features = torch.from_numpy(np.stack([e.feature for e in examples]).astype(np.float32))

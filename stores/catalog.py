@@ -159,12 +159,20 @@ class Catalog:
         return self.con.execute(sql, params or {}).fetchall()
 
     def save(self) -> str:
-        """Write the view definitions to `catalog.duckdb` in the workspace, for `duckdb` users; returns its URL."""
+        """Write the view definitions to `catalog.duckdb` in the workspace, for `duckdb` users; returns its URL.
+
+        On a local workspace the files the views read are named relative to the workspace, so that a moved or copied
+        workspace keeps a working catalog: open it from the workspace folder (`cd workspace && duckdb
+        catalog.duckdb`), or `SET file_search_path` to that folder.
+        """
+        prefix = "'" + (self.ws.base.rstrip("/") + "/").replace("'", "''")
         with self.ws.scratch() as scratch:
             local = os.path.join(scratch, CATALOG_FILE)
             target = duckdb.connect(local)
+            if self.ws.is_local:  # the views' files are read when they are created
+                target.execute("SET file_search_path = $p", {"p": self.ws.base})
             for sql in self._statements:
-                target.execute(sql)
+                target.execute(sql.replace(prefix, "'") if self.ws.is_local else sql)
             target.close()
             self.ws.upload(local, self.ws.path(CATALOG_FILE))
         return self.ws.url(CATALOG_FILE)

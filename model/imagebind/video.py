@@ -73,6 +73,14 @@ def _open(source: VideoSource) -> av.container.InputContainer:
     return av.open(io.BytesIO(source) if isinstance(source, bytes | bytearray) else os.fspath(source))
 
 
+def _video_stream(container: av.container.InputContainer, source: VideoSource) -> av.video.stream.VideoStream:
+    """The first video stream, or a ValueError naming the file (an audio file or a still image has none)."""
+    if not container.streams.video:
+        kinds = sorted({s.type for s in container.streams}) or ["no streams"]
+        raise ValueError(f"{_describe(source)} has no video stream (it has: {', '.join(kinds)})")
+    return container.streams.video[0]
+
+
 def _frame_rate(stream: av.video.stream.VideoStream) -> float:
     rate = stream.average_rate or stream.guessed_rate or stream.base_rate
     if not rate:
@@ -87,7 +95,7 @@ def probe_video(source: VideoSource) -> tuple[int, float]:
     number of non-empty packets of the stream.
     """
     with _open(source) as container:
-        stream = container.streams.video[0]
+        stream = _video_stream(container, source)
         fps = _frame_rate(stream)
         count = stream.frames or sum(1 for packet in container.demux(stream) if packet.size > 0)
     return count, fps
@@ -105,7 +113,7 @@ def read_frames(source: VideoSource, indices: Iterable[int]) -> dict[int, np.nda
     kept: dict[int, np.ndarray] = {}
     last, stop = None, max(wanted)
     with _open(source) as container:
-        stream = container.streams.video[0]
+        stream = _video_stream(container, source)
         stream.thread_type = "AUTO"
         for i, frame in enumerate(container.decode(stream)):
             last = frame
@@ -210,7 +218,7 @@ def preprocess_video(source: VideoSource) -> torch.Tensor:
         frames = read_frames(source, [i for clip in plan for i in clip])
     except FileNotFoundError:
         raise
-    except (av.FFmpegError, IndexError, ValueError) as err:  # IndexError: no video stream
+    except (av.FFmpegError, ValueError) as err:  # ValueError: e.g. no video stream
         raise ValueError(f"cannot decode video {_describe(source)}: {err}") from err
     clips = np.stack([np.stack([frames[i] for i in clip]) for clip in plan])  # (5, 2, H, W, 3)
     return transform_clips(clips)

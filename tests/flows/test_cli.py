@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from flows.cli import COMMANDS, main
 
@@ -46,10 +47,12 @@ def test_config_error_names_the_field(capsys: pytest.CaptureFixture[str]) -> Non
     assert "synthetic.count" in err and "-3" in err
 
 
-def test_config_command_prints_resolved_yaml(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    assert main(["config", "--workspace", str(tmp_path), "--set", "index.cache_k=4"]) == 0
-    out = capsys.readouterr().out
-    assert f"workspace: {tmp_path}" in out and "cache_k: 4" in out
+def test_config_command_prints_resolved_yaml_on_stdout(tmp_path: Path) -> None:
+    proc = run_cli("config", "--workspace", str(tmp_path), "--set", "index.cache_k=4")
+    assert proc.returncode == 0, proc.stderr
+    assert yaml.safe_load(proc.stdout)["workspace"] == str(tmp_path) and "cache_k: 4" in proc.stdout
+    as_json = json.loads(run_cli("config", "--json", "--set", "index.cache_k=4", cwd=tmp_path).stdout)
+    assert as_json["index"]["cache_k"] == 4 and as_json["workspace"] == str(tmp_path / "workspace")
 
 
 def test_changed_settings_exit_3_then_force(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -120,7 +120,7 @@ def test_batch_mode_answers_good_lines_and_names_bad_ones(trained: tuple[Config,
     assert errors[8].startswith(f"line 8: unreadable audio {f['bad_wav']}: cannot decode audio")
     assert errors[9].startswith(f"line 9: unreadable video {f['bad_mp4']}: cannot decode video")
     assert "model.imagebind_vocab" in errors[10]
-    assert errors[11].startswith("line 11: colour: Extra inputs are not permitted")
+    assert errors[11].startswith("line 11: colour: unknown field; a request has image, audio")
     assert f"-> {out}" in result.summary()
 
 
@@ -174,7 +174,7 @@ def test_the_newest_stage2_run_is_preferred(trained: tuple[Config, dict[str, str
     assert infer.choose_checkpoint(ws) == checkpoint  # an unfinished stage-2 run is not used
     run2.write_text(json.dumps({"status": "complete", "checkpoint": copy}))
     assert infer.choose_checkpoint(ws) == copy
-    assert infer.choose_checkpoint(ws, "/given") == "/given"
+    assert infer.choose_checkpoint(ws, copy) == copy
 
 
 def test_cli_generate(trained: tuple[Config, dict[str, str], str], capfd: pytest.CaptureFixture[str]) -> None:

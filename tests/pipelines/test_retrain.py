@@ -173,6 +173,11 @@ def test_choose_checkpoint_prefers_the_promoted_model(tmp_path: Path) -> None:
     ref = {"stage1_run_id": "a", "stage1_checkpoint": "/s1", "stage2_run_id": "b", "stage2_checkpoint": str(served)}
     registry.promote(ws, registry.Promotion(**ref, value=1.0, promoted_at=registry.now(), decision="x"))
     assert infer.choose_checkpoint(ws) == str(served)
-    assert infer.choose_checkpoint(ws, "/given") == "/given"
+    (tmp_path / "given").mkdir()
+    assert infer.choose_checkpoint(ws, str(tmp_path / "given")) == str(tmp_path / "given")
+    # typed relative to the workspace, or a run's folder for its newest checkpoint (issue 29)
+    assert infer.choose_checkpoint(ws, "checkpoints/stage2/20990101-000000-ffff") == str(newest)
+    with pytest.raises(InputError, match=r"checkpoint not found: looked for /nope"):
+        infer.choose_checkpoint(ws, "/nope")
     served.rmdir()
     assert infer.choose_checkpoint(ws) == str(newest)  # a promoted checkpoint that is gone is skipped

@@ -51,3 +51,28 @@ def test_every_view_exists_on_an_empty_workspace(tmp_path) -> None:
     for view in ("metadata", "curated", "funnel", "features", "feature_failures", "downloads", "download_latest"):
         assert cat.query(f"SELECT count(*) FROM {view}") == [(0,)]
     assert cat.feature_counts() == [] and cat.clip_thresholds([0.2]) == []
+
+
+def test_the_saved_catalog_works_in_a_moved_workspace(tmp_path, monkeypatch) -> None:
+    import os
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from stores.catalog import Catalog
+    from stores.ledger import Ledger
+    from stores.workspace import Workspace
+
+    ws = Workspace(str(tmp_path / "ws"))
+    ledger = Ledger(ws, "ingest", "s", {"format": "generic"})
+    with ws.scratch() as scratch, ledger.shard("00000") as pending:
+        part = os.path.join(scratch, "part.parquet")
+        pq.write_table(pa.table({"uid": ["a", "b"], "source": ["s", "s"], "url": ["http://x/a", "http://x/b"]}), part)
+        pending.put(part, ws.sources("s", "00000.parquet"))
+        pending.rows = 2
+    saved = Catalog(ws).save()
+    shutil.move(tmp_path / "ws", tmp_path / "moved")
+    monkeypatch.chdir(tmp_path / "moved")
+    con = duckdb.connect(os.path.join(tmp_path / "moved", os.path.basename(saved)), read_only=True)
+    assert con.execute("SELECT count(*) FROM metadata").fetchall() == [(2,)]
