@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from pipelines.config import Config, ConfigError, load_config
+from pipelines.console import quiet_console
 from pipelines.errors import InputError
 from pipelines.paths import ENCODER_PATHS, MODEL_PATHS, WorkspaceError, check_model_paths, check_workspace
 from stores.ledger import LedgerConflict
@@ -34,7 +35,8 @@ def _stage_options() -> argparse.ArgumentParser:
     common.add_argument("--workspace", help="workspace root: a folder or an fsspec URL such as s3://bucket/run")
     common.add_argument("--json", action="store_true", help="print the result as one JSON document on stdout")
     common.add_argument("--force", action="store_true", help="discard outputs made with other settings and redo")
-    common.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    common.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging, and everything Ray, img2dataset, autofaiss and Prefect print")  # fmt: skip
     return common
 
 
@@ -291,8 +293,7 @@ def _configure_logging(verbose: bool) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    for noisy in ("httpx", "httpcore"):  # one line per Prefect API call otherwise
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_console(verbose)  # before any stage imports tqdm or starts a process
 
 
 def _emit(result: Any, as_json: bool, out: Any) -> None:

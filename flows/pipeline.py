@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prefect import flow, get_run_logger
+from prefect import flow
 from pydantic import BaseModel
 
 from flows import artifacts
@@ -88,7 +88,6 @@ def pipeline_flow(
     config: Config | str | None = None, overrides: list[str] | None = None, force: bool = False
 ) -> PipelineResult:
     """Curate, download, extract, index, report, train stage 1 and 2, evaluate (stage 0 and a check on the demo)."""
-    logger = get_run_logger()
     cfg = resolve_config(config, overrides)
     demo = cfg.train.stage0 is not None
     cur = curate_flow(cfg, force=force)
@@ -96,17 +95,15 @@ def pipeline_flow(
     idx = index_flow(cfg, force=force)
     rep = report_flow(cfg)
     base = base_task(cfg, force=force) if demo else None
-    s1 = train_flow(cfg, stage=1)
+    s1 = train_flow(cfg, stage=1, demo_inputs=False)
     ins = instructions_task(cfg) if demo and not cfg.train.stage2.data else None
-    s2 = train_flow(cfg, stage=2, init=s1.checkpoint)
+    s2 = train_flow(cfg, stage=2, init=s1.checkpoint, demo_inputs=False)
     ev = evaluate_flow(cfg, stage=1, checkpoint=s1.checkpoint)
     check = answers = None
     if demo:
         check = check_task(cfg, s1.checkpoint, s2.checkpoint)
-        artifacts.demo_check(check)
-        logger.info("held-out images:\n%s", check.summary())
+        artifacts.demo_check(check)  # the check's examples and the answers: in the result (and its summary)
         answers = ask_task(cfg, s2.checkpoint)
-        logger.info("questions:\n%s", answers.summary())
     return PipelineResult(
         workspace=cfg.workspace, curation=cur, extract=ext, index=idx, report=rep, base=base, stage1=s1,
         instructions=ins, stage2=s2, evaluation=ev, check=check, answers=answers,

@@ -50,12 +50,12 @@ def curate_flow(config: ConfigParam = None, overrides: list[str] | None = None, 
     with server_for(cfg) if has_synthetic else contextlib.nullcontext() as server:
         syn = None
         if server is not None:
-            logger.info("synthetic source served at %s", server.base_url)
             syn = synthetic_task(cfg, server.base_url, force=force)
         ing = ingest_task(cfg, force=force)
         cur = curate_task(cfg, force=force)
         artifacts.funnel(cur)
-        logger.info("curation funnel:\n%s", cur.summary())
+        kept = ", ".join(f"{s.source} {s.rows_in} -> {s.rows_out} rows" for s in cur.sources)
+        logger.info("curated: %s (every filter's count: the curation-funnel artifact)", kept)
         start = time.perf_counter()
         sources = [download_source_task(cfg, s.name, force=force) for s in cfg.sources]
     dl = download.DownloadResult(sources=sources, seconds=round(time.perf_counter() - start, 3))
@@ -99,10 +99,12 @@ def train_flow(
     stage: int = 1,
     init: str | None = None,
     resume: bool = False,
+    demo_inputs: bool = True,
 ) -> train.TrainResult:
     """Train stage 1 or 2 (stage 2 from `init`, default the newest stage-1 run); the loss curve as an artifact."""
     cfg = resolve_config(config, overrides)
-    prepare_training(cfg, stage)  # the demo's base and conversations when nothing else is configured
+    if demo_inputs:  # the demo's base and conversations, when nothing else is configured
+        prepare_training(cfg, stage)
     result = train_task(cfg, stage, init=init, resume=resume)
     artifacts.training(result)
     get_run_logger().info("%s", result.summary())

@@ -22,6 +22,7 @@ from model.prompts import collate
 from model.weights import replace_dir
 from pipelines import demo_text
 from pipelines.config import Config
+from pipelines.console import Progress
 from pipelines.errors import InputError
 from stores.workspace import Workspace
 
@@ -117,6 +118,7 @@ def _train(model: LlamaForCausalLM, encoded: list[list[int]], steps: int, batch_
     warmup = max(1, steps // 20)
     losses = []
     model.train()
+    progress = Progress(log, "stage 0")
     for step in range(steps):
         scale = (step + 1) / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * (step - warmup) / steps))
         for group in opt.param_groups:
@@ -129,8 +131,7 @@ def _train(model: LlamaForCausalLM, encoded: list[list[int]], steps: int, batch_
         loss.backward()
         opt.step()
         losses.append(round(float(loss.detach()), 5))
-        if step % max(1, steps // 10) == 0 or step == steps - 1:
-            log.info("stage 0: step %d/%d loss %.4f", step + 1, steps, losses[-1])
+        progress.update(step + 1, steps, f"steps, loss {losses[-1]:.4f}")
     return losses
 
 

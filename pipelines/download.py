@@ -17,6 +17,7 @@ from pydantic import BaseModel
 
 from pipelines import ray_runtime
 from pipelines.config import Config
+from pipelines.console import IMG2DATASET_CHATTER, Progress, filtered_output, polling
 from stores.catalog import Catalog, outputs
 from stores.ledger import Ledger
 from stores.workspace import Workspace
@@ -93,31 +94,32 @@ def img2dataset_download(cfg: Config, url_list: str, output_folder: str) -> None
         distributor = "ray"
     if distributor == "ray":
         ray_runtime.connect(cfg.ray)
-    download(
-        url_list=url_list,
-        output_folder=output_folder,
-        input_format="parquet",
-        url_col="url",
-        caption_col="caption",
-        save_additional_columns=ADDITIONAL_COLUMNS,
-        output_format="webdataset",
-        image_size=d.image_size,
-        resize_mode=d.resize_mode,
-        resize_only_if_bigger=True,
-        encode_format="jpg",
-        encode_quality=95,
-        processes_count=d.processes,
-        thread_count=d.threads,
-        number_sample_per_shard=d.samples_per_shard,
-        min_image_size=d.min_image_size,
-        max_image_area=d.max_image_area or float("inf"),
-        timeout=d.timeout,
-        retries=d.retries,
-        disallowed_header_directives=d.disallowed_header_directives,
-        incremental_mode="incremental",
-        distributor=distributor,
-        enable_wandb=False,
-    )
+    with filtered_output(IMG2DATASET_CHATTER):  # its set-up lines and per-worker lines; shard totals stay
+        download(
+            url_list=url_list,
+            output_folder=output_folder,
+            input_format="parquet",
+            url_col="url",
+            caption_col="caption",
+            save_additional_columns=ADDITIONAL_COLUMNS,
+            output_format="webdataset",
+            image_size=d.image_size,
+            resize_mode=d.resize_mode,
+            resize_only_if_bigger=True,
+            encode_format="jpg",
+            encode_quality=95,
+            processes_count=d.processes,
+            thread_count=d.threads,
+            number_sample_per_shard=d.samples_per_shard,
+            min_image_size=d.min_image_size,
+            max_image_area=d.max_image_area or float("inf"),
+            timeout=d.timeout,
+            retries=d.retries,
+            disallowed_header_directives=d.disallowed_header_directives,
+            incremental_mode="incremental",
+            distributor=distributor,
+            enable_wandb=False,
+        )
 
 
 def commit_shards(ws: Workspace, ledger: Ledger, folder: str, expected: list[str]) -> tuple[int, list[str]]:
@@ -160,7 +162,13 @@ def download_into(
     start = time.perf_counter()
     if todo:
         list_folder = posixpath.dirname(url_lists[0])
-        img2dataset_download(cfg, ws.as_url(list_folder), ws.as_url(folder))
+        progress = Progress(log, f"download {output}")
+
+        def shards_done() -> None:  # img2dataset writes a shard's stats file when the shard is complete
+            progress.update(len(ws.glob(posixpath.join(folder, "*_stats.json"))), len(expected), "shards")
+
+        with polling(shards_done):
+            img2dataset_download(cfg, ws.as_url(list_folder), ws.as_url(folder))
     took = time.perf_counter() - start
     new, missing = commit_shards(ws, ledger, folder, expected)
     committed = ledger.committed()

@@ -6,6 +6,7 @@ import hashlib
 import logging
 import os
 import time
+import warnings
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
@@ -13,12 +14,12 @@ from typing import Any
 import fsspec
 import numpy as np
 from pydantic import BaseModel, Field
-from tqdm import tqdm
 
 from model.imagebind.encoder import encoder_id_for
 from model.imagebind.tokenizer import learn_merges, write_vocab
 from pipelines import extract_encode, extract_read, ray_runtime
 from pipelines.config import Config
+from pipelines.console import Progress, quiet_ray_data
 from pipelines.errors import InputError
 from stores import features
 from stores.catalog import Catalog, outputs
@@ -107,7 +108,9 @@ def build_dataset(cfg: Config, ws: Workspace, items: list[dict], vocab: bytes, e
     gpu = encoder_args["device"] == "cuda"
     actors = int(ray.cluster_resources().get("GPU", 1)) if gpu and cfg.extract.actors == 1 else cfg.extract.actors
     # Shards come back in input order, so each completes (and is committed, and leaves the driver's memory) in turn.
-    options = ray.data.DataContext.get_current().execution_options
+    context = ray.data.DataContext.get_current()
+    quiet_ray_data(context)
+    options = context.execution_options
     options.preserve_order = True
     if cfg.extract.buffer_mb:  # readers outrun a CPU encoder: without a bound they fill Ray's default share
         options.resource_limits = ray.data.ExecutionResources.for_limits(
@@ -120,6 +123,18 @@ def build_dataset(cfg: Config, ws: Workspace, items: list[dict], vocab: bytes, e
     ds = ds.map_batches(
         extract_read.read_shards, fn_kwargs=reader, batch_size=1, batch_format="numpy", num_cpus=cfg.extract.task_cpus
     )
+    local = {} if cfg.ray.address else {"max_restarts": 0}
+    with warnings.catch_warnings():  # Ray 2.60 deprecates remote kwargs, yet documents max_restarts=0 this way
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return _encoder_stage(cfg, ds, encoder_args, actors, gpu, local)
+
+
+def _encoder_stage(cfg: Config, ds: Any, encoder_args: dict[str, Any], actors: int, gpu: bool,
+                   remote: dict[str, Any]) -> Any:  # fmt: skip
+    """The encoder actors. On one machine a crashed actor is not restarted (`remote`: max_restarts 0): a crash would
+    only repeat, and a restartable actor makes Ray log an error line about its constructor arguments."""
+    import ray
+
     return ds.map_batches(
         extract_encode.Encoder,
         fn_constructor_kwargs={**encoder_args, "threads": int(cfg.extract.actor_cpus)},
@@ -128,6 +143,7 @@ def build_dataset(cfg: Config, ws: Workspace, items: list[dict], vocab: bytes, e
         compute=ray.data.ActorPoolStrategy(size=actors),
         num_gpus=1 if gpu else 0,
         num_cpus=cfg.extract.actor_cpus,
+        **remote,
     )
 
 
@@ -225,15 +241,14 @@ def run(cfg: Config, force: bool = False) -> ExtractResult:
     images, enc_start, first = 0, time.perf_counter(), None
     if items:
         ds = build_dataset(cfg, ws, items, vocab, encoder_args)
-        with tqdm(desc="extract", unit="img", leave=False) as bar:
-            for batch in ds.iter_batches(
-                batch_size=None, batch_format="numpy", prefetch_batches=cfg.extract.prefetch_batches
-            ):
-                if first is None:  # start-up (workers, model load) ends with the first batch back
-                    first, first_rows = time.perf_counter(), int((batch["kind"] == "sample").sum())
-                finished = collector.add(batch)
-                images += finished
-                bar.update(finished)
+        progress = Progress(log, "extract")
+        for batch in ds.iter_batches(
+            batch_size=None, batch_format="numpy", prefetch_batches=cfg.extract.prefetch_batches
+        ):
+            if first is None:  # start-up (workers, model load) ends with the first batch back
+                first, first_rows = time.perf_counter(), int((batch["kind"] == "sample").sum())
+            images += collector.add(batch)
+            progress.update(images, None, f"images in {sum(collector.committed.values())} new shard(s)")
     end = time.perf_counter()
     took = end - enc_start
     steady = (images - first_rows) / (end - first) if first and end > first and images > first_rows else None

@@ -9,9 +9,9 @@ import re
 import time
 
 from pydantic import BaseModel
-from tqdm import tqdm
 
 from pipelines.config import Config, SourceConfig
+from pipelines.console import Progress
 from pipelines.errors import InputError
 from stores import sources as formats
 from stores.ledger import Ledger
@@ -81,7 +81,9 @@ def ingest_source(ws: Workspace, src: SourceConfig, force: bool = False) -> Sour
             local = formats.localise(url, scratch)
             mapping, _ = formats.validate(con, adapter, local)
             checked[url] = (local, mapping)
-        for url in tqdm(todo, desc=f"ingest {src.name}", unit="file", disable=not todo):
+        progress = Progress(log, f"ingest {src.name}")
+        for done, url in enumerate(todo):
+            progress.update(done, len(todo), "files")
             local, mapping = checked[url]
             available = list(formats.describe(con, adapter, local))
             sql = formats.normalised_sql(adapter, local, mapping, available)

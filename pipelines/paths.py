@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 from collections.abc import Iterable
@@ -70,7 +71,8 @@ def check_model_paths(cfg: Config, fields: Iterable[str] = MODEL_PATHS) -> None:
 
 def resolve_checkpoint(ws: Workspace, given: str) -> str:
     """A checkpoint path a user typed: as given (an URL, or found from the current directory), else relative to the
-    workspace; a training run's folder stands for its newest checkpoint. Raises InputError saying where it looked."""
+    workspace. A training run's folder stands for its newest checkpoint, a stage's folder (`checkpoints/stage2`) for
+    its newest complete run's. Raises InputError saying where it looked."""
     if is_url(given):
         return given
     tried = [absolute(given)]
@@ -78,8 +80,18 @@ def resolve_checkpoint(ws: Workspace, given: str) -> str:
         tried.append(ws.path(given))
     for path in tried:
         if os.path.isdir(path):
-            return _run_checkpoint(path) or path
+            return _run_checkpoint(path) or _stage_checkpoint(path) or path
     raise InputError(f"checkpoint not found: looked for {' and '.join(tried)}")
+
+
+def _stage_checkpoint(folder: str) -> str | None:
+    """The checkpoint of the newest complete run under a stage's folder, else None."""
+    for run in sorted(glob.glob(os.path.join(glob.escape(folder), "*", RUN_FILE)), reverse=True):
+        with open(run) as f:
+            doc = json.load(f)
+        if doc.get("status") == "complete" and doc.get("checkpoint"):
+            return doc["checkpoint"]
+    return None
 
 
 def _run_checkpoint(folder: str) -> str | None:

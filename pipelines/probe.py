@@ -12,7 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
 
 from PIL import Image
-from tqdm import tqdm
+
+from pipelines.console import Progress
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,11 @@ def probe(urls: Iterable[str], timeout: float, threads: int = 16) -> dict[str, i
     start = time.perf_counter()
     with ThreadPoolExecutor(threads) as pool:
         outcomes = pool.map(lambda u: classify(u, timeout), unique)
-        counts = Counter(tqdm(outcomes, total=len(unique), desc="probe urls", unit="url", leave=False))
+        progress = Progress(log, "probe urls")
+        counts: Counter[str] = Counter()
+        for done, outcome in enumerate(outcomes, 1):
+            counts[outcome] += 1
+            progress.update(done, len(unique), "urls")
     if len(urls) > len(unique):
         counts["duplicate"] = len(urls) - len(unique)
     log.info("probed %d urls in %.1fs", len(unique), time.perf_counter() - start)

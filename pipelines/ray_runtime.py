@@ -6,6 +6,7 @@ import logging
 import os
 
 from pipelines.config import RayConfig
+from pipelines.console import verbose
 
 log = logging.getLogger(__name__)
 
@@ -17,9 +18,10 @@ def connect(cfg: RayConfig) -> None:
 
     if ray.is_initialized():
         return
+    level = logging.INFO if verbose() else logging.WARNING  # Ray's own lines: we say what was started
     if cfg.address:
-        ray.init(address=cfg.address, log_to_driver=False)
+        ray.init(address=cfg.address, log_to_driver=False, logging_level=level)
         log.info("connected to the Ray cluster at %s", cfg.address)
     else:
-        ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=False, logging_level=level)
         log.info("started a local Ray instance (%s CPUs)", cfg.num_cpus or "all")

@@ -24,6 +24,7 @@ _ROUTE = {"good": "img", "404": "missing", "500": "error", "slow": "slow", "trun
           "html": "html", "huge": "huge", "loop": "loop", "noai": "noai"}  # fmt: skip
 _ASPECTS = (1.0, 1.0, 4 / 3, 3 / 4, 16 / 9, 9 / 16, 2.0, 0.5, 4.0)  # 4:1 is there for the aspect-ratio filter
 _LANGUAGES = ("en",) * 9 + ("de", "fr", "es")
+PHOTO = "photo.jpg"  # a large red circle on grey, in synthetic/media/ (the README asks about it)
 # LAION's column names, in its capitalisation.
 METADATA_SCHEMA = pa.schema(
     [
@@ -156,6 +157,11 @@ class SyntheticSource:
         """One short MP4 of a moving shape."""
         return {"video_00.mp4": media.moving_shape_mp4(self.cfg.video_seconds)}
 
+    def photo(self) -> dict[str, bytes]:
+        """`photo.jpg`, a picture like the source's but not in it: what the README's commands ask about."""
+        img = media.draw_shape((320, 240), "circle", "red", "grey", 0.7, self.cfg.seed * 1_000_003 + 999_983)
+        return {PHOTO: media.encode_image(img, "jpg")}
+
     def metadata(self, base_url: str) -> pa.Table:
         """The rows as a LAION-layout table, URLs under `base_url`."""
         base = base_url.rstrip("/")
@@ -234,7 +240,7 @@ def run(cfg: Config, base_url: str, force: bool = False, check: bool = True) -> 
     source = SyntheticSource(cfg.synthetic)
     ledger = Ledger(ws, "synthetic", "synthetic", settings(cfg.synthetic), force=force)
     written = []
-    for name, data in {**source.audio(), **source.video()}.items():
+    for name, data in {**source.audio(), **source.video(), **source.photo()}.items():
         final = ws.synthetic("media", name)
         if not ledger.is_committed(name.replace(".", "_")):
             with ledger.shard(name.replace(".", "_")) as shard:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -15,10 +16,11 @@ from pydantic import BaseModel
 
 from model.llm_phases import STAGE_PHASE
 from pipelines.config import Config, StageConfig
+from pipelines.console import interval, polling
 from pipelines.errors import InputError
 from pipelines.train_loop import MODEL_DIR, Hyper, shard_model, train
 from pipelines.train_setup import Job, build_batches, build_model, local_dir, read_json, resolve_job, write_json
-from stores.runs import LATEST_FILE, RUN_FILE
+from stores.runs import LATEST_FILE, PROGRESS_FILE, RUN_FILE
 from stores.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -150,7 +152,29 @@ def _fit_with_ray(cfg: Config, job: Job, sc: StageConfig, attempt: int, resume: 
             failure_config=FailureConfig(max_failures=0),
         ),
     )
-    trainer.fit()
+    waiting = f"stage {job.stage}: Ray Train is starting {sc.workers} worker(s)"
+    with relay_progress(ws, ws.checkpoints(f"stage{job.stage}", job.run_id, PROGRESS_FILE), waiting=waiting):
+        trainer.fit()
+
+
+def relay_progress(
+    ws: Workspace, path: str, poll: float = 2.0, waiting: str | None = None
+) -> contextlib.AbstractContextManager[None]:
+    """While the block runs, log each new progress line the run's rank-0 worker writes to `path` (and `waiting`
+    once, when the first line is an interval late: workers take a while to start)."""
+    start = time.time()
+    seen = {"time": start, "lines": 0}  # a line of an earlier attempt is not news
+
+    def relay() -> None:
+        doc = json.loads(ws.read_bytes(path)) if ws.exists(path) else None
+        if doc and doc.get("time", 0) > seen["time"]:
+            seen["time"], seen["lines"] = doc["time"], seen["lines"] + 1
+            log.info("%s", doc["line"])
+        elif waiting and seen["lines"] == 0 and time.time() - start >= interval():
+            seen["lines"] = -1  # said once
+            log.info("%s", waiting)
+
+    return polling(relay, poll)
 
 
 def worker_main(config: dict[str, Any]) -> None:
@@ -207,6 +231,9 @@ class LocalSession:
     def resume_dir(self) -> str | None:
         return local_dir(self.ws, self._resume) if self._resume else None
 
+    def progress(self, line: str) -> None:
+        pass  # the loop's own log line is on this process's console
+
 
 class RaySession:
     def __init__(self, ws: Workspace, job: Job, resume: str | None) -> None:
@@ -260,6 +287,11 @@ class RaySession:
         checkpoint = ray.train.get_checkpoint()
         path = checkpoint.path if checkpoint is not None else self._resume
         return local_dir(self.ws, path) if path else None
+
+    def progress(self, line: str) -> None:
+        """Ray keeps a worker's logs to itself: the line goes into the run's folder, where the driver reads it."""
+        path = self.ws.checkpoints(f"stage{self.job.stage}", self.job.run_id, PROGRESS_FILE)
+        self.ws.write_bytes(path, json.dumps({"line": line, "time": time.time()}).encode())
 
 
 def _latest_run(ws: Workspace, stage: int) -> str | None:

@@ -24,12 +24,13 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from model.llm import IGNORE, ImageBindLLM
 from model.llm_checkpoint import load_tensors, read_checkpoint, write_checkpoint
 from model.llm_phases import decay_groups, phase_parameters, set_phase
+from pipelines.console import Progress
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
 MODEL_DIR = "model"
-REPORT_EVERY = 20  # steps between metric reports (and progress lines) between checkpoints
+REPORT_EVERY = 20  # steps between metric reports between checkpoints (progress lines: every interval)
 
 
 @dataclass
@@ -74,6 +75,10 @@ class Session(Protocol):
     ) -> None: ...
 
     def resume_dir(self) -> str | None: ...
+
+    def progress(self, line: str) -> None:
+        """Rank 0's progress line, at most once per interval: where the driver of the run can show it."""
+        ...
 
 
 @dataclass
@@ -244,6 +249,8 @@ def train(
         state = load_progress(resume, optimizer)
         log.info("resumed at step %d from %s", state.step, resume)
     end = min(hyper.total_steps, max_steps or hyper.total_steps)
+    progress = Progress(log, f"stage {(metadata or {}).get('stage', '?')}", start_at=state.step)
+    first = state.step + 1  # its line says the run is under way
     autocast = session.device.type == "cuda"
     stream = batches(state.step)
     while state.step < end:
@@ -281,9 +288,10 @@ def train(
             _checkpoint(session, model, optimizer, state, metrics, metadata)
         elif state.step % REPORT_EVERY == 0:  # a Ray report synchronises the workers: not every step
             session.report(metrics, None, state.step)
-        if session.rank == 0 and (state.step % REPORT_EVERY == 0 or state.step == end):
-            log.info("step %d/%d loss %.4f lr %.3g (%.0f tokens/s)", state.step, end, loss, lr,
-                     entry.tokens / max(entry.seconds, 1e-9))  # fmt: skip
+        if session.rank == 0 and (progress.due() or state.step in (first, end)):
+            detail = f"steps, loss {loss:.4f}, lr {lr:.3g}, {entry.tokens / max(entry.seconds, 1e-9):.0f} tokens/s"
+            progress.update(state.step, end, detail, force=True)
+            session.progress(progress.line(state.step, end, detail, time.perf_counter() - progress.start))
     return state
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -86,6 +88,11 @@ def test_ibllm_demo_learns_to_see_the_colour(tmp_path: Path) -> None:
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout)
+    # the console: a short log with a progress line at least every 30 s (third-party chatter filtered; --verbose
+    # brings it back)
+    lines = proc.stderr.splitlines()
+    assert len(lines) < 60, proc.stderr
+    assert longest_silence(lines) <= 30, proc.stderr
     assert result["curation"]["synthetic"]["rows"] == 500
     assert result["curation"]["download"]["sources"][0]["succeeded"] > 0
     check = result["check"]
@@ -104,3 +111,13 @@ def test_ibllm_demo_learns_to_see_the_colour(tmp_path: Path) -> None:
     assert all(a["answer"] for a in asked)
     assert (tmp_path / "ws" / "synthetic" / "metadata.parquet").is_file()
     assert Path(result["report"]["html"]).is_file()
+
+
+def longest_silence(lines: list[str]) -> int:
+    """The most seconds between two consecutive timestamped (HH:MM:SS) lines of a log."""
+    stamps = []
+    for line in lines:
+        m = re.match(r"(\d\d):(\d\d):(\d\d) ", line)
+        if m:
+            stamps.append(int(m[1]) * 3600 + int(m[2]) * 60 + int(m[3]))
+    return max(((b - a) % 86400 for a, b in itertools.pairwise(stamps)), default=0)

@@ -119,6 +119,9 @@ def test_stage_commands_chain_and_bad_input_exit_4(tmp_path: Path) -> None:
     proc = cli("index", "--json", *ws, *SMALL, "--query-image", "q.jpg", "-k", "3")
     neighbours = json.loads(proc.stdout)["neighbours"]
     assert len(neighbours) == 3 and neighbours[0]["similarity"] > 0.99  # the image itself is in the cache
+    (tmp_path / "notes.jpg").write_text("not an image")
+    proc = cli("index", *ws, *SMALL, "--query-image", "notes.jpg")
+    assert proc.returncode == 4 and "notes.jpg" in proc.stderr and "Traceback" not in proc.stderr
     kept = steps["curate"]["sources"][0]["rows_out"]
     assert steps["download"]["sources"][0]["attempted"] == kept
     assert steps["report"]["totals"][0]["curated_rows"] == kept

@@ -19,7 +19,7 @@ from model.llm_phases import phase_parameters
 from model.llm_tokenizer import load_tokenizer
 from pipelines import train
 from pipelines.errors import InputError
-from pipelines.train_data import CAPTION_PROMPT, Example, ExampleList, Plan, step_batches
+from pipelines.train_data import CAPTION_PROMPT, Example, ExampleList, Plan, count_split, step_batches
 from pipelines.train_loop import Hyper, lr_at
 from pipelines.train_setup import build_model, resolve_job
 from stores.workspace import Workspace
@@ -171,11 +171,17 @@ def test_evaluate_reports_held_out_loss_and_the_grounding_gap_into_the_catalog(t
     cfg = train_config(tmp_path, epochs=4)
     cfg.train.holdout = 0.2
     trained = train.run(cfg, 1, local=True)
-    result = evaluate.run(cfg, 1, batch_size=8)
-    assert result.run_id == trained.run_id and result.examples >= 8
+    result = evaluate.run(cfg, 1, batch_size=5)
+    heldout = count_split(Workspace(cfg.workspace), resolve_job(cfg, Workspace(cfg.workspace), 1, "x").feature_files,
+                          cfg.train.holdout, "heldout")  # fmt: skip
+    assert heldout % 5 != 0 and result.examples == heldout  # every held-out sample, the last partial batch too
+    assert result.run_id == trained.run_id and result.stage == 1
+    as_stage2 = evaluate.run(cfg, 2, checkpoint=trained.checkpoint, batch_size=5)  # the checkpoint says stage 1
+    assert as_stage2.stage == 1 and as_stage2.run_id == trained.run_id
+    assert not (Path(cfg.workspace) / "checkpoints" / "stage2").exists()
     assert result.perplexity == pytest.approx(math.exp(result.loss))
     assert result.grounding_gap == pytest.approx(result.shuffled_loss - result.loss)
     rows = Catalog(Workspace(cfg.workspace)).rows("SELECT run_id, loss, grounding_gap FROM evaluations")
-    assert rows == [{"run_id": trained.run_id, "loss": result.loss, "grounding_gap": result.grounding_gap}]
+    assert rows == [{"run_id": trained.run_id, "loss": result.loss, "grounding_gap": result.grounding_gap}] * 2
     with pytest.raises(InputError, match="no complete stage-2 run"):
         evaluate.run(cfg, 2)

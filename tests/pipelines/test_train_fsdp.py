@@ -54,6 +54,9 @@ class _Session:
     def resume_dir(self) -> str | None:
         return self._resume
 
+    def progress(self, line: str) -> None:
+        pass
+
 
 def _run(job: Job, phase: str, rank: int, world: int, out: Path, resume: str | None = None) -> list[float]:
     """What worker_main does, with `_Session`: the losses of every step (those before a resume included)."""
