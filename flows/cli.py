@@ -101,6 +101,13 @@ def cmd_report(cfg: Config, args: argparse.Namespace) -> BaseModel:
     return report.run(cfg)
 
 
+def cmd_catalog(cfg: Config, args: argparse.Namespace) -> BaseModel:
+    """One SQL query over the catalog's views (default: download outcomes by source and reason)."""
+    from pipelines import query
+
+    return query.run(cfg, args.sql)
+
+
 def cmd_demo(cfg: Config, args: argparse.Namespace) -> BaseModel:
     """Run every stage on the config through the Prefect `pipeline` flow."""
     from flows.pipeline import pipeline_flow
@@ -183,6 +190,7 @@ COMMANDS: dict[str, tuple[Command, str]] = {
     "extract": (cmd_extract, "ImageBind features of the downloaded shards into Parquet with Ray (resumable)"),
     "index": (cmd_index, "build the visual cache index (autofaiss); --query-image X prints its nearest captions"),
     "report": (cmd_report, "write the curation report and the DuckDB catalog"),
+    "catalog": (cmd_catalog, 'query the catalog\'s views with SQL, e.g. ibllm catalog "SELECT * FROM funnel"'),
     "base": (cmd_base, "demo stage 0: the small base LLaMA and tokenizer that stand in for LLaMA 7B"),
     "train": (cmd_train, "train stage 1 or 2 with Ray Train on the cached features; --resume continues a run"),
     "evaluate": (cmd_evaluate, "held-out loss, perplexity and the visual-grounding gap of a checkpoint"),
@@ -219,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (func, help_text) in COMMANDS.items():
         p = sub.add_parser(name, parents=[common], help=help_text, description=func.__doc__)
         p.set_defaults(func=func)
+        if name == "catalog":
+            p.add_argument("sql", nargs="?", help="a DuckDB query over the views metadata, curated, funnel, features, "
+                           "feature_failures, evaluations, downloads, download_latest")  # fmt: skip
         if name == "synthetic":
             p.add_argument("--serve", action="store_true", help="keep serving until interrupted")
         if name == "index":

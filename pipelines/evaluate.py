@@ -138,8 +138,8 @@ def run(
         seconds=time.perf_counter() - start, heldout="split" if uids is None else "uids",
     )  # fmt: skip
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    ws.write_bytes(ws.checkpoints(f"stage{stage}", run_id, EVAL_DIR, f"{stamp}.json"),
-                   result.model_dump_json(indent=1).encode())  # fmt: skip
+    home = f"stage{stage}" if made_by.get("run_id") else "external"  # a checkpoint no run of this workspace made
+    ws.write_bytes(ws.checkpoints(home, run_id, EVAL_DIR, f"{stamp}.json"), result.model_dump_json(indent=1).encode())
     return result
 
 

@@ -39,6 +39,8 @@ RETRYABLE_SQL = "reason IN ('timeout', 'connection', 'http_429') OR regexp_match
 DOWNLOAD_COLUMNS = (
     "uid, source, similarity, caption, url, key, status, error_message, width, height, original_width, original_height"
 )
+VIEWS = ("metadata", "curated", "funnel", "features", "feature_failures", "evaluations", "downloads",
+         "download_latest")  # fmt: skip
 EMPTY = {
     "metadata": "SELECT NULL::VARCHAR AS uid, NULL::VARCHAR AS source, NULL::VARCHAR AS url, NULL::VARCHAR AS caption, "
     "NULL::DOUBLE AS similarity, NULL::BIGINT AS width, NULL::BIGINT AS height, NULL::DOUBLE AS punsafe, "
