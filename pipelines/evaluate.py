@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import secrets
 import time
 from collections.abc import Iterator, Sequence
 
@@ -137,7 +138,7 @@ def run(
         grounding_gap=shuffled - loss, evaluated_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
         seconds=time.perf_counter() - start, heldout="split" if uids is None else "uids",
     )  # fmt: skip
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+    stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"  # two evaluations in a second: two records
     home = f"stage{stage}" if made_by.get("run_id") else "external"  # a checkpoint no run of this workspace made
     ws.write_bytes(ws.checkpoints(home, run_id, EVAL_DIR, f"{stamp}.json"), result.model_dump_json(indent=1).encode())
     return result
