@@ -14,12 +14,12 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from pipelines.config import Config, ConfigError, load_config
+from flows import exits
+from flows.exits import BriefFormatter
+from pipelines.config import Config, load_config
 from pipelines.console import quiet_console
 from pipelines.errors import InputError
-from pipelines.paths import ENCODER_PATHS, MODEL_PATHS, WorkspaceError, check_model_paths, check_workspace
-from stores.ledger import LedgerConflict
-from stores.sources import SourceFileError
+from pipelines.paths import ENCODER_PATHS, MODEL_PATHS, check_model_paths, check_workspace
 
 log = logging.getLogger("ibllm")
 Command = Callable[[Config, argparse.Namespace], BaseModel | None]
@@ -35,6 +35,7 @@ def _stage_options() -> argparse.ArgumentParser:
     common.add_argument("--workspace", help="workspace root: a folder or an fsspec URL such as s3://bucket/run")
     common.add_argument("--json", action="store_true", help="print the result as one JSON document on stdout")
     common.add_argument("--force", action="store_true", help="discard outputs made with other settings and redo")
+    common.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
     common.add_argument("-v", "--verbose", action="store_true",
                         help="debug logging, and everything Ray, img2dataset, autofaiss and Prefect print")  # fmt: skip
     return common
@@ -169,6 +170,8 @@ def cmd_generate(cfg: Config, args: argparse.Namespace) -> BaseModel:
     )  # fmt: skip
     if not args.requests:  # with a requests file the options are defaults: a line may give the input they weigh
         check_weighted_inputs(request)
+    if args.output and os.path.exists(args.output) and not args.force:
+        raise InputError(f"--output {args.output} exists: add --force to replace it")
     return infer.run(cfg, request, requests_file=args.requests, checkpoint=args.checkpoint, cache=args.cache,
                      output=args.output, device=args.device, dtype=args.dtype)  # fmt: skip
 
@@ -297,13 +300,13 @@ def _generate_options(p: argparse.ArgumentParser) -> None:
                    help="of the language model and encoder (auto: bfloat16 on a GPU, float32 on the CPU)")  # fmt: skip
 
 
-def _configure_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+def _configure_logging(verbose: bool, debug: bool) -> None:
+    fmt, datefmt = "%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr, format=fmt,
+                        datefmt=datefmt)  # fmt: skip
+    if not debug:  # a failure is one line; --debug shows where it came from
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(BriefFormatter(fmt, datefmt))
     quiet_console(verbose)  # before any stage imports tqdm or starts a process
 
 
@@ -320,31 +323,30 @@ def _emit(result: Any, as_json: bool, out: Any) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `ibllm` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
-    _configure_logging(args.verbose)
+    _configure_logging(args.verbose, args.debug)
     overrides = list(args.overrides)
     if args.workspace:
         overrides.append(f"workspace={args.workspace}")
     try:
         cfg = load_config(args.config, overrides)
         check_inputs(cfg, args.command)
-    except (ConfigError, WorkspaceError) as e:
-        print(f"ibllm: {e}", file=sys.stderr)
-        return 2
-    except InputError as e:
-        print(f"ibllm: {e}", file=sys.stderr)
-        return 4
-    try:
         # stdout carries only the result: anything else printed, by any process, goes to stderr.
         with _stdout_to_stderr():
             result = args.func(cfg, args)
-    except LedgerConflict as e:
-        print(f"ibllm: {e}", file=sys.stderr)
-        return 3
-    except (SourceFileError, InputError, FileNotFoundError) as e:
-        print(f"ibllm: {e}", file=sys.stderr)
-        return 4
+    except KeyboardInterrupt:
+        print("ibllm: interrupted; committed shards are kept, a rerun goes on from there", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if args.debug and exits.exit_code(e) == exits.UNEXPECTED:
+            raise
+        print(f"ibllm: {exits.message(e)}", file=sys.stderr)
+        return exits.exit_code(e)
     _emit(result, args.json, sys.stdout)
-    return 0
+    unfinished = exits.partial(result)
+    if unfinished:
+        print(f"ibllm: {unfinished}", file=sys.stderr)
+        return exits.PARTIAL
+    return exits.OK
 
 
 @contextlib.contextmanager

@@ -191,3 +191,10 @@ def test_cli_generate(trained: tuple[Config, dict[str, str], str], capfd: pytest
     assert "unknown modality 'smell'" in capfd.readouterr().err
     assert main([*base, "--video", f["jpg"] + ".missing"]) == 4
     assert "video file not found" in capfd.readouterr().err
+    batch, out = Path(f["vocab"]).parent / "two.jsonl", Path(f["vocab"]).parent / "two-answers.jsonl"
+    batch.write_text(json.dumps({"image": f["jpg"], "max_new_tokens": 3}) + "\n" + json.dumps({"image": "gone.jpg"}))
+    assert main([*base, "--requests", str(batch), "--output", str(out)]) == 7  # a request failed: not a success
+    assert "1 request(s) failed" in capfd.readouterr().err and len(out.read_text().splitlines()) == 2
+    assert main([*base, "--requests", str(batch), "--output", str(out)]) == 4  # nothing replaced without --force
+    assert "add --force" in capfd.readouterr().err
+    assert main([*base, "--requests", str(batch), "--output", str(out), "--force"]) == 7
