@@ -6,11 +6,12 @@ import errno
 import logging
 from typing import Any
 
+from model.errors import ModelInputError
 from pipelines.config import ConfigError
 from pipelines.errors import InputError
 from pipelines.paths import WorkspaceError
+from stores.errors import StoreInputError
 from stores.ledger import LedgerConflict
-from stores.sources import SourceFileError
 
 OK = 0
 UNEXPECTED = 1  # a bug: the one line says so; --debug shows the traceback
@@ -28,7 +29,7 @@ def exit_code(error: BaseException) -> int:
         return CONFIG
     if isinstance(error, LedgerConflict):
         return SETTINGS
-    if isinstance(error, SourceFileError | InputError | FileNotFoundError):
+    if isinstance(error, InputError | ModelInputError | StoreInputError | FileNotFoundError):
         return INPUT
     if isinstance(error, OSError) and error.errno in STORAGE_ERRNOS:
         return STORAGE

@@ -11,6 +11,8 @@ from typing import Protocol, runtime_checkable
 import sentencepiece as spm
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from model.errors import ModelInputError
+
 SENTENCEPIECE_FILE = "tokenizer.model"
 BPE_FILE = "tokenizer.json"
 UNK, BOS, EOS = "<unk>", "<s>", "</s>"
@@ -19,7 +21,7 @@ MIN_BPE_VOCAB = len(SPECIAL_TOKENS) + 256  # the specials and every byte
 BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}  # GPT-2's
 
 
-class TokenizerError(ValueError):
+class TokenizerError(ModelInputError):
     """A tokenizer file or directory is missing, ambiguous, unreadable or not a tokenizer."""
 
 

@@ -7,15 +7,18 @@ import os
 import secrets
 import shutil
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from model.errors import ModelInputError
+
 SHOW = 8  # key names listed in a mismatch message, per kind
 
 
-class CheckpointMismatch(ValueError):
+class CheckpointMismatch(ModelInputError):
     """A checkpoint whose keys or shapes do not fit the model; the message lists them."""
 
 
@@ -25,15 +28,23 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"{path}: no such checkpoint file")
     if path.endswith(".safetensors"):
         return load_file(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a pickle with code in it, or not a checkpoint at all
-        raise CheckpointMismatch(f"{path}: not a weights-only checkpoint ({_reason(e)})") from None
+    state = load_weights_only(path)
     if isinstance(state, Mapping) and "model" in state and isinstance(state["model"], Mapping):
         state = state["model"]
     if not isinstance(state, Mapping):
         raise CheckpointMismatch(f"{path}: expected a state dict, found {type(state).__name__}")
     return dict(state)
+
+
+def load_weights_only(path: str) -> Any:
+    """`torch.load(path, weights_only=True)` on the CPU; a file it refuses (a pickle with code in it, or not a
+    checkpoint at all) raises CheckpointMismatch naming the file, never a hint to unpickle it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        raise CheckpointMismatch(f"{path}: not a weights-only checkpoint ({_reason(e)})") from None
 
 
 def _reason(e: Exception) -> str:

@@ -24,6 +24,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from model.llm import IGNORE, ImageBindLLM
 from model.llm_checkpoint import load_tensors, read_checkpoint, write_checkpoint
 from model.llm_phases import decay_groups, phase_parameters, set_phase
+from model.weights import load_weights_only
 from pipelines.console import Progress
 
 log = logging.getLogger(__name__)
@@ -196,7 +197,7 @@ def load_weights(directory: str, model: ImageBindLLM) -> None:
 
 def load_progress(directory: str, optimizer: torch.optim.Optimizer) -> LoopState:
     """Optimizer state (cut to this rank's shards under FSDP), RNG states, step and history (weights-only read)."""
-    blob = torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
+    blob = load_weights_only(os.path.join(directory, STATE_FILE))  # a refused file is named, never unpickled
     optimizer.load_state_dict(_shard_like_params(blob["optimizer"], optimizer))
     _set_rng_state(blob["rng"])
     return LoopState(step=int(blob["step"]), history=json.loads(blob["history"]))

@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from stores.errors import StoreInputError
 from stores.index_plan import choose_key, metric_for, tune_search
 from stores.workspace import Workspace
 
@@ -27,7 +28,7 @@ ValueType = Literal["float16", "float32"]
 VALUE_FILES: dict[str, str] = {"float16": VALUES, "float32": "values.f32"}
 
 
-class IndexMismatch(ValueError):
+class IndexMismatch(StoreInputError):
     """An index that does not fit the encoder or the data it is used with."""
 
 

@@ -13,6 +13,8 @@ import duckdb
 import numpy as np
 import pyarrow.parquet as pq
 
+from stores.errors import StoreInputError
+
 LAYOUTS = {
     "alpaca": "[{instruction, input?, output}]",
     "sharegpt": "[{conversations: [{from, value}]}]",
@@ -43,7 +45,7 @@ QUALIFY row_number() OVER (PARTITION BY key ORDER BY url, uid) = 1
 """
 
 
-class InstructionFileError(ValueError):
+class InstructionFileError(StoreInputError):
     """An instruction file that cannot be read; the message names the file, the first bad record and the count."""
 
 

@@ -14,6 +14,7 @@ import duckdb
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from stores.errors import StoreInputError
 from stores.metadata import COLUMNS, NUMERIC, uid_sql
 
 # Candidate column names per format (matched case-insensitively, first hit wins).
@@ -63,7 +64,7 @@ FROM read_json($path, maximum_object_size = {max_object})
 """
 
 
-class SourceFileError(ValueError):
+class SourceFileError(StoreInputError):
     """A metadata file that cannot be ingested; the message names the file, the column and the value."""
 
 

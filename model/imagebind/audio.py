@@ -14,6 +14,8 @@ import soundfile
 import torch
 import torch.nn.functional as F
 
+from model.errors import ModelInputError
+
 SAMPLE_RATE = 16000  # Hz; every file is resampled to this rate before clipping
 CLIP_SECONDS = 2  # ConstantClipsPerVideoSampler(clip_duration=2, ...)
 CLIPS = 3  # clips per file, evenly spread from the start to the end
@@ -34,7 +36,7 @@ RESAMPLE_ROLLOFF = 0.99
 SOUNDFILE_SUFFIXES = frozenset({".wav", ".flac", ".ogg", ".oga"})  # everything else is decoded with PyAV (FFmpeg)
 
 
-class AudioDecodeError(ValueError):
+class AudioDecodeError(ModelInputError):
     """A file that cannot be decoded or is too short to preprocess; the message names the file."""
 
 

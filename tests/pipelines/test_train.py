@@ -114,6 +114,31 @@ def test_resume_after_sigkill_gives_the_same_losses_and_weights(tmp_path: Path) 
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+class _Payload:
+    """A pickle that would run code when unpickled (it must never be)."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_resume_refuses_a_pickle_in_place_of_the_training_state(tmp_path: Path) -> None:
+    import pickle
+
+    from model.errors import ModelInputError
+
+    cfg = train_config(tmp_path, checkpoint_every_steps=5)
+    first = train.run(cfg, 1, local=True, max_steps=5)
+    state = Path(first.checkpoint).parent / "state.pt"
+    marker = tmp_path / "pwned"
+    state.write_bytes(pickle.dumps({"optimizer": _Payload(str(marker))}, protocol=2))
+    with pytest.raises(ModelInputError, match=r"state\.pt: not a weights-only checkpoint"):
+        train.run(cfg, 1, resume=True, local=True)
+    assert not marker.exists()
+
+
 def test_stage2_bad_inputs_name_the_file_and_record(tmp_path: Path) -> None:
     cfg = train_config(tmp_path, epochs=0.5)
     train.run(cfg, 1, local=True)
