@@ -6,23 +6,20 @@ import hashlib
 import json
 import logging
 import math
-import os
 import posixpath
 import time
-
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # img2dataset's albumentations would call home at import
 
 import pyarrow.parquet as pq
 from pydantic import BaseModel
 
-from pipelines import ray_runtime
 from pipelines.config import Config
+from pipelines.download_decode import DECODER_ID
+from pipelines.download_engine import decoder_for, img2dataset_download
 from stores.catalog import Catalog, outputs
 from stores.ledger import Ledger
 from stores.workspace import Workspace
 
 log = logging.getLogger(__name__)
-ADDITIONAL_COLUMNS = ["uid", "source", "similarity"]
 RETRY_COLUMNS = ["uid", "source", "url", "caption", "similarity"]
 
 
@@ -60,15 +57,20 @@ class DownloadResult(BaseModel):
         return "\n".join(lines)
 
 
-def settings(cfg: Config, curated_checksum: str) -> dict[str, object]:
-    """What shapes the shards: resizing, sharding, and the exact url list they were cut from."""
+def settings(cfg: Config, source: str, curated_checksum: str) -> dict[str, object]:
+    """What shapes the shards: the decoder and its checks, sharding, and the exact url list they were cut from."""
     d = cfg.download
+    decoder = decoder_for(cfg, source)
     return {
         "image_size": d.image_size,
         "resize_mode": d.resize_mode,
         "samples_per_shard": d.samples_per_shard,
         "min_image_size": d.min_image_size,
         "max_image_area": d.max_image_area,
+        "min_width": decoder.min_width,
+        "min_height": decoder.min_height,
+        "max_aspect_ratio": None if decoder.max_aspect_ratio == math.inf else decoder.max_aspect_ratio,
+        "decoder": DECODER_ID,
         "disallowed_header_directives": sorted(d.disallowed_header_directives),
         "url_list": curated_checksum,
     }
@@ -81,43 +83,6 @@ def expected_shards(ws: Workspace, url_lists: list[str], per_shard: int) -> list
         with ws.open(path, "rb") as f:
             total += math.ceil(pq.ParquetFile(f).metadata.num_rows / per_shard)
     return [f"{i:05d}" for i in range(total)]
-
-
-def img2dataset_download(cfg: Config, url_list: str, output_folder: str) -> None:
-    """One img2dataset run with the config's settings (incremental: completed shards are kept)."""
-    from img2dataset import download
-
-    d = cfg.download
-    distributor = d.distributor
-    if distributor == "multiprocessing" and cfg.ray.address:
-        distributor = "ray"
-    if distributor == "ray":
-        ray_runtime.connect(cfg.ray)
-    download(
-        url_list=url_list,
-        output_folder=output_folder,
-        input_format="parquet",
-        url_col="url",
-        caption_col="caption",
-        save_additional_columns=ADDITIONAL_COLUMNS,
-        output_format="webdataset",
-        image_size=d.image_size,
-        resize_mode=d.resize_mode,
-        resize_only_if_bigger=True,
-        encode_format="jpg",
-        encode_quality=95,
-        processes_count=d.processes,
-        thread_count=d.threads,
-        number_sample_per_shard=d.samples_per_shard,
-        min_image_size=d.min_image_size,
-        max_image_area=d.max_image_area or float("inf"),
-        timeout=d.timeout,
-        retries=d.retries,
-        disallowed_header_directives=d.disallowed_header_directives,
-        incremental_mode="incremental",
-        distributor=distributor,
-        enable_wandb=False,
-    )
 
 
 def commit_shards(ws: Workspace, ledger: Ledger, folder: str, expected: list[str]) -> tuple[int, list[str]]:
@@ -153,14 +118,14 @@ def download_into(
     cfg: Config, ws: Workspace, source: str, output: str, url_lists: list[str], list_checksum: str, force: bool
 ) -> SourceDownload:
     """Download url lists into an output's shard folder, commit what completed, and count the outcome."""
-    ledger = Ledger(ws, "download", output, settings(cfg, list_checksum), force=force)
+    ledger = Ledger(ws, "download", output, settings(cfg, source, list_checksum), force=force)
     folder = shard_folder(ws, output)
     expected = expected_shards(ws, url_lists, cfg.download.samples_per_shard)
     todo = ledger.pending(expected)
     start = time.perf_counter()
     if todo:
         list_folder = posixpath.dirname(url_lists[0])
-        img2dataset_download(cfg, ws.as_url(list_folder), ws.as_url(folder))
+        img2dataset_download(cfg, source, ws.as_url(list_folder), ws.as_url(folder))
     took = time.perf_counter() - start
     new, missing = commit_shards(ws, ledger, folder, expected)
     committed = ledger.committed()

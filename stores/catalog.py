@@ -14,10 +14,13 @@ from stores.workspace import Workspace
 log = logging.getLogger(__name__)
 CATALOG_FILE = "catalog.duckdb"
 
-# img2dataset's error messages -> a reason; retryable reasons are worth another attempt later.
+# img2dataset's error messages -> a reason; retryable reasons are worth another attempt later. An image that arrived
+# but was not kept (`failed_to_resize`) is refused for its size or shape, or cannot be decoded, whatever the message.
 REASON_SQL = r"""
 CASE
   WHEN status = 'success' THEN 'success'
+  WHEN status = 'failed_to_resize' THEN CASE error_message WHEN 'image too small' THEN 'too_small'
+       WHEN 'image area too large' THEN 'too_large' WHEN 'aspect ratio too large' THEN 'aspect_ratio' ELSE 'decode' END
   WHEN error_message ILIKE '%infinite loop%' OR regexp_matches(error_message, '^HTTP Error 30\d') THEN 'redirect_loop'
   WHEN regexp_matches(error_message, '^HTTP Error \d{3}')
        THEN 'http_' || regexp_extract(error_message, '^HTTP Error (\d{3})', 1)
