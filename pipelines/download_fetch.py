@@ -15,6 +15,8 @@ from img2dataset.downloader import is_disallowed
 
 USER_AGENT = "Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:72.0) Gecko/20100101 Firefox/72.0"
 OPT_OUT = "Use of image disallowed by X-Robots-Tag directive"  # img2dataset's message: the catalog's `opt_out`
+MAX_BYTES = 128 << 20  # a larger answer is refused (an endless stream would fill the memory before the deadline)
+TOO_MANY_BYTES = "response too large"  # the catalog's `too_large`
 
 
 def deadline_message(deadline: float) -> str:
@@ -123,14 +125,19 @@ class _HTTPSHandler(urllib.request.HTTPSHandler):
 _OPENER = urllib.request.build_opener(_HTTPHandler, _HTTPSHandler)
 
 
-def _attempt(url: str, timeout: float, token: str | None, disallowed: set[str] | None) -> tuple[bytes | None, str]:
+def _attempt(
+    url: str, timeout: float, token: str | None, disallowed: set[str] | None, max_bytes: int
+) -> tuple[bytes | None, str]:
     agent = USER_AGENT + (f" (compatible; {token})" if token else "")
     request = urllib.request.Request(url, data=None, headers={"User-Agent": agent})
     try:
         with _OPENER.open(request, timeout=timeout) as response:
             if disallowed and is_disallowed(response.headers, token, disallowed):
                 return None, OPT_OUT
-            return response.read(), ""
+            if int(response.headers.get("Content-Length") or 0) > max_bytes:
+                return None, f"{TOO_MANY_BYTES}: {response.headers['Content-Length']} bytes announced"
+            data = response.read(max_bytes + 1)
+            return (None, f"{TOO_MANY_BYTES}: over {max_bytes} bytes") if len(data) > max_bytes else (data, "")
     except Exception as err:  # every failure of one sample is its error message, as in img2dataset
         return None, str(err)
 
@@ -142,6 +149,7 @@ def fetch(
     user_agent_token: str | None,
     disallowed_header_directives: set[str] | None,
     deadline: float,
+    max_bytes: int = MAX_BYTES,
 ) -> tuple[int, io.BytesIO | None, str | None]:
     """Download one image: img2dataset's `download_image_with_retry`, with every attempt inside one deadline.
 
@@ -152,6 +160,7 @@ def fetch(
         user_agent_token: img2dataset's token for the user agent and the X-Robots-Tag check.
         disallowed_header_directives: X-Robots-Tag directives that refuse the image.
         deadline: seconds from the first attempt's start to the last byte, retries included.
+        max_bytes: a longer answer is refused.
 
     Returns:
         (key, the bytes, None), or (key, None, the error message).
@@ -165,7 +174,7 @@ def fetch(
             left = ticket.due - time.monotonic()
             if left <= 0:
                 break
-            data, error = _attempt(url, min(timeout, left), user_agent_token, disallowed_header_directives)
+            data, error = _attempt(url, min(timeout, left), user_agent_token, disallowed_header_directives, max_bytes)
             if ticket.expired:  # cut off: whatever came is incomplete
                 break
             if data is not None:

@@ -30,7 +30,7 @@ CASE
        OR error_message ILIKE '%name or service not known%' OR error_message ILIKE '%remote end closed%'
        THEN 'connection'
   WHEN error_message = 'image too small' THEN 'too_small'
-  WHEN error_message = 'image area too large' THEN 'too_large'
+  WHEN error_message = 'image area too large' OR starts_with(error_message, 'response too large') THEN 'too_large'
   WHEN error_message = 'aspect ratio too large' THEN 'aspect_ratio'
   WHEN error_message = 'hash mismatch' THEN 'hash_mismatch'
   WHEN error_message ILIKE '%decod%' OR error_message ILIKE '%cannot identify%' OR error_message ILIKE '%truncated%'

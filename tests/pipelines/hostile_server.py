@@ -144,6 +144,14 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     def do_GET(self) -> None:
+        if self.path == "/endless":  # no length, no end: only a byte limit (or the deadline) stops the reader
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            while self._write(b"\xff" * 65536) and not self.server.stopping.is_set():
+                pass
+            return None
         case = self.server.routes.get(self.path)
         if case is None:
             return self._answer(404, b"", "text/plain")

@@ -28,6 +28,7 @@ MESSAGES = [
     ("failed_to_resize", "cannot decode image: broken data stream when reading image file", "decode", False),
     ("failed_to_resize", "cannot decode image: [Errno 22] connection timed out", "decode", False),
     ("failed_to_download", "timed out: no complete answer within the download deadline of 6 s", "timeout", True),
+    ("failed_to_download", "response too large: over 134217728 bytes", "too_large", False),
     ("failed_to_download", "hash mismatch", "hash_mismatch", False),
     ("failed_to_download", "something new", "other", False),
 ]  # fmt: skip
