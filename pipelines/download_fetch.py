@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import io
+import math
 import os
 import socket
 import threading
@@ -46,6 +47,7 @@ class Watchdog:
         self._cond = threading.Condition()
         self._tickets: set[Ticket] = set()
         self._pid: int | None = None
+        self._wakes_at = math.inf  # when the watch thread looks next: a later ticket needs no wake-up
 
     def arm(self, seconds: float) -> Ticket:
         """A ticket that expires `seconds` from now."""
@@ -55,7 +57,8 @@ class Watchdog:
                 self._pid = os.getpid()
                 threading.Thread(target=self._watch, name="download-deadlines", daemon=True).start()
             self._tickets.add(ticket)
-            self._cond.notify()
+            if ticket.due < self._wakes_at:
+                self._cond.notify()
         return ticket
 
     def attach(self, ticket: Ticket, sock: socket.socket) -> None:
@@ -79,8 +82,8 @@ class Watchdog:
                     self._tickets.discard(ticket)
                     if ticket.sock is not None:
                         _shut(ticket.sock)
-                due = min((t.due for t in self._tickets), default=None)
-                self._cond.wait(None if due is None else due - now + 0.005)
+                self._wakes_at = min((t.due for t in self._tickets), default=math.inf) + 0.005
+                self._cond.wait(None if self._wakes_at == math.inf else self._wakes_at - now)
 
 
 def _shut(sock: socket.socket) -> None:
