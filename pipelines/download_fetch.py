@@ -18,6 +18,7 @@ USER_AGENT = "Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:72.0) Gecko/20100101 Fi
 OPT_OUT = "Use of image disallowed by X-Robots-Tag directive"  # img2dataset's message: the catalog's `opt_out`
 MAX_BYTES = 128 << 20  # a larger answer is refused (an endless stream would fill the memory before the deadline)
 TOO_MANY_BYTES = "response too large"  # the catalog's `too_large`
+PIECE = 1 << 20  # read size of an answer of unannounced length
 
 
 def deadline_message(deadline: float) -> str:
@@ -137,10 +138,17 @@ def _attempt(
         with _OPENER.open(request, timeout=timeout) as response:
             if disallowed and is_disallowed(response.headers, token, disallowed):
                 return None, OPT_OUT
-            if int(response.headers.get("Content-Length") or 0) > max_bytes:
-                return None, f"{TOO_MANY_BYTES}: {response.headers['Content-Length']} bytes announced"
-            data = response.read(max_bytes + 1)
-            return (None, f"{TOO_MANY_BYTES}: over {max_bytes} bytes") if len(data) > max_bytes else (data, "")
+            if response.length is not None:  # announced: one read, as before
+                if response.length > max_bytes:
+                    return None, f"{TOO_MANY_BYTES}: {response.length} bytes announced"
+                return response.read(), ""
+            data = bytearray()  # chunked or until the server closes: read in pieces, up to the limit
+            while len(data) <= max_bytes:
+                piece = response.read(PIECE)
+                if not piece:
+                    return bytes(data), ""
+                data += piece
+            return None, f"{TOO_MANY_BYTES}: over {max_bytes} bytes"
     except Exception as err:  # every failure of one sample is its error message, as in img2dataset
         return None, str(err)
 
