@@ -32,8 +32,9 @@ class ImageDecoder:
     """Decodes one downloaded image as the extraction decoder does, checks its real size, resizes and encodes it.
 
     The first frame of an animation, the EXIF orientation applied, 16-bit scaled to 8 bits, CMYK, palette and alpha
-    converted by `to_rgb`. The size checks read the file's header (after orientation), so a refused image, a
-    decompression bomb above all, is never decoded. Larger images shrink to `image_size` on the short side
+    converted by `to_rgb`. The checks that do not depend on which way up the picture is (area, short side, aspect
+    ratio) read the file's header, so such a refused image, a decompression bomb above all, is never decoded; the
+    per-side minimums wait for the orientation. Larger images shrink to `image_size` on the short side
     (JPEGs are first decoded at a reduced scale where that still leaves the short side at least `image_size`);
     smaller ones are kept as they are.
 
@@ -59,11 +60,20 @@ class ImageDecoder:
     encode_format: Literal["jpg", "png", "webp"] = "jpg"
     encode_quality: int = 95
 
-    def refusal(self, width: int, height: int) -> str | None:
-        """Why an image of this real size is not kept, or None."""
+    def refusal(self, width: int, height: int, upright: bool = True) -> str | None:
+        """Why an image of this real size is not kept, or None.
+
+        Args:
+            width: the real width.
+            height: the real height.
+            upright: the size is the upright one (else the per-side minimums, the only checks that depend on
+                which way up the picture is, are left out).
+        """
         if width * height > self.max_image_area:
             return TOO_LARGE
-        if min(width, height) < max(self.min_image_size, 1) or width < self.min_width or height < self.min_height:
+        if min(width, height) < max(self.min_image_size, 1):
+            return TOO_SMALL
+        if upright and (width < self.min_width or height < self.min_height):
             return TOO_SMALL
         if max(width, height) / min(width, height) > self.max_aspect_ratio:
             return TOO_ELONGATED
@@ -83,15 +93,19 @@ class ImageDecoder:
             Image.DecompressionBombError, OSError, ...: PIL cannot decode it.
         """
         img = Image.open(data)  # the header only: nothing is decoded yet (an in-memory stream: nothing to close)
-        width, height = oriented_size(img)
+        raw = img.size  # before the EXIF orientation, which a PNG may only give after its pixels
+        refusal = self.refusal(*raw, upright=False)
+        if refusal:
+            raise Refused(refusal)
+        target = self.stored_size(*raw)
+        if target != raw:
+            scale = min(target) / min(raw)
+            img.draft(None, (math.ceil(raw[0] * scale), math.ceil(raw[1] * scale)))
+        img.load()  # the first frame of an animation
+        width, height = raw[::-1] if oriented_size(img) != img.size else raw
         refusal = self.refusal(width, height)
         if refusal:
             raise Refused(refusal)
-        target = self.stored_size(width, height)
-        if target != (width, height):
-            scale = min(target) / min(width, height)
-            img.draft(None, (math.ceil(img.width * scale), math.ceil(img.height * scale)))
-        img.load()  # the first frame of an animation
         return to_rgb(img, exif_transpose=True), width, height
 
     def shrink(self, img: Image.Image, width: int, height: int) -> Image.Image:

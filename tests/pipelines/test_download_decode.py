@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from pipelines.download_decode import DECODE_ERROR, ImageDecoder
-from tests.pipelines.hostile_server import cases, check_picture
+from tests.pipelines.hostile_server import cases, check_picture, png_header_only
 
 IMAGE_SIZE = 64
 DECODER = ImageDecoder(image_size=IMAGE_SIZE, min_image_size=24, min_width=40, max_aspect_ratio=3.0)
@@ -53,9 +53,19 @@ def test_refusals_are_read_from_the_header_before_any_pixel_is_decoded() -> None
     assert DECODER(io.BytesIO(truncated))[-1] == "aspect ratio too large"
     assert ImageDecoder(image_size=64)(io.BytesIO(truncated))[-1].startswith(DECODE_ERROR)
     assert ImageDecoder(image_size=64, max_image_area=39_999)(io.BytesIO(data))[-1] == "image area too large"
+    header = png_header_only(8000, 6000)  # 48M pixels announced, none there: decoding it would fail
+    assert ImageDecoder(image_size=64, max_image_area=10**7)(io.BytesIO(header))[-1] == "image area too large"
+    assert ImageDecoder(image_size=64, max_aspect_ratio=1.2)(io.BytesIO(header))[-1] == "aspect ratio too large"
+    assert ImageDecoder(image_size=64)(io.BytesIO(header))[-1].startswith(DECODE_ERROR)
+    turned = Image.new("RGB", (80, 50))  # stored 80 x 50, upright 50 x 80: the per-side minimums judge 50 x 80
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    upright = ImageDecoder(image_size=64, min_width=60)(io.BytesIO(_jpeg(turned, exif=exif.tobytes())))
+    assert upright[-1] == "image too small" and ImageDecoder(image_size=64, min_height=60)(io.BytesIO(
+        _jpeg(turned, exif=exif.tobytes())))[-1] is None  # fmt: skip
 
 
-def _jpeg(img: Image.Image) -> bytes:
+def _jpeg(img: Image.Image, **options: object) -> bytes:
     out = io.BytesIO()
-    img.save(out, "JPEG", quality=95)
+    img.save(out, "JPEG", quality=95, **options)
     return out.getvalue()
