@@ -38,7 +38,7 @@ def decoder_cost(cfg: Config) -> None:
     """CPU milliseconds per image of our decoder and of img2dataset's resizer, same images, same settings."""
     from img2dataset.resizer import Resizer
 
-    from pipelines.download_engine import decoder_for
+    from pipelines.download_decode import decoder_for
     from pipelines.synthetic import SyntheticSource
 
     images = [it.render(cfg.synthetic.seed) for it in SyntheticSource(cfg.synthetic).items[:500]]

@@ -13,8 +13,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel
 
 from pipelines.config import Config
-from pipelines.download_decode import DECODER_ID
-from pipelines.download_engine import decoder_for, img2dataset_download
+from pipelines.download_decode import DECODER_ID, decoder_for
 from stores.catalog import Catalog, outputs
 from stores.ledger import Ledger
 from stores.workspace import Workspace
@@ -125,6 +124,8 @@ def download_into(
     start = time.perf_counter()
     if todo:
         list_folder = posixpath.dirname(url_lists[0])
+        from pipelines.download_engine import img2dataset_download  # img2dataset imports torch: only when needed
+
         img2dataset_download(cfg, source, ws.as_url(list_folder), ws.as_url(folder))
     took = time.perf_counter() - start
     new, missing = commit_shards(ws, ledger, folder, expected)

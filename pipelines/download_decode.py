@@ -10,6 +10,7 @@ from typing import BinaryIO, Literal
 from PIL import Image, UnidentifiedImageError
 
 from model.imagebind.decode import center_crop_box, oriented_size, resized_size, to_rgb
+from pipelines.config import Config
 
 DECODER_ID = "pil-1"  # part of the download settings: shards cut by another decoder are not mixed with these
 ENCODERS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
@@ -141,3 +142,18 @@ def _decode_error(err: Exception) -> str:
         return f"{DECODE_ERROR}: not a known image format"
     text = str(err).strip().splitlines()
     return f"{DECODE_ERROR}: {text[0][:200] if text else type(err).__name__}"
+
+
+def decoder_for(cfg: Config, source: str) -> ImageDecoder:
+    """The decoder of a source: the download's sizes, and the source's size and aspect filters on real images."""
+    d = cfg.download
+    filters = next((s.filters for s in cfg.sources if s.name == source), None)
+    return ImageDecoder(
+        image_size=d.image_size,
+        resize_mode=d.resize_mode,
+        min_image_size=d.min_image_size,
+        min_width=filters.min_width if filters else 0,
+        min_height=filters.min_height if filters else 0,
+        max_image_area=d.max_image_area or math.inf,
+        max_aspect_ratio=(filters.max_aspect_ratio if filters else None) or math.inf,
+    )

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
-import math
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -17,7 +16,7 @@ from img2dataset.downloader import Downloader
 
 from pipelines import ray_runtime
 from pipelines.config import Config
-from pipelines.download_decode import ImageDecoder
+from pipelines.download_decode import ImageDecoder, decoder_for
 from pipelines.download_fetch import fetch
 
 i2d_main = importlib.import_module("img2dataset.main")  # the package's `main` attribute is the CLI function
@@ -58,21 +57,6 @@ def _engine(decoder: ImageDecoder, deadline: float) -> Iterator[None]:
         yield
     finally:
         setattr(i2d_main, _DOWNLOADER_NAME, original)
-
-
-def decoder_for(cfg: Config, source: str) -> ImageDecoder:
-    """The decoder of a source: the download's sizes, and the source's size and aspect filters on real images."""
-    d = cfg.download
-    filters = next((s.filters for s in cfg.sources if s.name == source), None)
-    return ImageDecoder(
-        image_size=d.image_size,
-        resize_mode=d.resize_mode,
-        min_image_size=d.min_image_size,
-        min_width=filters.min_width if filters else 0,
-        min_height=filters.min_height if filters else 0,
-        max_image_area=d.max_image_area or math.inf,
-        max_aspect_ratio=(filters.max_aspect_ratio if filters else None) or math.inf,
-    )
 
 
 def img2dataset_download(cfg: Config, source: str, url_list: str, output_folder: str) -> None:
