@@ -98,6 +98,9 @@ class CurateConfig(Section):
     rows_per_file: int = Field(1_000_000, gt=0, description="rows per curated url-list file")
 
 
+DEADLINE_FACTOR = 3  # download.deadline, when unset, is this many timeouts
+
+
 class DownloadConfig(Section):
     """img2dataset settings."""
 
@@ -105,7 +108,11 @@ class DownloadConfig(Section):
     resize_mode: Literal["keep_ratio", "center_crop"] = "keep_ratio"
     processes: int = Field(2, gt=0)
     threads: int = Field(16, gt=0)
-    timeout: float = Field(2.0, gt=0)
+    timeout: float = Field(2.0, gt=0, description="seconds per connect and per read")
+    deadline: float | None = Field(
+        None, gt=0, description="seconds per sample from its first byte asked to its last, retries included; a "
+        "slower answer (a drip) is cut off as a timeout. Default (null): 3 x timeout"
+    )  # fmt: skip
     retries: int = Field(1, ge=0)
     samples_per_shard: int = Field(10_000, gt=0)
     min_image_size: int = Field(0, ge=0, description="refuse images whose short side is smaller")
@@ -116,6 +123,11 @@ class DownloadConfig(Section):
     disallowed_header_directives: list[str] = Field(
         default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"]
     )
+
+    @property
+    def deadline_seconds(self) -> float:
+        """The deadline per sample: `deadline`, or DEADLINE_FACTOR x `timeout` when unset."""
+        return self.deadline or DEADLINE_FACTOR * self.timeout
 
 
 class ExtractConfig(Section):

@@ -6,24 +6,20 @@ import hashlib
 import json
 import logging
 import math
-import os
 import posixpath
 import time
-
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # img2dataset's albumentations would call home at import
 
 import pyarrow.parquet as pq
 from pydantic import BaseModel
 
-from pipelines import ray_runtime
 from pipelines.config import Config
-from pipelines.console import IMG2DATASET_CHATTER, Progress, filtered_output, polling
+from pipelines.console import Progress, polling
+from pipelines.download_decode import DECODER_ID, decoder_for
 from stores.catalog import Catalog, outputs
 from stores.ledger import Ledger
 from stores.workspace import Workspace
 
 log = logging.getLogger(__name__)
-ADDITIONAL_COLUMNS = ["uid", "source", "similarity"]
 RETRY_COLUMNS = ["uid", "source", "url", "caption", "similarity"]
 
 
@@ -61,15 +57,20 @@ class DownloadResult(BaseModel):
         return "\n".join(lines)
 
 
-def settings(cfg: Config, curated_checksum: str) -> dict[str, object]:
-    """What shapes the shards: resizing, sharding, and the exact url list they were cut from."""
+def settings(cfg: Config, source: str, curated_checksum: str) -> dict[str, object]:
+    """What shapes the shards: the decoder and its checks, sharding, and the exact url list they were cut from."""
     d = cfg.download
+    decoder = decoder_for(cfg, source)
     return {
         "image_size": d.image_size,
         "resize_mode": d.resize_mode,
         "samples_per_shard": d.samples_per_shard,
         "min_image_size": d.min_image_size,
         "max_image_area": d.max_image_area,
+        "min_width": decoder.min_width,
+        "min_height": decoder.min_height,
+        "max_aspect_ratio": None if decoder.max_aspect_ratio == math.inf else decoder.max_aspect_ratio,
+        "decoder": DECODER_ID,
         "disallowed_header_directives": sorted(d.disallowed_header_directives),
         "url_list": curated_checksum,
     }
@@ -82,44 +83,6 @@ def expected_shards(ws: Workspace, url_lists: list[str], per_shard: int) -> list
         with ws.open(path, "rb") as f:
             total += math.ceil(pq.ParquetFile(f).metadata.num_rows / per_shard)
     return [f"{i:05d}" for i in range(total)]
-
-
-def img2dataset_download(cfg: Config, url_list: str, output_folder: str) -> None:
-    """One img2dataset run with the config's settings (incremental: completed shards are kept)."""
-    from img2dataset import download
-
-    d = cfg.download
-    distributor = d.distributor
-    if distributor == "multiprocessing" and cfg.ray.address:
-        distributor = "ray"
-    if distributor == "ray":
-        ray_runtime.connect(cfg.ray)
-    with filtered_output(IMG2DATASET_CHATTER):  # its set-up lines and per-worker lines; shard totals stay
-        download(
-            url_list=url_list,
-            output_folder=output_folder,
-            input_format="parquet",
-            url_col="url",
-            caption_col="caption",
-            save_additional_columns=ADDITIONAL_COLUMNS,
-            output_format="webdataset",
-            image_size=d.image_size,
-            resize_mode=d.resize_mode,
-            resize_only_if_bigger=True,
-            encode_format="jpg",
-            encode_quality=95,
-            processes_count=d.processes,
-            thread_count=d.threads,
-            number_sample_per_shard=d.samples_per_shard,
-            min_image_size=d.min_image_size,
-            max_image_area=d.max_image_area or float("inf"),
-            timeout=d.timeout,
-            retries=d.retries,
-            disallowed_header_directives=d.disallowed_header_directives,
-            incremental_mode="incremental",
-            distributor=distributor,
-            enable_wandb=False,
-        )
 
 
 def commit_shards(ws: Workspace, ledger: Ledger, folder: str, expected: list[str]) -> tuple[int, list[str]]:
@@ -155,20 +118,22 @@ def download_into(
     cfg: Config, ws: Workspace, source: str, output: str, url_lists: list[str], list_checksum: str, force: bool
 ) -> SourceDownload:
     """Download url lists into an output's shard folder, commit what completed, and count the outcome."""
-    ledger = Ledger(ws, "download", output, settings(cfg, list_checksum), force=force)
+    ledger = Ledger(ws, "download", output, settings(cfg, source, list_checksum), force=force)
     folder = shard_folder(ws, output)
     expected = expected_shards(ws, url_lists, cfg.download.samples_per_shard)
     todo = ledger.pending(expected)
     start = time.perf_counter()
     if todo:
         list_folder = posixpath.dirname(url_lists[0])
+        from pipelines.download_engine import img2dataset_download  # img2dataset imports torch: only when needed
+
         progress = Progress(log, f"download {output}")
 
         def shards_done() -> None:  # img2dataset writes a shard's stats file when the shard is complete
             progress.update(len(ws.glob(posixpath.join(folder, "*_stats.json"))), len(expected), "shards")
 
         with polling(shards_done):
-            img2dataset_download(cfg, ws.as_url(list_folder), ws.as_url(folder))
+            img2dataset_download(cfg, source, ws.as_url(list_folder), ws.as_url(folder))
     took = time.perf_counter() - start
     new, missing = commit_shards(ws, ledger, folder, expected)
     committed = ledger.committed()

@@ -53,8 +53,8 @@ def shard_id_for(url: str) -> str:
 
 
 def settings(src: SourceConfig) -> dict[str, object]:
-    """What shapes a source's normalised output."""
-    return {"format": src.format, "columns": dict(src.columns)}
+    """What shapes a source's normalised output (`non_finite`: NaN and infinite numbers are ingested as NULL)."""
+    return {"format": src.format, "columns": dict(src.columns), "non_finite": "null"}
 
 
 def input_files(ws: Workspace, src: SourceConfig) -> list[str]:

@@ -14,10 +14,13 @@ from stores.workspace import Workspace
 log = logging.getLogger(__name__)
 CATALOG_FILE = "catalog.duckdb"
 
-# img2dataset's error messages -> a reason; retryable reasons are worth another attempt later.
+# img2dataset's error messages -> a reason; retryable reasons are worth another attempt later. An image that arrived
+# but was not kept (`failed_to_resize`) is refused for its size or shape, or cannot be decoded, whatever the message.
 REASON_SQL = r"""
 CASE
   WHEN status = 'success' THEN 'success'
+  WHEN status = 'failed_to_resize' THEN CASE error_message WHEN 'image too small' THEN 'too_small'
+       WHEN 'image area too large' THEN 'too_large' WHEN 'aspect ratio too large' THEN 'aspect_ratio' ELSE 'decode' END
   WHEN error_message ILIKE '%infinite loop%' OR regexp_matches(error_message, '^HTTP Error 30\d') THEN 'redirect_loop'
   WHEN regexp_matches(error_message, '^HTTP Error \d{3}')
        THEN 'http_' || regexp_extract(error_message, '^HTTP Error (\d{3})', 1)
@@ -27,7 +30,7 @@ CASE
        OR error_message ILIKE '%name or service not known%' OR error_message ILIKE '%remote end closed%'
        THEN 'connection'
   WHEN error_message = 'image too small' THEN 'too_small'
-  WHEN error_message = 'image area too large' THEN 'too_large'
+  WHEN error_message = 'image area too large' OR starts_with(error_message, 'response too large') THEN 'too_large'
   WHEN error_message = 'aspect ratio too large' THEN 'aspect_ratio'
   WHEN error_message = 'hash mismatch' THEN 'hash_mismatch'
   WHEN error_message ILIKE '%decod%' OR error_message ILIKE '%cannot identify%' OR error_message ILIKE '%truncated%'
@@ -197,10 +200,14 @@ class Catalog:
         return self.rows("SELECT source, step, rows_in, rows_out, removed FROM funnel")
 
     def download_reasons(self) -> list[dict[str, Any]]:
-        """Samples per source and final outcome (success or the reason of the last failure)."""
+        """Samples per source and final outcome, and how many of them went through a retry round already.
+
+        The outcome is success or the reason of the last failure; `retryable`: `--retry-failed` would try again.
+        """
         return self.rows(
-            "SELECT source, reason, retryable, count(*) AS samples FROM download_latest "
-            "GROUP BY ALL ORDER BY source, samples DESC, reason"
+            "WITH tries AS (SELECT uid, count(*) AS attempts FROM downloads GROUP BY uid) "
+            "SELECT source, reason, retryable, count(*) AS samples, count(*) FILTER (WHERE attempts > 1) AS retried "
+            "FROM download_latest JOIN tries USING (uid) GROUP BY ALL ORDER BY source, samples DESC, reason"
         )
 
     def totals(self) -> list[dict[str, Any]]:
@@ -251,14 +258,30 @@ class Catalog:
         )
 
     def histogram(self, view: str, expr: str, lo: float, hi: float, bins: int, by_source: bool = True) -> dict:
-        """Counts of `expr` over `view` in `bins` equal bins on [lo, hi] (values outside are clamped), per source."""
+        """Counts of `expr` over `view` in `bins` equal bins on [lo, hi], per source.
+
+        Values below `lo` and above `hi` are counted apart (`below`, `above`: the overflow bins), never clamped
+        into the edge bins; NULL and NaN are unknown and not counted.
+        """
         width = (hi - lo) / bins
         sql = (
-            f"SELECT {'source' if by_source else 'NULL'} AS source, "
-            f"least(greatest(floor(({expr} - $lo) / $w), 0), $last)::INTEGER AS b, count(*) AS n "
-            f"FROM {view} WHERE {expr} IS NOT NULL GROUP BY ALL"
+            f"SELECT src, CASE WHEN v < $lo THEN -1 WHEN v > $hi THEN $bins "
+            f"ELSE least(floor((v - $lo) / $w), $bins - 1) END::INTEGER AS b, count(*) AS n "
+            f"FROM (SELECT {'source' if by_source else 'NULL'} AS src, ({expr})::DOUBLE AS v FROM {view}) "
+            f"WHERE v IS NOT NULL AND NOT isnan(v) GROUP BY ALL"
         )
-        out: dict[str, list[int]] = {}
-        for source, b, n in self.query(sql, {"lo": lo, "w": width, "last": bins - 1}):
-            out.setdefault(source or "all", [0] * bins)[b] += n
-        return {"edges": [lo + i * width for i in range(bins + 1)], "counts": out}
+        counts: dict[str, list[int]] = {}
+        below: dict[str, int] = {}
+        above: dict[str, int] = {}
+        for source, b, n in self.query(sql, {"lo": lo, "hi": hi, "w": width, "bins": bins}):
+            key = source or "all"
+            row = counts.setdefault(key, [0] * bins)
+            below.setdefault(key, 0)
+            above.setdefault(key, 0)
+            if b < 0:
+                below[key] += n
+            elif b >= bins:
+                above[key] += n
+            else:
+                row[b] += n
+        return {"edges": [lo + i * width for i in range(bins + 1)], "counts": counts, "below": below, "above": above}

@@ -38,6 +38,7 @@ COYO = {
     "pwatermark": ("watermark_score",),
 }
 REQUIRED = ("url", "caption")
+FINITE_TYPES = ("DOUBLE", "BIGINT")  # numeric columns: NaN and infinities become NULL
 
 # Nested formats: SQL over one file ($path) that yields our column names directly.
 MMC4_SQL = """
@@ -203,10 +204,21 @@ def normalised_sql(adapter: Adapter, path: str, mapping: Mapping[str, str | None
             parts.append(f"NULL::{dtype} AS {ours}")
         elif ours == "url":
             parts.append(f"trim(src.{_q(theirs)}) AS url")
+        elif dtype in FINITE_TYPES:
+            parts.append(f"{finite_sql('src.' + _q(theirs), dtype)} AS {ours}")
         else:
             parts.append(f"TRY_CAST(src.{_q(theirs)} AS {dtype}) AS {ours}")
     parts.append(f"{_extra_sql(adapter, mapping, available)} AS extra")
     return f"SELECT {', '.join(parts)} FROM ({adapter.inner_sql(path)}) AS src"
+
+
+def finite_sql(column: str, dtype: str) -> str:
+    """`column` cast to `dtype`, NULL where it is NaN or infinite.
+
+    DuckDB orders NaN above every number: a NaN score would pass every threshold and win every ranking, where a
+    NULL is unknown to every filter.
+    """
+    return f"TRY_CAST(CASE WHEN isfinite(TRY_CAST({column} AS DOUBLE)) THEN {column} END AS {dtype})"
 
 
 def _extra_sql(adapter: Adapter, mapping: Mapping[str, str | None], available: Sequence[str]) -> str:

@@ -27,6 +27,15 @@ def _orientation(img: Image.Image) -> int:
         return 1
 
 
+def oriented_size(img: Image.Image) -> tuple[int, int]:
+    """(width, height) once the EXIF orientation is applied: orientations 5-8 turn the picture by 90 degrees.
+
+    Reads the header only, so it is cheap on an image whose pixels have not been loaded.
+    """
+    width, height = img.size
+    return (height, width) if _orientation(img) in (5, 6, 7, 8) else (width, height)
+
+
 def to_rgb(img: Image.Image, exif_transpose: bool = False) -> Image.Image:
     """Applies the EXIF orientation (optional) and converts to 8-bit RGB the way `Image.convert("RGB")` does.
 

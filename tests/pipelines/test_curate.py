@@ -146,3 +146,41 @@ def test_ingest_checks_every_file_before_writing(tmp_path: Path) -> None:
     with pytest.raises(SourceFileError, match=r"part-9\.parquet: no column for 'caption'"):
         ingest.run(cfg)
     assert not (tmp_path / "ws" / "sources").exists()  # the good file was not written either
+
+
+def test_nan_and_infinite_numbers_are_unknown_to_every_filter_and_ranking(tmp_path: Path) -> None:
+    nan, inf = float("nan"), float("inf")
+    rows = [  # (url, caption, similarity, width, punsafe)
+        ("http://h/0.jpg", "the scored caption", 0.3, 640.0, 0.1),
+        ("http://h/0.jpg", "the unscored caption", nan, 640.0, 0.1),  # the same URL: must lose the dedup
+        ("http://h/1.jpg", "an infinite score", inf, 640.0, 0.1),
+        ("http://h/2.jpg", "a negative infinite score", -inf, 640.0, 0.1),
+        ("http://h/3.jpg", "unknown size and safety", 0.25, nan, nan),
+        ("http://h/4.jpg", "an infinite size", 0.1, inf, -inf),
+    ]
+    (tmp_path / "a").mkdir()
+    names = ("URL", "TEXT", "similarity", "WIDTH", "punsafe")
+    columns = {name: [r[i] for r in rows] for i, name in enumerate(names)}
+    pq.write_table(pa.table(columns), tmp_path / "a" / "p.parquet")
+    (tmp_path / "b").mkdir()  # the same as text: "nan", "inf" and "-inf" in a csv
+    lines = ["url,caption,similarity,width"] + [f"{u.replace('h/', 'c/')},{c},{s},{w}" for u, c, s, w, _ in rows]
+    (tmp_path / "b" / "p.csv").write_text("\n".join(lines) + "\n")
+    top = {"top_k": 2, "min_width": 100, "max_punsafe": 0.5}
+    srcs = [
+        SourceConfig(name="a", format="laion", paths=[str(tmp_path / "a" / "*")], filters=top),
+        SourceConfig(name="b", format="generic", paths=[str(tmp_path / "b" / "*")], filters={"min_similarity": 0.2}),
+    ]
+    cfg = Config(workspace=str(tmp_path / "ws"), sources=srcs)
+    ingest.run(cfg)
+    result = curate.run(cfg)
+    meta = f"read_parquet('{tmp_path}/ws/sources/*/*.parquet')"
+    counts = duckdb.sql(
+        "SELECT count(*) FILTER (WHERE NOT (isfinite(similarity) AND isfinite(width) AND isfinite(punsafe))), "
+        f"count(*) FILTER (WHERE similarity IS NULL), count(*) FILTER (WHERE width IS NULL) FROM {meta}"
+    ).fetchall()
+    assert counts == [(0, 6, 4)]  # no NaN or infinity is left (a NULL is not counted by the first)
+    # top 2 by score: the real scores 0.3 and 0.25, never a NaN or an infinity; an unknown size passes min_width
+    kept_a = duckdb.sql(f"SELECT url, caption FROM read_parquet({result.sources[0].files!r})").fetchall()
+    assert sorted(kept_a) == [("http://h/0.jpg", "the scored caption"), ("http://h/3.jpg", "unknown size and safety")]
+    kept_b = duckdb.sql(f"SELECT url, caption FROM read_parquet({result.sources[1].files!r})").fetchall()
+    assert sorted(kept_b) == [("http://c/0.jpg", "the scored caption"), ("http://c/3.jpg", "unknown size and safety")]

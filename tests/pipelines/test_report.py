@@ -43,8 +43,9 @@ def test_report_numbers_agree_with_the_catalog(downloaded: Config) -> None:
     assert sum(r["samples"] for r in summary["download_reasons"]) == tot["attempted"] == tot["curated_rows"]
     assert sum(s["attempted"] for s in summary["shards"]) == tot["attempted"]
     clip = summary["histograms"]["clip_score"]
-    assert sum(clip["before"]["counts"]["synthetic"]) == 40
-    assert sum(clip["after"]["counts"]["synthetic"]) == tot["curated_rows"]
+    for label, rows in (("before", 40), ("after", tot["curated_rows"])):  # in range or in an overflow bin
+        hist = clip[label]
+        assert sum(hist["counts"]["synthetic"]) + hist["below"]["synthetic"] + hist["above"]["synthetic"] == rows
     page = Path(result.html).read_text()
     for section in ("Funnel", "Download outcomes", "CLIP score", "Caption length", "Downloaded images", "Shards"):
         assert f"<h2>{section}" in page
@@ -59,3 +60,44 @@ def test_report_numbers_agree_with_the_catalog(downloaded: Config) -> None:
             assert img.format == "PNG" and img.width > 300 and img.height > 150
             assert len(img.getcolors(1 << 20) or []) > 4  # a real plot, not a blank page
     assert (Path(downloaded.workspace) / "catalog.duckdb").is_file()
+
+
+def test_empty_sections_say_so_in_one_line_and_outliers_get_labelled_overflow_bins(tmp_path: Path) -> None:
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines.report_figures import plot_histogram
+
+    rng = np.random.default_rng(0)
+    scores = [*np.round(rng.normal(0.3, 0.02, 60), 4), 7.5, -3.0, float("nan")]  # two wild scores and a NaN
+    words = [" ".join(["word"] * int(n)) for n in rng.integers(4, 12, len(scores))]
+    words[0] = " ".join(["long"] * 300)  # one caption far longer than the rest
+    (tmp_path / "m").mkdir()
+    urls = [f"http://h/{i}.jpg" for i in range(len(scores))]
+    pq.write_table(pa.table({"URL": urls, "TEXT": words, "similarity": scores}), tmp_path / "m" / "p.parquet")
+    cfg = Config(workspace=str(tmp_path / "ws"),
+                 sources=[SourceConfig(name="m", format="laion", paths=[str(tmp_path / "m" / "*")])])  # fmt: skip
+    ingest.run(cfg)
+    curate.run(cfg)
+    result = report.run(cfg)
+    summary = json.loads(Path(result.summary_json).read_text())
+    clip = summary["histograms"]["clip_score"]["before"]
+    assert (clip["below"]["m"], clip["above"]["m"]) == (1, 1)  # not clamped into the edge bins
+    assert sum(clip["counts"]["m"]) == 60 and clip["edges"][0] > -3.0 and clip["edges"][-1] < 1.0
+    caption = summary["histograms"]["caption_words"]["before"]
+    assert caption["above"]["m"] == 1 and sum(caption["counts"]["m"]) == len(scores) - 1
+    page = Path(result.html).read_text()
+    # Nothing was downloaded or extracted: each such section is its heading and one line, with no figure.
+    for title in ("Download outcomes", "Failed URLs, examples per reason", "Retry rounds", "Shards",
+                  "Downloaded images: short side", "Downloaded images: aspect ratio", "Features"):  # fmt: skip
+        after = page.split(f"<h2>{title}</h2>\n", 1)[1]
+        assert after.startswith('<p class="empty">Nothing') or after.startswith('<p class="empty">No '), title
+        assert after.split("\n", 2)[1].startswith(("<h", "</body>")), title  # then the next heading
+    assert sorted(Path(f).name for f in result.figures) == ["caption_words.png", "clip_score.png", "funnel.png"]
+    # The overflow bins are drawn and labelled: the figure differs from one without them.
+    plain = {**summary["histograms"]["clip_score"], "before": {**clip, "below": {}, "above": {}}}
+    plot_histogram(str(tmp_path / "plain.png"), "clip score", plain)
+    with Image.open(result.figures[1]) as drawn, Image.open(tmp_path / "plain.png") as without:
+        assert Path(result.figures[1]).name == "clip_score.png"
+        assert drawn.tobytes() != without.tobytes()

@@ -24,6 +24,11 @@ MESSAGES = [
     ("failed_to_resize", "image too small", "too_small", False),
     ("failed_to_resize", "image area too large", "too_large", False),
     ("failed_to_resize", "aspect ratio too large", "aspect_ratio", False),
+    ("failed_to_resize", "cannot decode image: image file is truncated (2 bytes not processed)", "decode", False),
+    ("failed_to_resize", "cannot decode image: broken data stream when reading image file", "decode", False),
+    ("failed_to_resize", "cannot decode image: [Errno 22] connection timed out", "decode", False),
+    ("failed_to_download", "timed out: no complete answer within the download deadline of 6 s", "timeout", True),
+    ("failed_to_download", "response too large: over 134217728 bytes", "too_large", False),
     ("failed_to_download", "hash mismatch", "hash_mismatch", False),
     ("failed_to_download", "something new", "other", False),
 ]  # fmt: skip
