@@ -84,14 +84,15 @@ class Progress:
         """True when a line is due (the caller then calls `update`)."""
         return time.perf_counter() - self._last >= self.every
 
-    def update(self, done: int, total: int | None = None, detail: str = "", force: bool = False) -> bool:
-        """Log one line when due (or `force`); returns whether it did."""
+    def update(self, done: int, total: int | None = None, detail: str = "", force: bool = False) -> str | None:
+        """Log one line when due (or `force`); returns the line logged, else None."""
         now = time.perf_counter()
         if not force and now - self._last < self.every:
-            return False
+            return None
         self._last = now
-        self.log.info("%s", self.line(done, total, detail, now - self.start))
-        return True
+        line = self.line(done, total, detail, now - self.start)
+        self.log.info("%s", line)
+        return line
 
     def line(self, done: int, total: int | None, detail: str, elapsed: float) -> str:
         """`what: done/total detail, about 1m40s left`."""

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from pipelines.errors import InputError
-from stores.runs import LATEST_FILE, RUN_FILE
+from stores.runs import LATEST_FILE, RUN_FILE, newest_complete
+from stores.workspace import Workspace
 
 if TYPE_CHECKING:
     from pipelines.config import Config
-    from stores.workspace import Workspace
 
 # The model settings that name files or folders loaded by a stage.
 MODEL_PATHS = ("imagebind_checkpoint", "imagebind_vocab", "llama_path", "tokenizer_path", "adapter_checkpoint")
@@ -80,18 +79,9 @@ def resolve_checkpoint(ws: Workspace, given: str) -> str:
         tried.append(ws.path(given))
     for path in tried:
         if os.path.isdir(path):
-            return _run_checkpoint(path) or _stage_checkpoint(path) or path
+            folder = Workspace(path)
+            return _run_checkpoint(path) or newest_complete(folder, folder.base) or path
     raise InputError(f"checkpoint not found: looked for {' and '.join(tried)}")
-
-
-def _stage_checkpoint(folder: str) -> str | None:
-    """The checkpoint of the newest complete run under a stage's folder, else None."""
-    for run in sorted(glob.glob(os.path.join(glob.escape(folder), "*", RUN_FILE)), reverse=True):
-        with open(run) as f:
-            doc = json.load(f)
-        if doc.get("status") == "complete" and doc.get("checkpoint"):
-            return doc["checkpoint"]
-    return None
 
 
 def _run_checkpoint(folder: str) -> str | None:

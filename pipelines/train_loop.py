@@ -291,8 +291,7 @@ def train(
             session.report(metrics, None, state.step)
         if session.rank == 0 and (progress.due() or state.step in (first, end)):
             detail = f"steps, loss {loss:.4f}, lr {lr:.3g}, {entry.tokens / max(entry.seconds, 1e-9):.0f} tokens/s"
-            progress.update(state.step, end, detail, force=True)
-            session.progress(progress.line(state.step, end, detail, time.perf_counter() - progress.start))
+            session.progress(progress.update(state.step, end, detail, force=True) or "")
     return state
 
 

@@ -33,7 +33,7 @@ from pipelines.train_data import (
     step_batches,
 )
 from pipelines.train_instructions import instruction_examples
-from stores.runs import RUN_FILE
+from stores.runs import newest_complete
 from stores.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -178,11 +178,7 @@ def _all_feature_parts(ws: Workspace, encoder_id: str) -> list[str]:
 
 def latest_checkpoint(ws: Workspace, stage: int) -> str | None:
     """Our checkpoint folder of the newest complete run of a stage."""
-    for path in sorted(ws.glob(ws.checkpoints(f"stage{stage}", "*", RUN_FILE)), reverse=True):
-        doc = read_json(ws, path) or {}
-        if doc.get("status") == "complete" and doc.get("checkpoint"):
-            return doc["checkpoint"]
-    return None
+    return newest_complete(ws, ws.path("checkpoints", f"stage{stage}"))
 
 
 def read_json(ws: Workspace, path: str) -> dict[str, Any] | None:
