@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import posixpath
 from typing import Any
 
 import duckdb
@@ -90,15 +91,24 @@ class Catalog:
     def __init__(self, ws: Workspace, path: str = ":memory:") -> None:
         self.ws = ws
         self.con = duckdb.connect(path)
+        self._search_from_workspace(self.con)
         if not ws.is_local:
             self.con.register_filesystem(ws.fs)
         self.refresh()
 
+    def _search_from_workspace(self, con: duckdb.DuckDBPyConnection) -> None:
+        """On a local workspace the views name their files relative to it (`_ref`), found from its folder."""
+        if self.ws.is_local:
+            con.execute("SET file_search_path = $p", {"p": self.ws.base})
+
+    def _ref(self, path: str) -> str:
+        """A workspace file as the views name it: relative to a local workspace (so a moved or copied workspace keeps
+        a working catalog), a full URL on object stores."""
+        return posixpath.relpath(path, self.ws.base) if self.ws.is_local else self.ws.as_url(path)
+
     def _files(self, stage: str, suffix: str) -> list[str]:
         return [
-            self.ws.as_url(f)
-            for out in outputs(self.ws, stage)
-            for f in Ledger.reader(self.ws, stage, out).files(suffix)
+            self._ref(f) for out in outputs(self.ws, stage) for f in Ledger.reader(self.ws, stage, out).files(suffix)
         ]
 
     def _view(self, name: str, files: list[str], select: str) -> None:
@@ -133,13 +143,13 @@ class Catalog:
             "FROM read_parquet($files, filename = true) ",
         )  # fmt: skip
         evaluations = [
-            self.ws.as_url(f) for f in self.ws.glob(self.ws.path("checkpoints", "*", "*", "evaluations", "*.json"))
+            self._ref(f) for f in self.ws.glob(self.ws.path("checkpoints", "*", "*", "evaluations", "*.json"))
         ]
         self._view("evaluations", sorted(evaluations), "SELECT * FROM read_json($files, union_by_name = true)")
         downloads = []
         for out in outputs(self.ws, "download"):
             for f in Ledger.reader(self.ws, "download", out).files(".parquet"):
-                downloads.append((self.ws.as_url(f), out))
+                downloads.append((self._ref(f), out))
         if downloads:
             parts = [
                 f"SELECT {DOWNLOAD_COLUMNS}, '{out}' AS output, "
@@ -170,14 +180,12 @@ class Catalog:
         workspace keeps a working catalog: open it from the workspace folder (`cd workspace && duckdb
         catalog.duckdb`), or `SET file_search_path` to that folder.
         """
-        prefix = "'" + (self.ws.base.rstrip("/") + "/").replace("'", "''")
         with self.ws.scratch() as scratch:
             local = os.path.join(scratch, CATALOG_FILE)
             target = duckdb.connect(local)
-            if self.ws.is_local:  # the views' files are read when they are created
-                target.execute("SET file_search_path = $p", {"p": self.ws.base})
+            self._search_from_workspace(target)  # the views' files are read when they are created
             for sql in self._statements:
-                target.execute(sql.replace(prefix, "'") if self.ws.is_local else sql)
+                target.execute(sql)
             target.close()
             self.ws.upload(local, self.ws.path(CATALOG_FILE))
         return self.ws.url(CATALOG_FILE)
