@@ -212,7 +212,8 @@ def run(cfg: Config, force: bool = False) -> ExtractResult:
     m = cfg.model
     encoder_id = encoder_id_for(m.imagebind, m.imagebind_checkpoint, cfg.seed)
     names = [s.name for s in cfg.sources]
-    if not any(shard_items(ws, s) for s in names):  # before the demo's vocabulary is learned from the captions
+    downloaded = {s: shard_items(ws, s) for s in names}  # the download ledgers, read once
+    if not any(downloaded.values()):  # before the demo's vocabulary is learned from the captions
         raise InputError(f"no downloaded shards of {', '.join(names) or 'any source'} in {ws.url()}: "
                          "run `ibllm download` first")  # fmt: skip
     vocab = resolve_vocab(cfg, ws)
@@ -226,7 +227,7 @@ def run(cfg: Config, force: bool = False) -> ExtractResult:
     items = [
         {**it, "kind": "shard"}
         for s in names
-        for it in shard_items(ws, s)
+        for it in downloaded[s]
         if not ledgers[s].is_current(it["shard"], it["input"])
     ]
     encoder_args = {"preset": m.imagebind, "checkpoint": m.imagebind_checkpoint, "seed": cfg.seed,
