@@ -12,6 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipelines.paths import absolute, absolute_paths
+from stores.metadata import CAPTION_MAX_CHARS
 
 DEMO_CONFIG = "demo.yaml"
 
@@ -96,6 +97,10 @@ class CurateConfig(Section):
     memory_limit: str = Field("2GB", pattern=r"^\d+(\.\d+)?\s*(KB|MB|GB|TB|KiB|MiB|GiB|TiB)$")
     threads: int | None = Field(None, gt=0)
     rows_per_file: int = Field(1_000_000, gt=0, description="rows per curated url-list file")
+    caption_max_chars: int = Field(
+        CAPTION_MAX_CHARS, gt=0, description="captions are cut to this many characters (control characters become "
+        "spaces) at ingest and when extraction reads a shard"
+    )  # fmt: skip
 
 
 DEADLINE_FACTOR = 3  # download.deadline, when unset, is this many timeouts

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 
 import pyarrow as pa
 
@@ -23,6 +24,8 @@ COLUMNS: dict[str, tuple[str, pa.DataType]] = {
 SCHEMA = pa.schema([(name, arrow) for name, (_, arrow) in COLUMNS.items()])
 NUMERIC = ("similarity", "width", "height", "punsafe", "pwatermark")
 UID_HEX = 16
+CAPTION_MAX_CHARS = 1000  # the default cap of a caption's length (curate.caption_max_chars)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]+")  # C0 and C1 control characters, tabs and newlines included
 
 
 def make_uid(source: str, url: str) -> str:
@@ -33,3 +36,9 @@ def make_uid(source: str, url: str) -> str:
 def uid_sql(source_sql: str, url_sql: str) -> str:
     """The same id as make_uid, as a DuckDB expression."""
     return f"sha256({source_sql} || ' ' || {url_sql})[:{UID_HEX}]"
+
+
+def clean_caption(text: str, max_chars: int = CAPTION_MAX_CHARS) -> str:
+    """A caption with every run of control characters (NUL, newlines, C1) made one space, trimmed, and cut to
+    `max_chars` characters."""
+    return _CONTROL.sub(" ", text).strip()[:max_chars].strip()
