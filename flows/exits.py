@@ -11,6 +11,7 @@ from pipelines.config import ConfigError
 from pipelines.errors import InputError
 from pipelines.paths import WorkspaceError
 from stores.errors import StoreInputError
+from stores.lease import LeaseHeld
 from stores.ledger import LedgerConflict
 
 OK = 0
@@ -19,6 +20,7 @@ CONFIG = 2  # invalid configuration (a workspace that cannot be created included
 SETTINGS = 3  # the output was made with other settings (see "Workspace and ledger"); --force redoes it
 INPUT = 4  # bad or missing input: a file, field or value named in the message
 STORAGE = 5  # the storage refused to write: full, read-only, no permission
+LOCKED = 6  # another run is writing the same stage output (its lease is live); wait for it
 PARTIAL = 7  # the command ran, but some of its work failed (failed requests, shards left incomplete)
 STORAGE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT}
 
@@ -29,6 +31,8 @@ def exit_code(error: BaseException) -> int:
         return CONFIG
     if isinstance(error, LedgerConflict):
         return SETTINGS
+    if isinstance(error, LeaseHeld):
+        return LOCKED
     if isinstance(error, InputError | ModelInputError | StoreInputError | FileNotFoundError):
         return INPUT
     if isinstance(error, OSError) and error.errno in STORAGE_ERRNOS:

@@ -88,41 +88,41 @@ def curate_source(cfg: Config, ws: Workspace, index: int, force: bool = False) -
     """Curate one source (after the sources before it, whose URLs win the cross-source dedup)."""
     src = cfg.sources[index]
     earlier = [s.name for s in cfg.sources[:index]]
-    ledger = Ledger(ws, "curate", src.name, settings(cfg, index), force=force)
-    inputs = Ledger.reader(ws, "ingest", src.name).files(".parquet")
-    if not inputs:
-        raise FileNotFoundError(f"source {src.name!r} has no ingested metadata; run `ibllm ingest` first")
-    fingerprint = _input_fingerprint(ws, src.name, earlier)
-    if ledger.is_current(SHARD, fingerprint):
-        funnel = json.loads(ws.read_bytes(ws.curated(src.name, "funnel.json")))
-        return _result(src.name, funnel, curated_files(ws, src.name), skipped=True)
-    earlier_files = [f for name in earlier for f in curated_files(ws, name)]
-    with ws.scratch() as scratch:
-        con = connect(cfg.curate.memory_limit, cfg.curate.threads, os.path.join(scratch, "spill"))
-        # Remote workspaces: DuckDB reads them through fsspec.
-        if not ws.is_local:
-            con.register_filesystem(ws.fs)
-        urls = [ws.as_url(p) for p in inputs]
-        steps = curation.run_funnel(
-            con, urls, src.filters.model_dump(), [ws.as_url(p) for p in earlier_files], cfg.seed
-        )
-        out_dir = os.path.join(scratch, "out")
-        curation.write_output(con, out_dir, cfg.curate.rows_per_file)
-        funnel = [
-            {"source": src.name, "step": s.step, "rows_in": s.rows_in, "rows_out": s.rows_out, "removed": s.removed}
-            for s in steps
-        ]
-        funnel_path = os.path.join(scratch, "funnel.json")
-        with open(funnel_path, "w") as f:
-            json.dump(funnel, f, indent=1)
-        generation = secrets.token_hex(3)
-        with ledger.shard(SHARD) as shard:
-            for i, name in enumerate(sorted(os.listdir(out_dir))):
-                shard.put(os.path.join(out_dir, name), ws.curated(src.name, f"part-{generation}-{i:05d}.parquet"))
-            shard.put(funnel_path, ws.curated(src.name, "funnel.json"))
-            shard.rows = steps[-1].rows_out
-            shard.extra = {"input": fingerprint}
-    return _result(src.name, funnel, curated_files(ws, src.name), skipped=False)
+    with Ledger.writing(ws, "curate", src.name, settings(cfg, index), force=force) as ledger:
+        inputs = Ledger.reader(ws, "ingest", src.name).files(".parquet")
+        if not inputs:
+            raise FileNotFoundError(f"source {src.name!r} has no ingested metadata; run `ibllm ingest` first")
+        fingerprint = _input_fingerprint(ws, src.name, earlier)
+        if ledger.is_current(SHARD, fingerprint):
+            funnel = json.loads(ws.read_bytes(ws.curated(src.name, "funnel.json")))
+            return _result(src.name, funnel, curated_files(ws, src.name), skipped=True)
+        earlier_files = [f for name in earlier for f in curated_files(ws, name)]
+        with ws.scratch() as scratch:
+            con = connect(cfg.curate.memory_limit, cfg.curate.threads, os.path.join(scratch, "spill"))
+            # Remote workspaces: DuckDB reads them through fsspec.
+            if not ws.is_local:
+                con.register_filesystem(ws.fs)
+            urls = [ws.as_url(p) for p in inputs]
+            steps = curation.run_funnel(
+                con, urls, src.filters.model_dump(), [ws.as_url(p) for p in earlier_files], cfg.seed
+            )
+            out_dir = os.path.join(scratch, "out")
+            curation.write_output(con, out_dir, cfg.curate.rows_per_file)
+            funnel = [
+                {"source": src.name, "step": s.step, "rows_in": s.rows_in, "rows_out": s.rows_out, "removed": s.removed}
+                for s in steps
+            ]
+            funnel_path = os.path.join(scratch, "funnel.json")
+            with open(funnel_path, "w") as f:
+                json.dump(funnel, f, indent=1)
+            generation = secrets.token_hex(3)
+            with ledger.shard(SHARD) as shard:
+                for i, name in enumerate(sorted(os.listdir(out_dir))):
+                    shard.put(os.path.join(out_dir, name), ws.curated(src.name, f"part-{generation}-{i:05d}.parquet"))
+                shard.put(funnel_path, ws.curated(src.name, "funnel.json"))
+                shard.rows = steps[-1].rows_out
+                shard.extra = {"input": fingerprint}
+        return _result(src.name, funnel, curated_files(ws, src.name), skipped=False)
 
 
 def _result(source: str, funnel: list[dict], files: list[str], skipped: bool) -> SourceCurate:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import posixpath
@@ -14,6 +13,7 @@ from pydantic import BaseModel
 
 from pipelines.config import Config
 from pipelines.console import Progress, polling
+from pipelines.download_commit import commit_staged, completed, harvest, new_staging, remove_tree
 from pipelines.download_decode import DECODER_ID, decoder_for
 from stores.catalog import Catalog, outputs
 from stores.ledger import Ledger
@@ -85,29 +85,6 @@ def expected_shards(ws: Workspace, url_lists: list[str], per_shard: int) -> list
     return [f"{i:05d}" for i in range(total)]
 
 
-def commit_shards(ws: Workspace, ledger: Ledger, folder: str, expected: list[str]) -> tuple[int, list[str]]:
-    """Record every shard img2dataset completed (its stats file exists); returns (new, missing shard ids)."""
-    new, missing = 0, []
-    committed = ledger.committed()
-    for sid in expected:
-        stats_path = posixpath.join(folder, f"{sid}_stats.json")
-        if sid in committed:
-            continue
-        if not ws.exists(stats_path):
-            ledger.record_failure(sid, "img2dataset did not complete this shard (no stats file)")
-            missing.append(sid)
-            continue
-        stats = json.loads(ws.read_bytes(stats_path))
-        files = [posixpath.join(folder, f"{sid}.{ext}") for ext in ("tar", "parquet")] + [stats_path]
-        ledger.record_existing(sid, files, rows=int(stats.get("successes", 0)), extra={"stats": _brief(stats)})
-        new += 1
-    return new, missing
-
-
-def _brief(stats: dict) -> dict:
-    return {k: stats.get(k) for k in ("count", "successes", "failed_to_download", "failed_to_resize", "duration")}
-
-
 def shard_folder(ws: Workspace, output: str) -> str:
     """Where an output's shards live: `shards/<source>/`, retry rounds in `shards/<source>/retry-NN/`."""
     source, _, tail = output.partition(".retry-")
@@ -118,38 +95,43 @@ def download_into(
     cfg: Config, ws: Workspace, source: str, output: str, url_lists: list[str], list_checksum: str, force: bool
 ) -> SourceDownload:
     """Download url lists into an output's shard folder, commit what completed, and count the outcome."""
-    ledger = Ledger(ws, "download", output, settings(cfg, source, list_checksum), force=force)
-    folder = shard_folder(ws, output)
-    expected = expected_shards(ws, url_lists, cfg.download.samples_per_shard)
-    todo = ledger.pending(expected)
-    start = time.perf_counter()
-    if todo:
-        list_folder = posixpath.dirname(url_lists[0])
-        from pipelines.download_engine import img2dataset_download  # img2dataset imports torch: only when needed
+    with Ledger.writing(ws, "download", output, settings(cfg, source, list_checksum), force=force) as ledger:
+        folder = shard_folder(ws, output)
+        expected = expected_shards(ws, url_lists, cfg.download.samples_per_shard)
+        harvest(ws, ledger, folder, expected)
+        todo = ledger.pending(expected)
+        start = time.perf_counter()
+        new, missing = 0, []
+        if todo:
+            list_folder = posixpath.dirname(url_lists[0])
+            from pipelines.download_engine import img2dataset_download  # img2dataset imports torch: only when needed
 
-        progress = Progress(log, f"download {output}")
+            staging = new_staging(ws, ledger, expected)
+            progress = Progress(log, f"download {output}")
+            done_before = len(expected) - len(todo)
 
-        def shards_done() -> None:  # img2dataset writes a shard's stats file when the shard is complete
-            progress.update(len(ws.glob(posixpath.join(folder, "*_stats.json"))), len(expected), "shards")
+            def shards_done() -> None:
+                progress.update(done_before + completed(ws, staging), len(expected), "shards")
 
-        with polling(shards_done):
-            img2dataset_download(cfg, source, ws.as_url(list_folder), ws.as_url(folder))
-    took = time.perf_counter() - start
-    new, missing = commit_shards(ws, ledger, folder, expected)
-    committed = ledger.committed()
-    attempted = sum(r.extra.get("stats", {}).get("count") or 0 for r in committed.values())
-    done_now = sum(committed[s].extra["stats"]["count"] or 0 for s in todo if s in committed)
-    return SourceDownload(
-        source=source,
-        output=ws.as_url(folder),
-        shards=len(committed),
-        new_shards=new,
-        failed_shards=missing,
-        attempted=attempted,
-        succeeded=sum(r.rows for r in committed.values()),
-        failed=attempted - sum(r.rows for r in committed.values()),
-        images_per_second=round(done_now / took, 1) if todo and took > 0 else None,
-    )
+            with polling(shards_done):
+                img2dataset_download(cfg, source, ws.as_url(list_folder), ws.as_url(staging))
+            new, missing = commit_staged(ws, ledger, staging, folder, todo)
+            remove_tree(ws, staging)
+        took = time.perf_counter() - start
+        committed = ledger.committed()
+        attempted = sum(r.extra.get("stats", {}).get("count") or 0 for r in committed.values())
+        done_now = sum(committed[s].extra["stats"]["count"] or 0 for s in todo if s in committed)
+        return SourceDownload(
+            source=source,
+            output=ws.as_url(folder),
+            shards=len(committed),
+            new_shards=new,
+            failed_shards=missing,
+            attempted=attempted,
+            succeeded=sum(r.rows for r in committed.values()),
+            failed=attempted - sum(r.rows for r in committed.values()),
+            images_per_second=round(done_now / took, 1) if todo and took > 0 else None,
+        )
 
 
 def download_source(cfg: Config, ws: Workspace, source: str, force: bool) -> SourceDownload:

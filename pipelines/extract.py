@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -23,6 +24,7 @@ from pipelines.console import Progress, quiet_ray_data
 from pipelines.errors import InputError
 from stores import features
 from stores.catalog import Catalog, outputs
+from stores.lease import lease
 from stores.ledger import Ledger
 from stores.workspace import Workspace
 
@@ -212,6 +214,15 @@ def run(cfg: Config, force: bool = False) -> ExtractResult:
     m = cfg.model
     encoder_id = encoder_id_for(m.imagebind, m.imagebind_checkpoint, cfg.seed)
     names = [s.name for s in cfg.sources]
+    with contextlib.ExitStack() as held:  # one run at a time writes a source's features: refused before any work
+        for s in names:
+            held.enter_context(lease(ws, "extract", f"{encoder_id}.{s}"))
+        return _extract(cfg, ws, encoder_id, names, force, start)
+
+
+def _extract(cfg: Config, ws: Workspace, encoder_id: str, names: list[str], force: bool, start: float) -> ExtractResult:
+    """The extraction of `run`, under the leases of its outputs."""
+    m = cfg.model
     downloaded = {s: shard_items(ws, s) for s in names}  # the download ledgers, read once
     if not any(downloaded.values()):  # before the demo's vocabulary is learned from the captions
         raise InputError(f"no downloaded shards of {', '.join(names) or 'any source'} in {ws.url()}: "

@@ -13,6 +13,7 @@ from pipelines.config import Config
 from pipelines.errors import InputError
 from stores import features
 from stores.index import BuildSettings, CacheIndex, build, read_meta
+from stores.lease import lease
 from stores.ledger import Ledger
 from stores.workspace import Workspace
 
@@ -81,8 +82,10 @@ def run(cfg: Config, force: bool = False, query_image: str | None = None, k: int
     )  # fmt: skip
     built = False
     if force or _stale(ws, ix.name, fingerprint, settings):
-        build(ws, ix.name, files, encoder_id, dim, fingerprint, settings)
-        built = True
+        with lease(ws, "index", ix.name):  # one build at a time; a concurrent run may have built it meanwhile
+            if force or _stale(ws, ix.name, fingerprint, settings):
+                build(ws, ix.name, files, encoder_id, dim, fingerprint, settings)
+                built = True
     index = CacheIndex.open(ws, ix.name, encoder_id=encoder_id, dim=dim, use_gpu=ix.use_gpu)
     neighbours = None
     if query_image:

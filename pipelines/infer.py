@@ -33,7 +33,7 @@ from pipelines.train_setup import demo_file, latest_checkpoint, local_dir
 from stores import registry
 from stores.index import CacheIndex, IndexMismatch
 from stores.runs import RUN_FILE
-from stores.workspace import Workspace
+from stores.workspace import OutsideWorkspace, Workspace
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,11 @@ def choose_checkpoint(ws: Workspace, given: str | None = None) -> str:
     service), else the newest complete stage-2 run, else stage-1's."""
     if given:
         return resolve_checkpoint(ws, given)
-    in_service = registry.promoted(ws)
+    try:
+        in_service = registry.promoted(ws)
+    except OutsideWorkspace as e:  # a copied workspace whose promoted model was not copied with it
+        log.warning("the promoted model is not in this workspace (%s): using the newest complete run", e)
+        in_service = None
     if in_service is not None:
         if "://" in in_service.stage2_checkpoint or os.path.isdir(in_service.stage2_checkpoint):
             return in_service.stage2_checkpoint

@@ -70,41 +70,42 @@ def input_files(ws: Workspace, src: SourceConfig) -> list[str]:
 def ingest_source(ws: Workspace, src: SourceConfig, force: bool = False) -> SourceIngest:
     """Validate every changed file of one source, then write one normalised Parquet shard per file."""
     adapter = formats.adapter_for(src.format, src.columns)
-    ledger = Ledger(ws, "ingest", src.name, settings(src), force=force)
-    files = input_files(ws, src)
-    fingerprints = {f: formats.input_fingerprint(f) for f in files}
-    todo = [f for f in files if not ledger.is_current(shard_id_for(f), fingerprints[f])]
-    con = formats.connect()
-    with ws.scratch() as scratch:
-        checked = {}
-        for url in todo:  # every file is checked before anything is written
-            local = formats.localise(url, scratch)
-            mapping, _ = formats.validate(con, adapter, local)
-            checked[url] = (local, mapping)
-        progress = Progress(log, f"ingest {src.name}")
-        for done, url in enumerate(todo):
-            progress.update(done, len(todo), "files")
-            local, mapping = checked[url]
-            available = list(formats.describe(con, adapter, local))
-            sql = formats.normalised_sql(adapter, local, mapping, available)
-            sid = shard_id_for(url)
-            out = os.path.join(scratch, f"{sid}.parquet")
-            with ledger.shard(sid) as shard:
-                con.execute(
-                    f"COPY ({sql}) TO '{out}' (FORMAT parquet, COMPRESSION zstd)", {"path": local, "source": src.name}
-                )
-                shard.rows = con.execute("SELECT count(*) FROM read_parquet($p)", {"p": out}).fetchone()[0]
-                shard.extra = {"input": fingerprints[url], "input_url": url}
-                shard.put(out, ws.sources(src.name, f"{sid}.parquet"))
-    committed = ledger.committed()
-    return SourceIngest(
-        source=src.name,
-        files=len(files),
-        written=len(todo),
-        skipped=len(files) - len(todo),
-        rows=sum(committed[shard_id_for(f)].rows for f in files),
-        output=ws.url("sources", src.name),
-    )
+    with Ledger.writing(ws, "ingest", src.name, settings(src), force=force) as ledger:
+        files = input_files(ws, src)
+        fingerprints = {f: formats.input_fingerprint(f) for f in files}
+        todo = [f for f in files if not ledger.is_current(shard_id_for(f), fingerprints[f])]
+        con = formats.connect()
+        with ws.scratch() as scratch:
+            checked = {}
+            for url in todo:  # every file is checked before anything is written
+                local = formats.localise(url, scratch)
+                mapping, _ = formats.validate(con, adapter, local)
+                checked[url] = (local, mapping)
+            progress = Progress(log, f"ingest {src.name}")
+            for done, url in enumerate(todo):
+                progress.update(done, len(todo), "files")
+                local, mapping = checked[url]
+                available = list(formats.describe(con, adapter, local))
+                sql = formats.normalised_sql(adapter, local, mapping, available)
+                sid = shard_id_for(url)
+                out = os.path.join(scratch, f"{sid}.parquet")
+                with ledger.shard(sid) as shard:
+                    con.execute(
+                        f"COPY ({sql}) TO '{out}' (FORMAT parquet, COMPRESSION zstd)",
+                        {"path": local, "source": src.name},
+                    )
+                    shard.rows = con.execute("SELECT count(*) FROM read_parquet($p)", {"p": out}).fetchone()[0]
+                    shard.extra = {"input": fingerprints[url], "input_url": url}
+                    shard.put(out, ws.sources(src.name, f"{sid}.parquet"))
+        committed = ledger.committed()
+        return SourceIngest(
+            source=src.name,
+            files=len(files),
+            written=len(todo),
+            skipped=len(files) - len(todo),
+            rows=sum(committed[shard_id_for(f)].rows for f in files),
+            output=ws.url("sources", src.name),
+        )
 
 
 def run(cfg: Config, force: bool = False) -> IngestResult:

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from pipelines.errors import InputError
-from stores.runs import LATEST_FILE, RUN_FILE, newest_complete
+from stores.runs import LATEST_FILE, RUN_FILE, in_run, newest_complete
 from stores.workspace import Workspace
 
 if TYPE_CHECKING:
@@ -92,5 +92,6 @@ def _run_checkpoint(folder: str) -> str | None:
             with open(path) as f:
                 found = json.load(f).get(key)
             if found:
+                found = in_run(Workspace(folder), folder, found)
                 return os.path.join(found, suffix) if suffix else found
     return None

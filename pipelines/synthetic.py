@@ -238,36 +238,36 @@ def run(cfg: Config, base_url: str, force: bool = False, check: bool = True) -> 
     start = time.perf_counter()
     ws = Workspace(cfg.workspace, cfg.storage_options)
     source = SyntheticSource(cfg.synthetic)
-    ledger = Ledger(ws, "synthetic", "synthetic", settings(cfg.synthetic), force=force)
-    written = []
-    for name, data in {**source.audio(), **source.video(), **source.photo()}.items():
-        final = ws.synthetic("media", name)
-        if not ledger.is_committed(name.replace(".", "_")):
-            with ledger.shard(name.replace(".", "_")) as shard:
-                ws.write_bytes(shard.path(final), data)
-                shard.rows = 1
-        written.append(ws.url("synthetic", "media", name))
-    # The metadata carries the server's address: rewritten only when that changed.
-    table = source.metadata(base_url)
-    meta_path = ws.synthetic("metadata.parquet")
-    if written_base_url(ws) != base_url or not ledger.is_committed("metadata"):
-        with ledger.shard("metadata") as shard:
-            with ws.open(shard.path(meta_path), "wb") as f:
-                pq.write_table(table, f)
-            shard.rows = table.num_rows
-            shard.extra = {"base_url": base_url}
-    kinds = [it.kind for it in source.items]
-    bad = {k: kinds.count(k) for k in BAD_KINDS if kinds.count(k)}
-    served = None
-    if check:
-        served = probe(table.column("URL").to_pylist(), timeout=cfg.download.timeout)
-    return SyntheticResult(
-        rows=len(kinds),
-        served=served,
-        good=kinds.count("good"),
-        bad=bad,
-        base_url=base_url,
-        metadata_path=ws.url("synthetic", "metadata.parquet"),
-        media=written,
-        seconds=round(time.perf_counter() - start, 3),
-    )
+    with Ledger.writing(ws, "synthetic", "synthetic", settings(cfg.synthetic), force=force) as ledger:
+        written = []
+        for name, data in {**source.audio(), **source.video(), **source.photo()}.items():
+            final = ws.synthetic("media", name)
+            if not ledger.is_committed(name.replace(".", "_")):
+                with ledger.shard(name.replace(".", "_")) as shard:
+                    ws.write_bytes(shard.path(final), data)
+                    shard.rows = 1
+            written.append(ws.url("synthetic", "media", name))
+        # The metadata carries the server's address: rewritten only when that changed.
+        table = source.metadata(base_url)
+        meta_path = ws.synthetic("metadata.parquet")
+        if written_base_url(ws) != base_url or not ledger.is_committed("metadata"):
+            with ledger.shard("metadata") as shard:
+                with ws.open(shard.path(meta_path), "wb") as f:
+                    pq.write_table(table, f)
+                shard.rows = table.num_rows
+                shard.extra = {"base_url": base_url}
+        kinds = [it.kind for it in source.items]
+        bad = {k: kinds.count(k) for k in BAD_KINDS if kinds.count(k)}
+        served = None
+        if check:
+            served = probe(table.column("URL").to_pylist(), timeout=cfg.download.timeout)
+        return SyntheticResult(
+            rows=len(kinds),
+            served=served,
+            good=kinds.count("good"),
+            bad=bad,
+            base_url=base_url,
+            metadata_path=ws.url("synthetic", "metadata.parquet"),
+            media=written,
+            seconds=round(time.perf_counter() - start, 3),
+        )

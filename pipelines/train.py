@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import os
+import posixpath
 import secrets
 import time
 from dataclasses import asdict, replace
@@ -20,7 +21,8 @@ from pipelines.console import interval, polling
 from pipelines.errors import InputError
 from pipelines.train_loop import MODEL_DIR, Hyper, shard_model, train
 from pipelines.train_setup import Job, build_batches, build_model, local_dir, read_json, resolve_job, write_json
-from stores.runs import LATEST_FILE, PROGRESS_FILE, RUN_FILE
+from stores.lease import lease
+from stores.runs import LATEST_FILE, PROGRESS_FILE, RUN_FILE, in_run, run_relative
 from stores.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -86,25 +88,34 @@ def run(
         if same is not None:
             log.info("stage %d: continuing the unfinished run %s of the same inputs and settings", stage, same[0])
             run_id, job = same[0], replace(job, run_id=same[0])
+    with lease(ws, "train", f"stage{stage}.{run_id}"):  # a run continued by two commands at once is refused
+        return _attempt(cfg, ws, job, sc, local, start)
+
+
+def _attempt(cfg: Config, ws: Workspace, job: Job, sc: StageConfig, local: bool, start: float) -> TrainResult:
+    """One attempt of a run (its record says how many came before), under the run's lease."""
+    stage, run_id = job.stage, job.run_id
     previous = read_json(ws, ws.checkpoints(f"stage{stage}", run_id, RUN_FILE)) or {}
     attempt = int(previous.get("attempts", 0)) + 1
     latest = read_json(ws, ws.checkpoints(f"stage{stage}", run_id, LATEST_FILE))
     resumed_from = int(latest["step"]) if latest else None
+    resume = in_run(ws, ws.checkpoints(f"stage{stage}", run_id), latest["path"]) if latest else None
     write_json(ws, ws.checkpoints(f"stage{stage}", run_id, RUN_FILE),
                 {"status": "running", "attempts": attempt, "job": asdict(job)})  # fmt: skip
     log.info("stage %d run %s (attempt %d): %d steps, %d examples per step, %d worker(s)%s", stage, run_id, attempt,
              job.total_steps, sc.global_batch_size, 1 if local else sc.workers,
              f", resuming at step {resumed_from}" if resumed_from else "")  # fmt: skip
     if local:
-        worker_main(asdict(job) | {"session": "local", "resume": latest["path"] if latest else None})
+        worker_main(asdict(job) | {"session": "local", "resume": resume})
     else:
-        _fit_with_ray(cfg, job, sc, attempt, latest["path"] if latest else None)
+        _fit_with_ray(cfg, job, sc, attempt, resume)
     result = _result(ws, job, 1 if local else sc.workers, resumed_from, time.perf_counter() - start)
     if result is None:
         raise RuntimeError(f"stage {stage} run {run_id} ended without a checkpoint")
     status = "complete" if result.steps >= min(job.total_steps, job.max_steps or job.total_steps) else "stopped"
     write_json(ws, ws.checkpoints(f"stage{stage}", run_id, RUN_FILE),
-                {"status": status, "attempts": attempt, "job": asdict(job), "checkpoint": result.checkpoint,
+                {"status": status, "attempts": attempt, "job": asdict(job),
+                 "checkpoint": run_relative(ws, ws.checkpoints(f"stage{stage}", run_id), result.checkpoint),
                  "steps": result.steps, "final_loss": result.final_loss})  # fmt: skip
     return result
 
@@ -115,10 +126,11 @@ def _result(ws: Workspace, job: Job, workers: int, resumed_from: int | None, sec
     if not latest:
         return None
     losses = [h["loss"] for h in latest.get("history", [])]
+    step_folder = in_run(ws, ws.checkpoints(f"stage{job.stage}", job.run_id), latest["path"])
     return TrainResult(
         stage=job.stage, run_id=job.run_id, steps=int(latest["step"]), total_steps=job.total_steps,
         first_loss=losses[0] if losses else None, final_loss=losses[-1] if losses else None,
-        checkpoint=os.path.join(latest["path"], MODEL_DIR), workers=workers, resumed_from=resumed_from,
+        checkpoint=posixpath.join(step_folder, MODEL_DIR), workers=workers, resumed_from=resumed_from,
         losses=losses, seconds=seconds,
     )  # fmt: skip
 
@@ -200,8 +212,10 @@ class _Pointer:
         self.ws, self.job = ws, job
 
     def commit(self, path: str, step: int, history: list) -> None:
-        write_json(self.ws, self.ws.checkpoints(f"stage{self.job.stage}", self.job.run_id, LATEST_FILE),
-                    {"step": step, "path": path, "history": history})  # fmt: skip
+        """Record the checkpoint at `path` (a path in the run's folder), relative to the folder."""
+        folder = self.ws.checkpoints(f"stage{self.job.stage}", self.job.run_id)
+        write_json(self.ws, posixpath.join(folder, LATEST_FILE),
+                    {"step": step, "path": run_relative(self.ws, folder, path), "history": history})  # fmt: skip
 
 
 class LocalSession:
@@ -226,7 +240,7 @@ class LocalSession:
         if checkpoint_dir:
             target = self.ws.checkpoints(f"stage{self.job.stage}", self.job.run_id, "local", f"step-{step:08d}")
             self.ws.upload_dir(checkpoint_dir, target)
-            self.pointer.commit(self.ws.as_url(target), step, history or [])
+            self.pointer.commit(target, step, history or [])
 
     def resume_dir(self) -> str | None:
         return local_dir(self.ws, self._resume) if self._resume else None
@@ -278,7 +292,7 @@ class RaySession:
         if self.rank == 0:  # report returned: the checkpoint is in storage, under the Ray run of this attempt
             attempt = ray.train.get_context().get_experiment_name()
             target = self.ws.checkpoints(f"stage{self.job.stage}", self.job.run_id, attempt, name)
-            self.pointer.commit(self.ws.as_url(target), step, history or [])
+            self.pointer.commit(target, step, history or [])
 
     def resume_dir(self) -> str | None:
         """A checkpoint Ray restored after a worker failure in this fit, else the one this attempt resumes from."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import posixpath
 import re
 import secrets
@@ -15,8 +16,10 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, Field
 
-from stores.workspace import Workspace
+from stores.lease import lease
+from stores.workspace import OutsideWorkspace, Workspace
 
+log = logging.getLogger(__name__)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 MANIFEST = "_output.json"
 TMP_MARK = ".tmp-"
@@ -52,6 +55,7 @@ class ShardRecord(BaseModel):
     seconds: float
     committed_at: str
     extra: dict[str, Any] = Field(default_factory=dict)
+    relative: bool = Field(False, description="paths are relative to the workspace root (older records: full paths)")
 
     @property
     def fingerprint(self) -> str:
@@ -142,6 +146,22 @@ class Ledger:
             self._open(force)
 
     @classmethod
+    @contextmanager
+    def writing(
+        cls,
+        ws: Workspace,
+        stage: str,
+        output: str,
+        settings: Mapping[str, Any],
+        encoder_id: str | None = None,
+        force: bool = False,
+    ) -> Iterator[Ledger]:
+        """Open an output for writing while holding its lease, so that no other run writes it meanwhile (a
+        concurrent one raises LeaseHeld); the settings check and a --force reset happen under the lease."""
+        with lease(ws, stage, output):
+            yield cls(ws, stage, output, settings, encoder_id=encoder_id, force=force)
+
+    @classmethod
     def reader(cls, ws: Workspace, stage: str, output: str) -> Ledger:
         """A read-only view of an output's ledger, whatever settings it was made with."""
         return cls(ws, stage, output, {}, read_only=True)
@@ -156,7 +176,7 @@ class Ledger:
         path = self._record(shard_id)
         if not self.ws.exists(path):
             return False
-        return self._read_model(path, ShardRecord).extra.get("input") == input_fingerprint
+        return self._read_record(path).extra.get("input") == input_fingerprint
 
     # -- settings -----------------------------------------------------------------------------------------------
     def _open(self, force: bool) -> None:
@@ -165,9 +185,9 @@ class Ledger:
             old = json.loads(self.ws.read_bytes(manifest))
             if old["config_hash"] == self.config_hash and old.get("encoder_id") == self.encoder_id:
                 return
-            committed = self.committed()
+            committed = len(self.ws.glob(self._record("*")))
             if committed and not force:
-                raise LedgerConflict(self._conflict_message(old, len(committed)))
+                raise LedgerConflict(self._conflict_message(old, committed))
             self.reset()
         body = {
             "stage": self.stage,
@@ -190,8 +210,13 @@ class Ledger:
         )
 
     def reset(self) -> None:
-        """Forget every committed shard of this output and delete its files."""
-        for rec in self.committed().values():
+        """Forget every committed shard of this output and delete its files (only those inside the workspace)."""
+        for path in self.ws.glob(self._record("*")):
+            try:
+                rec = self._read_record(path)
+            except OutsideWorkspace as e:  # a copied workspace's old record: its files are not ours to delete
+                log.warning("forgetting %s without deleting its files: %s", path, e)
+                continue
             for f in rec.files:
                 self.ws.remove(f.path)
         for p in self.ws.glob(posixpath.join(self._dir, "*", "*.json")):
@@ -200,7 +225,7 @@ class Ledger:
     # -- queries ------------------------------------------------------------------------------------------------
     def committed(self) -> dict[str, ShardRecord]:
         """Every committed shard by id."""
-        recs = (self._read_model(p, ShardRecord) for p in self.ws.glob(self._record("*")))
+        recs = (self._read_record(p) for p in self.ws.glob(self._record("*")))
         return {r.shard_id: r for r in recs}
 
     def is_committed(self, shard_id: str) -> bool:
@@ -297,14 +322,16 @@ class Ledger:
             committed_at=_now(),
             extra=dict(extra),
         )
-        self._write_json(self._record(shard_id), rec.model_dump())
+        stored = [FileEntry(path=self.ws.relative(e.path), bytes=e.bytes, sha256=e.sha256) for e in entries]
+        body = rec.model_copy(update={"files": stored, "path": stored[0].path, "relative": True})
+        self._write_json(self._record(shard_id), body.model_dump())
         self.ws.remove(self._failure(shard_id))
         return rec
 
     def committed_record(self, shard_id: str) -> ShardRecord | None:
         """The record of a committed shard, or None."""
         path = self._record(shard_id)
-        return self._read_model(path, ShardRecord) if self.ws.exists(path) else None
+        return self._read_record(path) if self.ws.exists(path) else None
 
     # -- helpers ------------------------------------------------------------------------------------------------
     def _record(self, shard_id: str) -> str:
@@ -321,6 +348,17 @@ class Ledger:
             self.ws.rename(tmp, path)
         else:  # one PUT: object stores show all of it or nothing
             self.ws.write_bytes(path, data)
+
+    def _read_record(self, path: str) -> ShardRecord:
+        """A shard record with its paths as paths of this workspace (found again in a copied one)."""
+        rec = self._read_model(path, ShardRecord)
+        where = self.ws.inside if rec.relative else self.ws.resolve_legacy
+        try:
+            files = [FileEntry(path=where(f.path), bytes=f.bytes, sha256=f.sha256) for f in rec.files]
+            main = where(rec.path)
+        except OutsideWorkspace as e:
+            raise OutsideWorkspace(f"ledger record {path}: {e}") from None
+        return rec.model_copy(update={"files": files, "path": main, "relative": True})
 
     def _read_model(self, path: str, model: type[M]) -> M:
         try:

@@ -17,6 +17,7 @@ HELDOUT = "heldout.json"
 DECISIONS = "decisions"
 LINEAGE = "lineage"
 METRIC = "heldout_caption_loss"
+CHECKPOINTS = ("stage1_checkpoint", "stage2_checkpoint")
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -119,13 +120,21 @@ def path(ws: Workspace, *parts: str) -> str:
 
 
 def promoted(ws: Workspace) -> Promotion | None:
-    """The model in service, or None when nothing was ever promoted."""
-    return _read(ws, path(ws, PROMOTED), Promotion)
+    """The model in service, or None when nothing was ever promoted (its checkpoints as locations in `ws`)."""
+    found = _read(ws, path(ws, PROMOTED), Promotion)
+    if found is None:
+        return None
+    return found.model_copy(update={k: ws.from_record(getattr(found, k)) for k in CHECKPOINTS})
 
 
 def promote(ws: Workspace, promotion: Promotion) -> None:
-    """Put a model in service (one atomic write of `promoted.json`)."""
-    _write(ws, path(ws, PROMOTED), promotion)
+    """Put a model in service (one atomic write of `promoted.json`; checkpoints relative to the workspace, so that a
+    copied or moved workspace serves its own)."""
+    _write(
+        ws,
+        path(ws, PROMOTED),
+        promotion.model_copy(update={k: ws.to_record(getattr(promotion, k)) for k in CHECKPOINTS}),
+    )
 
 
 def record_decision(ws: Workspace, decision: Decision) -> str:

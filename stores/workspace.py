@@ -15,6 +15,17 @@ from typing import IO, Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from stores.errors import StoreInputError
+
+# The top-level folders of the layout: where a path recorded by an older ibllm (absolute, under the root the
+# workspace had then) is found again in a copied or moved workspace.
+LAYOUT = ("synthetic", "sources", "curated", "shards", "features", "index", "checkpoints", "reports", "ledger",
+          "models", "registry")  # fmt: skip
+
+
+class OutsideWorkspace(StoreInputError):
+    """A recorded or given path lies outside the workspace: it is never read or deleted from there."""
+
 
 @dataclass
 class Workspace:
@@ -50,6 +61,56 @@ class Workspace:
     def as_url(self, path: str) -> str:
         """A path of this filesystem (as `path()` and `glob()` give) as a URL other tools accept."""
         return path if self.is_local else self.fs.unstrip_protocol(path)
+
+    def relative(self, path: str) -> str:
+        """A path of this filesystem inside the workspace as a path relative to its root (how records store it)."""
+        norm = posixpath.normpath(path)
+        if norm == self.base or not norm.startswith(self.base.rstrip("/") + "/"):
+            raise OutsideWorkspace(f"{path} is not inside the workspace {self.root}")
+        return norm[len(self.base.rstrip("/")) + 1 :]
+
+    def inside(self, relative: str) -> str:
+        """A path relative to the root (as records store it) as a path of this filesystem; refuses a way out."""
+        rel = posixpath.normpath(relative)
+        if posixpath.isabs(rel) or "://" in relative or rel in ("..", ".") or rel.startswith("../"):
+            raise OutsideWorkspace(f"recorded path {relative!r} leads outside the workspace {self.root}")
+        return self.path(rel)
+
+    def resolve_legacy(self, recorded: str) -> str:
+        """A full path an older ibllm recorded, as a path inside this workspace.
+
+        Taken as it is when it lies inside; otherwise (the workspace was copied or moved since) found again under
+        this root by its layout folder. A path with no copy inside raises OutsideWorkspace: it is never read or
+        deleted where it points.
+        """
+        path = fsspec.core.url_to_fs(recorded)[1] if "://" in recorded else recorded
+        norm = posixpath.normpath(path)
+        if norm.startswith(self.base.rstrip("/") + "/"):
+            return norm
+        parts = norm.strip("/").split("/")
+        for i, part in enumerate(parts[:-1]):
+            if part in LAYOUT and ".." not in parts[i:]:
+                candidate = self.path(*parts[i:])
+                if self.exists(candidate):
+                    return candidate
+        raise OutsideWorkspace(
+            f"recorded path {recorded} is outside the workspace {self.root} and has no copy inside it (the "
+            "workspace was copied or moved from where an older ibllm wrote it); it is never read or deleted there: "
+            "rerun the stage with --force to redo its output in this workspace"
+        )
+
+    def to_record(self, location: str) -> str:
+        """How a record stores a location: relative to the root when it lies inside the workspace, else unchanged."""
+        try:
+            return self.relative(self.fs._strip_protocol(location))
+        except OutsideWorkspace:
+            return location
+
+    def from_record(self, recorded: str) -> str:
+        """A location a record stores (see `to_record`; older records: full paths) as a URL inside the workspace."""
+        if posixpath.isabs(recorded) or "://" in recorded:
+            return self.as_url(self.resolve_legacy(recorded))
+        return self.as_url(self.inside(recorded))
 
     # -- layout (DESIGN.md) -------------------------------------------------------------------------------------
     def synthetic(self, *parts: str) -> str:

@@ -12,7 +12,9 @@ from flows import exits
 from pipelines.config import ConfigError
 from pipelines.download import DownloadResult, SourceDownload
 from pipelines.errors import InputError
+from stores.lease import LeaseHeld
 from stores.ledger import LedgerConflict
+from stores.workspace import OutsideWorkspace
 
 
 @pytest.mark.parametrize(
@@ -21,6 +23,7 @@ from stores.ledger import LedgerConflict
         (ConfigError("x"), 2), (LedgerConflict("x"), 3), (InputError("x"), 4), (FileNotFoundError("x"), 4),
         (OSError(errno.ENOSPC, "No space left on device", "/ws/shards/00001.tar"), 5),
         (OSError(errno.EROFS, "Read-only file system"), 5), (RuntimeError("boom"), 1), (KeyError("k"), 1),
+        (LeaseHeld("x"), 6), (OutsideWorkspace("x"), 4),
     ],
 )  # fmt: skip
 def test_exit_codes(error: Exception, code: int) -> None:

@@ -18,6 +18,7 @@ from pipelines import curate, download, ingest, synthetic
 from pipelines.config import Config, load_config
 from pipelines.synthetic_server import server_for, serving
 from stores.catalog import Catalog
+from stores.lease import LeaseHeld
 from stores.workspace import Workspace
 
 # What each bad kind of the synthetic source must end as.
@@ -60,23 +61,28 @@ def test_killed_download_resumes_and_every_outcome_has_its_reason(tmp_path: Path
     prepare(cfg)
     ws = Workspace(cfg.workspace)
     shard_dir = tmp_path / "ws" / "shards" / "synthetic"
+    staging = tmp_path / "ws" / ".staging" / "download" / "synthetic"
     proc = subprocess.Popen(
         [sys.executable, "-m", "flows.cli", "download", "-c", str(path)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     deadline = time.time() + 120
-    while time.time() < deadline and not list(shard_dir.glob("*_stats.json")):
+    while time.time() < deadline and not list(staging.glob("*/*_stats.json")):
         time.sleep(0.05)
+    with pytest.raises(LeaseHeld, match=r"download output 'synthetic' is being written by another run"):
+        download.run(cfg)  # a second download of the same output while the first runs
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    done_before = len(list(shard_dir.glob("*_stats.json")))
+    done_before = len(list(staging.glob("*/*_stats.json")))
     expected = download.expected_shards(ws, curate.curated_files(ws, "synthetic"), 6)
     assert 0 < done_before < len(expected), "the kill should land half-way"
+    assert not list(shard_dir.glob("*.tar"))  # nothing was written in place
 
     with serving(cfg):
-        result = download.run(cfg)
+        result = download.run(cfg)  # takes over the dead run's lease, commits what it completed, does the rest
     (src,) = result.sources
     assert src.shards == len(expected) and not src.failed_shards
+    assert src.new_shards == len(expected) - done_before and not list(staging.iterdir())
     parquets = sorted(str(p) for p in shard_dir.glob("*.parquet"))
     keys = duckdb.sql(f"SELECT key FROM read_parquet({parquets!r})").fetchall()
     assert len(keys) == len({k for (k,) in keys})  # no duplicated keys

@@ -164,14 +164,16 @@ def test_nothing_to_plan_without_downloaded_shards(tmp_path: Path) -> None:
 
 def test_choose_checkpoint_prefers_the_promoted_model(tmp_path: Path) -> None:
     ws = Workspace(str(tmp_path / "ws"))
-    newest, served = tmp_path / "newest", tmp_path / "served"
-    newest.mkdir(), served.mkdir()
+    newest = Path(ws.checkpoints("stage2", "20990101-000000-ffff", "local", "step-00000002", "model"))
+    served = Path(ws.checkpoints("stage2", "20980101-000000-eeee", "local", "step-00000001", "model"))
+    newest.mkdir(parents=True), served.mkdir(parents=True)
     run = Path(ws.checkpoints("stage2", "20990101-000000-ffff", "run.json"))
-    run.parent.mkdir(parents=True)
-    run.write_text(json.dumps({"status": "complete", "checkpoint": str(newest)}))
+    run.write_text(json.dumps({"status": "complete", "checkpoint": "local/step-00000002/model"}))
     assert infer.choose_checkpoint(ws) == str(newest)
-    ref = {"stage1_run_id": "a", "stage1_checkpoint": "/s1", "stage2_run_id": "b", "stage2_checkpoint": str(served)}
+    s1 = ws.checkpoints("stage1", "a", "local", "step-00000001", "model")
+    ref = {"stage1_run_id": "a", "stage1_checkpoint": s1, "stage2_run_id": "b", "stage2_checkpoint": str(served)}
     registry.promote(ws, registry.Promotion(**ref, value=1.0, promoted_at=registry.now(), decision="x"))
+    assert json.loads(Path(registry.path(ws, registry.PROMOTED)).read_text())["stage2_checkpoint"].startswith("checkp")
     assert infer.choose_checkpoint(ws) == str(served)
     (tmp_path / "given").mkdir()
     assert infer.choose_checkpoint(ws, str(tmp_path / "given")) == str(tmp_path / "given")
