@@ -193,3 +193,15 @@ def test_url_schemes_are_case_insensitive_and_only_http_passes(tmp_path: Path) -
     ingest.run(cfg)
     result = curate.run(cfg)
     assert kept_urls(result, "a") == set(good) and steps(result, "a")["http_url"] == (9, 4)
+
+
+def test_ingest_cleans_captions_to_the_configured_cap(tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path, {"a": [{"caption": "a\x00red\r\ncircle\x85 "}, {"caption": "word " * 200_000}]})
+    cfg.curate.caption_max_chars = 20
+    ingest.run(cfg)
+    captions = duckdb.sql(f"SELECT caption FROM read_parquet('{tmp_path}/ws/sources/a/*.parquet') ORDER BY url")
+    assert captions.fetchall() == [("a red circle",), ("word word word word",)]
+    wider = cfg.model_copy(deep=True)
+    wider.curate.caption_max_chars = 30  # the cap shapes ingest's output: a change asks for --force
+    with pytest.raises(LedgerConflict, match=r"caption_max_chars: 20 -> 30"):
+        ingest.run(wider)
