@@ -64,7 +64,9 @@ def main() -> None:
         workspace=f"{root}/ws",
         synthetic=SyntheticConfig(count=args.images, bad_fraction=0.0, audio_clips=0, video_seconds=0.2),
         sources=[SourceConfig(name="synthetic", format="synthetic")],
-        download=DownloadConfig(image_size=224, processes=2, threads=16, timeout=10, samples_per_shard=500),
+        download=DownloadConfig(
+            image_size=224, processes=2, threads=16, timeout=10, samples_per_shard=500, allow_private_addresses=True
+        ),
     )
     decoder_cost(cfg)
     with SyntheticServer(cfg.synthetic) as server:

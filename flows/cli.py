@@ -327,6 +327,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides = list(args.overrides)
     if args.workspace:
         overrides.append(f"workspace={args.workspace}")
+    cfg = None
     try:
         cfg = load_config(args.config, overrides)
         check_inputs(cfg, args.command)
@@ -339,7 +340,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:
         if args.debug and exits.exit_code(e) == exits.UNEXPECTED:
             raise
-        print(f"ibllm: {exits.message(e)}", file=sys.stderr)
+        print(f"ibllm: {exits.message(e, workspace=cfg.workspace if cfg else None)}", file=sys.stderr)
         return exits.exit_code(e)
     _emit(result, args.json, sys.stdout)
     unfinished = exits.partial(result)

@@ -40,12 +40,12 @@ def exit_code(error: BaseException) -> int:
     return UNEXPECTED
 
 
-def message(error: BaseException) -> str:
-    """The line printed for an exception that ended a command."""
+def message(error: BaseException, workspace: str | None = None) -> str:
+    """The line printed for an exception that ended a command (a storage error without a file names `workspace`)."""
     code = exit_code(error)
     if code == STORAGE:
         assert isinstance(error, OSError)
-        where = f": {error.filename}" if error.filename else ""
+        where = f": {error.filename or workspace}" if error.filename or workspace else ""
         return (
             f"storage refused the write ({error.strerror or error}){where}; free space or fix permissions, then rerun"
         )

@@ -11,6 +11,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pipelines.download_guard import networks
 from pipelines.paths import absolute, absolute_paths
 from stores.metadata import CAPTION_MAX_CHARS
 
@@ -128,6 +129,19 @@ class DownloadConfig(Section):
     disallowed_header_directives: list[str] = Field(
         default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"]
     )
+    allow_private_addresses: bool | list[str] = Field(
+        False, description="fetch from non-public addresses (loopback, private, link-local, multicast, reserved, "
+        "unspecified; IPv4 and IPv6): false refuses them as `blocked_address` (the default: a URL list cannot make "
+        "the downloader reach the local network), true allows them all (the demo's loopback server), a list of CIDR "
+        "networks allows those only, e.g. [10.1.0.0/16]; checked on every connection, redirects included"
+    )  # fmt: skip
+
+    @field_validator("allow_private_addresses")
+    @classmethod
+    def _networks(cls, allow: bool | list[str]) -> bool | list[str]:
+        if isinstance(allow, bool):
+            return allow
+        return [str(net) for net in networks(allow)]
 
     @property
     def deadline_seconds(self) -> float:

@@ -58,7 +58,8 @@ class DownloadResult(BaseModel):
 
 
 def settings(cfg: Config, source: str, curated_checksum: str) -> dict[str, object]:
-    """What shapes the shards: the decoder and its checks, sharding, and the exact url list they were cut from."""
+    """What shapes the shards: the decoder and its checks, which addresses may be fetched, sharding, and the exact url
+    list they were cut from."""
     d = cfg.download
     decoder = decoder_for(cfg, source)
     return {
@@ -72,6 +73,7 @@ def settings(cfg: Config, source: str, curated_checksum: str) -> dict[str, objec
         "max_aspect_ratio": None if decoder.max_aspect_ratio == math.inf else decoder.max_aspect_ratio,
         "decoder": DECODER_ID,
         "disallowed_header_directives": sorted(d.disallowed_header_directives),
+        "allow_private_addresses": allow if isinstance(allow := d.allow_private_addresses, bool) else sorted(allow),
         "url_list": curated_checksum,
     }
 

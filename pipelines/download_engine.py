@@ -1,4 +1,4 @@
-"""img2dataset as the download engine, with our decoder in its resizer slot and our deadline-bounded fetch."""
+"""img2dataset as the download engine, with our decoder in its resizer slot and our deadline-bounded, guarded fetch."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import contextlib
 import functools
 import importlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # img2dataset's albumentations would call home at import
@@ -28,32 +28,37 @@ _DOWNLOADER_NAME = "Downloader"
 
 
 class DeadlineDownloader(Downloader):
-    """img2dataset's shard downloader with our decoder as its resizer and every sample under one deadline.
+    """img2dataset's shard downloader with our decoder as its resizer, every sample under one deadline, and
+    connections to public addresses only (plus `allow_private_addresses`).
 
     img2dataset builds it in the driver and ships it to its workers (spawned processes, Ray tasks), where
     `__call__` points img2dataset's per-sample fetch at ours before downloading the shard.
     """
 
-    def __init__(self, decoder: ImageDecoder, deadline: float, **kwargs: Any) -> None:
+    def __init__(
+        self, decoder: ImageDecoder, deadline: float, allow_private_addresses: bool | Sequence[str], **kwargs: Any
+    ) -> None:
         super().__init__(**{**kwargs, "resizer": decoder})
         self.deadline = deadline
+        self.allow_private_addresses = allow_private_addresses
 
     def __call__(self, row: tuple[int, str]) -> tuple[bool, tuple[int, str]]:
         """Download one shard (img2dataset's contract: (done, row))."""
-        # Every shard of a run has the same deadline, so concurrent shards of one process agree on the value.
-        setattr(i2d_downloader, _FETCH_NAME, functools.partial(fetch, deadline=self.deadline))
+        # Every shard of a run has the same settings, so concurrent shards of one process agree on the values.
+        ours = functools.partial(fetch, deadline=self.deadline, allow_private_addresses=self.allow_private_addresses)
+        setattr(i2d_downloader, _FETCH_NAME, ours)
         return super().__call__(row)
 
 
 @contextlib.contextmanager
-def _engine(decoder: ImageDecoder, deadline: float) -> Iterator[None]:
+def _engine(decoder: ImageDecoder, deadline: float, allow: bool | Sequence[str]) -> Iterator[None]:
     """img2dataset's `download` builds our downloader instead of its own while inside."""
     for module, name in ((i2d_downloader, _FETCH_NAME), (i2d_main, _DOWNLOADER_NAME)):
         if not hasattr(module, name):
             raise RuntimeError(f"img2dataset changed: {module.__name__}.{name} is gone, and the ibllm decoder and "
                                "deadline are plugged in there (pipelines/download_engine.py)")  # fmt: skip
     original = getattr(i2d_main, _DOWNLOADER_NAME)
-    setattr(i2d_main, _DOWNLOADER_NAME, functools.partial(DeadlineDownloader, decoder, deadline))
+    setattr(i2d_main, _DOWNLOADER_NAME, functools.partial(DeadlineDownloader, decoder, deadline, allow))
     try:
         yield
     finally:
@@ -69,7 +74,8 @@ def img2dataset_download(cfg: Config, source: str, url_list: str, output_folder:
     if distributor == "ray":
         ray_runtime.connect(cfg.ray)
     # its set-up lines, its advice to watch bwm-ng and two lines per shard left out (the stage prints its progress)
-    with _engine(decoder_for(cfg, source), d.deadline_seconds), filtered_output(IMG2DATASET_CHATTER):
+    engine = _engine(decoder_for(cfg, source), d.deadline_seconds, d.allow_private_addresses)
+    with engine, filtered_output(IMG2DATASET_CHATTER):
         i2d_main.download(
             url_list=url_list,
             output_folder=output_folder,

@@ -1,8 +1,9 @@
-"""HTTP fetching with an overall deadline per sample: a server that drips its answer is cut off as a timeout."""
+"""HTTP fetching with an overall deadline per sample (a drip is cut off as a timeout), to public addresses only."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import http.client
 import io
 import math
@@ -10,9 +11,14 @@ import os
 import socket
 import threading
 import time
+import urllib.error
 import urllib.request
+from collections.abc import Sequence
+from typing import Any
 
 from img2dataset.downloader import is_disallowed
+
+from pipelines.download_guard import BLOCKED, AddressGuard, BlockedAddress, scheme_refusal
 
 USER_AGENT = "Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:72.0) Gecko/20100101 Firefox/72.0"
 OPT_OUT = "Use of image disallowed by X-Robots-Tag directive"  # img2dataset's message: the catalog's `opt_out`
@@ -104,38 +110,90 @@ def _watched(sock: socket.socket) -> None:
         WATCHDOG.attach(ticket, sock)
 
 
-class _Connection(http.client.HTTPConnection):
+class _Guarded:
+    """An http.client connection whose socket goes through the guard: resolved, checked, connected to the IP.
+
+    The host name stays the connection's `host`, so the Host header and the TLS server name (SNI) are the URL's.
+    """
+
+    sock: socket.socket
+
+    def __init__(self, host: str, *, guard: AddressGuard, **kwargs: Any) -> None:
+        super().__init__(host, **kwargs)
+        self._create_connection = guard.connect
+
     def connect(self) -> None:
-        super().connect()
+        super().connect()  # for TLS, the handshake is bounded by the per-read timeout only
         _watched(self.sock)
 
 
-class _TLSConnection(http.client.HTTPSConnection):
-    def connect(self) -> None:
-        super().connect()  # the TLS handshake is bounded by the per-read timeout only
-        _watched(self.sock)
+class _Connection(_Guarded, http.client.HTTPConnection):
+    pass
+
+
+class _TLSConnection(_Guarded, http.client.HTTPSConnection):
+    pass
 
 
 class _HTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, guard: AddressGuard) -> None:
+        super().__init__()
+        self.guard = guard
+
     def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
-        return self.do_open(_Connection, req)
+        return self.do_open(functools.partial(_Connection, guard=self.guard), req)
 
 
 class _HTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, guard: AddressGuard) -> None:
+        super().__init__()
+        self.guard = guard
+
     def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
-        return self.do_open(_TLSConnection, req, context=self._context)
+        return self.do_open(functools.partial(_TLSConnection, guard=self.guard), req, context=self._context)
 
 
-_OPENER = urllib.request.build_opener(_HTTPHandler, _HTTPSHandler)
+class _RedirectHandler(urllib.request.HTTPRedirectHandler):
+    """Follows redirects to http and https URLs only (urllib's own would follow one to ftp:)."""
+
+    def redirect_request(
+        self, req: urllib.request.Request, fp: Any, code: int, msg: str, headers: Any, newurl: str
+    ) -> urllib.request.Request | None:
+        refusal = scheme_refusal(newurl)
+        if refusal is not None:
+            fp.close()
+            raise BlockedAddress(f"{refusal}, redirected to by {req.full_url[:200]}")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+@functools.lru_cache(maxsize=8)
+def _opener(allow: bool | tuple[str, ...]) -> urllib.request.OpenerDirector:
+    """urllib's default opener with guarded connections, and without its ftp:, file: and data: handlers."""
+    guard = AddressGuard.of(allow)
+    opener = urllib.request.OpenerDirector()
+    for handler in (
+        urllib.request.ProxyHandler(), urllib.request.UnknownHandler(), _HTTPHandler(guard), _HTTPSHandler(guard),
+        urllib.request.HTTPDefaultErrorHandler(), _RedirectHandler(), urllib.request.HTTPErrorProcessor(),
+    ):  # fmt: skip
+        opener.add_handler(handler)
+    return opener
 
 
 def _attempt(
-    url: str, timeout: float, token: str | None, disallowed: set[str] | None, max_bytes: int
+    url: str,
+    timeout: float,
+    token: str | None,
+    disallowed: set[str] | None,
+    max_bytes: int,
+    opener: urllib.request.OpenerDirector,
 ) -> tuple[bytes | None, str]:
+    refusal = scheme_refusal(url)
+    if refusal is not None:
+        return None, refusal
     agent = USER_AGENT + (f" (compatible; {token})" if token else "")
     request = urllib.request.Request(url, data=None, headers={"User-Agent": agent})
     try:
-        with _OPENER.open(request, timeout=timeout) as response:
+        with opener.open(request, timeout=timeout) as response:
             if disallowed and is_disallowed(response.headers, token, disallowed):
                 return None, OPT_OUT
             if response.length is not None:  # announced: one read, as before
@@ -149,6 +207,8 @@ def _attempt(
                     return bytes(data), ""
                 data += piece
             return None, f"{TOO_MANY_BYTES}: over {max_bytes} bytes"
+    except urllib.error.URLError as err:  # urllib wraps what the connection raised: a refusal keeps its own words
+        return None, str(err.reason if isinstance(err.reason, BlockedAddress) else err)
     except Exception as err:  # every failure of one sample is its error message, as in img2dataset
         return None, str(err)
 
@@ -161,6 +221,7 @@ def fetch(
     disallowed_header_directives: set[str] | None,
     deadline: float,
     max_bytes: int = MAX_BYTES,
+    allow_private_addresses: bool | Sequence[str] = False,
 ) -> tuple[int, io.BytesIO | None, str | None]:
     """Download one image: img2dataset's `download_image_with_retry`, with every attempt inside one deadline.
 
@@ -172,11 +233,15 @@ def fetch(
         disallowed_header_directives: X-Robots-Tag directives that refuse the image.
         deadline: seconds from the first attempt's start to the last byte, retries included.
         max_bytes: a longer answer is refused.
+        allow_private_addresses: True, or the non-public networks (CIDR) that may be connected to; by default only
+            public addresses are (every connection checked, redirects included; a refusal starts with BLOCKED).
 
     Returns:
         (key, the bytes, None), or (key, None, the error message).
     """
     key, url = row
+    allow = allow_private_addresses
+    opener = _opener(allow if isinstance(allow, bool) else tuple(allow))
     ticket = WATCHDOG.arm(deadline)
     _current.ticket = ticket
     error = ""
@@ -185,8 +250,10 @@ def fetch(
             left = ticket.due - time.monotonic()
             if left <= 0:
                 break
-            data, error = _attempt(url, min(timeout, left), user_agent_token, disallowed_header_directives, max_bytes)
-            if ticket.expired:  # cut off: whatever came is incomplete
+            data, error = _attempt(
+                url, min(timeout, left), user_agent_token, disallowed_header_directives, max_bytes, opener
+            )
+            if ticket.expired or error.startswith(BLOCKED):  # cut off (whatever came is incomplete), or refused
                 break
             if data is not None:
                 return key, io.BytesIO(data), None

@@ -15,6 +15,7 @@ from pipelines.console import Progress
 from pipelines.errors import InputError
 from stores import sources as formats
 from stores.ledger import Ledger
+from stores.metadata import CAPTION_MAX_CHARS
 from stores.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -52,9 +53,16 @@ def shard_id_for(url: str) -> str:
     return f"{stem}-{hashlib.sha1(url.encode()).hexdigest()[:8]}"
 
 
-def settings(src: SourceConfig) -> dict[str, object]:
-    """What shapes a source's normalised output (`non_finite`: NaN and infinite numbers are ingested as NULL)."""
-    return {"format": src.format, "columns": dict(src.columns), "non_finite": "null"}
+def settings(src: SourceConfig, caption_max_chars: int) -> dict[str, object]:
+    """What shapes a source's normalised output (`non_finite`: NaN and infinite numbers are ingested as NULL;
+    `captions`: control characters become spaces, and captions are cut to `caption_max_chars`)."""
+    return {
+        "format": src.format,
+        "columns": dict(src.columns),
+        "non_finite": "null",
+        "captions": "clean",
+        "caption_max_chars": caption_max_chars,
+    }
 
 
 def input_files(ws: Workspace, src: SourceConfig) -> list[str]:
@@ -67,10 +75,12 @@ def input_files(ws: Workspace, src: SourceConfig) -> list[str]:
     return formats.expand_inputs(src.paths)
 
 
-def ingest_source(ws: Workspace, src: SourceConfig, force: bool = False) -> SourceIngest:
+def ingest_source(
+    ws: Workspace, src: SourceConfig, force: bool = False, caption_max_chars: int = CAPTION_MAX_CHARS
+) -> SourceIngest:
     """Validate every changed file of one source, then write one normalised Parquet shard per file."""
     adapter = formats.adapter_for(src.format, src.columns)
-    with Ledger.writing(ws, "ingest", src.name, settings(src), force=force) as ledger:
+    with Ledger.writing(ws, "ingest", src.name, settings(src, caption_max_chars), force=force) as ledger:
         files = input_files(ws, src)
         fingerprints = {f: formats.input_fingerprint(f) for f in files}
         todo = [f for f in files if not ledger.is_current(shard_id_for(f), fingerprints[f])]
@@ -86,7 +96,7 @@ def ingest_source(ws: Workspace, src: SourceConfig, force: bool = False) -> Sour
                 progress.update(done, len(todo), "files")
                 local, mapping = checked[url]
                 available = list(formats.describe(con, adapter, local))
-                sql = formats.normalised_sql(adapter, local, mapping, available)
+                sql = formats.normalised_sql(adapter, local, mapping, available, caption_max_chars)
                 sid = shard_id_for(url)
                 out = os.path.join(scratch, f"{sid}.parquet")
                 with ledger.shard(sid) as shard:
@@ -114,5 +124,6 @@ def run(cfg: Config, force: bool = False) -> IngestResult:
         raise ValueError("the config has no sources to ingest (add entries under `sources:`)")
     start = time.perf_counter()
     ws = Workspace(cfg.workspace, cfg.storage_options)
-    results = [ingest_source(ws, src, force=force) for src in cfg.sources]
+    cap = cfg.curate.caption_max_chars
+    results = [ingest_source(ws, src, force=force, caption_max_chars=cap) for src in cfg.sources]
     return IngestResult(sources=results, seconds=round(time.perf_counter() - start, 3))

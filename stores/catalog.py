@@ -17,11 +17,16 @@ CATALOG_FILE = "catalog.duckdb"
 
 # img2dataset's error messages -> a reason; retryable reasons are worth another attempt later. An image that arrived
 # but was not kept (`failed_to_resize`) is refused for its size or shape, or cannot be decoded, whatever the message.
+# `blocked_address`: the fetch refused a non-public address or a scheme other than http(s) (its messages start with
+# pipelines/download_guard.py's BLOCKED; urllib's own refusal of a redirect to file: or data: is one too).
 REASON_SQL = r"""
 CASE
   WHEN status = 'success' THEN 'success'
   WHEN status = 'failed_to_resize' THEN CASE error_message WHEN 'image too small' THEN 'too_small'
        WHEN 'image area too large' THEN 'too_large' WHEN 'aspect ratio too large' THEN 'aspect_ratio' ELSE 'decode' END
+  WHEN starts_with(error_message, 'blocked address')
+       OR regexp_matches(error_message, '^HTTP Error 30\d: .*Redirection to url .* is not allowed')
+       THEN 'blocked_address'
   WHEN error_message ILIKE '%infinite loop%' OR regexp_matches(error_message, '^HTTP Error 30\d') THEN 'redirect_loop'
   WHEN regexp_matches(error_message, '^HTTP Error \d{3}')
        THEN 'http_' || regexp_extract(error_message, '^HTTP Error (\d{3})', 1)

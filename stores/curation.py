@@ -19,7 +19,7 @@ ASPECT = "greatest(width, height)::DOUBLE / least(width, height)"
 # they cannot be judged by, except similarity thresholds (an unscored row cannot be ranked).
 ROW_STEPS: tuple[tuple[str, str | None, str], ...] = (
     ("caption_present", None, "caption IS NOT NULL AND trim(caption) <> ''"),
-    ("http_url", None, r"regexp_matches(url, '^https?://[^\s/]+')"),
+    ("http_url", None, r"regexp_matches(url, '^https?://[^\s/]+', 'i')"),  # schemes are case-insensitive
     ("min_width", "min_width", "width IS NULL OR width >= $min_width"),
     ("min_height", "min_height", "height IS NULL OR height >= $min_height"),
     (

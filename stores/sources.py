@@ -15,7 +15,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from stores.errors import StoreInputError
-from stores.metadata import COLUMNS, NUMERIC, uid_sql
+from stores.metadata import CAPTION_MAX_CHARS, COLUMNS, NUMERIC, clean_caption_sql, uid_sql
 
 # Candidate column names per format (matched case-insensitively, first hit wins).
 LAION = {
@@ -193,8 +193,18 @@ def validate(con: duckdb.DuckDBPyConnection, adapter: Adapter, path: str) -> tup
     return mapping, int(row[0])
 
 
-def normalised_sql(adapter: Adapter, path: str, mapping: Mapping[str, str | None], available: Sequence[str]) -> str:
-    """SELECT of the normalised columns (binds $path and $source); unmapped columns go into `extra` as JSON."""
+def normalised_sql(
+    adapter: Adapter,
+    path: str,
+    mapping: Mapping[str, str | None],
+    available: Sequence[str],
+    caption_max_chars: int = CAPTION_MAX_CHARS,
+) -> str:
+    """SELECT of the normalised columns (binds $path and $source); unmapped columns go into `extra` as JSON.
+
+    Captions are cleaned as `clean_caption` does: control characters made spaces, trimmed, cut to
+    `caption_max_chars`.
+    """
     parts = [f"{uid_sql('$source', 'trim(src.' + _q(mapping['url'] or 'url') + ')')} AS uid", "$source AS source"]
     for ours, (dtype, _) in COLUMNS.items():
         if ours in ("uid", "source", "extra"):
@@ -204,6 +214,8 @@ def normalised_sql(adapter: Adapter, path: str, mapping: Mapping[str, str | None
             parts.append(f"NULL::{dtype} AS {ours}")
         elif ours == "url":
             parts.append(f"trim(src.{_q(theirs)}) AS url")
+        elif ours == "caption":
+            parts.append(f"{clean_caption_sql(f'TRY_CAST(src.{_q(theirs)} AS VARCHAR)', caption_max_chars)} AS caption")
         elif dtype in FINITE_TYPES:
             parts.append(f"{finite_sql('src.' + _q(theirs), dtype)} AS {ours}")
         else:

@@ -81,11 +81,23 @@ def test_override_errors_name_the_override() -> None:
         ("sources.synthetic.filters.max_punsafe=1.5", "sources[0].filters.max_punsafe"),
         ("sources.synthetic.filters.min_similarity=2", "sources[0].filters.min_similarity"),
         ("curate.memory_limit=lots", "curate.memory_limit"),
+        ("download.allow_private_addresses=[10.0.0.1/8]", "download.allow_private_addresses"),
+        ("download.allow_private_addresses=[intranet]", "download.allow_private_addresses"),
+        ("download.allow_private_addresses=sometimes", "download.allow_private_addresses"),
     ],
 )
 def test_invalid_values_are_refused(override: str, field: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(field)):
         load_config(None, [override])
+
+
+def test_private_addresses_are_refused_unless_allowed() -> None:
+    assert Config().download.allow_private_addresses is False  # the default: public addresses only
+    assert load_config(None).download.allow_private_addresses is True  # the demo's server is on loopback
+    allowed = load_config(None, ["download.allow_private_addresses=[10.1.0.0/16, '::1', 127.0.0.1]"])
+    assert allowed.download.allow_private_addresses == ["10.1.0.0/16", "::1/128", "127.0.0.1/32"]
+    with pytest.raises(ConfigError, match="host bits set"):
+        load_config(None, ["download.allow_private_addresses=[10.0.0.1/8]"])
 
 
 def test_duplicate_source_names_refused(tmp_path: Path) -> None:

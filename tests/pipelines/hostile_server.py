@@ -6,6 +6,7 @@ import io
 import struct
 import threading
 import time
+import urllib.parse
 import zlib
 from collections import Counter
 from dataclasses import dataclass
@@ -31,11 +32,12 @@ class Case:
         color: the picture's mean colour; for a two-coloured picture, its first half (top, or left when wide).
         second: the other half's colour of a two-coloured picture.
         status: the HTTP status.
-        mode: how it is served: plain, drip_body, drip_headers, flaky (503 first, then the image), or a path to
-            redirect to.
+        mode: how it is served: plain, drip_body, drip_headers, flaky (503 first, then the image), private (a
+            redirect to 127.0.0.2, which the download must refuse), or a path to redirect to.
         ctype: the Content-Type.
         headers: more response headers.
         first_reason: the reason of the first attempt, when the retry round changes it.
+        scheme: the scheme of the case's URL as written in the metadata (in any case: `HTTP` is http).
     """
 
     name: str
@@ -49,6 +51,7 @@ class Case:
     ctype: str = "image/jpeg"
     headers: tuple[tuple[str, str], ...] = ()
     first_reason: str | None = None
+    scheme: str = "http"
 
 
 def encode(img: Image.Image, fmt: str, **options: object) -> bytes:
@@ -133,6 +136,9 @@ def cases(seed: int) -> list[Case]:
         Case("drip_body", "timeout", flaky, mode="drip_body"),
         Case("drip_headers", "timeout", flaky, mode="drip_headers"),
         Case("flaky", "success", flaky, (w, h), c[11], mode="flaky", first_reason="http_503"),
+        Case("upper_scheme", "success", encode(Image.new("RGB", (h, w), c[5]), "JPEG", quality=95), (h, w), c[5],
+             scheme="HTTP"),
+        Case("to_private", "blocked_address", mode="private"),
     ]  # fmt: skip
 
 
@@ -144,6 +150,9 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     def do_GET(self) -> None:
+        if self.path.startswith("/redirect?to="):  # to any URL: a redirect to another host, port or scheme
+            target = urllib.parse.unquote(self.path.removeprefix("/redirect?to="))
+            return self._answer(302, b"", "text/plain", headers=(("Location", target),))
         if self.path == "/endless":  # no length, no end: only a byte limit (or the deadline) stops the reader
             self.send_response(200)
             self.send_header("Content-Type", "image/jpeg")
@@ -160,6 +169,9 @@ class _Handler(BaseHTTPRequestHandler):
             first = self.server.requests[case.name] == 1
         if case.mode == "flaky" and first:
             return self._answer(503, b"busy", "text/plain")
+        if case.mode == "private":  # the same port on another loopback address
+            target = f"http://127.0.0.2:{self.server.server_address[1]}/case/jpeg"
+            return self._answer(302, b"", "text/plain", headers=(("Location", target),))
         if case.mode.startswith("/"):
             return self._answer(302, b"", "text/plain", headers=(("Location", case.mode),))
         if case.mode == "drip_headers":
@@ -199,13 +211,14 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class HostileServer(ThreadingHTTPServer):
-    """Serve `cases(seed)` on 127.0.0.1 as a context manager; counts the requests per case and times the drips."""
+    """Serve `cases(seed)` on `host` (a loopback address) as a context manager; counts the requests per case and
+    times the drips."""
 
     daemon_threads = True
     request_queue_size = 128  # many clients connect at once: a full backlog would drop SYNs for a second
 
-    def __init__(self, seed: int) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
+    def __init__(self, seed: int, host: str = "127.0.0.1") -> None:
+        super().__init__((host, 0), _Handler)
         self.cases = cases(seed)
         self.routes = {f"/case/{c.name}": c for c in self.cases}
         self.requests: Counter[str] = Counter()
@@ -216,7 +229,12 @@ class HostileServer(ThreadingHTTPServer):
 
     def url(self, name: str) -> str:
         host, port = self.server_address[:2]
-        return f"http://{host}:{port}/case/{name}"
+        case = self.routes.get(f"/case/{name}")
+        return f"{case.scheme if case else 'http'}://{host}:{port}/case/{name}"
+
+    def redirect(self, target: str) -> str:
+        """A URL of this server that redirects to `target`."""
+        return self.url("").replace("/case/", "/redirect?to=" + urllib.parse.quote(target, safe=""))
 
     def __enter__(self) -> HostileServer:
         self._thread.start()

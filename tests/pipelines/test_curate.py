@@ -184,3 +184,24 @@ def test_nan_and_infinite_numbers_are_unknown_to_every_filter_and_ranking(tmp_pa
     assert sorted(kept_a) == [("http://h/0.jpg", "the scored caption"), ("http://h/3.jpg", "unknown size and safety")]
     kept_b = duckdb.sql(f"SELECT url, caption FROM read_parquet({result.sources[1].files!r})").fetchall()
     assert sorted(kept_b) == [("http://c/0.jpg", "the scored caption"), ("http://c/3.jpg", "unknown size and safety")]
+
+
+def test_url_schemes_are_case_insensitive_and_only_http_passes(tmp_path: Path) -> None:
+    good = ["HTTP://h/1.jpg", "Https://h/2.jpg", "hTtP://h/3.jpg", "https://h/4.jpg"]
+    bad = ["ftp://h/5.jpg", "FILE:///etc/passwd", "data:image/png;base64,AA==", "h/6.jpg", "HTTP:/h/7.jpg"]
+    cfg = make_cfg(tmp_path, {"a": [{"url": u} for u in good + bad]})
+    ingest.run(cfg)
+    result = curate.run(cfg)
+    assert kept_urls(result, "a") == set(good) and steps(result, "a")["http_url"] == (9, 4)
+
+
+def test_ingest_cleans_captions_to_the_configured_cap(tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path, {"a": [{"caption": "a\x00red\r\ncircle\x85 "}, {"caption": "word " * 200_000}]})
+    cfg.curate.caption_max_chars = 20
+    ingest.run(cfg)
+    captions = duckdb.sql(f"SELECT caption FROM read_parquet('{tmp_path}/ws/sources/a/*.parquet') ORDER BY url")
+    assert captions.fetchall() == [("a red circle",), ("word word word word",)]
+    wider = cfg.model_copy(deep=True)
+    wider.curate.caption_max_chars = 30  # the cap shapes ingest's output: a change asks for --force
+    with pytest.raises(LedgerConflict, match=r"caption_max_chars: 20 -> 30"):
+        ingest.run(wider)

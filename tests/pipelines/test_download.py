@@ -35,7 +35,7 @@ def write_config(tmp_path: Path) -> Path:
                       "video_seconds": 0.5},
         "sources": [{"name": "synthetic", "format": "synthetic"}],
         "download": {"image_size": 64, "processes": 1, "threads": 4, "timeout": 1.0, "retries": 0,
-                     "samples_per_shard": 6},
+                     "samples_per_shard": 6, "allow_private_addresses": True},
     }  # fmt: skip
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(data))

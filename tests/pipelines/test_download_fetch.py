@@ -20,7 +20,9 @@ def server() -> HostileServer:
 
 
 def get(server: HostileServer, name: str, deadline: float = 30.0, retries: int = 0) -> tuple[bytes | None, str | None]:
-    _, stream, error = fetch((0, server.url(name)), 1.0, retries, None, DIRECTIVES, deadline=deadline)
+    _, stream, error = fetch(
+        (0, server.url(name)), 1.0, retries, None, DIRECTIVES, deadline, allow_private_addresses=True
+    )
     return (stream.getvalue() if stream else None), error
 
 
@@ -51,10 +53,12 @@ def test_errors_keep_their_messages_and_retries_stay_inside_the_deadline(server:
     assert get(server, "flaky", retries=1)[0] == next(c.body for c in server.cases if c.name == "flaky")
     big = next(c.body for c in server.cases if c.name == "big_jpeg")
     for limit, want in ((len(big), None), (len(big) - 1, f"response too large: {len(big)} bytes announced")):
-        _, stream, error = fetch((0, server.url("big_jpeg")), 1.0, 0, None, None, deadline=9.0, max_bytes=limit)
+        _, stream, error = fetch(
+            (0, server.url("big_jpeg")), 1.0, 0, None, None, 9.0, limit, allow_private_addresses=True
+        )
         assert error == want and (stream is None) == (want is not None)
     endless = server.url("jpeg").replace("/case/jpeg", "/endless")
-    _, stream, error = fetch((0, endless), 1.0, 0, None, None, deadline=30.0, max_bytes=1 << 20)
+    _, stream, error = fetch((0, endless), 1.0, 0, None, None, 30.0, 1 << 20, allow_private_addresses=True)
     assert stream is None and error == f"response too large: over {1 << 20} bytes"
     start = time.perf_counter()
     data, error = get(server, "drip_body", deadline=1.0, retries=3)  # four attempts would take minutes

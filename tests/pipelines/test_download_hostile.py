@@ -58,7 +58,8 @@ def test_every_hostile_url_ends_with_its_reason_and_every_picture_is_stored_righ
         cfg = Config(
             workspace=str(tmp_path / "ws"), sources=[source],
             download=DownloadConfig(image_size=IMAGE_SIZE, processes=1, threads=6, timeout=1.0, deadline=DEADLINE,
-                                    retries=0, samples_per_shard=8, min_image_size=24),
+                                    retries=0, samples_per_shard=8, min_image_size=24,
+                                    allow_private_addresses=["127.0.0.1/32"]),  # the server; 127.0.0.2 stays blocked
         )  # fmt: skip
         ingest.run(cfg)
         curate.run(cfg)
@@ -85,6 +86,10 @@ def test_every_hostile_url_ends_with_its_reason_and_every_picture_is_stored_righ
     # The retry round took only the retryable failures (503 and the drips), each fetched once per round.
     assert (retry.attempted, retry.succeeded) == (3, 1)
     assert requests["flaky"] == 2 and requests["drip_body"] == 2 and requests["jpeg"] == 2  # "moved" lands there
+    # The allowed 127.0.0.1 redirected to 127.0.0.2: refused on connecting, in the worker process, and not retried.
+    blocked = dict(cat.query("SELECT url, error_message FROM download_latest WHERE reason = 'blocked_address'"))
+    assert list(blocked) == [server.url("to_private")] and "127.0.0.2 (loopback)" in blocked[server.url("to_private")]
+    assert requests["to_private"] == 1
     pictures = stored_pictures(ws, cat)
     assert set(pictures) == {u for u, c in by_url.items() if c.reason == "success"}
     for url, (img, caption) in pictures.items():

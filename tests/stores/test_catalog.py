@@ -30,6 +30,12 @@ MESSAGES = [
     ("failed_to_download", "timed out: no complete answer within the download deadline of 6 s", "timeout", True),
     ("failed_to_download", "response too large: over 134217728 bytes", "too_large", False),
     ("failed_to_download", "hash mismatch", "hash_mismatch", False),
+    ("failed_to_download", "blocked address: localhost -> 127.0.0.1 (loopback): not a public address (see "
+     "download.allow_private_addresses)", "blocked_address", False),
+    ("failed_to_download", "blocked address: the URL scheme 'ftp' is not fetched (only http and https)",
+     "blocked_address", False),
+    ("failed_to_download", "HTTP Error 302: Found - Redirection to url 'file:///etc/passwd' is not allowed",
+     "blocked_address", False),
     ("failed_to_download", "something new", "other", False),
 ]  # fmt: skip
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import sys
 import zipfile
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from stores.metadata import make_uid, uid_sql
+from stores.metadata import SPACES, clean_caption, clean_caption_sql, make_uid, uid_sql
 from stores.sources import SourceFileError, adapter_for, connect, describe, localise, normalised_sql, validate
 
 
@@ -74,6 +75,44 @@ def test_uid_sql_equals_python() -> None:
         0
     ]
     assert got == make_uid("cc3m", "http://x/y z") and len(got) == 16
+
+
+TRICKY = [
+    "a\x00b", "\x00\x00only nul\x00", "line one\r\nline two\n\n", "next\x85line", "c1\x80\x9f\x7fend",
+    "\ttabs\t and  double  spaces ", "\u00a0\u3000wide spaces\u2028\u2029", "emoji 👩\u200d👩\u200d👧 and e\u0301",
+    "🙂" * 1200, "x" * 999 + " y", "x" * 999 + "\x00y", " " * 5, "\x00\r\n", "", "ünïcödé " * 200,
+    ("word\x00\r\n\x85 " * 80_000)[:1_000_000],
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("max_chars", [1, 5, 1000, 2_000_000])
+def test_clean_caption_sql_equals_python(max_chars: int) -> None:
+    con = connect()
+    con.execute("CREATE TABLE t AS SELECT unnest($texts) AS caption", {"texts": TRICKY})
+    got = [r[0] for r in con.execute(f"SELECT {clean_caption_sql('caption', max_chars)} FROM t").fetchall()]
+    assert got == [clean_caption(t, max_chars) for t in TRICKY]
+    assert con.execute(f"SELECT {clean_caption_sql('NULL::VARCHAR', max_chars)}").fetchone() == (None,)
+    with pytest.raises(ValueError, match="positive integer"):
+        clean_caption_sql("caption", 0)
+
+
+def test_caption_spaces_are_what_isspace_holds_besides_control_characters() -> None:
+    control = {chr(c) for c in [*range(0x20), *range(0x7F, 0xA0)]}
+    assert set(SPACES) == {chr(c) for c in range(sys.maxunicode + 1) if chr(c).isspace()} - control
+
+
+def test_captions_are_cleaned_at_ingest(tmp_path: Path) -> None:
+    long = "a long caption " * 70_000  # ~1 MB
+    captions = ["a\x00cat\r\non a mat", long, "\x85\x00", None]
+    table = pa.table({"url": [f"http://a/{i}.jpg" for i in range(4)], "caption": captions})
+    pq.write_table(table, tmp_path / "part-0.parquet")
+    out = rows(tmp_path / "part-0.parquet", "laion")
+    assert [r["caption"] for r in out] == ["a cat on a mat", long[:1000].strip(), "", None]
+    con = connect()
+    sql = normalised_sql(adapter_for("laion"), str(tmp_path / "part-0.parquet"), {"url": "url", "caption": "caption"},
+                         ["url", "caption"], caption_max_chars=12)  # fmt: skip
+    capped = con.execute(sql, {"path": str(tmp_path / "part-0.parquet"), "source": "s"}).fetchall()
+    assert [r[3] for r in capped] == ["a cat on a m", "a long capti", "", None]
 
 
 @pytest.mark.parametrize("suffix", ["jsonl", "jsonl.gz", "jsonl.zip"])
