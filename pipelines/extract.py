@@ -119,7 +119,8 @@ def build_dataset(cfg: Config, ws: Workspace, items: list[dict], vocab: bytes, e
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     # One CPU task per shard reads, decodes, crops and tokenizes it into columns (no torch in these workers); its CPU
     # share differs from the actor's, so Ray keeps it a separate task beside the encoder instead of fusing them.
-    reader = {"root": ws.root, "storage_options": dict(ws.storage_options), "vocab": vocab}
+    reader = {"root": ws.root, "storage_options": dict(ws.storage_options), "vocab": vocab,
+              "caption_max_chars": cfg.curate.caption_max_chars, "max_pixels": cfg.model.max_image_pixels}  # fmt: skip
     ds = ds.map_batches(
         extract_read.read_shards, fn_kwargs=reader, batch_size=1, batch_format="numpy", num_cpus=cfg.extract.task_cpus
     )
