@@ -81,15 +81,17 @@ def resolve_vocab(cfg: Config, ws: Workspace) -> bytes:
 
 
 def shard_items(ws: Workspace, source: str) -> list[dict[str, Any]]:
-    """Every committed download shard of a source (first round and retry rounds) as extraction work items."""
+    """Every committed download shard of a source (first round and retry rounds) as extraction work items, each with
+    the sha256 its download committed the tar with (the reader refuses a tar whose bytes differ)."""
     items = []
     for out in outputs(ws, "download"):
         if out != source and not out.startswith(f"{source}.retry-"):
             continue
         prefix = f"retry-{out.partition('.retry-')[2]}-" if ".retry-" in out else ""
         for rec in sorted(Ledger.reader(ws, "download", out).committed().values(), key=lambda r: r.shard_id):
-            tar = next(f.path for f in rec.files if f.path.endswith(".tar"))
-            items.append({"source": source, "shard": prefix + rec.shard_id, "tar": tar, "input": rec.fingerprint})
+            tar = next(f for f in rec.files if f.path.endswith(".tar"))
+            items.append({"source": source, "shard": prefix + rec.shard_id, "tar": tar.path, "sha256": tar.sha256,
+                          "input": rec.fingerprint})  # fmt: skip
     return items
 
 
@@ -235,7 +237,7 @@ def run(cfg: Config, force: bool = False) -> ExtractResult:
                     "device": device, "dtype": dtype}  # fmt: skip
     meta = features.read_meta(ws, encoder_id)
     if meta is None or meta.get("settings") != settings:  # the placeholder feature rides along with the shards
-        items.insert(0, {"kind": "placeholder", "source": "", "shard": "", "tar": "", "input": ""})
+        items.insert(0, {"kind": "placeholder", "source": "", "shard": "", "tar": "", "sha256": "", "input": ""})
     meta_base = {"encoder_id": encoder_id, "settings": settings, "preset": m.imagebind,
                  "checkpoint": m.imagebind_checkpoint}  # fmt: skip
     collector = ShardCollector(ws, ledgers, encoder_id, lambda emb: features.write_meta(

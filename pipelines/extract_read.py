@@ -30,6 +30,16 @@ def _shard_error(base: dict[str, str], message: str) -> list[dict[str, Any]]:
     return [{**base, "kind": "shard_error", "uid": "", "url": "", "caption": message, "image": b""}]
 
 
+def _changed(base: dict[str, str], expected: str, data: bytes) -> str | None:
+    """Why the tar's bytes are not the ones its download committed (None when they are, or none were recorded)."""
+    actual = hashlib.sha256(data).hexdigest()
+    if not expected or actual == expected:
+        return None
+    return (f"{base['tar']} changed after its download was committed (sha256 {actual[:16]}, the download ledger "
+            f"recorded {expected[:16]}), so it is not read: restore the file, or download the shard again (remove "
+            "its record from the download ledger, then `ibllm download`)")  # fmt: skip
+
+
 def _sample(base: dict[str, str], key: str, parts: dict[str, bytes], refused: str | None,
             caption_max_chars: int) -> dict[str, Any]:  # fmt: skip
     """One sample's raw row; metadata that is not a JSON object, or a refused member, fails it with a reason."""
@@ -51,13 +61,20 @@ def _sample(base: dict[str, str], key: str, parts: dict[str, bytes], refused: st
 def shard_rows(
     item: dict[str, Any], root: str, storage_options: dict[str, Any], caption_max_chars: int = CAPTION_MAX_CHARS
 ) -> list[dict[str, Any]]:
-    """One shard's samples as raw rows (image bytes, cleaned captions, a reason where a sample already failed); a
-    shard whose tar cannot be read becomes a `shard_error` row."""
+    """One shard's samples as raw rows (image bytes, cleaned captions, a reason where a sample already failed).
+
+    A shard whose tar cannot be read, or whose bytes differ from the sha256 its download committed (`item["sha256"]`),
+    becomes a `shard_error` row.
+    """
     base = {k: str(item[k]) for k in ("source", "shard", "tar", "input")}
     if item["kind"] == "placeholder":  # encoded by the actor like any sample, so the model loads only there
         return [{**base, "kind": "placeholder", "uid": "", "url": "", "caption": "", "image": b"", "reason": ""}]
     try:
-        samples = read_tar(Workspace(root, storage_options).read_bytes(base["tar"]))
+        data = Workspace(root, storage_options).read_bytes(base["tar"])
+        changed = _changed(base, str(item.get("sha256") or ""), data)
+        if changed:
+            return _shard_error(base, changed)
+        samples = read_tar(data)
     except (tarfile.TarError, OSError, EOFError, ValueError) as e:
         return _shard_error(base, f"{type(e).__name__}: {e}")
     rows = [

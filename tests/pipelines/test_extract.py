@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -210,7 +211,8 @@ def write_hostile_tar(path: Path) -> dict[str, bytes]:
 
 def test_hostile_tar_members_fail_their_own_sample(tmp_path: Path) -> None:
     real = write_hostile_tar(tmp_path / "00000.tar")
-    item = {"kind": "shard", "source": "s", "shard": "00000", "tar": str(tmp_path / "00000.tar"), "input": "x"}
+    item = {"kind": "shard", "source": "s", "shard": "00000", "tar": str(tmp_path / "00000.tar"), "input": "x",
+            "sha256": hashlib.sha256((tmp_path / "00000.tar").read_bytes()).hexdigest()}  # fmt: skip
     rows = extract_read.shard_rows(item, str(tmp_path), {}, caption_max_chars=40)
     vocab = tmp_path / "vocab.txt.gz"
     write_vocab(vocab, learn_merges(CAPTIONS * 4, 40))
@@ -241,6 +243,36 @@ def test_hostile_tar_members_fail_their_own_sample(tmp_path: Path) -> None:
     too_large = reasons[uid("000000800")]
     assert too_large.startswith("too_large: image <") and "400000000 pixels" in too_large
     assert extract_read.shard_rows(item, str(tmp_path), {}) == extract_read.shard_rows(item, str(tmp_path), {})
+
+
+def test_a_tar_changed_after_its_download_commit_is_not_read(tmp_path: Path) -> None:
+    cfg = make_workspace(tmp_path, shards=2, per_shard=4, broken=False)
+    ws = Workspace(cfg.workspace)
+    items = extract.shard_items(ws, "s")
+    assert [it["sha256"] for it in items] == [hashlib.sha256(Path(it["tar"]).read_bytes()).hexdigest() for it in items]
+    folder = Path(cfg.workspace) / "shards" / "s"
+    write_hostile_tar(folder / "00000.tar")  # changed after the commit: hostile or not, it is never read
+    rows = extract_read.shard_rows({**items[0], "kind": "shard"}, ws.root, {})
+    assert [r["kind"] for r in rows] == ["shard_error"]
+    assert rows[0]["caption"].startswith(f"{items[0]['tar']} changed after its download was committed (sha256 ")
+
+    cfg.model.max_image_pixels = 1000  # the JPEGs of shard 1 are 80 wide, 60 and more high: all too large
+    result = extract.run(cfg)
+    (src,) = result.sources
+    assert (
+        set(src.failed_shards) == {"00000"} and "changed after its download was committed" in src.failed_shards["00000"]
+    )
+    assert "ibllm download" in src.failed_shards["00000"]
+    ledger = Ledger.reader(ws, "extract", f"{result.encoder_id}.s")
+    assert set(ledger.failures()) == {"00000"} and set(ledger.committed()) == {"00001"}
+    fails = ledger.files(".parquet")
+    reasons = duckdb.sql(f"SELECT reason FROM read_parquet({[f for f in fails if 'failures-' in f]!r})").fetchall()
+    assert src.rows == 0 and sorted(r[0].split(":")[0] for r in reasons) == ["decode", "too_large", "too_large",
+                                                                            "too_large"]  # fmt: skip
+
+    write_hostile_tar(folder / "00001.tar")  # a shard already extracted: current by its download record, never reread
+    again = extract.run(cfg).sources[0]
+    assert again.new_shards == 0 and set(again.failed_shards) == {"00000"} and again.shards == 1
 
 
 @pytest.mark.slow
