@@ -74,7 +74,7 @@ def plain_loop(cfg: Config, encoder: ImageBind, out_dir: str, batch: int) -> int
     ws, n = Workspace(cfg.workspace), 0
     tok = Tokenizer(cfg.model.imagebind_vocab)
     for item in extract.shard_items(ws, "s"):
-        samples = extract_read.read_tar(ws.read_bytes(item["tar"]))
+        samples = extract_read.read_tar(ws.read_bytes(item["tar"])).parts
         keys = sorted(samples)
         rows: dict[str, list] = {
             k: [] for k in ("uid", "source", "caption", "url", "image_emb", "text_emb", "clip_score")

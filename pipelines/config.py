@@ -206,6 +206,11 @@ class ModelConfig(Section):
     lora_rank: int = Field(16, gt=0)
     lora_alpha: float = Field(16.0, gt=0)
     max_seq_len: int = Field(512, gt=0)
+    max_image_pixels: int = Field(
+        89_478_485, gt=0, description="extraction and generate refuse an image (or video frames) with more pixels, "
+        "from its header, before decoding it; PIL's decompression-bomb limit by default (PIL itself refuses above "
+        "twice that)"
+    )  # fmt: skip
 
     @field_validator("imagebind_checkpoint", "imagebind_vocab", "llama_path", "tokenizer_path", "adapter_checkpoint")
     @classmethod

@@ -83,15 +83,17 @@ def resolve_vocab(cfg: Config, ws: Workspace) -> bytes:
 
 
 def shard_items(ws: Workspace, source: str) -> list[dict[str, Any]]:
-    """Every committed download shard of a source (first round and retry rounds) as extraction work items."""
+    """Every committed download shard of a source (first round and retry rounds) as extraction work items, each with
+    the sha256 its download committed the tar with (the reader refuses a tar whose bytes differ)."""
     items = []
     for out in outputs(ws, "download"):
         if out != source and not out.startswith(f"{source}.retry-"):
             continue
         prefix = f"retry-{out.partition('.retry-')[2]}-" if ".retry-" in out else ""
         for rec in sorted(Ledger.reader(ws, "download", out).committed().values(), key=lambda r: r.shard_id):
-            tar = next(f.path for f in rec.files if f.path.endswith(".tar"))
-            items.append({"source": source, "shard": prefix + rec.shard_id, "tar": tar, "input": rec.fingerprint})
+            tar = next(f for f in rec.files if f.path.endswith(".tar"))
+            items.append({"source": source, "shard": prefix + rec.shard_id, "tar": tar.path, "sha256": tar.sha256,
+                          "input": rec.fingerprint})  # fmt: skip
     return items
 
 
@@ -121,7 +123,8 @@ def build_dataset(cfg: Config, ws: Workspace, items: list[dict], vocab: bytes, e
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     # One CPU task per shard reads, decodes, crops and tokenizes it into columns (no torch in these workers); its CPU
     # share differs from the actor's, so Ray keeps it a separate task beside the encoder instead of fusing them.
-    reader = {"root": ws.root, "storage_options": dict(ws.storage_options), "vocab": vocab}
+    reader = {"root": ws.root, "storage_options": dict(ws.storage_options), "vocab": vocab,
+              "caption_max_chars": cfg.curate.caption_max_chars, "max_pixels": cfg.model.max_image_pixels}  # fmt: skip
     ds = ds.map_batches(
         extract_read.read_shards, fn_kwargs=reader, batch_size=1, batch_format="numpy", num_cpus=cfg.extract.task_cpus
     )
@@ -245,7 +248,7 @@ def _extract(cfg: Config, ws: Workspace, encoder_id: str, names: list[str], forc
                     "device": device, "dtype": dtype}  # fmt: skip
     meta = features.read_meta(ws, encoder_id)
     if meta is None or meta.get("settings") != settings:  # the placeholder feature rides along with the shards
-        items.insert(0, {"kind": "placeholder", "source": "", "shard": "", "tar": "", "input": ""})
+        items.insert(0, {"kind": "placeholder", "source": "", "shard": "", "tar": "", "sha256": "", "input": ""})
     meta_base = {"encoder_id": encoder_id, "settings": settings, "preset": m.imagebind,
                  "checkpoint": m.imagebind_checkpoint}  # fmt: skip
     collector = ShardCollector(ws, ledgers, encoder_id, lambda emb: features.write_meta(

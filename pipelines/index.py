@@ -93,7 +93,7 @@ def run(cfg: Config, force: bool = False, query_image: str | None = None, k: int
         if not os.path.isfile(query_image):
             raise InputError(f"--query-image: no such file: {query_image}")
         try:
-            query = encoder.embed_images([query_image]).numpy()
+            query = encoder.embed_images([query_image], max_pixels=m.max_image_pixels).numpy()
         except ValueError as e:  # not an image: the decoder's message names the file
             raise InputError(f"--query-image: {e}") from None
         sims, ids = index.search(query, k)

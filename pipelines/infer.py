@@ -161,6 +161,7 @@ class Engine:
     cache: CacheLookup | None
     cache_t: float
     cache_w: float
+    max_image_pixels: int | None = None
 
     @torch.no_grad()
     def answer(self, req: Request) -> str:
@@ -169,7 +170,7 @@ class Engine:
         if req.inputs():
             if self.encoder is None:
                 raise InputError("inputs given but no ImageBind encoder was loaded")
-            embeddings = embed_request(self.encoder, req)
+            embeddings = embed_request(self.encoder, req, self.max_image_pixels)
             weights = {m: req.weights.get(m, 1.0) for m in embeddings}
             if sum(weights.values()) <= 0:
                 raise InputError(f"the weights of the inputs ({weights}) sum to 0: give one a positive weight")
@@ -224,7 +225,8 @@ def load_engine(cfg: Config, checkpoint: str, need_encoder: bool, use_cache: boo
         model = from_pretrained(local, llama=base, dtype=resolve_dtype(dtype, dev))
     except ValueError as e:  # TokenizerError, CheckpointMismatch: the message names the file
         raise InputError(str(e)) from None
-    engine = Engine(model.to(dev).eval(), tokenizer, encoder, cache, cfg.index.cache_t, cfg.index.cache_weight)
+    engine = Engine(model.to(dev).eval(), tokenizer, encoder, cache, cfg.index.cache_t, cfg.index.cache_weight,
+                    cfg.model.max_image_pixels)  # fmt: skip
     return engine, trained
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
+from model.imagebind.decode import TooManyPixels
 from model.imagebind.encoder import ImageBind
 from pipelines.errors import InputError
 
@@ -157,18 +159,23 @@ def check_request(request: Request) -> None:
 
 
 def check_files(request: Request) -> None:
-    """Every input file exists (a missing one is named before anything is decoded)."""
+    """Every input file exists and is a file (a missing one or a folder is named before anything is decoded)."""
     for modality in FILE_MODALITIES:
         for path in getattr(request, modality):
+            if os.path.isdir(path):
+                raise InputError(f"{modality} {path} is a directory, not a file: give the {modality} file itself")
             if not os.path.isfile(path):
                 raise InputError(f"{modality} file not found: {path}")
 
 
-def embed_request(encoder: ImageBind, request: Request) -> dict[str, torch.Tensor]:
-    """modality -> (1, dim) ImageBind embedding; several inputs of one modality are averaged (then normalised)."""
+def embed_request(encoder: ImageBind, request: Request, max_pixels: int | None = None) -> dict[str, torch.Tensor]:
+    """modality -> (1, dim) ImageBind embedding; several inputs of one modality are averaged (then normalised).
+    An image, or video frames, above `max_pixels` pixels (model.max_image_pixels) is refused before decoding."""
     check_files(request)
-    embedders: dict[str, Callable] = {"image": encoder.embed_images, "audio": encoder.embed_audio,
-                                      "video": encoder.embed_video, "text": encoder.embed_texts}  # fmt: skip
+    embedders: dict[str, Callable] = {
+        "image": functools.partial(encoder.embed_images, max_pixels=max_pixels), "audio": encoder.embed_audio,
+        "video": functools.partial(encoder.embed_video, max_pixels=max_pixels), "text": encoder.embed_texts,
+    }  # fmt: skip
     out = {}
     for modality, items in request.inputs().items():
         if modality == "text" and encoder.tokenizer is None:
@@ -179,6 +186,8 @@ def embed_request(encoder: ImageBind, request: Request) -> dict[str, torch.Tenso
                 rows.append(embedders[modality]([item]))
             except FileNotFoundError as e:
                 raise InputError(f"{modality} file not found: {item} ({e})") from None
+            except TooManyPixels as e:  # names the file and its size
+                raise InputError(f"{e}; model.max_image_pixels sets the limit") from None
             except ValueError as e:  # the decoders' errors name the file and say why
                 raise InputError(f"unreadable {modality} {item}: {e}") from None
         out[modality] = F.normalize(torch.cat(rows).mean(0, keepdim=True), dim=-1)

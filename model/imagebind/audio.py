@@ -40,6 +40,10 @@ class AudioDecodeError(ModelInputError):
     """A file that cannot be decoded or is too short to preprocess; the message names the file."""
 
 
+class NoAudioStream(ValueError):
+    """A media file FFmpeg opens that holds no audio stream (a silent video, a still image)."""
+
+
 def load_audio(path: str) -> tuple[torch.Tensor, int]:
     """Decode an audio file into float samples, as `torchaudio.load` does.
 
@@ -66,6 +70,11 @@ def load_audio(path: str) -> tuple[torch.Tensor, int]:
     for decode in decoders:
         try:
             samples, rate = decode(path)
+        except NoAudioStream as err:  # a media file FFmpeg reads, without sound: nothing else would find any
+            raise AudioDecodeError(f"cannot decode audio {path}: no audio stream ({err})") from None
+        except av.InvalidDataError:
+            problems.append(f"{decode.__name__.removeprefix('_read_')}: not a media file FFmpeg can read")
+            continue
         except (RuntimeError, OSError, ValueError, IndexError, av.FFmpegError) as err:
             problems.append(f"{decode.__name__.removeprefix('_read_')}: {err}")
             continue
@@ -87,7 +96,7 @@ def _read_pyav(path: str) -> tuple[np.ndarray, int]:
     chunks: list[np.ndarray] = []
     with av.open(path) as container:
         if not container.streams.audio:
-            raise ValueError("no audio stream")
+            raise NoAudioStream(f"it has: {', '.join(sorted({s.type for s in container.streams})) or 'no streams'}")
         stream = container.streams.audio[0]
         to_float = av.AudioResampler(format="fltp")  # sample-format conversion only: same layout and rate
         for frame in container.decode(stream):

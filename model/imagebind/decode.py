@@ -8,11 +8,25 @@ import os
 import numpy as np
 from PIL import Image, ImageOps
 
+from model.errors import ModelInputError
+
 IMAGE_SIZE = 224
 EXIF_ORIENTATION = 0x0112
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
 ImageSource = str | os.PathLike | bytes
+
+
+class TooManyPixels(ModelInputError):
+    """An image whose header gives more pixels than the limit it is decoded under; none of its pixels was decoded."""
+
+
+def check_pixels(what: str, width: int, height: int, max_pixels: int | None) -> None:
+    """Refuse a picture of `width` x `height` above `max_pixels` (None: no limit), naming `what` and both sizes."""
+    if max_pixels is not None and width * height > max_pixels:
+        raise TooManyPixels(
+            f"{what} is {width}x{height} ({width * height:,} pixels), above the limit of {max_pixels:,} pixels"
+        )
 
 
 def _describe(source: ImageSource) -> str:
@@ -58,27 +72,33 @@ def to_rgb(img: Image.Image, exif_transpose: bool = False) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def load_image(source: ImageSource, exif_transpose: bool = True) -> Image.Image:
+def load_image(source: ImageSource, exif_transpose: bool = True, max_pixels: int | None = None) -> Image.Image:
     """Decodes an image file or its bytes into an upright RGB PIL image.
 
     Args:
         source: a path or the encoded bytes.
         exif_transpose: apply the EXIF orientation (the reference does not; a photo's pixels then lie on their side).
+        max_pixels: refuse an image with more pixels, from its header, before any pixel is decoded (None: PIL's own
+            decompression-bomb guard only, which refuses above twice `Image.MAX_IMAGE_PIXELS` whatever this says).
 
     Returns:
         The decoded RGB image.
 
     Raises:
         FileNotFoundError: the path does not exist.
+        TooManyPixels: the image is larger than `max_pixels` (or than PIL's own limit); nothing was decoded.
         ValueError: the input cannot be decoded; the message names the file (or the byte count).
     """
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes | bytearray) else source) as img:
+            check_pixels(f"image {_describe(source)}", *img.size, max_pixels)  # the header's size: nothing decoded
             img.load()
             rgb = to_rgb(img, exif_transpose)
             return rgb.copy() if rgb is img else rgb  # the original is closed on leaving the block
-    except FileNotFoundError:
+    except (FileNotFoundError, TooManyPixels):
         raise
+    except Image.DecompressionBombError as err:  # PIL's limit, at twice its warning size, holds whatever ours is
+        raise TooManyPixels(f"image {_describe(source)} is too large to decode: {err}") from err
     except Exception as err:  # PIL raises many types for corrupt data (OSError, SyntaxError, struct.error, ...)
         raise ValueError(f"cannot decode image {_describe(source)}: {err}") from err
 

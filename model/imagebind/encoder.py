@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -109,17 +110,19 @@ class ImageBind:
         parts = [self.encode({key: prepare(items[i : i + batch_size])})[key] for i in range(0, len(items), batch_size)]
         return torch.cat(parts) if parts else torch.empty(0, self.dim)
 
-    def embed_images(self, items: Sequence, batch_size: int = 64) -> torch.Tensor:
-        """Paths, bytes or PIL images -> (N, dim)."""
-        return self._batched("vision", items, image.preprocess_images, batch_size)
+    def embed_images(self, items: Sequence, batch_size: int = 64, max_pixels: int | None = None) -> torch.Tensor:
+        """Paths, bytes or PIL images -> (N, dim); a file above `max_pixels` pixels is refused before it is decoded."""
+        prepare = functools.partial(image.preprocess_images, max_pixels=max_pixels)
+        return self._batched("vision", items, prepare, batch_size)
 
     def embed_audio(self, paths: Sequence[str], batch_size: int = 16) -> torch.Tensor:
         """Audio files -> (N, dim) (3 clips of 2 s each, averaged)."""
         return self._batched("audio", paths, audio.preprocess_audio, batch_size)
 
-    def embed_video(self, paths: Sequence[str], batch_size: int = 2) -> torch.Tensor:
-        """Video files -> (N, dim) (5 clips x 3 crops, averaged)."""
-        return self._batched("vision", paths, video.preprocess_videos, batch_size)
+    def embed_video(self, paths: Sequence[str], batch_size: int = 2, max_pixels: int | None = None) -> torch.Tensor:
+        """Video files -> (N, dim) (5 clips x 3 crops, averaged); frames above `max_pixels` pixels are refused."""
+        prepare = functools.partial(video.preprocess_videos, max_pixels=max_pixels)
+        return self._batched("vision", paths, prepare, batch_size)
 
     def embed_texts(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
         """Strings -> (N, dim)."""

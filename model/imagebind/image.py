@@ -12,6 +12,7 @@ from PIL import Image
 from model.imagebind.decode import (  # noqa: F401 (re-exported: the image preprocessing lives here)
     IMAGE_SIZE,
     ImageSource,
+    TooManyPixels,
     center_crop_box,
     load_image,
     resize_crop,
@@ -107,9 +108,14 @@ def train_transform(img: Image.Image, generator: torch.Generator | int) -> torch
     return to_normalized_tensor(crop)
 
 
-def preprocess_images(items: Sequence[ImageSource | Image.Image]) -> torch.Tensor:
-    """Loads (paths, bytes) or takes (PIL images) a batch and applies `preprocess_image`; returns (B, 3, 224, 224)."""
+def preprocess_images(items: Sequence[ImageSource | Image.Image], max_pixels: int | None = None) -> torch.Tensor:
+    """Loads (paths, bytes) or takes (PIL images) a batch and applies `preprocess_image`; returns (B, 3, 224, 224).
+
+    A file or bytes with more than `max_pixels` pixels is refused (`TooManyPixels`) before it is decoded.
+    """
     if not items:
         return torch.empty(0, 3, IMAGE_SIZE, IMAGE_SIZE)
-    tensors = [preprocess_image(it if isinstance(it, Image.Image) else load_image(it)) for it in items]
+    tensors = [
+        preprocess_image(it if isinstance(it, Image.Image) else load_image(it, max_pixels=max_pixels)) for it in items
+    ]
     return torch.stack(tensors)  # (B, 3, 224, 224)

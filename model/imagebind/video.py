@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from model.imagebind.decode import TooManyPixels, check_pixels
 from model.imagebind.image import CLIP_MEAN, CLIP_STD, IMAGE_SIZE
 
 CLIP_DURATION = 2  # seconds per clip (ConstantClipsPerVideoSampler)
@@ -88,14 +89,16 @@ def _frame_rate(stream: av.video.stream.VideoStream) -> float:
     return float(rate)
 
 
-def probe_video(source: VideoSource) -> tuple[int, float]:
+def probe_video(source: VideoSource, max_pixels: int | None = None) -> tuple[int, float]:
     """(frame count, average frame rate) of the first video stream, as decord reports them.
 
     The count is the container's frame count (nb_frames) or, where the container has none (e.g. Matroska), the
-    number of non-empty packets of the stream.
+    number of non-empty packets of the stream. Frames larger than `max_pixels` are refused (`TooManyPixels`) from
+    the stream's header, before any frame is decoded.
     """
     with _open(source) as container:
         stream = _video_stream(container, source)
+        check_pixels(f"video {_describe(source)}", stream.width, stream.height, max_pixels)
         fps = _frame_rate(stream)
         count = stream.frames or sum(1 for packet in container.demux(stream) if packet.size > 0)
     return count, fps
@@ -200,23 +203,25 @@ def preprocess_frames(frames: torch.Tensor | np.ndarray, fps: float) -> torch.Te
     return transform_clips(torch.as_tensor(frames[plan]))  # indexing copies: a read-only array is fine
 
 
-def preprocess_video(source: VideoSource) -> torch.Tensor:
+def preprocess_video(source: VideoSource, max_pixels: int | None = None) -> torch.Tensor:
     """Decodes a video (path or bytes) with PyAV and applies ImageBind's video transform.
 
-    Only the 10 frames the clips use are converted to RGB; decoding stops after the last of them.
+    Only the 10 frames the clips use are converted to RGB; decoding stops after the last of them. Frames of more
+    than `max_pixels` pixels are refused before any is decoded.
 
     Returns:
         (15, 3, 2, 224, 224) float32: 5 clips x 3 crops, each 2 frames.
 
     Raises:
         FileNotFoundError: the path does not exist.
+        TooManyPixels: the frames are larger than `max_pixels`.
         ValueError: no video stream or nothing decodable; the message names the file (or the byte count).
     """
     try:
-        num_frames, fps = probe_video(source)
+        num_frames, fps = probe_video(source, max_pixels)
         plan = clip_frame_indices(num_frames, fps)
         frames = read_frames(source, [i for clip in plan for i in clip])
-    except FileNotFoundError:
+    except (FileNotFoundError, TooManyPixels):
         raise
     except (av.FFmpegError, ValueError) as err:  # ValueError: e.g. no video stream
         raise ValueError(f"cannot decode video {_describe(source)}: {err}") from err
@@ -224,11 +229,11 @@ def preprocess_video(source: VideoSource) -> torch.Tensor:
     return transform_clips(clips)
 
 
-def preprocess_videos(items: Sequence[VideoSource]) -> torch.Tensor:
+def preprocess_videos(items: Sequence[VideoSource], max_pixels: int | None = None) -> torch.Tensor:
     """`preprocess_video` over a batch; returns (B, 15, 3, 2, 224, 224), the 6-D form ImageBind reads as clips."""
     if not items:
         return torch.empty(0, CLIPS_PER_VIDEO * NUM_CROPS, 3, FRAMES_PER_CLIP, IMAGE_SIZE, IMAGE_SIZE)
-    return torch.stack([preprocess_video(it) for it in items])
+    return torch.stack([preprocess_video(it, max_pixels) for it in items])
 
 
 def image_to_video(images: torch.Tensor, frames: int = FRAMES_PER_CLIP) -> torch.Tensor:

@@ -250,6 +250,20 @@ def test_unreadable_files_name_the_path(tmp_path: Path) -> None:
     missing = tmp_path / "missing.wav"
     with pytest.raises(FileNotFoundError, match=re.escape(str(missing))):
         load_audio(str(missing))
+    silent = tmp_path / "silent.mp4"
+    with av.open(str(silent), "w") as container:  # a video without sound
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        frame = av.VideoFrame.from_ndarray(np.zeros((48, 64, 3), np.uint8), format="rgb24")
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            container.mux(packet)
+    with pytest.raises(
+        AudioDecodeError, match=re.escape(f"cannot decode audio {silent}: no audio stream (it has: video)")
+    ):
+        load_audio(str(silent))
+    (tmp_path / "notes.txt").write_text("not audio\n" * 20)
+    with pytest.raises(AudioDecodeError, match=r"notes\.txt: pyav: not a media file FFmpeg can read"):
+        load_audio(str(tmp_path / "notes.txt"))
     tiny = write_wav(tmp_path / "tiny.wav", tones(16000, 0.01), 16000)  # 160 samples: not one 25 ms frame
     with pytest.raises(AudioDecodeError, match=re.escape(str(tiny))):
         preprocess_audio([str(tiny)])

@@ -8,12 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFile
 
+from model.errors import ModelInputError
 from model.imagebind.image import (
     CLIP_MEAN,
     CLIP_STD,
     IMAGE_SIZE,
+    TooManyPixels,
     center_crop_box,
     load_image,
     preprocess_image,
@@ -23,6 +25,7 @@ from model.imagebind.image import (
     to_normalized_tensor,
     train_transform,
 )
+from tests.hostile_media import png_claiming
 
 
 def noise_image(width: int, height: int, seed: int = 0, mode: str = "RGB") -> Image.Image:
@@ -138,6 +141,30 @@ def test_undecodable_input_names_the_file(tmp_path: Path) -> None:
         load_image(buf.getvalue()[:200])
     with pytest.raises(FileNotFoundError):
         load_image(tmp_path / "absent.jpg")
+
+
+def test_images_above_the_pixel_limit_are_refused_before_decoding(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "small.png").write_bytes(png_claiming(10_000, 10_000))  # a few dozen bytes on disk
+    with pytest.warns(Image.DecompressionBombWarning), pytest.raises(TooManyPixels) as caught:
+        load_image(tmp_path / "small.png", max_pixels=89_478_485)
+    assert str(caught.value) == (f"image {tmp_path / 'small.png'} is 10000x10000 (100,000,000 pixels), above the "
+                                 "limit of 89,478,485 pixels")  # fmt: skip
+    assert isinstance(caught.value, ModelInputError)
+    with pytest.raises(TooManyPixels, match=r"image <\d+ bytes> is too large to decode: .*400000000 pixels"):
+        load_image(png_claiming(20_000, 20_000))  # above PIL's own limit, whatever ours is
+
+    def no_decoding(self: ImageFile.ImageFile) -> None:
+        raise AssertionError("pixels were decoded")
+
+    data = io.BytesIO()
+    noise_image(40, 30).save(data, "PNG")
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
+    with pytest.raises(TooManyPixels, match=r"40x30 \(1,200 pixels\), above the limit of 1,199 pixels"):
+        preprocess_images([data.getvalue()], max_pixels=1199)
+    monkeypatch.undo()
+    assert load_image(data.getvalue(), max_pixels=1200).size == (40, 30)  # the limit itself is allowed
 
 
 def test_training_crop_statistics() -> None:

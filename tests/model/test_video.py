@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.imagebind.image import CLIP_MEAN, CLIP_STD
+from model.imagebind.image import CLIP_MEAN, CLIP_STD, TooManyPixels
 from model.imagebind.video import (
     clip_frame_indices,
     clip_windows,
@@ -168,6 +168,21 @@ def test_batch_and_errors(videos: dict[str, Path], tmp_path: Path) -> None:
         preprocess_video(tmp_path / "noise.mp4")
     with pytest.raises(FileNotFoundError):
         preprocess_video(tmp_path / "absent.mp4")
+
+
+def test_frames_above_the_pixel_limit_are_refused_before_decoding(
+    videos: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_decoding(*args: object, **kwargs: object) -> None:
+        raise AssertionError("frames were decoded")
+
+    monkeypatch.setattr(av.container.InputContainer, "decode", no_decoding)
+    with pytest.raises(TooManyPixels, match=r"video .*1s\.mp4 is 320x240 \(76,800 pixels\), above"):
+        preprocess_videos([videos["1s"]], max_pixels=320 * 240 - 1)
+    with pytest.raises(TooManyPixels, match=r"<\d+ bytes>"):
+        preprocess_video(videos["1s"].read_bytes(), max_pixels=1000)
+    monkeypatch.undo()
+    assert preprocess_video(videos["1s"], max_pixels=320 * 240).shape == (15, 3, 2, 224, 224)
 
 
 def test_image_to_video() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -20,14 +21,16 @@ import torch
 import yaml
 from PIL import Image
 
+from model.imagebind.decode import load_image, resize_crop
 from model.imagebind.encoder import ImageBind
 from model.imagebind.tokenizer import learn_merges, write_vocab
-from pipelines import extract
+from pipelines import extract, extract_read
 from pipelines.config import Config, load_config
 from stores import features
 from stores.ledger import Ledger, LedgerConflict
 from stores.metadata import make_uid
 from stores.workspace import Workspace
+from tests.hostile_media import add_member, png_claiming
 
 CAPTIONS = ["a red circle on a blue background", "a small green square on white", "a large star on black"]
 
@@ -169,6 +172,107 @@ def test_changed_settings_into_the_same_feature_set_are_refused(tmp_path: Path) 
         extract.run(changed)
     other_seed = cfg.model_copy(update={"seed": 1})  # other weights: another feature set, not a conflict
     assert extract.run(other_seed).encoder_id == "imagebind-tiny-init1"
+
+
+def jpeg(seed: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray((np.random.default_rng(seed).random((40, 50, 3)) * 255).astype(np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def write_hostile_tar(path: Path) -> dict[str, bytes]:
+    """A shard with one real sample (000000600), members that must fail their own sample, and json-less samples."""
+    real = {"jpg": jpeg(1), "txt": b"a red circle", "json": json.dumps({"uid": "real", "url": "http://h/600"}).encode()}
+    with tarfile.open(path, "w") as tf:
+        add_member(tf, "../../x/000000600.jpg", jpeg(2))  # would replace the real image if keyed by basename
+        for ext, data in real.items():
+            add_member(tf, f"000000600.{ext}", data)
+        add_member(tf, "/abs/000000601.jpg", jpeg(3))
+        add_member(tf, "000000601.txt", b"an absolute path's neighbour")
+        add_member(tf, "000000602.jpg", kind=tarfile.SYMTYPE, link="/etc/passwd")
+        add_member(tf, "000000602.txt", b"a symlink")
+        add_member(tf, "000000603.jpg", kind=tarfile.LNKTYPE, link="000000600.jpg")
+        add_member(tf, "000000604.jpg", kind=tarfile.CHRTYPE)
+        add_member(tf, "000000605.jpg", jpeg(4))
+        add_member(tf, "000000605.jpg", jpeg(5))  # the same member twice
+        add_member(tf, "000000605.txt", b"twice")
+        add_member(tf, "000000700.jpg", jpeg(6))  # no json: a uid of its own
+        add_member(tf, "000000700.txt", b"no json \x00 here\n" + b"x" * 1_000_000)
+        add_member(tf, "sub/000000700.jpg", jpeg(7))
+        add_member(tf, "sub/000000700.txt", b"no json either")
+        add_member(tf, "000000800.png", png_claiming(20_000, 20_000))
+        add_member(tf, "000000800.txt", b"a huge picture in a tiny file")
+        add_member(tf, "000000900.jpg", jpeg(8))
+        add_member(tf, "000000900.json", b"{not json")
+        add_member(tf, "000000901.jpg", jpeg(9))
+        add_member(tf, "000000901.json", b"[1, 2]")
+    return real
+
+
+def test_hostile_tar_members_fail_their_own_sample(tmp_path: Path) -> None:
+    real = write_hostile_tar(tmp_path / "00000.tar")
+    item = {"kind": "shard", "source": "s", "shard": "00000", "tar": str(tmp_path / "00000.tar"), "input": "x",
+            "sha256": hashlib.sha256((tmp_path / "00000.tar").read_bytes()).hexdigest()}  # fmt: skip
+    rows = extract_read.shard_rows(item, str(tmp_path), {}, caption_max_chars=40)
+    vocab = tmp_path / "vocab.txt.gz"
+    write_vocab(vocab, learn_merges(CAPTIONS * 4, 40))
+    cols = extract_read.prepare(rows, vocab.read_bytes(), max_pixels=10_000_000)
+    by_uid = {u: i for i, u in enumerate(cols["uid"])}
+    reasons = {str(u): str(r) for u, r in zip(cols["uid"], cols["reason"], strict=True)}
+    assert len(by_uid) == len(rows) == 13 and all(k == "sample" for k in cols["kind"])
+    i = by_uid["real"]
+    assert reasons["real"] == "" and cols["caption"][i] == "a red circle"
+    assert np.array_equal(cols["pixels"][i], np.asarray(resize_crop(load_image(real["jpg"]))))  # the real image
+
+    def uid(key: str) -> str:
+        return make_uid("s", f"00000.tar#{key}")
+
+    assert reasons[uid("../../x/000000600")] == "unsafe_member: ../../x/000000600.jpg is a '..' component"
+    assert reasons[uid("/abs/000000601")] == "unsafe_member: /abs/000000601.jpg is an absolute path"
+    assert reasons[uid("000000601")].startswith("decode: cannot decode image <0 bytes>")  # its image never arrived
+    assert reasons[uid("000000602")] == "unsafe_member: 000000602.jpg is a symbolic link"
+    assert reasons[uid("000000603")] == "unsafe_member: 000000603.jpg is a hard link"
+    assert reasons[uid("000000604")] == "unsafe_member: 000000604.jpg is a character device"
+    assert reasons[uid("000000605")] == "duplicate_member: 000000605.jpg appears more than once"
+    assert reasons[uid("000000700")] == reasons[uid("sub/000000700")] == ""  # two json-less samples, two uids
+    assert (
+        cols["caption"][by_uid[uid("000000700")]] == "no json   here " + "x" * 25
+    )  # NUL and newline to spaces, 40 chars
+    assert reasons[uid("000000900")].startswith("bad_json: Expecting property name")
+    assert reasons[uid("000000901")] == "bad_json: a list, not an object"
+    too_large = reasons[uid("000000800")]
+    assert too_large.startswith("too_large: image <") and "400000000 pixels" in too_large
+    assert extract_read.shard_rows(item, str(tmp_path), {}) == extract_read.shard_rows(item, str(tmp_path), {})
+
+
+def test_a_tar_changed_after_its_download_commit_is_not_read(tmp_path: Path) -> None:
+    cfg = make_workspace(tmp_path, shards=2, per_shard=4, broken=False)
+    ws = Workspace(cfg.workspace)
+    items = extract.shard_items(ws, "s")
+    assert [it["sha256"] for it in items] == [hashlib.sha256(Path(it["tar"]).read_bytes()).hexdigest() for it in items]
+    folder = Path(cfg.workspace) / "shards" / "s"
+    write_hostile_tar(folder / "00000.tar")  # changed after the commit: hostile or not, it is never read
+    rows = extract_read.shard_rows({**items[0], "kind": "shard"}, ws.root, {})
+    assert [r["kind"] for r in rows] == ["shard_error"]
+    assert rows[0]["caption"].startswith(f"{items[0]['tar']} changed after its download was committed (sha256 ")
+
+    cfg.model.max_image_pixels = 1000  # the JPEGs of shard 1 are 80 wide, 60 and more high: all too large
+    result = extract.run(cfg)
+    (src,) = result.sources
+    assert (
+        set(src.failed_shards) == {"00000"} and "changed after its download was committed" in src.failed_shards["00000"]
+    )
+    assert "ibllm download" in src.failed_shards["00000"]
+    ledger = Ledger.reader(ws, "extract", f"{result.encoder_id}.s")
+    assert set(ledger.failures()) == {"00000"} and set(ledger.committed()) == {"00001"}
+    fails = ledger.files(".parquet")
+    reasons = duckdb.sql(f"SELECT reason FROM read_parquet({[f for f in fails if 'failures-' in f]!r})").fetchall()
+    assert src.rows == 0 and sorted(r[0].split(":")[0] for r in reasons) == ["decode", "too_large", "too_large",
+                                                                            "too_large"]  # fmt: skip
+
+    write_hostile_tar(folder / "00001.tar")  # a shard already extracted: current by its download record, never reread
+    again = extract.run(cfg).sources[0]
+    assert again.new_shards == 0 and set(again.failed_shards) == {"00000"} and again.shards == 1
 
 
 @pytest.mark.slow

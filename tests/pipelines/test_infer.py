@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from flows.cli import main
 from model.imagebind.tokenizer import learn_merges, write_vocab
@@ -20,6 +21,7 @@ from pipelines.errors import InputError
 from pipelines.infer_inputs import Request, parse_request, parse_weights
 from stores.index import CacheIndex
 from stores.workspace import Workspace
+from tests.hostile_media import png_claiming
 from tests.pipelines.train_fixture import COLOURS, SHAPES, caption, train_config
 
 GREEDY = {"temperature": 0.0, "max_new_tokens": 6}
@@ -198,3 +200,27 @@ def test_cli_generate(trained: tuple[Config, dict[str, str], str], capfd: pytest
     assert main([*base, "--requests", str(batch), "--output", str(out)]) == 4  # nothing replaced without --force
     assert "add --force" in capfd.readouterr().err
     assert main([*base, "--requests", str(batch), "--output", str(out), "--force"]) == 7
+
+
+def test_cli_generate_refuses_hostile_media(
+    trained: tuple[Config, dict[str, str], str], tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    cfg, f, _ = trained
+    base = ["generate", "--workspace", cfg.workspace, "--set", f"model.tokenizer_path={cfg.model.tokenizer_path}"]
+    assert main([*base, "--image", str(tmp_path)]) == 4
+    assert f"image {tmp_path} is a directory, not a file" in capfd.readouterr().err
+    assert main([*base, "--audio", f["mp4"]]) == 4  # a video without sound
+    assert f"unreadable audio {f['mp4']}: cannot decode audio {f['mp4']}: no audio stream (it has: video)" in (
+        capfd.readouterr().err
+    )
+    (tmp_path / "notes.txt").write_text("not audio\n" * 20)
+    assert main([*base, "--audio", str(tmp_path / "notes.txt")]) == 4
+    assert "notes.txt: pyav: not a media file FFmpeg can read" in capfd.readouterr().err
+    (tmp_path / "huge.png").write_bytes(png_claiming(10_000, 10_000))  # a few dozen bytes on disk
+    with pytest.warns(Image.DecompressionBombWarning):  # PIL's warning at open; our limit refuses it right after
+        assert main([*base, "--image", str(tmp_path / "huge.png")]) == 4
+    err = capfd.readouterr().err
+    assert f"image {tmp_path / 'huge.png'} is 10000x10000 (100,000,000 pixels), above the limit of 89,478,485" in err
+    assert "model.max_image_pixels sets the limit" in err
+    assert main([*base, "--set", "model.max_image_pixels=1000", "--video", f["mp4"]]) == 4
+    assert f"video {f['mp4']} is " in capfd.readouterr().err
