@@ -11,12 +11,14 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 
+log = logging.getLogger(__name__)
 VERBOSE_ENV = "IBLLM_VERBOSE"  # "1": everything third-party libraries print (set by `ibllm --verbose`)
 INTERVAL_ENV = "IBLLM_PROGRESS_SECONDS"  # seconds between progress lines (default 20)
 
 
 # What img2dataset prints that a user does not need: its set-up lines, its advice to watch bwm-ng, two lines per
 # shard, and its bar of shards (the download stage prints its own progress line per interval instead).
+_NUMBERS = re.compile(r"0x[0-9a-fA-F]+|\d+")  # what differs between repeats of one message
 IMG2DATASET_CHATTER = (
     r"^Starting the downloading of this file", r"^Sharding file number \d+ of \d+", r"^File sharded in \d+ shards",
     r"^Downloading starting now, check your bandwidth", r"^(worker|total)\s+- success:", r"^\s*\d+it \[",
@@ -162,7 +164,8 @@ def filtered_output(chatter: Iterable[str]) -> Iterator[None]:
     for fd in (1, 2):
         os.dup2(write_end, fd)
     os.close(write_end)
-    pump = threading.Thread(target=_pump, args=(read_end, saved[2], pattern), daemon=True)
+    left_out = [0]  # repeats the pump left out
+    pump = threading.Thread(target=_pump, args=(read_end, saved[2], pattern, left_out), daemon=True)
     pump.start()
     try:
         yield
@@ -174,12 +177,30 @@ def filtered_output(chatter: Iterable[str]) -> Iterator[None]:
         pump.join(timeout=10)
         for copy in saved.values():
             os.close(copy)
+        if left_out[0]:
+            log.warning("%d similar line(s) left out (--verbose shows everything)", left_out[0])
 
 
-def _pump(read_end: int, out: int, pattern: re.Pattern[str]) -> None:
+def _pump(read_end: int, out: int, pattern: re.Pattern[str], left_out: list[int]) -> None:
+    """Copy lines to `out`, leaving out chatter, the frames of tracebacks (their last line, the error, stays) and
+    repeats of a line seen before (numbers and addresses aside), counted in `left_out`."""
+    seen: set[str] = set()
+    in_traceback = False
     with os.fdopen(read_end, "rb") as pipe:
         for raw in pipe:
             for line in raw.replace(b"\r", b"\n").splitlines(keepends=True):
                 text = line.decode(errors="replace")
-                if text.strip() and not pattern.search(text):
-                    os.write(out, line if line.endswith(b"\n") else line + b"\n")
+                if text.startswith("Traceback (most recent call last)"):
+                    in_traceback = True
+                    continue
+                if in_traceback and text[:1].isspace():
+                    continue
+                in_traceback = False
+                if not text.strip() or pattern.search(text):
+                    continue
+                shape = _NUMBERS.sub("#", text.strip())
+                if shape in seen:
+                    left_out[0] += 1
+                    continue
+                seen.add(shape)
+                os.write(out, line if line.endswith(b"\n") else line + b"\n")

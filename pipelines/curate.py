@@ -11,7 +11,7 @@ import time
 
 from pydantic import BaseModel
 
-from pipelines.config import Config
+from pipelines.config import Config, ConfigError
 from stores import curation
 from stores.ledger import Ledger
 from stores.sources import connect
@@ -140,7 +140,7 @@ def _result(source: str, funnel: list[dict], files: list[str], skipped: bool) ->
 def run(cfg: Config, force: bool = False) -> CurateResult:
     """Curate every source in config order."""
     if not cfg.sources:
-        raise ValueError("the config has no sources to curate (add entries under `sources:`)")
+        raise ConfigError("sources: the config has no sources to curate (add entries under `sources:`)")
     start = time.perf_counter()
     ws = Workspace(cfg.workspace, cfg.storage_options)
     results = [curate_source(cfg, ws, i, force=force) for i in range(len(cfg.sources))]

@@ -11,7 +11,7 @@ import time
 import pyarrow.parquet as pq
 from pydantic import BaseModel
 
-from pipelines.config import Config
+from pipelines.config import Config, ConfigError
 from pipelines.console import Progress, polling
 from pipelines.download_commit import commit_staged, completed, harvest, new_staging, remove_tree
 from pipelines.download_decode import DECODER_ID, decoder_for
@@ -189,7 +189,7 @@ def _checksum(ws: Workspace, path: str) -> str:
 def run(cfg: Config, force: bool = False, retry_failed: bool = False) -> DownloadResult:
     """Download every source's curated url lists, or with `retry_failed` only their retryable failures."""
     if not cfg.sources:
-        raise ValueError("the config has no sources to download (add entries under `sources:`)")
+        raise ConfigError("sources: the config has no sources to download (add entries under `sources:`)")
     start = time.perf_counter()
     ws = Workspace(cfg.workspace, cfg.storage_options)
     results = []

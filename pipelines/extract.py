@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field
 from model.imagebind.encoder import encoder_id_for
 from model.imagebind.tokenizer import learn_merges, write_vocab
 from pipelines import extract_encode, extract_read, ray_runtime
-from pipelines.config import Config
+from pipelines.config import Config, ConfigError
 from pipelines.console import Progress, quiet_ray_data
 from pipelines.errors import InputError
 from stores import features
@@ -71,7 +71,7 @@ def resolve_vocab(cfg: Config, ws: Workspace) -> bytes:
         with fsspec.open(cfg.model.imagebind_vocab, "rb") as f:
             return f.read()
     if cfg.model.imagebind == "huge":
-        raise ValueError("model.imagebind_vocab is required with the huge encoder (bpe_simple_vocab_16e6.txt.gz)")
+        raise ConfigError("model.imagebind_vocab is required with the huge encoder (bpe_simple_vocab_16e6.txt.gz)")
     path = ws.path(*DEMO_VOCAB)
     if not ws.exists(path):  # a small vocabulary of the same format, learned from the data (no download)
         captions = [r[0] for r in Catalog(ws).query("SELECT caption FROM curated ORDER BY uid")]

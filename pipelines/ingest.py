@@ -10,7 +10,7 @@ import time
 
 from pydantic import BaseModel
 
-from pipelines.config import Config, SourceConfig
+from pipelines.config import Config, ConfigError, SourceConfig
 from pipelines.console import Progress
 from pipelines.errors import InputError
 from stores import sources as formats
@@ -121,7 +121,7 @@ def ingest_source(
 def run(cfg: Config, force: bool = False) -> IngestResult:
     """Ingest every source of the config, in order."""
     if not cfg.sources:
-        raise ValueError("the config has no sources to ingest (add entries under `sources:`)")
+        raise ConfigError("sources: the config has no sources to ingest (add entries under `sources:`)")
     start = time.perf_counter()
     ws = Workspace(cfg.workspace, cfg.storage_options)
     cap = cfg.curate.caption_max_chars

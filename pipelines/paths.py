@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from collections.abc import Iterable
@@ -45,16 +46,20 @@ def absolute_paths(values: Iterable[str]) -> list[str]:
 
 
 def check_workspace(cfg: Config) -> None:
-    """Create a local workspace folder now; raise WorkspaceError naming `workspace` and the absolute path if not."""
+    """Create a local workspace folder now; raise WorkspaceError naming `workspace` and the absolute path if it
+    cannot be, or the storage's OSError (read-only, no permission, full) naming the folder."""
     root = cfg.workspace
     if is_url(root):
         return
     try:
         os.makedirs(root, exist_ok=True)
     except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT):
+            raise OSError(e.errno, e.strerror, root) from None  # the storage's refusal (exit 5), naming the folder
         raise WorkspaceError(f"workspace: cannot create {root}: {e.strerror or e}") from None
     if not os.access(root, os.W_OK | os.X_OK):
-        raise WorkspaceError(f"workspace: {root} is not writable")
+        code = errno.EROFS if os.statvfs(root).f_flag & os.ST_RDONLY else errno.EACCES
+        raise OSError(code, os.strerror(code), root)
 
 
 def check_model_paths(cfg: Config, fields: Iterable[str] = MODEL_PATHS) -> None:

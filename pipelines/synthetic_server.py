@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 from pipelines import synthetic
 from pipelines import synthetic_media as media
 from pipelines.config import Config, SyntheticConfig
+from pipelines.errors import InputError
 from pipelines.synthetic import Item, SyntheticSource
 from stores.workspace import Workspace
 
@@ -159,7 +160,7 @@ def serving(cfg: Config) -> Iterator[SyntheticServer | None]:
     written = synthetic.written_base_url(Workspace(cfg.workspace, cfg.storage_options))
     with server_for(cfg) as server:
         if written and server.base_url != written:
-            raise RuntimeError(
+            raise InputError(
                 f"the synthetic source was written for {written}, which is no longer free; "
                 "run `ibllm synthetic` to write it for a new address"
             )

@@ -26,6 +26,7 @@ from model.llm_checkpoint import load_tensors, read_checkpoint, write_checkpoint
 from model.llm_phases import decay_groups, phase_parameters, set_phase
 from model.weights import load_weights_only
 from pipelines.console import Progress
+from pipelines.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +155,7 @@ def _shard_like_params(sd: dict[str, Any], optimizer: torch.optim.Optimizer) -> 
     """A full optimizer state (from `_full_optimizer_state`) cut to this rank's shard of each sharded parameter."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
     if len(params) != sum(len(g["params"]) for g in sd["param_groups"]):
-        raise ValueError(f"the checkpoint's optimizer state covers {sum(len(g['params']) for g in sd['param_groups'])}"
+        raise InputError(f"the checkpoint's optimizer state covers {sum(len(g['params']) for g in sd['param_groups'])}"
                          f" parameters, this run trains {len(params)}: not the same phase or model")  # fmt: skip
     state = {}
     for i, entries in sd["state"].items():

@@ -282,11 +282,19 @@ def test_killed_at_random_moments_ends_exactly_once(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     rng = random.Random(7)
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    for _ in range(3):
+    leases = Path(cfg.workspace) / "leases" / "extract"
+    for attempt in range(3):
         command = [sys.executable, "-m", "flows.cli", "extract", "-c", str(path)]
         proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)  # fmt: skip
-        time.sleep(rng.uniform(4.0, 12.0))
+        started = time.time()
+        if attempt == 0:  # a second extraction while the first runs is refused (the second and third attempts
+            while not list(leases.glob("*.json")) and time.time() - started < 60:  # take over a killed run's lease)
+                time.sleep(0.1)
+            second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+            assert second.returncode == 6, second.stderr[-2000:]
+            assert "is being written by another run" in second.stderr
+        time.sleep(max(0.0, rng.uniform(4.0, 12.0) - (time.time() - started)))
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     result = extract.run(load_config(path))
