@@ -13,6 +13,8 @@ import pytest
 import yaml
 
 from flows.cli import COMMANDS, main
+from stores.lease import lease
+from stores.workspace import Workspace
 
 SMALL = ["--set", "synthetic.count=24", "--set", "synthetic.slow_seconds=3", "--set", "download.timeout=1.5"]
 
@@ -62,6 +64,10 @@ def test_changed_settings_exit_3_then_force(tmp_path: Path, capsys: pytest.Captu
     assert main(["synthetic", *ws, *SMALL, "--set", "synthetic.seed=9"]) == 3
     assert "seed: 0 -> 9" in capsys.readouterr().err
     assert main(["synthetic", "--json", "--force", *ws, *SMALL, "--set", "synthetic.seed=9"]) == 0
+    capsys.readouterr()
+    with lease(Workspace(str(tmp_path / "ws")), "synthetic", "synthetic"):  # another run is writing it
+        assert main(["synthetic", *ws, *SMALL, "--set", "synthetic.seed=9"]) == 6
+    assert "synthetic output 'synthetic' is being written by another run (pid" in capsys.readouterr().err
 
 
 def test_serve_until_terminated(tmp_path: Path) -> None:

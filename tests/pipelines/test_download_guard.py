@@ -39,7 +39,8 @@ def get(url: str, allow: bool | Sequence[str] = False, retries: int = 0) -> tupl
 def reason(error: str) -> tuple[str, bool]:
     """The catalog's (reason, retryable) of a failed download's message."""
     sql = f"SELECT reason, {RETRYABLE_SQL} FROM (SELECT {REASON_SQL} AS reason FROM (SELECT $s AS status, $e AS error_message))"  # noqa: E501
-    return duckdb.execute(sql, {"s": "failed_to_download", "e": error}).fetchone()
+    with duckdb.connect() as con:  # its own connection: a half-read result would block the default one
+        return con.execute(sql, {"s": "failed_to_download", "e": error}).fetchone()
 
 
 @pytest.mark.parametrize("ip", BLOCKED_IPS)

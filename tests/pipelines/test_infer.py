@@ -162,19 +162,19 @@ def test_bad_inputs_are_refused_with_clear_errors(trained: tuple[Config, dict[st
 
 
 def test_the_newest_stage2_run_is_preferred(trained: tuple[Config, dict[str, str], str], tmp_path: Path) -> None:
-    _, _, checkpoint = trained
+    _, _, trained_checkpoint = trained
     ws = Workspace(str(tmp_path / "ws"))
+    checkpoint = ws.checkpoints("stage1", "20260101-000000-aaaa", "local", "step-00000001", "model")
+    copy = ws.checkpoints("stage2", "20260102-000000-bbbb", "local", "step-00000001", "model")
+    for target in (checkpoint, copy):
+        shutil.copytree(trained_checkpoint, target)
     run1 = Path(ws.checkpoints("stage1", "20260101-000000-aaaa", "run.json"))
-    run1.parent.mkdir(parents=True)
-    run1.write_text(json.dumps({"status": "complete", "checkpoint": checkpoint}))
+    run1.write_text(json.dumps({"status": "complete", "checkpoint": "local/step-00000001/model"}))
     assert infer.choose_checkpoint(ws) == checkpoint
-    copy = str(tmp_path / "stage2-model")
-    shutil.copytree(checkpoint, copy)
     run2 = Path(ws.checkpoints("stage2", "20260102-000000-bbbb", "run.json"))
-    run2.parent.mkdir(parents=True)
-    run2.write_text(json.dumps({"status": "running", "checkpoint": copy}))
+    run2.write_text(json.dumps({"status": "running", "checkpoint": "local/step-00000001/model"}))
     assert infer.choose_checkpoint(ws) == checkpoint  # an unfinished stage-2 run is not used
-    run2.write_text(json.dumps({"status": "complete", "checkpoint": copy}))
+    run2.write_text(json.dumps({"status": "complete", "checkpoint": copy}))  # as an older ibllm wrote it: in full
     assert infer.choose_checkpoint(ws) == copy
     assert infer.choose_checkpoint(ws, copy) == copy
 
