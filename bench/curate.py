@@ -61,7 +61,7 @@ def config(root: str, meta: str, rows: int) -> object:
 
 
 def child_ibllm(root: str, meta: str, rows: int) -> dict:
-    from pipelines import curate
+    from pipelines.curate import stage as curate
 
     start = time.perf_counter()
     result = curate.run(config(root, meta, rows), force=True)
@@ -128,7 +128,7 @@ def main() -> None:
         root = os.path.join(args.dir, f"{rows}")
         os.makedirs(root, exist_ok=True)
         meta = generate(rows, root)
-        from pipelines import ingest
+        from pipelines.ingest import stage as ingest
 
         start = time.perf_counter()
         ingest.run(config(root, meta, rows))

@@ -3,7 +3,7 @@
 Usage: python bench/download.py [--images 3000] [--rounds 2]
 Both download the same curated url list from the same synthetic server with the same settings; the runs alternate
 and the best of each is compared (the pipeline's time includes its ledger commits). Before, the CPU time per image
-of the two decoders alone on the same images: ours (PIL, pipelines/download_decode.py) and img2dataset's (OpenCV).
+of the two decoders alone on the same images: ours (PIL, pipelines/download/decode.py) and img2dataset's (OpenCV).
 """
 
 from __future__ import annotations
@@ -17,9 +17,12 @@ import sys
 import tempfile
 import time
 
-from pipelines import curate, download, ingest, synthetic
 from pipelines.config import Config, DownloadConfig, SourceConfig, SyntheticConfig
-from pipelines.synthetic_server import SyntheticServer
+from pipelines.curate import stage as curate
+from pipelines.demo import synthetic
+from pipelines.demo.synthetic_server import SyntheticServer
+from pipelines.download import stage as download
+from pipelines.ingest import stage as ingest
 
 
 def bare_command(cfg: Config, url_list: str, out: str) -> list[str]:
@@ -38,8 +41,8 @@ def decoder_cost(cfg: Config) -> None:
     """CPU milliseconds per image of our decoder and of img2dataset's resizer, same images, same settings."""
     from img2dataset.resizer import Resizer
 
-    from pipelines.download_decode import decoder_for
-    from pipelines.synthetic import SyntheticSource
+    from pipelines.demo.synthetic import SyntheticSource
+    from pipelines.download.decode import decoder_for
 
     images = [it.render(cfg.synthetic.seed) for it in SyntheticSource(cfg.synthetic).items[:500]]
     d = cfg.download

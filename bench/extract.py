@@ -29,8 +29,10 @@ from PIL import Image
 from model.imagebind import image as image_ops
 from model.imagebind.encoder import ImageBind
 from model.imagebind.tokenizer import Tokenizer, learn_merges, write_vocab
-from pipelines import extract, extract_read, ray_runtime
+from pipelines import ray_runtime
 from pipelines.config import Config
+from pipelines.extract import read as extract_read
+from pipelines.extract import stage as extract
 from stores import features
 from stores.ledger import Ledger
 from stores.metadata import make_uid

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from memory import PeakMemory
 
-from model.cache import cache_mix
+from model.llm.cache import cache_mix
 from stores import features
 from stores.index import BuildSettings, CacheIndex, build, exact_top_k
 from stores.workspace import Workspace

@@ -7,8 +7,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from pipelines.config import SyntheticConfig
-from pipelines.probe import classify
-from pipelines.synthetic_server import SyntheticServer
+from pipelines.demo.probe import classify
+from pipelines.demo.synthetic_server import SyntheticServer
 
 COUNT = int(os.environ.get("BENCH_IMAGES", "600"))
 

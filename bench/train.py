@@ -1,7 +1,7 @@
 """Benchmark: stage-1 training on CPU: loader vs model rate, cached features vs the encoder in the loop, padding.
 
 Usage: python -m bench.train [--quick] [--threads N] [--batch 64] [--presets tiny base] [--encoder-batch 16]
-1. The input pipeline alone (Parquet parts -> seeded shuffle -> tokenise -> collate: pipelines.train_data) over one
+1. The input pipeline alone (Parquet parts -> seeded shuffle -> tokenise -> collate: pipelines.train.data) over one
    epoch, in samples/s, against the tiny model's stage-1 step (forward, backward, AdamW) on the same batches.
 2. The same LLM step fed cached features vs fed by ImageBind in the loop, as the reference trains: decode the JPEG
    bytes, preprocess, frozen encoder forward under no_grad, then the step; per ImageBind preset, same batch.
@@ -21,13 +21,13 @@ import numpy as np
 import torch
 
 from model.imagebind.encoder import ImageBind
-from model.llm import ImageBindLLM
-from model.llm_config import LLMConfig
-from model.llm_phases import decay_groups, set_phase
-from model.llm_tokenizer import BPETokenizer, train_bpe_tokenizer
-from model.prompts import CAPTION_INSTRUCTION, collate, encode_example, format_prompt
-from pipelines.synthetic_media import BACKGROUNDS, COLORS, SHAPES, draw_shape, encode_image
-from pipelines.train_data import FeatureCaptions, Micro, Plan, step_batches
+from model.llm.config import LLMConfig
+from model.llm.model import ImageBindLLM
+from model.llm.phases import decay_groups, set_phase
+from model.llm.prompts import CAPTION_INSTRUCTION, collate, encode_example, format_prompt
+from model.llm.tokenizer import BPETokenizer, train_bpe_tokenizer
+from pipelines.demo.synthetic_media import BACKGROUNDS, COLORS, SHAPES, draw_shape, encode_image
+from pipelines.train.data import FeatureCaptions, Micro, Plan, step_batches
 from stores import features
 from stores.workspace import Workspace
 
@@ -61,7 +61,7 @@ def write_parts(root: str, captions: Sequence[str], parts: int, rng: np.random.G
 
 
 def make_model(vocab: int) -> tuple[ImageBindLLM, torch.optim.Optimizer]:
-    """The tiny ImageBind-LLM in its stage-1 phase and the AdamW of pipelines.train_loop."""
+    """The tiny ImageBind-LLM in its stage-1 phase and the AdamW of pipelines.train.loop."""
     torch.manual_seed(0)
     model = ImageBindLLM(LLMConfig.preset("tiny", vocab_size=vocab))
     trainable = set_phase(model, "pretrain")

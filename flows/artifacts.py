@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from pipelines.curate import CurateResult
-from pipelines.demo_check import DemoCheck
-from pipelines.evaluate import EvalResult
-from pipelines.report import ReportResult
-from pipelines.train import TrainResult
+from pipelines.curate.stage import CurateResult
+from pipelines.demo.check import DemoCheck
+from pipelines.evaluate.stage import EvalResult
+from pipelines.report.stage import ReportResult
+from pipelines.train.stage import TrainResult
 
 CURVE_POINTS = 50  # rows of the loss-curve table
 

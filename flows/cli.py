@@ -48,8 +48,8 @@ def cmd_config(cfg: Config, args: argparse.Namespace) -> Config:
 
 def cmd_synthetic(cfg: Config, args: argparse.Namespace) -> BaseModel:
     """Write the synthetic source, check what the server answers, and optionally keep serving."""
-    from pipelines import synthetic
-    from pipelines.synthetic_server import server_for
+    from pipelines.demo import synthetic
+    from pipelines.demo.synthetic_server import server_for
 
     with server_for(cfg) as server:
         result = synthetic.run(cfg, server.base_url, force=args.force)
@@ -60,22 +60,22 @@ def cmd_synthetic(cfg: Config, args: argparse.Namespace) -> BaseModel:
 
 def cmd_ingest(cfg: Config, args: argparse.Namespace) -> BaseModel:
     """Normalise every source's metadata files into sources/<source>/ (one shard per file)."""
-    from pipelines import ingest
+    from pipelines.ingest import stage as ingest
 
     return ingest.run(cfg, force=args.force)
 
 
 def cmd_curate(cfg: Config, args: argparse.Namespace) -> BaseModel:
     """Filter every source into url lists, with the funnel of every filter."""
-    from pipelines import curate
+    from pipelines.curate import stage as curate
 
     return curate.run(cfg, force=args.force)
 
 
 def cmd_download(cfg: Config, args: argparse.Namespace) -> BaseModel:
     """Download the curated url lists into webdataset shards with img2dataset (resumable)."""
-    from pipelines import download
-    from pipelines.synthetic_server import serving
+    from pipelines.demo.synthetic_server import serving
+    from pipelines.download import stage as download
 
     with serving(cfg):
         return download.run(cfg, force=args.force, retry_failed=args.retry_failed)
@@ -83,28 +83,28 @@ def cmd_download(cfg: Config, args: argparse.Namespace) -> BaseModel:
 
 def cmd_extract(cfg: Config, args: argparse.Namespace) -> BaseModel:
     """Compute ImageBind image and text features of every downloaded shard into Parquet (Ray, resumable)."""
-    from pipelines import extract
+    from pipelines.extract import stage as extract
 
     return extract.run(cfg, force=args.force)
 
 
 def cmd_index(cfg: Config, args: argparse.Namespace) -> BaseModel:
     """Build the visual cache over `index.source`'s features (when they changed); --query-image looks into it."""
-    from pipelines import index
+    from pipelines.index import stage as index
 
     return index.run(cfg, force=args.force, query_image=args.query_image, k=args.k)
 
 
 def cmd_report(cfg: Config, args: argparse.Namespace) -> BaseModel:
     """Write the curation report (HTML, figures, summary.json) and refresh the catalog."""
-    from pipelines import report
+    from pipelines.report import stage as report
 
     return report.run(cfg)
 
 
 def cmd_catalog(cfg: Config, args: argparse.Namespace) -> BaseModel:
     """One SQL query over the catalog's views (default: download outcomes by source and reason)."""
-    from pipelines import query
+    from pipelines.report import query
 
     return query.run(cfg, args.sql)
 
@@ -118,8 +118,8 @@ def cmd_demo(cfg: Config, args: argparse.Namespace) -> BaseModel:
 
 def cmd_train(cfg: Config, args: argparse.Namespace) -> BaseModel:
     """Train stage 1 (bind network, gates, prefix) or stage 2 (LoRA, biases, norms) on cached features."""
-    from pipelines import train
-    from pipelines.demo_setup import prepare_training
+    from pipelines.demo.setup import prepare_training
+    from pipelines.train import stage as train
 
     prepare_training(cfg, args.stage)
     return train.run(cfg, args.stage, resume=args.resume, local=args.local, max_steps=args.max_steps)
@@ -127,28 +127,28 @@ def cmd_train(cfg: Config, args: argparse.Namespace) -> BaseModel:
 
 def cmd_base(cfg: Config, args: argparse.Namespace) -> BaseModel:
     """Stage 0 of the demo: train its small base LLaMA and tokenizer on the synthetic language (once)."""
-    from pipelines import base_lm
+    from pipelines.demo import base_lm
 
     return base_lm.run(cfg, force=args.force)
 
 
 def cmd_evaluate(cfg: Config, args: argparse.Namespace) -> BaseModel:
     """Held-out loss and perplexity of a checkpoint, and the loss with the visual features shuffled."""
-    from pipelines import evaluate
+    from pipelines.evaluate import stage as evaluate
 
     return evaluate.run(cfg, args.stage, checkpoint=args.checkpoint)
 
 
 def cmd_retrain(cfg: Config, args: argparse.Namespace) -> BaseModel:
     """Retrain on the shards new since the last retrain and promote the model only when it is at least as good."""
-    from pipelines import retrain
+    from pipelines.retrain import stage as retrain
 
     return retrain.run(cfg, force=args.force)
 
 
 def cmd_convert(cfg: Config, args: argparse.Namespace) -> BaseModel:
     """Convert released weights: `llama` (Meta -> transformers), `adapter` (official 7B.pth -> ours), `export`."""
-    from pipelines import convert
+    from pipelines.convert import stage as convert
 
     if args.kind == "llama":
         return convert.llama(args.source, args.output, args.dtype, args.vocab_size, args.overwrite)
@@ -159,8 +159,8 @@ def cmd_convert(cfg: Config, args: argparse.Namespace) -> BaseModel:
 
 def cmd_generate(cfg: Config, args: argparse.Namespace) -> BaseModel:
     """Answer a prompt about any mix of image, audio, video and text inputs, or every request of a JSONL file."""
-    from pipelines import infer
-    from pipelines.infer_inputs import check_weighted_inputs, make_request, parse_weights
+    from pipelines.infer import stage as infer
+    from pipelines.infer.inputs import check_weighted_inputs, make_request, parse_weights
 
     sampling = {"temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens}
     request = make_request(

@@ -8,8 +8,16 @@ from pydantic import BaseModel
 from flows import artifacts
 from flows.stages import CurationResult, curate_flow, evaluate_flow, extract_flow, index_flow, report_flow, train_flow
 from flows.tasks import ask_task, base_task, check_task, instructions_task
-from pipelines import base_lm, demo_ask, demo_check, demo_data, evaluate, extract, index, report, train
 from pipelines.config import Config, resolve_config
+from pipelines.demo import ask as demo_ask
+from pipelines.demo import base_lm
+from pipelines.demo import check as demo_check
+from pipelines.demo import data as demo_data
+from pipelines.evaluate import stage as evaluate
+from pipelines.extract import stage as extract
+from pipelines.index import stage as index
+from pipelines.report import stage as report
+from pipelines.train import stage as train
 
 
 class PipelineResult(BaseModel):

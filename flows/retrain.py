@@ -9,9 +9,9 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows import artifacts
 from flows.tasks import DAY, HOUR, extract_task, index_task, stage_task
-from pipelines import retrain
 from pipelines.config import Config, resolve_config
-from pipelines.train import TrainResult
+from pipelines.retrain import stage as retrain
+from pipelines.train.stage import TrainResult
 from stores.registry import Decision
 
 

@@ -24,10 +24,18 @@ from flows.tasks import (
     synthetic_task,
     train_task,
 )
-from pipelines import curate, download, evaluate, extract, index, ingest, report, synthetic, train
 from pipelines.config import Config, resolve_config
-from pipelines.demo_setup import prepare_training
-from pipelines.synthetic_server import server_for
+from pipelines.curate import stage as curate
+from pipelines.demo import synthetic
+from pipelines.demo.setup import prepare_training
+from pipelines.demo.synthetic_server import server_for
+from pipelines.download import stage as download
+from pipelines.evaluate import stage as evaluate
+from pipelines.extract import stage as extract
+from pipelines.index import stage as index
+from pipelines.ingest import stage as ingest
+from pipelines.report import stage as report
+from pipelines.train import stage as train
 
 ConfigParam = Config | str | None
 

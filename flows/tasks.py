@@ -7,23 +7,20 @@ from typing import Any
 
 from prefect import task
 
-from pipelines import (
-    base_lm,
-    curate,
-    demo_ask,
-    demo_check,
-    demo_data,
-    download,
-    evaluate,
-    extract,
-    index,
-    ingest,
-    report,
-    synthetic,
-    train,
-)
 from pipelines.config import Config, ConfigError
+from pipelines.curate import stage as curate
+from pipelines.demo import ask as demo_ask
+from pipelines.demo import base_lm, synthetic
+from pipelines.demo import check as demo_check
+from pipelines.demo import data as demo_data
+from pipelines.download import stage as download
 from pipelines.errors import InputError
+from pipelines.evaluate import stage as evaluate
+from pipelines.extract import stage as extract
+from pipelines.index import stage as index
+from pipelines.ingest import stage as ingest
+from pipelines.report import stage as report
+from pipelines.train import stage as train
 from stores.ledger import LedgerConflict
 from stores.sources import SourceFileError
 from stores.workspace import Workspace

@@ -11,7 +11,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pipelines.download_guard import networks
+from pipelines.download.guard import networks
 from pipelines.paths import absolute, absolute_paths
 from stores.metadata import CAPTION_MAX_CHARS
 

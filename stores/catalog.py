@@ -18,7 +18,7 @@ CATALOG_FILE = "catalog.duckdb"
 # img2dataset's error messages -> a reason; retryable reasons are worth another attempt later. An image that arrived
 # but was not kept (`failed_to_resize`) is refused for its size or shape, or cannot be decoded, whatever the message.
 # `blocked_address`: the fetch refused a non-public address or a scheme other than http(s) (its messages start with
-# pipelines/download_guard.py's BLOCKED; urllib's own refusal of a redirect to file: or data: is one too).
+# pipelines/download/guard.py's BLOCKED; urllib's own refusal of a redirect to file: or data: is one too).
 REASON_SQL = r"""
 CASE
   WHEN status = 'success' THEN 'success'

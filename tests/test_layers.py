@@ -41,6 +41,6 @@ def test_layer_imports(layer: str) -> None:
 
 def test_extraction_readers_load_no_torch() -> None:
     """Ray's reader workers import only the reading module: without torch each starts faster and holds less memory."""
-    code = "import sys, pipelines.extract_read; print('torch' in sys.modules)"
+    code = "import sys, pipelines.extract.read; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

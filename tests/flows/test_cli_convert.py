@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from flows.cli import main
-from model.llm_checkpoint import from_pretrained
+from model.llm.checkpoint import from_pretrained
 from tests.model.meta_reference import meta_forward, meta_visual
 from tests.model.official_fixture import TINY, official_weights, reference_state, write_meta_llama
 

@@ -10,7 +10,7 @@ import pytest
 
 from flows import exits
 from pipelines.config import ConfigError
-from pipelines.download import DownloadResult, SourceDownload
+from pipelines.download.stage import DownloadResult, SourceDownload
 from pipelines.errors import InputError
 from stores.lease import LeaseHeld
 from stores.ledger import LedgerConflict

@@ -8,9 +8,9 @@ import os
 
 import torch
 
-from model.convert_adapter import official_shapes
-from model.convert_llama import meta_llama_shapes
-from model.llm_config import LLMConfig
+from model.llm.config import LLMConfig
+from model.llm.convert_adapter import official_shapes
+from model.llm.convert_llama import meta_llama_shapes
 
 # 3 layers with the adapter on the last 2: exercises the layer offset of gates and prefix
 TINY = LLMConfig(vocab_size=96, dim=32, n_layers=3, n_heads=4, intermediate_size=96, query_layer=2,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from model.cache import cache_mix, mix_modalities
+from model.llm.cache import cache_mix, mix_modalities
 
 
 def test_cache_mix_matches_numpy() -> None:

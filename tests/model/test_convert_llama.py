@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
-from model.convert_llama import (
+from model.llm.config import LLMConfig
+from model.llm.convert_llama import (
     convert_meta_llama,
     hf_to_meta_state,
     meta_to_hf_state,
@@ -21,7 +22,6 @@ from model.convert_llama import (
     read_meta_state,
     unpermute_qk,
 )
-from model.llm_config import LLMConfig
 from tests.model.meta_reference import meta_forward
 
 DIM, LAYERS, HEADS, FFN, VOCAB = 64, 2, 4, 192, 100  # FFN = 32 * ceil(int(2 * 4 * 64 / 3) / 32)

@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 
-from model.generate import Sampling, generate_ids, generate_text, left_pad
-from model.llm import ImageBindLLM
-from model.llm_config import LLMConfig
-from model.llm_tokenizer import train_bpe_tokenizer
-from model.prompts import CAPTION_INSTRUCTION, format_prompt
+from model.llm.config import LLMConfig
+from model.llm.generate import Sampling, generate_ids, generate_text, left_pad
+from model.llm.model import ImageBindLLM
+from model.llm.prompts import CAPTION_INSTRUCTION, format_prompt
+from model.llm.tokenizer import train_bpe_tokenizer
 from tests.model.official_fixture import TINY
 
 GREEDY = Sampling(temperature=0.0, max_new_tokens=12)

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.convert_adapter import convert_official_adapter
-from model.convert_llama import convert_meta_llama, unpermute_qk
-from model.llm import ImageBindLLM
-from model.llm_checkpoint import from_pretrained
+from model.llm.checkpoint import from_pretrained
+from model.llm.convert_adapter import convert_official_adapter
+from model.llm.convert_llama import convert_meta_llama, unpermute_qk
+from model.llm.model import ImageBindLLM
 from tests.model.meta_reference import meta_forward, meta_visual
 from tests.model.official_fixture import TINY, official_weights, reference_state, write_meta_llama
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import sentencepiece as spm
 
-from model.llm_tokenizer import (
+from model.llm.tokenizer import (
     BPE_FILE,
     SENTENCEPIECE_FILE,
     BPETokenizer,
@@ -249,7 +249,7 @@ def test_unknown_file_suffix(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("kind", ["sentencepiece", "bpe"])
 def test_batched_encoding_equals_one_by_one(kind: str, sp_dir: Path) -> None:
-    from model.prompts import CAPTION_INSTRUCTION, encode_example, encode_examples, format_prompt
+    from model.llm.prompts import CAPTION_INSTRUCTION, encode_example, encode_examples, format_prompt
 
     texts = ["a red dog on the grass", "", "Where is the cat?\n\nin a box", "<s> is text here"]
     tok = load_tokenizer(sp_dir) if kind == "sentencepiece" else train_bpe_tokenizer(texts * 3, vocab_size=300)

@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.llm import IGNORE, ImageBindLLM
-from model.llm_tokenizer import BPETokenizer, train_bpe_tokenizer
-from model.prompts import CAPTION_INSTRUCTION, collate, encode_example, format_prompt
+from model.llm.model import IGNORE, ImageBindLLM
+from model.llm.prompts import CAPTION_INSTRUCTION, collate, encode_example, format_prompt
+from model.llm.tokenizer import BPETokenizer, train_bpe_tokenizer
 from tests.model.official_fixture import TINY
 
 CAPTIONS = [

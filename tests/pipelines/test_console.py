@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.console import IMG2DATASET_CHATTER, ChatterFilter, Progress, filtered_output
-from pipelines.train import relay_progress
+from pipelines.train.stage import relay_progress
 from stores.workspace import Workspace
 
 
@@ -56,7 +56,7 @@ def test_filtered_output_drops_chatter_of_child_processes(capfd: pytest.CaptureF
 
 
 def test_the_driver_relays_the_workers_progress(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="pipelines.train")
+    caplog.set_level(logging.INFO, logger="pipelines.train.stage")
     ws = Workspace(str(tmp_path))
     path = ws.path("progress.json")
     ws.write_bytes(
@@ -66,5 +66,5 @@ def test_the_driver_relays_the_workers_progress(tmp_path: Path, caplog: pytest.L
         for step in (20, 40):
             ws.write_bytes(path, json.dumps({"line": f"stage 1: {step}/100 steps", "time": time.time()}).encode())
             time.sleep(0.3)
-    lines = [r.getMessage() for r in caplog.records if r.name == "pipelines.train"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "pipelines.train.stage"]
     assert lines == ["stage 1: 20/100 steps", "stage 1: 40/100 steps"]

@@ -9,8 +9,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import curate, ingest
 from pipelines.config import Config, SourceConfig
+from pipelines.curate import stage as curate
+from pipelines.ingest import stage as ingest
 from stores.ledger import LedgerConflict
 
 BASE = {"url": "http://h/{i}.jpg", "caption": "a red circle on blue", "similarity": 0.3, "width": 400, "height": 300,

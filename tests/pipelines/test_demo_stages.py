@@ -8,14 +8,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model.llm_checkpoint import load_llama
-from model.llm_tokenizer import load_tokenizer
-from pipelines import base_lm, demo_text, train
+from model.llm.checkpoint import load_llama
+from model.llm.tokenizer import load_tokenizer
 from pipelines.config import Config, SyntheticConfig
+from pipelines.demo import base_lm
+from pipelines.demo import text as demo_text
+from pipelines.demo.synthetic import SyntheticSource
+from pipelines.demo.synthetic_media import parse_caption, random_scene
 from pipelines.errors import InputError
-from pipelines.synthetic import SyntheticSource
-from pipelines.synthetic_media import parse_caption, random_scene
-from pipelines.train_setup import resolve_job
+from pipelines.train import stage as train
+from pipelines.train.setup import resolve_job
 from stores.instructions import read_instructions
 from stores.workspace import Workspace
 from tests.pipelines.train_fixture import train_config

@@ -14,9 +14,12 @@ import duckdb
 import pytest
 import yaml
 
-from pipelines import curate, download, ingest, synthetic
 from pipelines.config import Config, load_config
-from pipelines.synthetic_server import server_for, serving
+from pipelines.curate import stage as curate
+from pipelines.demo import synthetic
+from pipelines.demo.synthetic_server import server_for, serving
+from pipelines.download import stage as download
+from pipelines.ingest import stage as ingest
 from stores.catalog import Catalog
 from stores.lease import LeaseHeld
 from stores.workspace import Workspace
@@ -124,7 +127,7 @@ def test_ray_distributor_on_a_local_instance(tmp_path: Path) -> None:
     prepare(cfg)
     code = (
         "import sys; from pipelines.config import load_config; from pipelines import download; "
-        "from pipelines.synthetic_server import serving; "
+        "from pipelines.demo.synthetic_server import serving; "
         "cfg = load_config(sys.argv[1], sys.argv[2:]);\n"
         "with serving(cfg): r = download.run(cfg)\n"
         "print(r.sources[0].succeeded, r.sources[0].attempted)"

@@ -7,7 +7,7 @@ import io
 import pytest
 from PIL import Image
 
-from pipelines.download_decode import DECODE_ERROR, ImageDecoder
+from pipelines.download.decode import DECODE_ERROR, ImageDecoder
 from tests.pipelines.hostile_server import cases, check_picture, png_header_only
 
 IMAGE_SIZE = 64

@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from pipelines.download_fetch import OPT_OUT, fetch
+from pipelines.download.fetch import OPT_OUT, fetch
 from tests.pipelines.hostile_server import HostileServer
 
 DIRECTIVES = {"noai", "noimageai", "noindex", "noimageindex"}

@@ -11,8 +11,8 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from pipelines.download_fetch import fetch
-from pipelines.download_guard import BLOCKED, AddressGuard, non_public
+from pipelines.download.fetch import fetch
+from pipelines.download.guard import BLOCKED, AddressGuard, non_public
 from stores.catalog import REASON_SQL, RETRYABLE_SQL
 from tests.pipelines.hostile_server import HostileServer
 

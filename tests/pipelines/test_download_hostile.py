@@ -13,8 +13,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipelines import curate, download, ingest, report
 from pipelines.config import Config, DownloadConfig, SourceConfig
+from pipelines.curate import stage as curate
+from pipelines.download import stage as download
+from pipelines.ingest import stage as ingest
+from pipelines.report import stage as report
 from stores.catalog import Catalog
 from stores.workspace import Workspace
 from tests.pipelines.hostile_server import HostileServer, check_picture

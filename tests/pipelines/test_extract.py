@@ -24,8 +24,9 @@ from PIL import Image
 from model.imagebind.decode import load_image, resize_crop
 from model.imagebind.encoder import ImageBind
 from model.imagebind.tokenizer import learn_merges, write_vocab
-from pipelines import extract, extract_read
 from pipelines.config import Config, load_config
+from pipelines.extract import read as extract_read
+from pipelines.extract import stage as extract
 from stores import features
 from stores.ledger import Ledger, LedgerConflict
 from stores.metadata import make_uid

@@ -13,12 +13,14 @@ from PIL import Image
 
 from flows.cli import main
 from model.imagebind.tokenizer import learn_merges, write_vocab
-from model.llm_checkpoint import read_checkpoint, write_checkpoint
-from pipelines import index, infer, train
-from pipelines import synthetic_media as media
+from model.llm.checkpoint import read_checkpoint, write_checkpoint
 from pipelines.config import Config
+from pipelines.demo import synthetic_media as media
 from pipelines.errors import InputError
-from pipelines.infer_inputs import Request, parse_request, parse_weights
+from pipelines.index import stage as index
+from pipelines.infer import stage as infer
+from pipelines.infer.inputs import Request, parse_request, parse_weights
+from pipelines.train import stage as train
 from stores.index import CacheIndex
 from stores.workspace import Workspace
 from tests.hostile_media import png_claiming

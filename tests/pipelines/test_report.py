@@ -8,9 +8,13 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipelines import curate, download, ingest, report, synthetic
 from pipelines.config import Config, SourceConfig
-from pipelines.synthetic_server import server_for, serving
+from pipelines.curate import stage as curate
+from pipelines.demo import synthetic
+from pipelines.demo.synthetic_server import server_for, serving
+from pipelines.download import stage as download
+from pipelines.ingest import stage as ingest
+from pipelines.report import stage as report
 from stores.catalog import Catalog
 from stores.workspace import Workspace
 
@@ -67,7 +71,7 @@ def test_empty_sections_say_so_in_one_line_and_outliers_get_labelled_overflow_bi
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipelines.report_figures import plot_histogram
+    from pipelines.report.figures import plot_histogram
 
     rng = np.random.default_rng(0)
     scores = [*np.round(rng.normal(0.3, 0.02, 60), 4), 7.5, -3.0, float("nan")]  # two wild scores and a NaN

@@ -8,11 +8,18 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import curate, download, evaluate, infer, ingest, retrain, synthetic, train
 from pipelines.config import Config, SyntheticConfig, resolve_config
+from pipelines.curate import stage as curate
+from pipelines.demo import synthetic
+from pipelines.demo.synthetic_server import server_for, serving
+from pipelines.download import stage as download
 from pipelines.errors import InputError
-from pipelines.retrain import RetrainResult
-from pipelines.synthetic_server import server_for, serving
+from pipelines.evaluate import stage as evaluate
+from pipelines.infer import stage as infer
+from pipelines.ingest import stage as ingest
+from pipelines.retrain import stage as retrain
+from pipelines.retrain.stage import RetrainResult
+from pipelines.train import stage as train
 from stores import registry
 from stores.workspace import Workspace
 from tests.pipelines.train_fixture import train_config

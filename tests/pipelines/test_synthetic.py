@@ -14,12 +14,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipelines import synthetic
 from pipelines.config import Config, SyntheticConfig
-from pipelines.probe import classify
-from pipelines.synthetic import BAD_KINDS, SyntheticSource
-from pipelines.synthetic_media import HUGE_SIZE
-from pipelines.synthetic_server import HTML_PAGE, SyntheticServer
+from pipelines.demo import synthetic
+from pipelines.demo.probe import classify
+from pipelines.demo.synthetic import BAD_KINDS, SyntheticSource
+from pipelines.demo.synthetic_media import HUGE_SIZE
+from pipelines.demo.synthetic_server import HTML_PAGE, SyntheticServer
 from stores.ledger import Ledger, LedgerConflict
 from stores.workspace import Workspace
 
@@ -85,7 +85,7 @@ def test_images_show_what_the_caption_says(small_synthetic: SyntheticConfig) -> 
     item = next(it for it in SyntheticSource(small_synthetic).items if it.kind == "good" and it.shape == "square")
     img = Image.open(io.BytesIO(item.render(small_synthetic.seed))).convert("RGB")
     assert img.size == (item.width, item.height)
-    from pipelines.synthetic_media import BACKGROUNDS, COLORS
+    from pipelines.demo.synthetic_media import BACKGROUNDS, COLORS
 
     center = img.getpixel((img.width // 2, img.height // 2))
     corner = img.getpixel((1, 1))

@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.llm_checkpoint import read_checkpoint
-from model.llm_phases import phase_parameters
-from model.llm_tokenizer import load_tokenizer
-from pipelines import train
+from model.llm.checkpoint import read_checkpoint
+from model.llm.phases import phase_parameters
+from model.llm.tokenizer import load_tokenizer
 from pipelines.errors import InputError
-from pipelines.train_data import CAPTION_PROMPT, Example, ExampleList, Plan, count_split, step_batches
-from pipelines.train_loop import Hyper, lr_at
-from pipelines.train_setup import build_model, resolve_job
+from pipelines.train import stage as train
+from pipelines.train.data import CAPTION_PROMPT, Example, ExampleList, Plan, count_split, step_batches
+from pipelines.train.loop import Hyper, lr_at
+from pipelines.train.setup import build_model, resolve_job
 from stores.workspace import Workspace
 from tests.pipelines.train_fixture import train_config
 
@@ -78,7 +78,8 @@ def test_stage1_tunes_only_bind_gates_prefix_and_stage2_only_norms_biases_lora(t
 KILLER = textwrap.dedent(
     """
     import os, signal, sys
-    from pipelines import train, train_loop
+    from pipelines.train import stage as train
+    from pipelines.train import loop as train_loop
     from pipelines.config import Config
     cfg = Config.model_validate_json(open(sys.argv[1]).read())
     kill_at = int(sys.argv[2])
@@ -190,7 +191,7 @@ def test_ray_two_workers_and_resume_match_one_worker(tmp_path: Path) -> None:
 
 
 def test_evaluate_reports_held_out_loss_and_the_grounding_gap_into_the_catalog(tmp_path: Path) -> None:
-    from pipelines import evaluate
+    from pipelines.evaluate import stage as evaluate
     from stores.catalog import Catalog
 
     cfg = train_config(tmp_path, epochs=4)

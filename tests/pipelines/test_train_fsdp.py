@@ -20,9 +20,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from model.llm_checkpoint import from_pretrained, read_checkpoint
-from pipelines.train_loop import MODEL_DIR, STATE_FILE, Hyper, shard_model, train
-from pipelines.train_setup import Job, build_batches, build_model, resolve_job
+from model.llm.checkpoint import from_pretrained, read_checkpoint
+from pipelines.train.loop import MODEL_DIR, STATE_FILE, Hyper, shard_model, train
+from pipelines.train.setup import Job, build_batches, build_model, resolve_job
 from stores.workspace import Workspace
 from tests.pipelines.train_fixture import train_config
 

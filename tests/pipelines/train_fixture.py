@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from model.imagebind.encoder import encoder_id_for
-from model.llm_tokenizer import train_bpe_tokenizer
+from model.llm.tokenizer import train_bpe_tokenizer
 from pipelines.config import Config
 from stores import features
 from stores.ledger import Ledger

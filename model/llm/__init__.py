@@ -1,0 +1,1 @@
+"""ImageBind-LLM: LLaMA with the bind network, gated injection, cache, generation and converters."""

@@ -1,0 +1,1 @@
+"""Convert: official weights to ours and back."""

@@ -1,0 +1,1 @@
+"""Curate: filter each source into url lists."""

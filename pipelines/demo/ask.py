@@ -1,0 +1,83 @@
+"""The demo's last word: `ibllm generate` on a held-out synthetic image and a synthetic audio clip, with and without
+the visual cache."""
+
+from __future__ import annotations
+
+import os
+import posixpath
+
+from pydantic import BaseModel
+
+from model.imagebind.encoder import encoder_id_for
+from pipelines.config import Config
+from pipelines.demo import text as demo_text
+from pipelines.demo.synthetic import SyntheticSource
+from pipelines.errors import InputError
+from pipelines.infer import stage as infer
+from pipelines.infer.inputs import Request
+from pipelines.train.data import is_heldout
+from pipelines.train.setup import stage1_features
+from stores.features import read_columns
+from stores.workspace import Workspace
+
+ASK_DIR = "demo"  # the held-out picture is written here, for anyone to look at
+
+
+class Asked(BaseModel):
+    """One question about one input."""
+
+    input: str
+    cache: bool
+    question: str
+    answer: str
+    truth: str | None
+
+
+class DemoAnswers(BaseModel):
+    """The demo's questions and the model's answers."""
+
+    checkpoint: str
+    asked: list[Asked]
+
+    def summary(self) -> str:
+        lines = [f"{'input':<28} {'cache':<6} answer"]
+        for a in self.asked:
+            truth = f"  (shows: {a.truth})" if a.truth else ""
+            lines.append(f"{os.path.basename(a.input):<28} {'yes' if a.cache else 'no':<6} {a.answer!r}{truth}")
+        return "\n".join(lines)
+
+
+def run(cfg: Config, checkpoint: str) -> DemoAnswers:
+    """Ask the colour question about the first held-out image and the caption question about the first audio clip."""
+    ws = Workspace(cfg.workspace, cfg.storage_options)
+    if not ws.is_local:
+        raise InputError("the demo's questions read local files: use a local workspace")
+    image, truth = _heldout_image(cfg, ws)
+    audio = ws.synthetic("media", "audio_00.wav")
+    if not os.path.exists(audio):
+        raise InputError(f"{audio}: no synthetic audio clip; run `ibllm synthetic`")
+    question, caption = demo_text.QUESTIONS[0][0], demo_text.QUESTIONS[-1][0]
+    asked = []
+    for cache in (False, True):  # one engine (model, encoder, cache) per setting, asked both questions
+        engine, _ = infer.load_engine(cfg, checkpoint, need_encoder=True, use_cache=cache, device="auto",
+                                      dtype="auto")  # fmt: skip
+        for path, kind, prompt, want in ((image, "image", question, truth), (audio, "audio", caption, None)):
+            answer = engine.answer(Request(**{kind: [path]}, prompt=prompt, temperature=0.0))
+            asked.append(Asked(input=path, cache=cache, question=prompt, answer=answer, truth=want))
+    return DemoAnswers(checkpoint=checkpoint, asked=asked)
+
+
+def _heldout_image(cfg: Config, ws: Workspace) -> tuple[str, str]:
+    """The first held-out synthetic picture, rendered again from the source into a file, and its caption."""
+    encoder_id = encoder_id_for(cfg.model.imagebind, cfg.model.imagebind_checkpoint, cfg.seed)
+    items = SyntheticSource(cfg.synthetic).items
+    for part in stage1_features(cfg, ws, encoder_id):
+        cols = read_columns(ws, part, ["uid", "url", "caption"])
+        for uid, url, caption in zip(cols["uid"], cols["url"], cols["caption"], strict=True):
+            name = posixpath.basename(url.split("?")[0])
+            stem = name.split(".")[0]
+            if is_heldout(uid, cfg.train.holdout) and stem.isdigit() and int(stem) < len(items):
+                path = ws.path(ASK_DIR, name)
+                ws.write_bytes(path, items[int(stem)].render(cfg.synthetic.seed))
+                return path, caption
+    raise InputError("no held-out synthetic image: raise train.holdout")

@@ -1,0 +1,53 @@
+"""The demo's stage-2 data: LLaVA-style conversations about the training images, generated from their captions."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from pydantic import BaseModel
+
+from model.imagebind.encoder import encoder_id_for
+from pipelines.config import Config
+from pipelines.demo import text as demo_text
+from pipelines.train.data import is_heldout
+from pipelines.train.setup import DEMO_INSTRUCTIONS, stage1_features
+from stores.features import read_columns
+from stores.instructions import image_key
+from stores.workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+
+class InstructionsResult(BaseModel):
+    """The generated instruction file."""
+
+    path: str
+    images: int
+    samples: int
+    skipped: int
+
+    def summary(self) -> str:
+        return (f"instructions: {self.images} training images x {len(demo_text.QUESTIONS)} questions = "
+                f"{self.samples} samples ({self.skipped} captions not understood) -> {self.path}")  # fmt: skip
+
+
+def run(cfg: Config) -> InstructionsResult:
+    """Write `instructions/synthetic.json` for the training split of stage 1's features (held-out images never)."""
+    ws = Workspace(cfg.workspace, cfg.storage_options)
+    encoder_id = encoder_id_for(cfg.model.imagebind, cfg.model.imagebind_checkpoint, cfg.seed)
+    rows: list[tuple[str, str]] = []
+    for part in stage1_features(cfg, ws, encoder_id):
+        cols = read_columns(ws, part, ["uid", "url", "caption"])
+        for uid, url, caption in zip(cols["uid"], cols["url"], cols["caption"], strict=True):
+            if not is_heldout(uid, cfg.train.holdout):
+                rows.append((image_key(url), caption))
+    records = demo_text.conversations(sorted(rows))
+    path = ws.path(*DEMO_INSTRUCTIONS)
+    data = json.dumps(records, indent=0).encode()
+    if not ws.exists(path) or ws.read_bytes(path) != data:
+        ws.write_bytes(path, data)
+    samples = len(records) * len(demo_text.QUESTIONS)
+    log.info("demo instructions: %d images, %d samples -> %s", len(records), samples, path)
+    return InstructionsResult(path=ws.as_url(path), images=len(records), samples=samples,
+                              skipped=len(rows) - len(records))  # fmt: skip

@@ -1,0 +1,1 @@
+"""Download: img2dataset into webdataset shards, with our decoder, fetch, guard and commits."""

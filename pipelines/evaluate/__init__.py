@@ -1,0 +1,1 @@
+"""Evaluate: held-out loss and the visual-grounding gap of a checkpoint."""

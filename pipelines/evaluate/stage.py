@@ -1,0 +1,150 @@
+"""Evaluate a checkpoint on the held-out captions: loss, perplexity, and the loss with features shuffled."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import secrets
+import time
+from collections.abc import Iterator, Sequence
+
+import torch
+from pydantic import BaseModel, Field
+
+from model.llm.checkpoint import load_tensors, read_checkpoint
+from model.llm.model import ImageBindLLM
+from model.llm.tokenizer import load_tokenizer
+from pipelines.config import Config
+from pipelines.errors import InputError
+from pipelines.paths import resolve_checkpoint
+from pipelines.train.data import CAPTION_PROMPT, Example, ExampleSource, FeatureCaptions, micro_batch
+from pipelines.train.loop import masked_sum_loss
+from pipelines.train.setup import build_model, latest_checkpoint, local_dir, resolve_job
+from stores.features import read_pairs
+from stores.workspace import Workspace
+
+log = logging.getLogger(__name__)
+EVAL_DIR = "evaluations"
+
+
+class EvalResult(BaseModel):
+    """Held-out metrics of one checkpoint; `grounding_gap` > 0 says the visual path carries information."""
+
+    stage: int
+    run_id: str
+    checkpoint: str
+    examples: int
+    tokens: int
+    loss: float
+    perplexity: float
+    shuffled_loss: float
+    grounding_gap: float
+    evaluated_at: str
+    seconds: float
+    heldout: str = Field("split", description="'split' (train.holdout's uid hash) or 'uids' (a given uid list)")
+
+    def summary(self) -> str:
+        return (f"evaluate stage {self.stage} run {self.run_id}: {self.examples} held-out captions, loss "
+                f"{self.loss:.4f} (perplexity {self.perplexity:.2f}), with shuffled features {self.shuffled_loss:.4f} "
+                f"(gap {self.grounding_gap:+.4f})")  # fmt: skip
+
+
+@torch.no_grad()
+def held_out_losses(model: ImageBindLLM, batches: list, device: torch.device) -> tuple[float, float, int]:
+    """(loss, loss with features shuffled across the held-out set, answer tokens) as token means."""
+    model.eval().to(device)
+    features = torch.cat([m.features for m in batches])
+    shuffled = features.roll(1, dims=0)  # every sample gets another sample's feature
+    true_sum = fake_sum = 0.0
+    tokens, at = 0, 0
+    for m in batches:
+        ids, labels = m.input_ids.to(device), m.labels.to(device)
+        n = len(ids)
+        true_sum += float(masked_sum_loss(model(ids, m.features.to(device)).logits, labels))
+        fake_sum += float(masked_sum_loss(model(ids, shuffled[at : at + n].to(device)).logits, labels))
+        tokens += m.tokens
+        at += n
+    if tokens == 0:
+        raise InputError("the held-out captions have no answer tokens within max_words")
+    return true_sum / tokens, fake_sum / tokens, tokens
+
+
+class UidCaptions:
+    """The (feature, caption) rows of a fixed uid list, in the list's order (a yardstick that new data never moves)."""
+
+    def __init__(self, ws: Workspace, files: Sequence[str], uids: Sequence[str]) -> None:
+        wanted = {u: i for i, u in enumerate(uids)}
+        found: dict[str, Example] = {}
+        for path in files:
+            part_uids, captions, emb = read_pairs(ws, path)
+            for uid, caption, feature in zip(part_uids, captions, emb, strict=True):
+                if uid in wanted and uid not in found:
+                    found[uid] = Example(feature, CAPTION_PROMPT, str(caption), uid)
+        if len(found) < len(wanted):
+            log.warning("%d of %d held-out uids are not in the features: evaluating on the other %d",
+                        len(wanted) - len(found), len(wanted), len(found))  # fmt: skip
+        self.examples = sorted(found.values(), key=lambda e: wanted[e.key])
+        self.size = len(self.examples)
+
+    def iterate(self, epoch: int) -> Iterator[Example]:
+        return iter(self.examples)
+
+
+def run(
+    cfg: Config,
+    stage: int = 1,
+    checkpoint: str | None = None,
+    batch_size: int = 32,
+    uids: Sequence[str] | None = None,
+) -> EvalResult:
+    """Evaluate `checkpoint` (default: the newest complete run of `stage`) on the held-out split of stage 1's
+    features (`train.holdout`), or on the rows of the given `uids` only, and record the metrics beside the run
+    (the catalog's `evaluations` view)."""
+    start = time.perf_counter()
+    ws = Workspace(cfg.workspace, cfg.storage_options)
+    checkpoint = resolve_checkpoint(ws, checkpoint) if checkpoint else latest_checkpoint(ws, stage)
+    if checkpoint is None:
+        raise InputError(f"no complete stage-{stage} run to evaluate: run `ibllm train --stage {stage}` first")
+    job = resolve_job(cfg, ws, 1, "evaluate")
+    model = build_model(job)
+    try:
+        _, tensors, doc = read_checkpoint(local_dir(ws, checkpoint))
+    except ValueError as e:  # CheckpointMismatch and the like: the message names the file
+        raise InputError(str(e)) from None
+    load_tensors(model, tensors, checkpoint)
+    made_by = doc.get("metadata") or {}  # the training run that wrote it: its stage and run id, not the caller's
+    stage = int(made_by.get("stage") or stage)
+    source: ExampleSource
+    if uids is not None:
+        source = UidCaptions(ws, job.feature_files, uids)
+        if source.size < 2:
+            raise InputError(f"{source.size} of the {len(uids)} held-out uids are in the features: too few to evaluate")
+    else:
+        source = FeatureCaptions(ws, job.feature_files, job.seed, holdout=job.holdout, split="heldout")
+        if source.size < 2:
+            raise InputError(f"{source.size} held-out captions: raise train.holdout ({job.holdout}) to evaluate")
+    tokenizer = load_tokenizer(job.tokenizer)
+    examples = list(source.iterate(0))  # every held-out sample, the last partial batch too
+    pad = model.config.pad_id
+    batches = [micro_batch(examples[i : i + batch_size], tokenizer, job.max_words, pad)
+               for i in range(0, len(examples), batch_size)]  # fmt: skip
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    loss, shuffled, tokens = held_out_losses(model, batches, device)
+    run_id = str(made_by.get("run_id") or _run_id(checkpoint))
+    result = EvalResult(
+        stage=stage, run_id=run_id, checkpoint=checkpoint, examples=sum(len(m.input_ids) for m in batches),
+        tokens=tokens, loss=loss, perplexity=math.exp(min(loss, 50.0)), shuffled_loss=shuffled,
+        grounding_gap=shuffled - loss, evaluated_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
+        seconds=time.perf_counter() - start, heldout="split" if uids is None else "uids",
+    )  # fmt: skip
+    stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"  # two evaluations in a second: two records
+    home = f"stage{stage}" if made_by.get("run_id") else "external"  # a checkpoint no run of this workspace made
+    ws.write_bytes(ws.checkpoints(home, run_id, EVAL_DIR, f"{stamp}.json"), result.model_dump_json(indent=1).encode())
+    return result
+
+
+def _run_id(checkpoint: str) -> str:
+    """The run folder of a checkpoint path `.../checkpoints/stage<N>/<run_id>/<attempt>/<step>/model`."""
+    parts = checkpoint.rstrip("/").split("/")
+    return parts[parts.index("checkpoints") + 2] if "checkpoints" in parts else os.path.basename(checkpoint)

@@ -1,0 +1,1 @@
+"""Extract: ImageBind features of every downloaded shard (Ray Data readers and encoder actors)."""

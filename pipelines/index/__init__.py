@@ -1,0 +1,1 @@
+"""Index: the visual cache over a feature set."""

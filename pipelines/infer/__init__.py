@@ -1,0 +1,1 @@
+"""Infer: answers about any mix of inputs, with the cache."""

@@ -1,0 +1,1 @@
+"""Ingest: normalise each source's metadata."""

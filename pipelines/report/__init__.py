@@ -1,0 +1,1 @@
+"""Report: the curation report and catalog queries."""

@@ -1,0 +1,1 @@
+"""Retrain: plan, train, measure and promote on new data."""

@@ -1,0 +1,1 @@
+"""Train: stage 1 and stage 2 on cached features (Ray Train)."""

@@ -1,0 +1,229 @@
+"""What a training run needs, resolved once by the driver (Job) and rebuilt by every worker (model, batches)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import LlamaConfig
+
+from model.imagebind.encoder import encoder_id_for
+from model.llm.checkpoint import load_llama, load_tensors, read_checkpoint
+from model.llm.config import LLMConfig, config_from_llama
+from model.llm.model import ImageBindLLM
+from model.llm.tokenizer import load_tokenizer
+from pipelines.config import Config
+from pipelines.errors import InputError
+from pipelines.index.stage import feature_files
+from pipelines.train.data import (
+    CAPTION_PROMPT,
+    ExampleList,
+    ExampleSource,
+    FeatureCaptions,
+    Plan,
+    count_split,
+    prefetch,
+    step_batches,
+)
+from pipelines.train.instructions import instruction_examples
+from stores.runs import newest_complete
+from stores.workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Job:
+    """Everything a worker needs, as plain data (it travels to Ray workers)."""
+
+    stage: int
+    run_id: str
+    workspace: str
+    storage_options: dict[str, Any]
+    seed: int
+    llm: dict[str, Any]
+    tokenizer: str
+    base_llama: str | None
+    init_checkpoint: str | None
+    encoder_id: str
+    feature_files: list[str]
+    instruction_files: list[str]
+    global_batch: int
+    accum: int
+    max_words: int
+    lr: float
+    min_lr: float
+    weight_decay: float
+    warmup_steps: int
+    total_steps: int
+    steps_per_epoch: int
+    examples: int
+    clip_grad: float | None
+    checkpoint_every: int
+    use_gpu: bool
+    workers: int
+    shuffle_buffer: int = 10_000
+    holdout: float = 0.0
+    first_turn_only: bool = False
+    max_steps: int | None = None
+    parallel: str = "ddp"  # "ddp" or "fsdp" (StageConfig.parallel)
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_job(
+    cfg: Config, ws: Workspace, stage: int, run_id: str, max_steps: int | None = None, init: str | None = None
+) -> Job:
+    """Check every input of the stage (clear errors before anything runs) and size the run.
+
+    Stage 2 starts from `init` (a stage-1 checkpoint folder), by default the newest complete stage-1 run's.
+    """
+    sc = getattr(cfg.train, f"stage{stage}")
+    m = cfg.model
+    encoder_id = encoder_id_for(m.imagebind, m.imagebind_checkpoint, cfg.seed)
+    tokenizer_path = m.tokenizer_path or demo_file(ws, "tokenizer.json")
+    if not tokenizer_path:
+        raise InputError("model.tokenizer_path is not set (LLaMA's tokenizer.model, or a tokenizer.json)")
+    tokenizer = load_tokenizer(tokenizer_path)
+    base = m.llama_path or demo_file(ws, "llama")
+    llm = _llm_config(cfg, base, tokenizer.n_words, tokenizer.bos_id, tokenizer.eos_id)
+    feature_parts: list[str] = []
+    instruction_files: list[str] = []
+    if stage == 1:
+        feature_parts = stage1_features(cfg, ws, encoder_id)
+        examples = count_split(ws, feature_parts, cfg.train.holdout, "train")
+        prompt = len(tokenizer.encode(CAPTION_PROMPT, bos=True, eos=False))
+        if prompt >= sc.max_words:
+            raise InputError(f"the stage-1 prompt is {prompt} tokens with {tokenizer_path}: train.stage1.max_words "
+                             f"{sc.max_words} leaves no room for the caption")  # fmt: skip
+    else:
+        instruction_files = list(sc.data) or [p for p in [_demo_instructions(ws)] if p]
+        if not instruction_files:
+            raise InputError("train.stage2.data lists no instruction files (Alpaca, ShareGPT, LLaVA, cc_sbu_align)")
+        init = init or latest_checkpoint(ws, 1)
+        if init is None:
+            raise InputError("stage 2 starts from a stage-1 checkpoint: run `ibllm train --stage 1` first")
+        feature_parts = _all_feature_parts(ws, encoder_id)
+        examples = len(instruction_examples(ws, encoder_id, instruction_files, feature_parts, sc.first_turn_only))
+    plan = Plan(sc.global_batch_size, sc.workers, sc.accum_iter, sc.max_words)
+    spe = plan.steps_per_epoch(examples)
+    total = max(1, math.ceil(sc.epochs * spe))
+    return Job(
+        stage=stage, run_id=run_id, workspace=cfg.workspace, storage_options=dict(cfg.storage_options),
+        seed=cfg.seed, llm=llm.to_dict(), tokenizer=tokenizer_path, base_llama=base, init_checkpoint=init,
+        encoder_id=encoder_id, feature_files=feature_parts, instruction_files=instruction_files,
+        global_batch=sc.global_batch_size, accum=sc.accum_iter, max_words=sc.max_words, lr=sc.lr,
+        min_lr=sc.min_lr, weight_decay=sc.weight_decay, warmup_steps=round(sc.warmup_epochs * spe),
+        total_steps=total, steps_per_epoch=spe, examples=examples, clip_grad=sc.clip_grad,
+        checkpoint_every=sc.checkpoint_every_steps, use_gpu=sc.use_gpu, workers=sc.workers,
+        shuffle_buffer=sc.shuffle_buffer, holdout=cfg.train.holdout, first_turn_only=sc.first_turn_only,
+        max_steps=max_steps, parallel=sc.parallel,
+    )  # fmt: skip
+
+
+def _llm_config(cfg: Config, base: str | None, vocab: int, bos: int, eos: int) -> LLMConfig:
+    m = cfg.model
+    lora = {"lora_rank": m.lora_rank, "lora_alpha": m.lora_alpha, "max_seq_len": m.max_seq_len}
+    if base:
+        return config_from_llama(LlamaConfig.from_pretrained(base), **lora)
+    if m.llama != "tiny":
+        raise InputError(f"model.llama is {m.llama!r}: give model.llama_path (a transformers LLaMA folder, see "
+                         "`ibllm convert llama`)")  # fmt: skip
+    log.warning("no base LLaMA (model.llama_path): a randomly initialised tiny LLaMA, good for tests only")
+    return LLMConfig.preset("tiny", vocab_size=vocab, bos_id=bos, eos_id=eos, **lora)
+
+
+def demo_file(ws: Workspace, name: str) -> str | None:
+    """The demo's own base language model and tokenizer (stage 0), when it has made them."""
+    path = ws.checkpoints("stage0", "base", name)
+    return path if ws.is_local and os.path.exists(path) else None
+
+
+def stage1_features(cfg: Config, ws: Workspace, encoder_id: str) -> list[str]:
+    """The feature parts stage 1 reads: those of `train.stage1.data`'s sources (default: every source)."""
+    parts = []
+    for source in cfg.train.stage1.data or _feature_sources(ws, encoder_id):
+        files, _ = feature_files(ws, encoder_id, source)
+        if not files:
+            raise InputError(f"train.stage1.data: no features of source {source!r} for {encoder_id}; "
+                             "run `ibllm extract` first")  # fmt: skip
+        parts += [ws.as_url(f) for f in files]
+    if not parts:
+        raise InputError(f"stage 1 needs features: none under {ws.as_url(ws.features(encoder_id, ''))}")
+    return parts
+
+
+DEMO_INSTRUCTIONS = ("instructions", "synthetic.json")
+
+
+def _demo_instructions(ws: Workspace) -> str | None:
+    """The demo's generated instruction file (stage 2's default data), when it has been written."""
+    path = ws.path(*DEMO_INSTRUCTIONS)
+    return ws.as_url(path) if ws.exists(path) else None
+
+
+def _feature_sources(ws: Workspace, encoder_id: str) -> list[str]:
+    return sorted({os.path.basename(os.path.dirname(p)) for p in ws.glob(ws.features(encoder_id, "*", "part-*"))})
+
+
+def _all_feature_parts(ws: Workspace, encoder_id: str) -> list[str]:
+    return [ws.as_url(f) for s in _feature_sources(ws, encoder_id) for f in feature_files(ws, encoder_id, s)[0]]
+
+
+def latest_checkpoint(ws: Workspace, stage: int) -> str | None:
+    """Our checkpoint folder of the newest complete run of a stage."""
+    return newest_complete(ws, ws.path("checkpoints", f"stage{stage}"))
+
+
+def read_json(ws: Workspace, path: str) -> dict[str, Any] | None:
+    """A JSON document of the workspace, or None when absent."""
+    return json.loads(ws.read_bytes(path)) if ws.exists(path) else None
+
+
+def write_json(ws: Workspace, path: str, doc: dict[str, Any]) -> None:
+    """Write a JSON document in one atomic write."""
+    ws.write_bytes(path, json.dumps(doc, indent=1, default=str).encode())
+
+
+def local_dir(ws: Workspace, url: str) -> str:
+    """A local folder holding the workspace folder at `url` (the path itself on a local workspace)."""
+    if "://" not in url or url.startswith("file://"):
+        return url.removeprefix("file://")
+    local = tempfile.mkdtemp(prefix="ibllm-")
+    ws.download_dir(url, local)
+    return local
+
+
+def build_model(job: Job) -> ImageBindLLM:
+    """The model of the run, identical on every worker: base LLaMA + adapter (+ the stage-1 checkpoint in stage 2)."""
+    config = LLMConfig.from_dict(job.llm)
+    torch.manual_seed(job.seed)
+    llama = load_llama(job.base_llama) if job.base_llama else None
+    model = ImageBindLLM(config, llama)
+    if job.init_checkpoint:
+        _, tensors, _ = read_checkpoint(local_dir(Workspace(job.workspace, job.storage_options), job.init_checkpoint))
+        load_tensors(model, tensors, job.init_checkpoint)
+    return model
+
+
+def build_batches(job: Job, ws: Workspace, rank: int, world: int) -> Callable[[int], Iterator]:
+    """start step -> this worker's micro-batches of every step from there on (prefetched in a thread)."""
+    tokenizer = load_tokenizer(job.tokenizer)
+    source: ExampleSource
+    if job.stage == 1:
+        source = FeatureCaptions(
+            ws, job.feature_files, job.seed, job.shuffle_buffer, job.holdout, "train", job.examples
+        )
+    else:
+        examples = instruction_examples(ws, job.encoder_id, job.instruction_files, job.feature_files,
+                                        job.first_turn_only)  # fmt: skip
+        source = ExampleList(examples, job.seed)
+    plan = Plan(job.global_batch, world, job.accum, job.max_words)
+    pad = LLMConfig.from_dict(job.llm).pad_id
+    return lambda start: prefetch(step_batches(source, tokenizer, plan, rank, start, pad))

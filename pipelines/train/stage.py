@@ -1,0 +1,313 @@
+"""Train stage 1 or 2 on cached features with Ray Train (1..N workers), checkpointing into the workspace."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import posixpath
+import secrets
+import time
+from dataclasses import asdict, replace
+from typing import Any
+
+import torch
+from pydantic import BaseModel
+
+from model.llm.phases import STAGE_PHASE
+from pipelines.config import Config, StageConfig
+from pipelines.console import interval, polling
+from pipelines.errors import InputError
+from pipelines.train.loop import MODEL_DIR, Hyper, shard_model, train
+from pipelines.train.setup import Job, build_batches, build_model, local_dir, read_json, resolve_job, write_json
+from stores.lease import lease
+from stores.runs import LATEST_FILE, PROGRESS_FILE, RUN_FILE, in_run, run_relative
+from stores.workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+
+class TrainResult(BaseModel):
+    """One training run: where its checkpoint is and how the loss went."""
+
+    stage: int
+    run_id: str
+    steps: int
+    total_steps: int
+    first_loss: float | None
+    final_loss: float | None
+    checkpoint: str
+    workers: int
+    resumed_from: int | None
+    losses: list[float]
+    seconds: float
+
+    def summary(self) -> str:
+        resumed = f", resumed at step {self.resumed_from}" if self.resumed_from else ""
+        return (f"stage {self.stage} run {self.run_id}: {self.steps}/{self.total_steps} steps on {self.workers} "
+                f"worker(s){resumed}, loss {self.first_loss:.4f} -> {self.final_loss:.4f}; checkpoint "
+                f"{self.checkpoint}")  # fmt: skip
+
+
+def stage_config(cfg: Config, stage: int) -> StageConfig:
+    if stage not in STAGE_PHASE:
+        raise InputError(f"--stage {stage}: choose 1 (bind network, gates, prefix) or 2 (LoRA, biases, norms)")
+    return getattr(cfg.train, f"stage{stage}")
+
+
+def run(
+    cfg: Config,
+    stage: int,
+    resume: bool = False,
+    local: bool = False,
+    max_steps: int | None = None,
+    reuse: bool = False,
+    init: str | None = None,
+) -> TrainResult:
+    """Train `stage`; `resume` continues the newest unfinished (or finished) run of the stage from its last checkpoint.
+
+    `local` runs the one worker in this process without Ray (quick checks on a laptop); otherwise Ray Train's
+    TorchTrainer runs `train.stageN.workers` workers (gloo on CPU, nccl on GPUs). `reuse` returns the newest
+    complete run made from exactly the same inputs and settings instead of training again. Stage 2 starts from
+    `init` (a stage-1 checkpoint), by default the newest complete stage-1 run's.
+    """
+    start = time.perf_counter()
+    ws = Workspace(cfg.workspace, cfg.storage_options)
+    sc = stage_config(cfg, stage)
+    run_id = _latest_run(ws, stage) if resume else None
+    if resume and run_id is None:
+        log.warning("no earlier stage %d run to resume: starting a new one", stage)
+    run_id = run_id or time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
+    job = resolve_job(cfg, ws, stage, run_id, max_steps, init=init)
+    if reuse and not resume:
+        same = _same_run(ws, job)
+        if same is not None and same[1] == "complete":
+            log.info("stage %d: run %s was made from the same inputs and settings; reusing it", stage, same[0])
+            return _result(ws, replace(job, run_id=same[0]), sc.workers, None, 0.0)
+        if same is not None:
+            log.info("stage %d: continuing the unfinished run %s of the same inputs and settings", stage, same[0])
+            run_id, job = same[0], replace(job, run_id=same[0])
+    with lease(ws, "train", f"stage{stage}.{run_id}"):  # a run continued by two commands at once is refused
+        return _attempt(cfg, ws, job, sc, local, start)
+
+
+def _attempt(cfg: Config, ws: Workspace, job: Job, sc: StageConfig, local: bool, start: float) -> TrainResult:
+    """One attempt of a run (its record says how many came before), under the run's lease."""
+    stage, run_id = job.stage, job.run_id
+    previous = read_json(ws, ws.checkpoints(f"stage{stage}", run_id, RUN_FILE)) or {}
+    attempt = int(previous.get("attempts", 0)) + 1
+    latest = read_json(ws, ws.checkpoints(f"stage{stage}", run_id, LATEST_FILE))
+    resumed_from = int(latest["step"]) if latest else None
+    resume = in_run(ws, ws.checkpoints(f"stage{stage}", run_id), latest["path"]) if latest else None
+    write_json(ws, ws.checkpoints(f"stage{stage}", run_id, RUN_FILE),
+                {"status": "running", "attempts": attempt, "job": asdict(job)})  # fmt: skip
+    log.info("stage %d run %s (attempt %d): %d steps, %d examples per step, %d worker(s)%s", stage, run_id, attempt,
+             job.total_steps, sc.global_batch_size, 1 if local else sc.workers,
+             f", resuming at step {resumed_from}" if resumed_from else "")  # fmt: skip
+    if local:
+        worker_main(asdict(job) | {"session": "local", "resume": resume})
+    else:
+        _fit_with_ray(cfg, job, sc, attempt, resume)
+    result = _result(ws, job, 1 if local else sc.workers, resumed_from, time.perf_counter() - start)
+    if result is None:
+        raise RuntimeError(f"stage {stage} run {run_id} ended without a checkpoint")
+    status = "complete" if result.steps >= min(job.total_steps, job.max_steps or job.total_steps) else "stopped"
+    write_json(ws, ws.checkpoints(f"stage{stage}", run_id, RUN_FILE),
+                {"status": status, "attempts": attempt, "job": asdict(job),
+                 "checkpoint": run_relative(ws, ws.checkpoints(f"stage{stage}", run_id), result.checkpoint),
+                 "steps": result.steps, "final_loss": result.final_loss})  # fmt: skip
+    return result
+
+
+def _result(ws: Workspace, job: Job, workers: int, resumed_from: int | None, seconds: float) -> TrainResult | None:
+    """The run's result from its `latest.json` (None before its first checkpoint)."""
+    latest = read_json(ws, ws.checkpoints(f"stage{job.stage}", job.run_id, LATEST_FILE))
+    if not latest:
+        return None
+    losses = [h["loss"] for h in latest.get("history", [])]
+    step_folder = in_run(ws, ws.checkpoints(f"stage{job.stage}", job.run_id), latest["path"])
+    return TrainResult(
+        stage=job.stage, run_id=job.run_id, steps=int(latest["step"]), total_steps=job.total_steps,
+        first_loss=losses[0] if losses else None, final_loss=losses[-1] if losses else None,
+        checkpoint=posixpath.join(step_folder, MODEL_DIR), workers=workers, resumed_from=resumed_from,
+        losses=losses, seconds=seconds,
+    )  # fmt: skip
+
+
+def _same_run(ws: Workspace, job: Job) -> tuple[str, str] | None:
+    """(run id, status) of the newest run of the stage whose job equals `job` but for its run id."""
+    want = json.loads(json.dumps(asdict(job), default=str)) | {"run_id": None}
+    for path in sorted(ws.glob(ws.checkpoints(f"stage{job.stage}", "*", RUN_FILE)), reverse=True):
+        doc = read_json(ws, path) or {}
+        if (doc.get("job") or {}) | {"run_id": None} == want:
+            return os.path.basename(os.path.dirname(path)), str(doc.get("status"))
+    return None
+
+
+def _fit_with_ray(cfg: Config, job: Job, sc: StageConfig, attempt: int, resume: str | None) -> None:
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipelines.ray_runtime import connect
+
+    connect(cfg.ray)
+    ws = Workspace(cfg.workspace, cfg.storage_options)
+    trainer = TorchTrainer(
+        worker_main,
+        train_loop_config=asdict(job) | {"session": "ray", "resume": resume},
+        torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=sc.workers, use_gpu=sc.use_gpu),
+        run_config=RunConfig(
+            name=f"attempt-{attempt}",
+            storage_path=ws.as_url(ws.checkpoints(f"stage{job.stage}", job.run_id)),
+            failure_config=FailureConfig(max_failures=0),
+        ),
+    )
+    waiting = f"stage {job.stage}: Ray Train is starting {sc.workers} worker(s)"
+    with relay_progress(ws, ws.checkpoints(f"stage{job.stage}", job.run_id, PROGRESS_FILE), waiting=waiting):
+        trainer.fit()
+
+
+def relay_progress(
+    ws: Workspace, path: str, poll: float = 2.0, waiting: str | None = None
+) -> contextlib.AbstractContextManager[None]:
+    """While the block runs, log each new progress line the run's rank-0 worker writes to `path` (and `waiting`
+    once, when the first line is an interval late: workers take a while to start)."""
+    start = time.time()
+    seen = {"time": start, "lines": 0}  # a line of an earlier attempt is not news
+
+    def relay() -> None:
+        doc = json.loads(ws.read_bytes(path)) if ws.exists(path) else None
+        if doc and doc.get("time", 0) > seen["time"]:
+            seen["time"], seen["lines"] = doc["time"], seen["lines"] + 1
+            log.info("%s", doc["line"])
+        elif waiting and seen["lines"] == 0 and time.time() - start >= interval():
+            seen["lines"] = -1  # said once
+            log.info("%s", waiting)
+
+    return polling(relay, poll)
+
+
+def worker_main(config: dict[str, Any]) -> None:
+    """One training worker (a Ray Train worker, or this process with `session: local`)."""
+    job = Job(**{k: v for k, v in config.items() if k not in ("session", "resume")})
+    ws = Workspace(job.workspace, job.storage_options)
+    torch.manual_seed(job.seed)
+    session = (RaySession if config["session"] == "ray" else LocalSession)(ws, job, config.get("resume"))
+    model = build_model(job)
+    hyper = Hyper(lr=job.lr, min_lr=job.min_lr, weight_decay=job.weight_decay, warmup_steps=job.warmup_steps,
+                  total_steps=job.total_steps, clip_grad=job.clip_grad)  # fmt: skip
+    batches = build_batches(job, ws, session.rank, session.world)
+    metadata = {"stage": job.stage, "run_id": job.run_id, "encoder_id": job.encoder_id, "seed": job.seed,
+                "base_llama": job.base_llama, "tokenizer": job.tokenizer}  # fmt: skip
+    train(session, model, STAGE_PHASE[job.stage], batches, hyper, job.checkpoint_every, job.max_steps,
+          metadata=metadata)  # fmt: skip
+
+
+class _Pointer:
+    """Writes `latest.json` (the newest committed checkpoint and the loss history) after a checkpoint lands."""
+
+    def __init__(self, ws: Workspace, job: Job) -> None:
+        self.ws, self.job = ws, job
+
+    def commit(self, path: str, step: int, history: list) -> None:
+        """Record the checkpoint at `path` (a path in the run's folder), relative to the folder."""
+        folder = self.ws.checkpoints(f"stage{self.job.stage}", self.job.run_id)
+        write_json(self.ws, posixpath.join(folder, LATEST_FILE),
+                    {"step": step, "path": run_relative(self.ws, folder, path), "history": history})  # fmt: skip
+
+
+class LocalSession:
+    rank, world = 0, 1
+
+    def __init__(self, ws: Workspace, job: Job, resume: str | None) -> None:
+        self.ws, self.job, self._resume = ws, job, resume
+        self.device = torch.device("cuda" if job.use_gpu and torch.cuda.is_available() else "cpu")
+        self.pointer = _Pointer(ws, job)
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        if self.job.parallel == "fsdp":
+            log.info("parallel: fsdp is ignored by a local run (one worker: nothing to shard)")
+        return model
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def report(
+        self, metrics: dict[str, Any], checkpoint_dir: str | None, step: int, history: list | None = None
+    ) -> None:
+        if checkpoint_dir:
+            target = self.ws.checkpoints(f"stage{self.job.stage}", self.job.run_id, "local", f"step-{step:08d}")
+            self.ws.upload_dir(checkpoint_dir, target)
+            self.pointer.commit(target, step, history or [])
+
+    def resume_dir(self) -> str | None:
+        return local_dir(self.ws, self._resume) if self._resume else None
+
+    def progress(self, line: str) -> None:
+        pass  # the loop's own log line is on this process's console
+
+
+class RaySession:
+    def __init__(self, ws: Workspace, job: Job, resume: str | None) -> None:
+        import ray.train
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.ws, self.job, self.pointer, self._resume = ws, job, _Pointer(ws, job), resume
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        import ray.train.torch
+
+        if self.world == 1:
+            if self.job.parallel == "fsdp":
+                log.info("parallel: fsdp is ignored with one worker (nothing to shard)")
+            return model
+        if self.job.parallel == "fsdp":
+            if self.rank == 0:
+                log.info("parallel: fsdp, each decoder layer and the rest of the model sharded over %d workers",
+                         self.world)  # fmt: skip
+            return shard_model(model, self.device, self.world)  # type: ignore[arg-type]
+        return ray.train.torch.prepare_model(model, move_to_device=True)
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            torch.distributed.all_reduce(t)
+        return t
+
+    def report(
+        self, metrics: dict[str, Any], checkpoint_dir: str | None, step: int, history: list | None = None
+    ) -> None:
+        import ray.train
+
+        if checkpoint_dir is None:
+            ray.train.report(metrics)
+            return
+        name = f"step-{step:08d}"
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if self.rank == 0 else None
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+        if self.rank == 0:  # report returned: the checkpoint is in storage, under the Ray run of this attempt
+            attempt = ray.train.get_context().get_experiment_name()
+            target = self.ws.checkpoints(f"stage{self.job.stage}", self.job.run_id, attempt, name)
+            self.pointer.commit(target, step, history or [])
+
+    def resume_dir(self) -> str | None:
+        """A checkpoint Ray restored after a worker failure in this fit, else the one this attempt resumes from."""
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        path = checkpoint.path if checkpoint is not None else self._resume
+        return local_dir(self.ws, path) if path else None
+
+    def progress(self, line: str) -> None:
+        """Ray keeps a worker's logs to itself: the line goes into the run's folder, where the driver reads it."""
+        path = self.ws.checkpoints(f"stage{self.job.stage}", self.job.run_id, PROGRESS_FILE)
+        self.ws.write_bytes(path, json.dumps({"line": line, "time": time.time()}).encode())
+
+
+def _latest_run(ws: Workspace, stage: int) -> str | None:
+    runs = sorted(ws.glob(ws.checkpoints(f"stage{stage}", "*", RUN_FILE)))
+    return os.path.basename(os.path.dirname(runs[-1])) if runs else None
