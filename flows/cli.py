@@ -83,8 +83,10 @@ def cmd_download(cfg: Config, args: argparse.Namespace) -> BaseModel:
 
 def cmd_extract(cfg: Config, args: argparse.Namespace) -> BaseModel:
     """Compute ImageBind image and text features of every downloaded shard into Parquet (Ray, resumable)."""
+    from pipelines.demo.setup import prepare_extraction
     from pipelines.extract import stage as extract
 
+    prepare_extraction(cfg)  # the demo's vocabulary, when none is configured
     return extract.run(cfg, force=args.force)
 
 
@@ -140,10 +142,11 @@ def cmd_evaluate(cfg: Config, args: argparse.Namespace) -> BaseModel:
 
 
 def cmd_retrain(cfg: Config, args: argparse.Namespace) -> BaseModel:
-    """Retrain on the shards new since the last retrain and promote the model only when it is at least as good."""
-    from pipelines.retrain import stage as retrain
+    """Retrain on the shards new since the last retrain and promote the model only when it is at least as good (the
+    `retrain` flow, as the deployment runs it)."""
+    from flows.retrain import retrain_flow
 
-    return retrain.run(cfg, force=args.force)
+    return retrain_flow(cfg, force=args.force)
 
 
 def cmd_convert(cfg: Config, args: argparse.Namespace) -> BaseModel:

@@ -6,13 +6,43 @@ import time
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
+from pydantic import BaseModel
 
 from flows import artifacts
 from flows.tasks import DAY, HOUR, extract_task, index_task, stage_task
 from pipelines.config import Config, resolve_config
+from pipelines.demo.setup import RetrainInputs, retrain_inputs
+from pipelines.extract.stage import ExtractResult
+from pipelines.index.stage import IndexResult
 from pipelines.retrain import stage as retrain
 from pipelines.train.stage import TrainResult
 from stores.registry import Decision
+
+
+class RetrainResult(BaseModel):
+    """One retrain: the plan, and when there was work, what each stage did and the decision."""
+
+    plan: retrain.RetrainPlan
+    extract: ExtractResult | None = None
+    index: IndexResult | None = None
+    inputs: RetrainInputs | None = None
+    stage1: TrainResult | None = None
+    stage2: TrainResult | None = None
+    decision: Decision | None = None
+    seconds: float
+
+    def summary(self) -> str:
+        lines = [self.plan.summary()]
+        if self.decision is None:
+            in_service = self.plan.promoted
+            if in_service:
+                value = "unmeasured" if in_service.value is None else f"{in_service.value:.4f}"
+                lines.append(f"in service: stage-2 run {in_service.stage2_run_id} ({in_service.metric} {value})")
+            return "\n".join(lines)
+        for part in (self.extract, self.index, self.stage1, self.stage2, self.decision):
+            if part is not None:
+                lines += part.summary().splitlines()
+        return "\n".join(lines)
 
 
 @stage_task(name="retrain-plan", timeout_seconds=HOUR)
@@ -22,9 +52,9 @@ def plan_task(cfg: Config, force: bool = False) -> retrain.RetrainPlan:
 
 
 @stage_task(name="retrain-inputs", retries=1, timeout_seconds=6 * HOUR)
-def inputs_task(cfg: Config) -> retrain.StageInputs:
+def inputs_task(cfg: Config) -> RetrainInputs:
     """The demo's own base model and instructions, when the config asks for them."""
-    return retrain.stage_inputs(cfg)
+    return retrain_inputs(cfg)
 
 
 @stage_task(name="retrain-train", task_run_name="retrain-stage{stage}", retries=1, retry_delay_seconds=10,
@@ -43,7 +73,7 @@ def decide_task(cfg: Config, plan: retrain.RetrainPlan, stage1: TrainResult, sta
 @flow(name="ibllm-retrain", log_prints=True)
 def retrain_flow(
     config: Config | str | None = None, overrides: list[str] | None = None, force: bool = False
-) -> retrain.RetrainResult:
+) -> RetrainResult:
     """Retrain on what is new since the last retrain and promote the candidate only if it is at least as good."""
     logger = get_run_logger()
     start = time.perf_counter()
@@ -51,7 +81,7 @@ def retrain_flow(
     plan = plan_task(cfg, force)
     logger.info("%s", plan.summary())
     if not plan.has_work:
-        result = retrain.RetrainResult(plan=plan, seconds=round(time.perf_counter() - start, 3))
+        result = RetrainResult(plan=plan, seconds=round(time.perf_counter() - start, 3))
         _decision_artifact(result)
         return result
     ext = extract_task(cfg)
@@ -62,14 +92,14 @@ def retrain_flow(
     s2 = candidate_task(cfg, 2, s1.checkpoint)
     artifacts.training(s2)
     decision = decide_task(cfg, plan, s1, s2)
-    result = retrain.RetrainResult(plan=plan, extract=ext, index=idx, inputs=inputs, stage1=s1, stage2=s2,
+    result = RetrainResult(plan=plan, extract=ext, index=idx, inputs=inputs, stage1=s1, stage2=s2,
                                    decision=decision, seconds=round(time.perf_counter() - start, 3))  # fmt: skip
     _decision_artifact(result)
     logger.info("%s", decision.summary())
     return result
 
 
-def _decision_artifact(result: retrain.RetrainResult) -> None:
+def _decision_artifact(result: RetrainResult) -> None:
     """The promotion decision (or why there was nothing to do) as markdown."""
     d = result.decision
     lines = ["# Retrain", "", result.plan.summary(), ""]

@@ -13,6 +13,7 @@ from pipelines.demo import ask as demo_ask
 from pipelines.demo import base_lm, synthetic
 from pipelines.demo import check as demo_check
 from pipelines.demo import data as demo_data
+from pipelines.demo.setup import prepare_extraction
 from pipelines.download import stage as download
 from pipelines.errors import InputError
 from pipelines.evaluate import stage as evaluate
@@ -70,6 +71,7 @@ def download_source_task(cfg: Config, source: str, force: bool = False) -> downl
 @stage_task(name="extract", retries=2, retry_delay_seconds=10, timeout_seconds=14 * DAY)
 def extract_task(cfg: Config, force: bool = False) -> extract.ExtractResult:
     """ImageBind features of every downloaded shard; a retry redoes only the shards not yet committed."""
+    prepare_extraction(cfg)
     return extract.run(cfg, force=force)
 
 

@@ -44,3 +44,18 @@ def test_extraction_readers_load_no_torch() -> None:
     code = "import sys, pipelines.extract.read; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_no_production_stage_imports_the_demo() -> None:
+    """The demo's modules (pipelines/demo/) are called by flows and the CLI, never by a production stage."""
+    bad = {}
+    for path in sorted((ROOT / "pipelines").rglob("*.py")):
+        if path.parent.name == "demo":
+            continue
+        tree = ast.parse(path.read_text(), filename=str(path))
+        found = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        found |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        demo = sorted(m for m in found if m == "pipelines.demo" or m.startswith("pipelines.demo."))
+        if demo:
+            bad[str(path.relative_to(ROOT))] = demo
+    assert bad == {}

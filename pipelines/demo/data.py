@@ -8,10 +8,11 @@ import logging
 from pydantic import BaseModel
 
 from model.imagebind.encoder import encoder_id_for
+from pipelines.assets import DEMO_INSTRUCTIONS
 from pipelines.config import Config
 from pipelines.demo import text as demo_text
 from pipelines.train.data import is_heldout
-from pipelines.train.setup import DEMO_INSTRUCTIONS, stage1_features
+from pipelines.train.setup import stage1_features
 from stores.features import read_columns
 from stores.instructions import image_key
 from stores.workspace import Workspace

@@ -1,10 +1,14 @@
-"""The demo's own inputs of a training stage, made when missing: its base LLaMA (stage 0) and stage-2 conversations."""
+"""The demo's own inputs of a stage, made when missing: its CLIP vocabulary, base LLaMA (stage 0) and conversations."""
 
 from __future__ import annotations
 
+from pydantic import BaseModel
+
 from pipelines.config import Config
-from pipelines.demo import base_lm
+from pipelines.demo import base_lm, vocab
 from pipelines.demo import data as demo_data
+from pipelines.demo.base_lm import BaseLMResult
+from pipelines.demo.data import InstructionsResult
 
 
 def needs_demo_base(cfg: Config) -> bool:
@@ -19,3 +23,23 @@ def prepare_training(cfg: Config, stage: int) -> None:
         base_lm.run(cfg)  # logs what it did
     if stage == 2 and cfg.train.stage0 is not None and not cfg.train.stage2.data:
         demo_data.run(cfg)
+
+
+def prepare_extraction(cfg: Config) -> None:
+    """Before `extract` without `model.imagebind_vocab` on a small preset: the vocabulary learned from the captions."""
+    vocab.learn(cfg)
+
+
+class RetrainInputs(BaseModel):
+    """The demo's own inputs of a retrain, made when the config asks for them (both idempotent)."""
+
+    base: BaseLMResult | None = None
+    instructions: InstructionsResult | None = None
+
+
+def retrain_inputs(cfg: Config) -> RetrainInputs:
+    """The demo's stage 0 base (when `train.stage0` is set without `model.llama_path`) and, when
+    `train.stage2.data` is empty, stage 2's generated instructions, regenerated so that new images are asked about."""
+    base = base_lm.run(cfg) if cfg.train.stage0 is not None and not cfg.model.llama_path else None
+    instructions = demo_data.run(cfg) if not cfg.train.stage2.data else None
+    return RetrainInputs(base=base, instructions=instructions)

@@ -12,27 +12,23 @@ from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
-import fsspec
 import numpy as np
 from pydantic import BaseModel, Field
 
 from model.imagebind.encoder import encoder_id_for
-from model.imagebind.tokenizer import learn_merges, write_vocab
-from pipelines import ray_runtime
-from pipelines.config import Config, ConfigError
+from pipelines import assets, ray_runtime
+from pipelines.config import Config
 from pipelines.console import Progress, quiet_ray_data
 from pipelines.errors import InputError
 from pipelines.extract import encode as extract_encode
 from pipelines.extract import read as extract_read
 from stores import features
-from stores.catalog import Catalog, outputs
+from stores.catalog import outputs
 from stores.lease import lease
 from stores.ledger import Ledger
 from stores.workspace import Workspace
 
 log = logging.getLogger(__name__)
-DEMO_VOCAB_MERGES = 2000
-DEMO_VOCAB = ("models", "clip_bpe_demo.txt.gz")  # the CLIP vocabulary learned for small presets
 
 
 class SourceExtract(BaseModel):
@@ -65,23 +61,6 @@ class ExtractResult(BaseModel):
                          f"({s.new_shards} new) -> {s.output}")  # fmt: skip
             lines += [f"  shard {sid} failed: {err}" for sid, err in s.failed_shards.items()]
         return "\n".join(lines)
-
-
-def resolve_vocab(cfg: Config, ws: Workspace) -> bytes:
-    """The CLIP BPE vocabulary: the configured file, or for small presets one learned from the curated captions."""
-    if cfg.model.imagebind_vocab:
-        with fsspec.open(cfg.model.imagebind_vocab, "rb") as f:
-            return f.read()
-    if cfg.model.imagebind == "huge":
-        raise ConfigError("model.imagebind_vocab is required with the huge encoder (bpe_simple_vocab_16e6.txt.gz)")
-    path = ws.path(*DEMO_VOCAB)
-    if not ws.exists(path):  # a small vocabulary of the same format, learned from the data (no download)
-        captions = [r[0] for r in Catalog(ws).query("SELECT caption FROM curated ORDER BY uid")]
-        with ws.scratch() as scratch:
-            local = os.path.join(scratch, "vocab.txt.gz")
-            write_vocab(local, learn_merges(captions, DEMO_VOCAB_MERGES))
-            ws.upload(local, path)
-    return ws.read_bytes(path)
 
 
 def shard_items(ws: Workspace, source: str) -> list[dict[str, Any]]:
@@ -232,7 +211,7 @@ def _extract(cfg: Config, ws: Workspace, encoder_id: str, names: list[str], forc
     if not any(downloaded.values()):  # before the demo's vocabulary is learned from the captions
         raise InputError(f"no downloaded shards of {', '.join(names) or 'any source'} in {ws.url()}: "
                          "run `ibllm download` first")  # fmt: skip
-    vocab = resolve_vocab(cfg, ws)
+    vocab = assets.clip_vocab_bytes(cfg, ws)
     ray_runtime.connect(cfg.ray)
     device = _device(cfg)
     dtype = cfg.extract.dtype if cfg.extract.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")

@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import posixpath
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -24,12 +23,12 @@ from model.llm.generate import Sampling, generate_text
 from model.llm.model import CacheLookup, ImageBindLLM
 from model.llm.prompts import CAPTION_INSTRUCTION, format_prompt
 from model.llm.tokenizer import TextTokenizer, load_tokenizer
+from pipelines import assets
 from pipelines.config import Config
 from pipelines.errors import InputError
-from pipelines.extract.stage import DEMO_VOCAB
 from pipelines.infer.inputs import TEXT_NEEDS_VOCAB, Request, check_request, embed_request, read_requests
 from pipelines.paths import resolve_checkpoint
-from pipelines.train.setup import demo_file, latest_checkpoint, local_dir
+from pipelines.train.setup import latest_checkpoint, local_dir
 from stores import registry
 from stores.index import CacheIndex, IndexMismatch
 from stores.runs import RUN_FILE
@@ -117,23 +116,6 @@ def _checkpoint_dir(ws: Workspace, checkpoint: str) -> str:
     return nested if not os.path.isfile(os.path.join(local, "config.json")) and os.path.isdir(nested) else local
 
 
-def _vocab(cfg: Config, ws: Workspace) -> str | None:
-    """ImageBind's CLIP vocabulary: `model.imagebind_vocab`, else the demo's learned one (small presets)."""
-    vocab = cfg.model.imagebind_vocab
-    if vocab and "://" in vocab and not vocab.startswith("file://"):
-        local = os.path.join(tempfile.mkdtemp(prefix="ibllm-vocab-"), posixpath.basename(vocab))
-        with fsspec.open(vocab, "rb", **cfg.storage_options) as src, open(local, "wb") as dst:
-            dst.write(src.read())
-        return local
-    if vocab:
-        vocab = vocab.removeprefix("file://")
-        if not os.path.isfile(vocab):
-            raise InputError(f"model.imagebind_vocab not found: {vocab}")
-        return vocab
-    demo = ws.path(*DEMO_VOCAB)
-    return demo if cfg.model.imagebind != "huge" and ws.is_local and ws.exists(demo) else None
-
-
 def cache_lookup(index: CacheIndex, k: int) -> CacheLookup:
     """The model's cache callable over an opened index: (B, D) mixed query -> sims (B, k), neighbours (B, k, D).
 
@@ -213,10 +195,8 @@ def load_engine(cfg: Config, checkpoint: str, need_encoder: bool, use_cache: boo
     encoder, cache = None, None
     if need_encoder:
         encoder, cache = _encoder_and_cache(cfg, ws, checkpoint, trained, config.feature_dim, device, dtype, use_cache)
-    base = cfg.model.llama_path or demo_file(ws, "llama") or job.get("base_llama")
-    tok_path = cfg.model.tokenizer_path or demo_file(ws, "tokenizer.json") or job.get("tokenizer")
-    if not tok_path:
-        raise InputError("model.tokenizer_path is not set (LLaMA's tokenizer.model, or a tokenizer.json)")
+    base = assets.base_llama(cfg, ws, job.get("base_llama"))
+    tok_path = assets.tokenizer(cfg, ws, job.get("tokenizer"))
     if base is None:  # training built the same seeded random base: rebuild it so the checkpoint fits
         log.warning("no base LLaMA (model.llama_path): the seeded random tiny LLaMA of the run, for tests only")
         torch.manual_seed(int(job.get("seed", cfg.seed)))
@@ -234,8 +214,9 @@ def _encoder_and_cache(cfg: Config, ws: Workspace, checkpoint: str, trained: str
                        device: str, dtype: DType, use_cache: bool) -> tuple[ImageBind, CacheLookup | None]:  # fmt: skip
     """The configured ImageBind, refused when the checkpoint was trained on another, and the cache lookup."""
     m = cfg.model
-    encoder = ImageBind.load(m.imagebind, checkpoint=m.imagebind_checkpoint, vocab=_vocab(cfg, ws), device=device,
-                             dtype=dtype, seed=cfg.seed)  # fmt: skip
+    vocab = assets.clip_vocab_file(cfg, ws)
+    encoder = ImageBind.load(m.imagebind, checkpoint=m.imagebind_checkpoint, vocab=vocab, device=device, dtype=dtype,
+                             seed=cfg.seed)  # fmt: skip
     if trained and trained != encoder.encoder_id:
         raise InputError(f"checkpoint {checkpoint} was trained on encoder {trained}, but the configured encoder "
                          f"is {encoder.encoder_id} (model.imagebind, model.imagebind_checkpoint, seed): use the "
@@ -272,7 +253,7 @@ def run(
     items: list[tuple[int | None, Request | InputError]]
     if requests_file is None:
         check_request(defaults)
-        if defaults.text and _vocab(cfg, ws) is None:
+        if defaults.text and assets.clip_vocab_file(cfg, ws) is None:
             raise InputError(TEXT_NEEDS_VOCAB)
         items = [(None, defaults)]
     else:

@@ -5,22 +5,15 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import time
 
 from pydantic import BaseModel
 
 from model.imagebind.encoder import encoder_id_for
 from pipelines.config import Config, dump_config
-from pipelines.demo import base_lm
-from pipelines.demo import data as demo_data
-from pipelines.demo.base_lm import BaseLMResult
-from pipelines.demo.data import InstructionsResult
 from pipelines.errors import InputError
 from pipelines.evaluate import stage as evaluate
 from pipelines.extract import stage as extract
-from pipelines.extract.stage import ExtractResult
 from pipelines.index import stage as index
-from pipelines.index.stage import IndexResult
 from pipelines.train import stage as train
 from pipelines.train.data import is_heldout
 from pipelines.train.setup import read_json, stage1_features
@@ -61,39 +54,6 @@ class RetrainPlan(BaseModel):
         since = f"since decision {self.since}" if self.since else "(no earlier retrain)"
         return (f"retrain plan: {len(self.shards)} downloaded shard(s), {len(self.new)} new and {len(self.removed)} "
                 f"gone {since}: {'work to do' if self.has_work else 'nothing to do'} ({self.reason})")  # fmt: skip
-
-
-class StageInputs(BaseModel):
-    """The demo's own inputs of training, made when the config asks for them (both idempotent)."""
-
-    base: BaseLMResult | None = None
-    instructions: InstructionsResult | None = None
-
-
-class RetrainResult(BaseModel):
-    """One retrain: the plan, and when there was work, what each stage did and the decision."""
-
-    plan: RetrainPlan
-    extract: ExtractResult | None = None
-    index: IndexResult | None = None
-    inputs: StageInputs | None = None
-    stage1: TrainResult | None = None
-    stage2: TrainResult | None = None
-    decision: Decision | None = None
-    seconds: float
-
-    def summary(self) -> str:
-        lines = [self.plan.summary()]
-        if self.decision is None:
-            in_service = self.plan.promoted
-            if in_service:
-                value = "unmeasured" if in_service.value is None else f"{in_service.value:.4f}"
-                lines.append(f"in service: stage-2 run {in_service.stage2_run_id} ({in_service.metric} {value})")
-            return "\n".join(lines)
-        for part in (self.extract, self.index, self.stage1, self.stage2, self.decision):
-            if part is not None:
-                lines += part.summary().splitlines()
-        return "\n".join(lines)
 
 
 def current_shards(cfg: Config, ws: Workspace) -> list[DataShard]:
@@ -139,14 +99,6 @@ def plan(cfg: Config, force: bool = False) -> RetrainPlan:
         encoder_id=encoder_id, shards=shards, new=new, removed=removed, since=last.stamp if last else None,
         promoted=incumbent, force=force, has_work=has_work, reason=reason,
     )  # fmt: skip
-
-
-def stage_inputs(cfg: Config) -> StageInputs:
-    """The demo's stage 0 base (when `train.stage0` is set without `model.llama_path`) and, when
-    `train.stage2.data` is empty, stage 2's generated instructions, regenerated so that new images are asked about."""
-    base = base_lm.run(cfg) if cfg.train.stage0 is not None and not cfg.model.llama_path else None
-    instructions = demo_data.run(cfg) if not cfg.train.stage2.data else None
-    return StageInputs(base=base, instructions=instructions)
 
 
 def stage1_init(cfg: Config) -> str | None:
@@ -262,21 +214,3 @@ def decide(cfg: Config, plan: RetrainPlan, stage1: TrainResult, stage2: TrainRes
     registry.record_decision(ws, decision)
     log.info("%s", decision.summary())
     return decision
-
-
-def run(cfg: Config, force: bool = False) -> RetrainResult:
-    """plan -> extract -> index -> stage inputs -> stage 1 (from the promoted) -> stage 2 -> decide; returns after
-    the plan when there is nothing new and a model is in service (`force` retrains all the same)."""
-    start = time.perf_counter()
-    p = plan(cfg, force)
-    log.info("%s", p.summary())
-    if not p.has_work:
-        return RetrainResult(plan=p, seconds=round(time.perf_counter() - start, 3))
-    ext = extract.run(cfg)
-    idx = index.run(cfg)
-    inputs = stage_inputs(cfg)
-    s1 = train_candidate(cfg, 1, stage1_init(cfg))
-    s2 = train_candidate(cfg, 2, s1.checkpoint)
-    decision = decide(cfg, p, s1, s2)
-    return RetrainResult(plan=p, extract=ext, index=idx, inputs=inputs, stage1=s1, stage2=s2, decision=decision,
-                         seconds=round(time.perf_counter() - start, 3))  # fmt: skip

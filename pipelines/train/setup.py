@@ -19,6 +19,7 @@ from model.llm.checkpoint import load_llama, load_tensors, read_checkpoint
 from model.llm.config import LLMConfig, config_from_llama
 from model.llm.model import ImageBindLLM
 from model.llm.tokenizer import load_tokenizer
+from pipelines import assets
 from pipelines.config import Config
 from pipelines.errors import InputError
 from pipelines.index.stage import feature_files
@@ -87,11 +88,9 @@ def resolve_job(
     sc = getattr(cfg.train, f"stage{stage}")
     m = cfg.model
     encoder_id = encoder_id_for(m.imagebind, m.imagebind_checkpoint, cfg.seed)
-    tokenizer_path = m.tokenizer_path or demo_file(ws, "tokenizer.json")
-    if not tokenizer_path:
-        raise InputError("model.tokenizer_path is not set (LLaMA's tokenizer.model, or a tokenizer.json)")
+    tokenizer_path = assets.tokenizer(cfg, ws)
     tokenizer = load_tokenizer(tokenizer_path)
-    base = m.llama_path or demo_file(ws, "llama")
+    base = assets.base_llama(cfg, ws)
     llm = _llm_config(cfg, base, tokenizer.n_words, tokenizer.bos_id, tokenizer.eos_id)
     feature_parts: list[str] = []
     instruction_files: list[str] = []
@@ -103,7 +102,7 @@ def resolve_job(
             raise InputError(f"the stage-1 prompt is {prompt} tokens with {tokenizer_path}: train.stage1.max_words "
                              f"{sc.max_words} leaves no room for the caption")  # fmt: skip
     else:
-        instruction_files = list(sc.data) or [p for p in [_demo_instructions(ws)] if p]
+        instruction_files = assets.stage2_data(cfg, ws)
         if not instruction_files:
             raise InputError("train.stage2.data lists no instruction files (Alpaca, ShareGPT, LLaVA, cc_sbu_align)")
         init = init or latest_checkpoint(ws, 1)
@@ -139,12 +138,6 @@ def _llm_config(cfg: Config, base: str | None, vocab: int, bos: int, eos: int) -
     return LLMConfig.preset("tiny", vocab_size=vocab, bos_id=bos, eos_id=eos, **lora)
 
 
-def demo_file(ws: Workspace, name: str) -> str | None:
-    """The demo's own base language model and tokenizer (stage 0), when it has made them."""
-    path = ws.checkpoints("stage0", "base", name)
-    return path if ws.is_local and os.path.exists(path) else None
-
-
 def stage1_features(cfg: Config, ws: Workspace, encoder_id: str) -> list[str]:
     """The feature parts stage 1 reads: those of `train.stage1.data`'s sources (default: every source)."""
     parts = []
@@ -157,15 +150,6 @@ def stage1_features(cfg: Config, ws: Workspace, encoder_id: str) -> list[str]:
     if not parts:
         raise InputError(f"stage 1 needs features: none under {ws.as_url(ws.features(encoder_id, ''))}")
     return parts
-
-
-DEMO_INSTRUCTIONS = ("instructions", "synthetic.json")
-
-
-def _demo_instructions(ws: Workspace) -> str | None:
-    """The demo's generated instruction file (stage 2's default data), when it has been written."""
-    path = ws.path(*DEMO_INSTRUCTIONS)
-    return ws.as_url(path) if ws.exists(path) else None
 
 
 def _feature_sources(ws: Workspace, encoder_id: str) -> list[str]:

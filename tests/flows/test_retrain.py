@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from flows.retrain import RetrainResult, retrain_flow
 from pipelines.config import Config, SyntheticConfig, resolve_config
 from pipelines.curate import stage as curate
 from pipelines.demo import synthetic
@@ -18,7 +19,6 @@ from pipelines.evaluate import stage as evaluate
 from pipelines.infer import stage as infer
 from pipelines.ingest import stage as ingest
 from pipelines.retrain import stage as retrain
-from pipelines.retrain.stage import RetrainResult
 from pipelines.train import stage as train
 from stores import registry
 from stores.workspace import Workspace
@@ -55,9 +55,9 @@ def downloaded(tmp_path_factory: pytest.TempPathFactory) -> Config:
 
 
 @pytest.fixture(scope="module")
-def first(downloaded: Config) -> tuple[Config, RetrainResult]:
+def first(downloaded: Config, prefect_harness: None) -> tuple[Config, RetrainResult]:
     """The first retrain, wrecked by its stage-2 learning rate: promoted all the same, as nothing was before."""
-    return downloaded, retrain.run(resolve_config(downloaded, WRECKED))
+    return downloaded, retrain_flow(resolve_config(downloaded, WRECKED))
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,7 @@ def better(first: tuple[Config, RetrainResult]) -> tuple[Config, RetrainResult]:
     with serving(patient):
         (dl,) = download.run(patient, retry_failed=True).sources
     assert dl.new_shards == 1 and dl.succeeded >= 1
-    return cfg, retrain.run(cfg)
+    return cfg, retrain_flow(cfg)
 
 
 @pytest.mark.slow  # with the module's set-up: Ray, img2dataset, 3 retrains (about 40 s in all)
@@ -95,7 +95,7 @@ def test_the_first_retrain_trains_and_promotes_and_a_rerun_without_new_data_does
     assert infer.choose_checkpoint(ws) == result.stage2.checkpoint
 
     before = runs(cfg)
-    again = retrain.run(cfg)
+    again = retrain_flow(cfg)
     assert not again.plan.has_work and again.plan.new == [] and again.decision is None and again.stage1 is None
     assert again.plan.since == decision.stamp and "no new shards" in again.summary()
     assert runs(cfg) == before and len(registry.decisions(ws)) == 1
@@ -128,7 +128,7 @@ def test_a_worse_candidate_is_recorded_but_not_promoted(better: tuple[Config, Re
     ws = Workspace(cfg.workspace)
     in_service = registry.promoted(ws)
     held = registry.frozen_heldout(ws)
-    worse = retrain.run(resolve_config(cfg, WRECKED), force=True)
+    worse = retrain_flow(resolve_config(cfg, WRECKED), force=True)
     decision = worse.decision
     assert worse.plan.has_work and worse.plan.new == [] and worse.plan.reason == "forced"
     assert worse.extract.sources[0].new_shards == 0 and not worse.index.built
@@ -140,7 +140,7 @@ def test_a_worse_candidate_is_recorded_but_not_promoted(better: tuple[Config, Re
     assert registry.frozen_heldout(ws) == held and {d.heldout_digest for d in registry.decisions(ws)} == {held.digest}
     files = sorted((Path(cfg.workspace) / "registry" / "decisions").glob("*.json"))
     assert json.loads(files[-1].read_text())["stamp"] == decision.stamp
-    assert not retrain.run(cfg).plan.has_work  # the rejected candidate's data counts as seen
+    assert not retrain_flow(cfg).plan.has_work  # the rejected candidate's data counts as seen
 
 
 def test_the_verdict_promotes_only_a_candidate_at_least_as_good() -> None:
