@@ -37,10 +37,6 @@ class Encoder:
         text_emb = np.zeros((n, dim), np.float16)
         score = np.zeros(n, np.float32)
         ok = np.array([k == "sample" and not r for k, r in zip(batch["kind"], batch["reason"], strict=True)])
-        holder = np.array([k == "placeholder" for k in batch["kind"]])
-        if holder.any():  # the paper's "fake image": the all-zero preprocessed image
-            zeros = torch.zeros(int(holder.sum()), 3, IMAGE_SIZE, IMAGE_SIZE)
-            image_emb[holder] = self.encoder.encode({"vision": zeros})["vision"].numpy()
         if ok.any():
             # uint8 goes to the device and is normalised there: a quarter of the float copy, and on a GPU the host
             # thread does not turn every pixel into float32 itself
@@ -51,3 +47,11 @@ class Encoder:
             score[ok] = (emb["vision"] * emb["text"]).sum(-1).numpy()
         out = {k: v for k, v in batch.items() if k not in ("pixels", "tokens")}
         return {**out, "image_emb": image_emb, "text_emb": text_emb, "clip_score": score}
+
+
+def placeholder_feature(preset: str, checkpoint: str | None, seed: int, device: str, dtype: str) -> np.ndarray:
+    """The paper's "fake image" feature, what text-only samples stand on: the embedding of the all-zero preprocessed
+    image, stored as the features are (float16 values, as float32)."""
+    encoder = ImageBind.load(preset, checkpoint=checkpoint, device=device, dtype=dtype, seed=seed)
+    emb = encoder.encode({"vision": torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE)})["vision"]
+    return emb.float().numpy()[0].astype(np.float16).astype(np.float32)

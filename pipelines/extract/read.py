@@ -19,7 +19,7 @@ from stores.metadata import CAPTION_MAX_CHARS, clean_caption, make_uid
 from stores.workspace import Workspace
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-TEXT_COLUMNS = ("kind", "source", "shard", "tar", "input", "uid", "url", "caption", "reason")
+TEXT_COLUMNS = ("kind", "source", "shard", "tar", "input", "uid", "url", "caption", "reason", "error")
 
 
 def _text(value: object) -> str:
@@ -27,7 +27,8 @@ def _text(value: object) -> str:
 
 
 def _shard_error(base: dict[str, str], message: str) -> list[dict[str, Any]]:
-    return [{**base, "kind": "shard_error", "uid": "", "url": "", "caption": message, "image": b""}]
+    return [{**base, "kind": "shard_error", "uid": "", "url": "", "caption": "", "image": b"", "reason": "",
+             "error": message}]  # fmt: skip
 
 
 def _changed(base: dict[str, str], expected: str, data: bytes) -> str | None:
@@ -55,7 +56,7 @@ def _sample(base: dict[str, str], key: str, parts: dict[str, bytes], refused: st
     img = next((parts[e] for e in IMAGE_EXTS if e in parts), b"")
     uid = _text(meta.get("uid")) or make_uid(base["source"], f"{base['shard']}.tar#{key}")  # unique per member
     return {**base, "kind": "sample", "uid": uid, "url": url, "caption": clean_caption(text, caption_max_chars),
-            "image": img, "reason": reason}  # fmt: skip
+            "image": img, "reason": reason, "error": ""}  # fmt: skip
 
 
 def shard_rows(
@@ -67,8 +68,6 @@ def shard_rows(
     becomes a `shard_error` row.
     """
     base = {k: str(item[k]) for k in ("source", "shard", "tar", "input")}
-    if item["kind"] == "placeholder":  # encoded by the actor like any sample, so the model loads only there
-        return [{**base, "kind": "placeholder", "uid": "", "url": "", "caption": "", "image": b"", "reason": ""}]
     try:
         data = Workspace(root, storage_options).read_bytes(base["tar"])
         changed = _changed(base, str(item.get("sha256") or ""), data)
@@ -81,7 +80,8 @@ def shard_rows(
         _sample(base, key, samples.parts.get(key, {}), samples.refused.get(key), caption_max_chars)
         for key in samples.sample_keys()
     ]
-    return rows or [{**base, "kind": "empty", "uid": "", "url": "", "caption": "", "image": b"", "reason": ""}]
+    return rows or [{**base, "kind": "empty", "uid": "", "url": "", "caption": "", "image": b"", "reason": "",
+                     "error": ""}]  # fmt: skip
 
 
 @functools.lru_cache(maxsize=4)

@@ -9,7 +9,6 @@ import os
 import time
 import warnings
 from collections import defaultdict
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -115,6 +114,18 @@ def build_dataset(cfg: Config, ws: Workspace, items: list[dict], vocab: bytes, e
         return _encoder_stage(cfg, ds, encoder_args, actors, gpu, local)
 
 
+def _placeholder(cfg: Config, encoder_args: dict[str, Any]) -> np.ndarray:
+    """The feature set's placeholder feature, computed in one Ray task with the encoder actors' resources (the model
+    loads there, on a GPU when the actors have one, never in the driver)."""
+    import ray
+
+    gpu = encoder_args["device"] == "cuda"
+    task = ray.remote(extract_encode.placeholder_feature).options(
+        num_gpus=1 if gpu else 0, num_cpus=cfg.extract.actor_cpus, max_retries=0
+    )
+    return ray.get(task.remote(**encoder_args))
+
+
 def _encoder_stage(cfg: Config, ds: Any, encoder_args: dict[str, Any], actors: int, gpu: bool,
                    remote: dict[str, Any]) -> Any:  # fmt: skip
     """The encoder actors. On one machine a crashed actor is not restarted (`remote`: max_restarts 0): a crash would
@@ -136,10 +147,8 @@ def _encoder_stage(cfg: Config, ds: Any, encoder_args: dict[str, Any], actors: i
 class ShardCollector:
     """Gathers a shard's rows as they stream back and commits the shard once all of them are there."""
 
-    def __init__(
-        self, ws: Workspace, ledgers: dict[str, Ledger], encoder_id: str, on_placeholder: Callable[[np.ndarray], None]
-    ) -> None:
-        self.ws, self.ledgers, self.encoder_id, self.on_placeholder = ws, ledgers, encoder_id, on_placeholder
+    def __init__(self, ws: Workspace, ledgers: dict[str, Ledger], encoder_id: str) -> None:
+        self.ws, self.ledgers, self.encoder_id = ws, ledgers, encoder_id
         self.parts: dict[tuple[str, str], list[dict[str, np.ndarray]]] = defaultdict(list)
         self.seen: dict[tuple[str, str], int] = defaultdict(int)
         self.failed: dict[str, dict[str, str]] = defaultdict(dict)
@@ -152,12 +161,9 @@ class ShardCollector:
         for key in dict.fromkeys(keys):
             rows = {k: v[[i for i, kk in enumerate(keys) if kk == key]] for k, v in batch.items()}
             kind = rows["kind"][0]
-            if kind == "placeholder":
-                self.on_placeholder(rows["image_emb"][0].astype(np.float32))
-                continue
             if kind == "shard_error":
-                self.ledgers[key[0]].record_failure(key[1], str(rows["caption"][0]))
-                self.failed[key[0]][key[1]] = str(rows["caption"][0])
+                self.ledgers[key[0]].record_failure(key[1], str(rows["error"][0]))
+                self.failed[key[0]][key[1]] = str(rows["error"][0])
                 continue
             self.parts[key].append(rows)
             self.seen[key] += len(rows["kind"]) if kind == "sample" else 0
@@ -228,12 +234,12 @@ def _extract(cfg: Config, ws: Workspace, encoder_id: str, names: list[str], forc
     encoder_args = {"preset": m.imagebind, "checkpoint": m.imagebind_checkpoint, "seed": cfg.seed,
                     "device": device, "dtype": dtype}  # fmt: skip
     meta = features.read_meta(ws, encoder_id)
-    if meta is None or meta.get("settings") != settings:  # the placeholder feature rides along with the shards
-        items.insert(0, {"kind": "placeholder", "source": "", "shard": "", "tar": "", "sha256": "", "input": ""})
-    meta_base = {"encoder_id": encoder_id, "settings": settings, "preset": m.imagebind,
-                 "checkpoint": m.imagebind_checkpoint}  # fmt: skip
-    collector = ShardCollector(ws, ledgers, encoder_id, lambda emb: features.write_meta(
-        ws, encoder_id, {**meta_base, "dim": len(emb), "placeholder": [float(v) for v in emb]}))  # fmt: skip
+    if meta is None or meta.get("settings") != settings:  # once per feature set, before its first shard
+        emb = _placeholder(cfg, encoder_args)
+        features.write_meta(ws, encoder_id, {"encoder_id": encoder_id, "settings": settings, "preset": m.imagebind,
+                                             "checkpoint": m.imagebind_checkpoint, "dim": len(emb),
+                                             "placeholder": [float(v) for v in emb]})  # fmt: skip
+    collector = ShardCollector(ws, ledgers, encoder_id)
     images, enc_start, first = 0, time.perf_counter(), None
     if items:
         ds = build_dataset(cfg, ws, items, vocab, encoder_args)
@@ -249,8 +255,6 @@ def _extract(cfg: Config, ws: Workspace, encoder_id: str, names: list[str], forc
     took = end - enc_start
     steady = (images - first_rows) / (end - first) if first and end > first and images > first_rows else None
     results = []
-    if features.read_meta(ws, encoder_id) is None:
-        raise RuntimeError(f"feature set {encoder_id}: the placeholder feature was not computed")
     for s in names:
         committed = ledgers[s].committed()
         results.append(SourceExtract(

@@ -255,7 +255,8 @@ def test_a_tar_changed_after_its_download_commit_is_not_read(tmp_path: Path) -> 
     write_hostile_tar(folder / "00000.tar")  # changed after the commit: hostile or not, it is never read
     rows = extract_read.shard_rows({**items[0], "kind": "shard"}, ws.root, {})
     assert [r["kind"] for r in rows] == ["shard_error"]
-    assert rows[0]["caption"].startswith(f"{items[0]['tar']} changed after its download was committed (sha256 ")
+    assert rows[0]["error"].startswith(f"{items[0]['tar']} changed after its download was committed (sha256 ")
+    assert rows[0]["caption"] == ""  # the error has its own column
 
     cfg.model.max_image_pixels = 1000  # the JPEGs of shard 1 are 80 wide, 60 and more high: all too large
     result = extract.run(cfg)
