@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import errno
-import json
 import os
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from pipelines.errors import InputError
-from stores.runs import LATEST_FILE, RUN_FILE, in_run, newest_complete
+from stores.runs import Runs
 from stores.workspace import Workspace
 
 if TYPE_CHECKING:
@@ -85,18 +84,11 @@ def resolve_checkpoint(ws: Workspace, given: str) -> str:
     for path in tried:
         if os.path.isdir(path):
             folder = Workspace(path)
-            return _run_checkpoint(path) or newest_complete(folder, folder.base) or path
+            return _run_checkpoint(path) or Runs(folder, folder.base).newest_complete() or path
     raise InputError(f"checkpoint not found: looked for {' and '.join(tried)}")
 
 
 def _run_checkpoint(folder: str) -> str | None:
     """The checkpoint a run folder (`checkpoints/stage<N>/<run_id>/`) records as its newest, else None."""
-    for record, key, suffix in ((RUN_FILE, "checkpoint", ""), (LATEST_FILE, "path", "model")):
-        path = os.path.join(folder, record)
-        if os.path.isfile(path):
-            with open(path) as f:
-                found = json.load(f).get(key)
-            if found:
-                found = in_run(Workspace(folder), folder, found)
-                return os.path.join(found, suffix) if suffix else found
-    return None
+    parent, run_id = os.path.split(folder.rstrip("/"))
+    return Runs(Workspace(parent), parent).checkpoint_of(run_id)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import posixpath
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -10,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from stores.ledger import Ledger
 from stores.workspace import Workspace
 
 FAILURE_SCHEMA = pa.schema(
@@ -108,3 +111,12 @@ def read_columns(ws: Workspace, path: str, columns: Sequence[str]) -> dict[str, 
     """Some scalar columns of one feature part, as Python lists."""
     with ws.open(path, "rb") as f:
         return pq.read_table(f, columns=list(columns)).to_pydict()
+
+
+def feature_files(ws: Workspace, encoder_id: str, source: str) -> tuple[list[str], str]:
+    """The committed feature parts of a source (as its extraction ledger lists them) and a fingerprint that changes
+    when any of them does."""
+    ledger = Ledger.reader(ws, "extract", f"{encoder_id}.{source}")
+    recs = sorted(ledger.committed().values(), key=lambda r: r.shard_id)
+    files = [f.path for r in recs for f in r.files if posixpath.basename(f.path).startswith("part-")]
+    return files, hashlib.sha256("".join(r.fingerprint for r in recs).encode()).hexdigest()[:16]

@@ -1,24 +1,148 @@
-"""The files of a training run's folder (`checkpoints/stage<N>/<run_id>/`): its record and its newest checkpoint."""
+"""Training runs: each run's record and newest checkpoint (`checkpoints/stage<N>/<run_id>/`), read and written here."""
 
 from __future__ import annotations
 
 import json
 import posixpath
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from stores.workspace import OutsideWorkspace, Workspace
 
 RUN_FILE = "run.json"  # the run's record: status, attempts, job, final checkpoint (written by the driver)
 LATEST_FILE = "latest.json"  # the newest committed checkpoint and the loss history (written after each checkpoint)
 PROGRESS_FILE = "progress.json"  # rank 0's newest progress line, for the driver's console (written every interval)
+EVALUATIONS = "evaluations"  # one record per evaluation of the run's checkpoints (the catalog's `evaluations` view)
+EXTERNAL = "external"  # where evaluations of checkpoints no run of the workspace made are recorded
 
 
-def newest_complete(ws: Workspace, stage_folder: str) -> str | None:
-    """The checkpoint of the newest complete run under a stage's folder (a path of `ws`), else None."""
-    for path in sorted(ws.glob(posixpath.join(stage_folder, "*", RUN_FILE)), reverse=True):
-        doc = json.loads(ws.read_bytes(path))
-        if doc.get("status") == "complete" and doc.get("checkpoint"):
-            return in_run(ws, posixpath.dirname(path), doc["checkpoint"])
-    return None
+class RunRecord(BaseModel):
+    """A training run's record (`run.json`): its status, attempts, the job it ran and, once done, its checkpoint."""
+
+    model_config = ConfigDict(extra="allow")
+
+    status: str = "running"  # running, complete (every step), stopped (max_steps reached first)
+    attempts: int = 0
+    job: dict[str, Any] = Field(default_factory=dict, description="the training job: inputs, sizes, settings")
+    checkpoint: str | None = Field(None, description="the final checkpoint, relative to the run's folder")
+    steps: int | None = None
+    final_loss: float | None = None
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """A field of the run's job (tokenizer, base_llama, encoder_id, feature_files, holdout, seed, ...)."""
+        value = self.job.get(key)
+        return default if value is None else value
+
+
+class StepPointer(BaseModel):
+    """The newest committed checkpoint of a run (`latest.json`) and the loss history up to it."""
+
+    step: int
+    path: str = Field(description="the step's folder, relative to the run's folder")
+    history: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class Runs:
+    """The training runs under one folder (`checkpoints/stage<N>/`): the one access point to their records.
+
+    Args:
+        ws: the workspace (or the filesystem) the folder is in.
+        folder: the stage's folder, a path of `ws`.
+    """
+
+    def __init__(self, ws: Workspace, folder: str) -> None:
+        self.ws, self.folder = ws, folder.rstrip("/")
+
+    @classmethod
+    def of_stage(cls, ws: Workspace, stage: int | str) -> Runs:
+        """The runs of a training stage (or of `external`, for evaluations of foreign checkpoints)."""
+        return cls(ws, ws.path("checkpoints", stage if isinstance(stage, str) else f"stage{stage}"))
+
+    def run_folder(self, run_id: str) -> str:
+        """A run's folder."""
+        return posixpath.join(self.folder, run_id)
+
+    def record(self, run_id: str) -> RunRecord | None:
+        """A run's record, or None before it started."""
+        doc = self._read(posixpath.join(self.run_folder(run_id), RUN_FILE))
+        return None if doc is None else RunRecord.model_validate(doc)
+
+    def start(self, run_id: str, job: dict[str, Any]) -> int:
+        """Record a new attempt of a run as running; returns its number (1 for a new run)."""
+        attempt = (self.record(run_id) or RunRecord()).attempts + 1
+        self._write(posixpath.join(self.run_folder(run_id), RUN_FILE), RunRecord(attempts=attempt, job=job))
+        return attempt
+
+    def finish(self, run_id: str, record: RunRecord, checkpoint: str) -> None:
+        """Record how an attempt ended (`record.status`) with its final checkpoint (a location in the run's folder)."""
+        body = record.model_copy(update={"checkpoint": run_relative(self.ws, self.run_folder(run_id), checkpoint)})
+        self._write(posixpath.join(self.run_folder(run_id), RUN_FILE), body)
+
+    def latest(self, run_id: str) -> StepPointer | None:
+        """The newest committed checkpoint of a run, its path a location of `ws`; None before the first."""
+        doc = self._read(posixpath.join(self.run_folder(run_id), LATEST_FILE))
+        if doc is None:
+            return None
+        pointer = StepPointer.model_validate(doc)
+        return pointer.model_copy(update={"path": in_run(self.ws, self.run_folder(run_id), pointer.path)})
+
+    def commit_step(self, run_id: str, step_folder: str, step: int, history: list[dict[str, Any]]) -> None:
+        """Point the run at a checkpoint that has landed (a step folder of `ws` inside the run's folder)."""
+        rel = run_relative(self.ws, self.run_folder(run_id), step_folder)
+        self._write(posixpath.join(self.run_folder(run_id), LATEST_FILE), StepPointer(step=step, path=rel,
+                                                                                       history=history))  # fmt: skip
+
+    def checkpoint_of(self, run_id: str, model_dir: str = "model") -> str | None:
+        """A run's checkpoint: its final one when it ended, else its newest step's `model_dir`; None before any."""
+        rec = self.record(run_id)
+        if rec is not None and rec.checkpoint:
+            return in_run(self.ws, self.run_folder(run_id), rec.checkpoint)
+        latest = self.latest(run_id)
+        return posixpath.join(latest.path, model_dir) if latest else None
+
+    def run_ids(self) -> list[str]:
+        """Every run that has a record, oldest first (run ids start with their start time)."""
+        return [posixpath.basename(posixpath.dirname(p)) for p in self.ws.glob(posixpath.join(self.folder, "*",
+                                                                                                RUN_FILE))]  # fmt: skip
+
+    def newest_complete(self) -> str | None:
+        """The checkpoint of the newest complete run, a location of `ws`; None when no run completed."""
+        for run_id in reversed(self.run_ids()):
+            rec = self.record(run_id)
+            if rec is not None and rec.status == "complete" and rec.checkpoint:
+                return in_run(self.ws, self.run_folder(run_id), rec.checkpoint)
+        return None
+
+    def same_inputs(self, job: dict[str, Any]) -> tuple[str, str] | None:
+        """(run id, status) of the newest run whose job equals `job` but for its run id, else None."""
+        want = json.loads(json.dumps(job, default=str)) | {"run_id": None}
+        for run_id in reversed(self.run_ids()):
+            rec = self.record(run_id)
+            if rec is not None and rec.job | {"run_id": None} == want:
+                return run_id, rec.status
+        return None
+
+    def record_evaluation(self, run_id: str, stamp: str, body: bytes) -> str:
+        """Write one evaluation's record beside the run; returns its path."""
+        path = posixpath.join(self.run_folder(run_id), EVALUATIONS, f"{stamp}.json")
+        self.ws.write_bytes(path, body)
+        return path
+
+    def _read(self, path: str) -> dict[str, Any] | None:
+        return json.loads(self.ws.read_bytes(path)) if self.ws.exists(path) else None
+
+    def _write(self, path: str, doc: BaseModel) -> None:
+        self.ws.write_bytes(path, json.dumps(doc.model_dump(mode="json"), indent=1).encode())
+
+
+def run_of(ws: Workspace, metadata: dict[str, Any]) -> RunRecord | None:
+    """The record of the run that wrote a checkpoint, from the stage and run id in the checkpoint's own metadata;
+    None for a checkpoint no run of this workspace made."""
+    stage, run_id = metadata.get("stage"), metadata.get("run_id")
+    if not stage or not run_id:
+        return None
+    return Runs.of_stage(ws, int(stage)).record(str(run_id))
 
 
 def run_relative(ws: Workspace, run_folder: str, location: str) -> str:

@@ -8,18 +8,20 @@ import re
 import torch
 from pydantic import BaseModel
 
-from model.llm.checkpoint import from_pretrained
+from model.imagebind.encoder import encoder_id_for
 from model.llm.generate import Sampling, generate_text
 from model.llm.model import ImageBindLLM
 from model.llm.prompts import CAPTION_INSTRUCTION, format_prompt
-from model.llm.tokenizer import TextTokenizer, load_tokenizer
+from model.llm.tokenizer import TextTokenizer
+from pipelines import checkpoints
 from pipelines.config import Config
 from pipelines.demo import synthetic_media as media
 from pipelines.demo import text as demo_text
 from pipelines.errors import InputError
 from pipelines.train.data import is_heldout
-from pipelines.train.setup import latest_checkpoint, local_dir, resolve_job
+from pipelines.train.setup import stage1_features
 from stores.features import read_pairs
+from stores.runs import Runs
 from stores.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -69,31 +71,30 @@ def run(cfg: Config, stage1: str | None = None, stage2: str | None = None, batch
         examples: int = 3) -> DemoCheck:  # fmt: skip
     """Caption every held-out image with the stage-1 model and ask the stage-2 model the colour question."""
     ws = Workspace(cfg.workspace, cfg.storage_options)
-    stage1 = stage1 or latest_checkpoint(ws, 1)
-    stage2 = stage2 or latest_checkpoint(ws, 2)
+    stage1 = stage1 or Runs.of_stage(ws, 1).newest_complete()
+    stage2 = stage2 or Runs.of_stage(ws, 2).newest_complete()
     if stage1 is None or stage2 is None:
         raise InputError("the demo check needs a complete stage-1 and stage-2 run: run `ibllm train` first")
-    job = resolve_job(cfg, ws, 1, "demo-check")
+    m = cfg.model
     images, truths, features = [], [], []
-    for part in job.feature_files:
+    for part in stage1_features(cfg, ws, encoder_id_for(m.imagebind, m.imagebind_checkpoint, cfg.seed)):
         uids, captions, emb = read_pairs(ws, part)
         for i, (uid, caption) in enumerate(zip(uids, captions, strict=True)):
             scene = demo_text.parse_caption(caption)
-            if scene is not None and is_heldout(uid, job.holdout):
+            if scene is not None and is_heldout(uid, cfg.train.holdout):
                 images.append(uid), truths.append(scene), features.append(torch.from_numpy(emb[i]))
     if len(images) < 2:
-        raise InputError(f"{len(images)} held-out synthetic images: raise train.holdout ({job.holdout})")
+        raise InputError(f"{len(images)} held-out synthetic images: raise train.holdout ({cfg.train.holdout})")
     feats = torch.stack(features)
-    tokenizer = load_tokenizer(job.tokenizer)
-    torch.manual_seed(job.seed)  # without a base LLaMA, the random base of training (tests only)
-    captioner = from_pretrained(local_dir(ws, stage1), llama=job.base_llama).eval()
+    captioner, tokenizer = checkpoints.load(cfg, ws, checkpoints.inspect(cfg, ws, stage1))
+    captioner.eval()
     caption_prompt = format_prompt(CAPTION_INSTRUCTION)
     true_caps = _say(captioner, tokenizer, caption_prompt, feats, batch_size)
     shuffled_caps = _say(captioner, tokenizer, caption_prompt, feats.roll(1, dims=0), batch_size)
     del captioner
     question = demo_text.QUESTIONS[0][0]
-    torch.manual_seed(job.seed)
-    answerer = from_pretrained(local_dir(ws, stage2), llama=job.base_llama).eval()
+    answerer, _ = checkpoints.load(cfg, ws, checkpoints.inspect(cfg, ws, stage2))
+    answerer.eval()
     answers = _say(answerer, tokenizer, format_prompt(question), feats, batch_size)
     colours = [s.color for s in truths]
     shown = min(examples, len(images))

@@ -12,20 +12,20 @@ from collections.abc import Iterator, Sequence
 import torch
 from pydantic import BaseModel, Field
 
-from model.llm.checkpoint import load_tensors, read_checkpoint
+from model.imagebind.encoder import encoder_id_for
 from model.llm.model import ImageBindLLM
-from model.llm.tokenizer import load_tokenizer
+from pipelines import checkpoints
 from pipelines.config import Config
 from pipelines.errors import InputError
 from pipelines.paths import resolve_checkpoint
 from pipelines.train.data import CAPTION_PROMPT, Example, ExampleSource, FeatureCaptions, micro_batch
 from pipelines.train.loop import masked_sum_loss
-from pipelines.train.setup import build_model, latest_checkpoint, local_dir, resolve_job
+from pipelines.train.setup import stage1_features
 from stores.features import read_pairs
+from stores.runs import EXTERNAL, Runs
 from stores.workspace import Workspace
 
 log = logging.getLogger(__name__)
-EVAL_DIR = "evaluations"
 
 
 class EvalResult(BaseModel):
@@ -103,35 +103,32 @@ def run(
     (the catalog's `evaluations` view)."""
     start = time.perf_counter()
     ws = Workspace(cfg.workspace, cfg.storage_options)
-    checkpoint = resolve_checkpoint(ws, checkpoint) if checkpoint else latest_checkpoint(ws, stage)
+    checkpoint = resolve_checkpoint(ws, checkpoint) if checkpoint else Runs.of_stage(ws, stage).newest_complete()
     if checkpoint is None:
         raise InputError(f"no complete stage-{stage} run to evaluate: run `ibllm train --stage {stage}` first")
-    job = resolve_job(cfg, ws, 1, "evaluate")
-    model = build_model(job)
-    try:
-        _, tensors, doc = read_checkpoint(local_dir(ws, checkpoint))
-    except ValueError as e:  # CheckpointMismatch and the like: the message names the file
-        raise InputError(str(e)) from None
-    load_tensors(model, tensors, checkpoint)
-    made_by = doc.get("metadata") or {}  # the training run that wrote it: its stage and run id, not the caller's
-    stage = int(made_by.get("stage") or stage)
+    trained = checkpoints.inspect(cfg, ws, checkpoint)
+    model, tokenizer = checkpoints.load(cfg, ws, trained)
+    made_by = trained.made_by
+    stage = int(made_by.get("stage") or stage)  # the training run that wrote it: its stage and run id, not the caller's
+    m = cfg.model
+    feature_files = stage1_features(cfg, ws, encoder_id_for(m.imagebind, m.imagebind_checkpoint, cfg.seed))
+    holdout, max_words = cfg.train.holdout, cfg.train.stage1.max_words
     source: ExampleSource
     if uids is not None:
-        source = UidCaptions(ws, job.feature_files, uids)
+        source = UidCaptions(ws, feature_files, uids)
         if source.size < 2:
             raise InputError(f"{source.size} of the {len(uids)} held-out uids are in the features: too few to evaluate")
     else:
-        source = FeatureCaptions(ws, job.feature_files, job.seed, holdout=job.holdout, split="heldout")
+        source = FeatureCaptions(ws, feature_files, cfg.seed, holdout=holdout, split="heldout")
         if source.size < 2:
-            raise InputError(f"{source.size} held-out captions: raise train.holdout ({job.holdout}) to evaluate")
-    tokenizer = load_tokenizer(job.tokenizer)
+            raise InputError(f"{source.size} held-out captions: raise train.holdout ({holdout}) to evaluate")
     examples = list(source.iterate(0))  # every held-out sample, the last partial batch too
     pad = model.config.pad_id
-    batches = [micro_batch(examples[i : i + batch_size], tokenizer, job.max_words, pad)
+    batches = [micro_batch(examples[i : i + batch_size], tokenizer, max_words, pad)
                for i in range(0, len(examples), batch_size)]  # fmt: skip
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     loss, shuffled, tokens = held_out_losses(model, batches, device)
-    run_id = str(made_by.get("run_id") or _run_id(checkpoint))
+    run_id = str(made_by.get("run_id") or os.path.basename(checkpoint.rstrip("/")))
     result = EvalResult(
         stage=stage, run_id=run_id, checkpoint=checkpoint, examples=sum(len(m.input_ids) for m in batches),
         tokens=tokens, loss=loss, perplexity=math.exp(min(loss, 50.0)), shuffled_loss=shuffled,
@@ -139,12 +136,6 @@ def run(
         seconds=time.perf_counter() - start, heldout="split" if uids is None else "uids",
     )  # fmt: skip
     stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"  # two evaluations in a second: two records
-    home = f"stage{stage}" if made_by.get("run_id") else "external"  # a checkpoint no run of this workspace made
-    ws.write_bytes(ws.checkpoints(home, run_id, EVAL_DIR, f"{stamp}.json"), result.model_dump_json(indent=1).encode())
+    runs = Runs.of_stage(ws, stage if made_by.get("run_id") else EXTERNAL)  # external: no run of this workspace
+    runs.record_evaluation(run_id, stamp, result.model_dump_json(indent=1).encode())
     return result
-
-
-def _run_id(checkpoint: str) -> str:
-    """The run folder of a checkpoint path `.../checkpoints/stage<N>/<run_id>/<attempt>/<step>/model`."""
-    parts = checkpoint.rstrip("/").split("/")
-    return parts[parts.index("checkpoints") + 2] if "checkpoints" in parts else os.path.basename(checkpoint)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 
@@ -14,7 +13,6 @@ from pipelines.errors import InputError
 from stores import features
 from stores.index import BuildSettings, CacheIndex, build, read_meta
 from stores.lease import lease
-from stores.ledger import Ledger
 from stores.workspace import Workspace
 
 
@@ -56,21 +54,13 @@ class IndexResult(BaseModel):
         return "\n".join(lines)
 
 
-def feature_files(ws: Workspace, encoder_id: str, source: str) -> tuple[list[str], str]:
-    """The committed feature parts of a source and a fingerprint that changes when any of them does."""
-    ledger = Ledger.reader(ws, "extract", f"{encoder_id}.{source}")
-    recs = sorted(ledger.committed().values(), key=lambda r: r.shard_id)
-    files = [f.path for r in recs for f in r.files if os.path.basename(f.path).startswith("part-")]
-    return files, hashlib.sha256("".join(r.fingerprint for r in recs).encode()).hexdigest()[:16]
-
-
 def run(cfg: Config, force: bool = False, query_image: str | None = None, k: int = 5) -> IndexResult:
     """Build index `index.name` over the features of `index.source` if they changed; optionally query it."""
     start = time.perf_counter()
     ws = Workspace(cfg.workspace, cfg.storage_options)
     m, ix = cfg.model, cfg.index
     encoder_id = encoder_id_for(m.imagebind, m.imagebind_checkpoint, cfg.seed)
-    files, fingerprint = feature_files(ws, encoder_id, ix.source)
+    files, fingerprint = features.feature_files(ws, encoder_id, ix.source)
     if not files:
         raise FileNotFoundError(f"no features of source {ix.source!r} for {encoder_id}; run `ibllm extract` first")
     meta = features.read_meta(ws, encoder_id) or {}

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
-import posixpath
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -18,20 +16,18 @@ import torch
 from pydantic import BaseModel
 
 from model.imagebind.encoder import DType, ImageBind, resolve_device, resolve_dtype
-from model.llm.checkpoint import from_pretrained, read_checkpoint
 from model.llm.generate import Sampling, generate_text
 from model.llm.model import CacheLookup, ImageBindLLM
 from model.llm.prompts import CAPTION_INSTRUCTION, format_prompt
-from model.llm.tokenizer import TextTokenizer, load_tokenizer
-from pipelines import assets
+from model.llm.tokenizer import TextTokenizer
+from pipelines import assets, checkpoints
 from pipelines.config import Config
 from pipelines.errors import InputError
 from pipelines.infer.inputs import TEXT_NEEDS_VOCAB, Request, check_request, embed_request, read_requests
 from pipelines.paths import resolve_checkpoint
-from pipelines.train.setup import latest_checkpoint, local_dir
 from stores import registry
 from stores.index import CacheIndex, IndexMismatch
-from stores.runs import RUN_FILE
+from stores.runs import Runs
 from stores.workspace import OutsideWorkspace, Workspace
 
 log = logging.getLogger(__name__)
@@ -86,34 +82,10 @@ def choose_checkpoint(ws: Workspace, given: str | None = None) -> str:
             return in_service.stage2_checkpoint
         log.warning("the promoted checkpoint %s is gone: using the newest complete run", in_service.stage2_checkpoint)
     for stage in (2, 1):
-        found = latest_checkpoint(ws, stage)
+        found = Runs.of_stage(ws, stage).newest_complete()
         if found:
             return found
     raise InputError(f"no trained checkpoint in {ws.url()}: run `ibllm train --stage 1` first (or give --checkpoint)")
-
-
-def run_job(checkpoint: str, storage_options: dict[str, Any]) -> dict[str, Any]:
-    """The job of the training run a checkpoint lies in (`checkpoints/stage<N>/<run_id>/run.json`), else {}."""
-    fs, path = fsspec.core.url_to_fs(checkpoint, **storage_options)
-    path = path.rstrip("/")
-    for _ in range(4):  # .../<run_id>/<attempt>/step-N/model
-        path = posixpath.dirname(path)
-        doc_path = posixpath.join(path, RUN_FILE)
-        if fs.exists(doc_path):
-            try:
-                job = json.loads(fs.cat_file(doc_path)).get("job")
-            except (ValueError, AttributeError):  # not a run's record
-                continue
-            if isinstance(job, dict):
-                return job
-    return {}
-
-
-def _checkpoint_dir(ws: Workspace, checkpoint: str) -> str:
-    """A local folder holding the checkpoint (a run's step folder is taken for its `model/`)."""
-    local = local_dir(ws, checkpoint)
-    nested = os.path.join(local, "model")
-    return nested if not os.path.isfile(os.path.join(local, "config.json")) and os.path.isdir(nested) else local
 
 
 def cache_lookup(index: CacheIndex, k: int) -> CacheLookup:
@@ -184,30 +156,16 @@ def load_engine(cfg: Config, checkpoint: str, need_encoder: bool, use_cache: boo
                 ) -> tuple[Engine, str | None]:  # fmt: skip
     """The engine for `checkpoint` and the encoder id it was trained on (None when nothing records it)."""
     ws = Workspace(cfg.workspace, cfg.storage_options)
-    local = _checkpoint_dir(ws, checkpoint)
-    try:
-        config, _, doc = read_checkpoint(local)
-    except ValueError as e:
-        raise InputError(str(e)) from None
-    job = run_job(checkpoint, dict(cfg.storage_options))
-    trained = (doc.get("metadata") or {}).get("encoder_id") or job.get("encoder_id")
+    trained = checkpoints.inspect(cfg, ws, checkpoint)
     dev = resolve_device(device)
     encoder, cache = None, None
     if need_encoder:
-        encoder, cache = _encoder_and_cache(cfg, ws, checkpoint, trained, config.feature_dim, device, dtype, use_cache)
-    base = assets.base_llama(cfg, ws, job.get("base_llama"))
-    tok_path = assets.tokenizer(cfg, ws, job.get("tokenizer"))
-    if base is None:  # training built the same seeded random base: rebuild it so the checkpoint fits
-        log.warning("no base LLaMA (model.llama_path): the seeded random tiny LLaMA of the run, for tests only")
-        torch.manual_seed(int(job.get("seed", cfg.seed)))
-    try:
-        tokenizer = load_tokenizer(tok_path)
-        model = from_pretrained(local, llama=base, dtype=resolve_dtype(dtype, dev))
-    except ValueError as e:  # TokenizerError, CheckpointMismatch: the message names the file
-        raise InputError(str(e)) from None
+        encoder, cache = _encoder_and_cache(cfg, ws, checkpoint, trained.encoder_id, trained.config.feature_dim,
+                                            device, dtype, use_cache)  # fmt: skip
+    model, tokenizer = checkpoints.load(cfg, ws, trained, resolve_dtype(dtype, dev))
     engine = Engine(model.to(dev).eval(), tokenizer, encoder, cache, cfg.index.cache_t, cfg.index.cache_weight,
                     cfg.model.max_image_pixels)  # fmt: skip
-    return engine, trained
+    return engine, trained.encoder_id
 
 
 def _encoder_and_cache(cfg: Config, ws: Workspace, checkpoint: str, trained: str | None, feature_dim: int,

@@ -13,17 +13,16 @@ from pipelines.config import Config, dump_config
 from pipelines.errors import InputError
 from pipelines.evaluate import stage as evaluate
 from pipelines.extract import stage as extract
-from pipelines.index import stage as index
 from pipelines.train import stage as train
 from pipelines.train.data import is_heldout
-from pipelines.train.setup import read_json, stage1_features
+from pipelines.train.setup import stage1_features
 from pipelines.train.stage import TrainResult
-from stores import registry
+from stores import features, registry
 from stores.features import read_uids
 from stores.index import current_version, read_meta
 from stores.ledger import Ledger
 from stores.registry import Decision, HeldOut, Lineage, ModelRef, Promotion
-from stores.runs import RUN_FILE
+from stores.runs import Runs
 from stores.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -156,7 +155,7 @@ def lineage(cfg: Config, plan: RetrainPlan, stage1: TrainResult, stage2: TrainRe
             data.setdefault(s.source, {})[s.shard] = s.fingerprint
     parts, fingerprints = {}, {}
     for src in cfg.sources:
-        files, fingerprint = index.feature_files(ws, enc, src.name)
+        files, fingerprint = features.feature_files(ws, enc, src.name)
         if files:
             parts[src.name], fingerprints[src.name] = [ws.as_url(f) for f in files], fingerprint
     meta = read_meta(ws, cfg.index.name)
@@ -175,7 +174,8 @@ def lineage(cfg: Config, plan: RetrainPlan, stage1: TrainResult, stage2: TrainRe
 
 
 def _job(ws: Workspace, stage: int, run_id: str) -> dict:
-    return (read_json(ws, ws.checkpoints(f"stage{stage}", run_id, RUN_FILE)) or {}).get("job") or {}
+    rec = Runs.of_stage(ws, stage).record(run_id)
+    return rec.job if rec else {}
 
 
 def _measure(cfg: Config, checkpoint: str, held: HeldOut) -> evaluate.EvalResult:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -22,7 +21,6 @@ from model.llm.tokenizer import load_tokenizer
 from pipelines import assets
 from pipelines.config import Config
 from pipelines.errors import InputError
-from pipelines.index.stage import feature_files
 from pipelines.train.data import (
     CAPTION_PROMPT,
     ExampleList,
@@ -34,7 +32,8 @@ from pipelines.train.data import (
     step_batches,
 )
 from pipelines.train.instructions import instruction_examples
-from stores.runs import newest_complete
+from stores.features import feature_files
+from stores.runs import Runs
 from stores.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -105,7 +104,7 @@ def resolve_job(
         instruction_files = assets.stage2_data(cfg, ws)
         if not instruction_files:
             raise InputError("train.stage2.data lists no instruction files (Alpaca, ShareGPT, LLaVA, cc_sbu_align)")
-        init = init or latest_checkpoint(ws, 1)
+        init = init or Runs.of_stage(ws, 1).newest_complete()
         if init is None:
             raise InputError("stage 2 starts from a stage-1 checkpoint: run `ibllm train --stage 1` first")
         feature_parts = _all_feature_parts(ws, encoder_id)
@@ -160,19 +159,10 @@ def _all_feature_parts(ws: Workspace, encoder_id: str) -> list[str]:
     return [ws.as_url(f) for s in _feature_sources(ws, encoder_id) for f in feature_files(ws, encoder_id, s)[0]]
 
 
-def latest_checkpoint(ws: Workspace, stage: int) -> str | None:
-    """Our checkpoint folder of the newest complete run of a stage."""
-    return newest_complete(ws, ws.path("checkpoints", f"stage{stage}"))
-
-
-def read_json(ws: Workspace, path: str) -> dict[str, Any] | None:
-    """A JSON document of the workspace, or None when absent."""
-    return json.loads(ws.read_bytes(path)) if ws.exists(path) else None
-
-
-def write_json(ws: Workspace, path: str, doc: dict[str, Any]) -> None:
-    """Write a JSON document in one atomic write."""
-    ws.write_bytes(path, json.dumps(doc, indent=1, default=str).encode())
+def model_folder(local: str) -> str:
+    """The folder of a checkpoint's files: the folder itself, or a run's step folder's `model/`."""
+    nested = os.path.join(local, "model")
+    return nested if not os.path.isfile(os.path.join(local, "config.json")) and os.path.isdir(nested) else local
 
 
 def local_dir(ws: Workspace, url: str) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import posixpath
 import secrets
 import time
@@ -20,9 +19,9 @@ from pipelines.config import Config, StageConfig
 from pipelines.console import interval, polling
 from pipelines.errors import InputError
 from pipelines.train.loop import MODEL_DIR, Hyper, shard_model, train
-from pipelines.train.setup import Job, build_batches, build_model, local_dir, read_json, resolve_job, write_json
+from pipelines.train.setup import Job, build_batches, build_model, local_dir, resolve_job
 from stores.lease import lease
-from stores.runs import LATEST_FILE, PROGRESS_FILE, RUN_FILE, in_run, run_relative
+from stores.runs import PROGRESS_FILE, RunRecord, Runs
 from stores.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -75,13 +74,14 @@ def run(
     start = time.perf_counter()
     ws = Workspace(cfg.workspace, cfg.storage_options)
     sc = stage_config(cfg, stage)
-    run_id = _latest_run(ws, stage) if resume else None
+    runs = Runs.of_stage(ws, stage)
+    run_id = (runs.run_ids() or [None])[-1] if resume else None
     if resume and run_id is None:
         log.warning("no earlier stage %d run to resume: starting a new one", stage)
     run_id = run_id or time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
     job = resolve_job(cfg, ws, stage, run_id, max_steps, init=init)
     if reuse and not resume:
-        same = _same_run(ws, job)
+        same = runs.same_inputs(asdict(job))
         if same is not None and same[1] == "complete":
             log.info("stage %d: run %s was made from the same inputs and settings; reusing it", stage, same[0])
             return _result(ws, replace(job, run_id=same[0]), sc.workers, None, 0.0)
@@ -94,14 +94,11 @@ def run(
 
 def _attempt(cfg: Config, ws: Workspace, job: Job, sc: StageConfig, local: bool, start: float) -> TrainResult:
     """One attempt of a run (its record says how many came before), under the run's lease."""
-    stage, run_id = job.stage, job.run_id
-    previous = read_json(ws, ws.checkpoints(f"stage{stage}", run_id, RUN_FILE)) or {}
-    attempt = int(previous.get("attempts", 0)) + 1
-    latest = read_json(ws, ws.checkpoints(f"stage{stage}", run_id, LATEST_FILE))
-    resumed_from = int(latest["step"]) if latest else None
-    resume = in_run(ws, ws.checkpoints(f"stage{stage}", run_id), latest["path"]) if latest else None
-    write_json(ws, ws.checkpoints(f"stage{stage}", run_id, RUN_FILE),
-                {"status": "running", "attempts": attempt, "job": asdict(job)})  # fmt: skip
+    stage, run_id, runs = job.stage, job.run_id, Runs.of_stage(ws, job.stage)
+    latest = runs.latest(run_id)
+    resumed_from = latest.step if latest else None
+    resume = latest.path if latest else None
+    attempt = runs.start(run_id, asdict(job))
     log.info("stage %d run %s (attempt %d): %d steps, %d examples per step, %d worker(s)%s", stage, run_id, attempt,
              job.total_steps, sc.global_batch_size, 1 if local else sc.workers,
              f", resuming at step {resumed_from}" if resumed_from else "")  # fmt: skip
@@ -113,36 +110,23 @@ def _attempt(cfg: Config, ws: Workspace, job: Job, sc: StageConfig, local: bool,
     if result is None:
         raise RuntimeError(f"stage {stage} run {run_id} ended without a checkpoint")
     status = "complete" if result.steps >= min(job.total_steps, job.max_steps or job.total_steps) else "stopped"
-    write_json(ws, ws.checkpoints(f"stage{stage}", run_id, RUN_FILE),
-                {"status": status, "attempts": attempt, "job": asdict(job),
-                 "checkpoint": run_relative(ws, ws.checkpoints(f"stage{stage}", run_id), result.checkpoint),
-                 "steps": result.steps, "final_loss": result.final_loss})  # fmt: skip
+    runs.finish(run_id, RunRecord(status=status, attempts=attempt, job=asdict(job), steps=result.steps,
+                                  final_loss=result.final_loss), result.checkpoint)  # fmt: skip
     return result
 
 
 def _result(ws: Workspace, job: Job, workers: int, resumed_from: int | None, seconds: float) -> TrainResult | None:
     """The run's result from its `latest.json` (None before its first checkpoint)."""
-    latest = read_json(ws, ws.checkpoints(f"stage{job.stage}", job.run_id, LATEST_FILE))
+    latest = Runs.of_stage(ws, job.stage).latest(job.run_id)
     if not latest:
         return None
-    losses = [h["loss"] for h in latest.get("history", [])]
-    step_folder = in_run(ws, ws.checkpoints(f"stage{job.stage}", job.run_id), latest["path"])
+    losses = [h["loss"] for h in latest.history]
     return TrainResult(
-        stage=job.stage, run_id=job.run_id, steps=int(latest["step"]), total_steps=job.total_steps,
+        stage=job.stage, run_id=job.run_id, steps=latest.step, total_steps=job.total_steps,
         first_loss=losses[0] if losses else None, final_loss=losses[-1] if losses else None,
-        checkpoint=posixpath.join(step_folder, MODEL_DIR), workers=workers, resumed_from=resumed_from,
+        checkpoint=posixpath.join(latest.path, MODEL_DIR), workers=workers, resumed_from=resumed_from,
         losses=losses, seconds=seconds,
     )  # fmt: skip
-
-
-def _same_run(ws: Workspace, job: Job) -> tuple[str, str] | None:
-    """(run id, status) of the newest run of the stage whose job equals `job` but for its run id."""
-    want = json.loads(json.dumps(asdict(job), default=str)) | {"run_id": None}
-    for path in sorted(ws.glob(ws.checkpoints(f"stage{job.stage}", "*", RUN_FILE)), reverse=True):
-        doc = read_json(ws, path) or {}
-        if (doc.get("job") or {}) | {"run_id": None} == want:
-            return os.path.basename(os.path.dirname(path)), str(doc.get("status"))
-    return None
 
 
 def _fit_with_ray(cfg: Config, job: Job, sc: StageConfig, attempt: int, resume: str | None) -> None:
@@ -212,10 +196,8 @@ class _Pointer:
         self.ws, self.job = ws, job
 
     def commit(self, path: str, step: int, history: list) -> None:
-        """Record the checkpoint at `path` (a path in the run's folder), relative to the folder."""
-        folder = self.ws.checkpoints(f"stage{self.job.stage}", self.job.run_id)
-        write_json(self.ws, posixpath.join(folder, LATEST_FILE),
-                    {"step": step, "path": run_relative(self.ws, folder, path), "history": history})  # fmt: skip
+        """Record the checkpoint at `path` (a step folder in the run's folder)."""
+        Runs.of_stage(self.ws, self.job.stage).commit_step(self.job.run_id, path, step, history)
 
 
 class LocalSession:
@@ -306,8 +288,3 @@ class RaySession:
         """Ray keeps a worker's logs to itself: the line goes into the run's folder, where the driver reads it."""
         path = self.ws.checkpoints(f"stage{self.job.stage}", self.job.run_id, PROGRESS_FILE)
         self.ws.write_bytes(path, json.dumps({"line": line, "time": time.time()}).encode())
-
-
-def _latest_run(ws: Workspace, stage: int) -> str | None:
-    runs = sorted(ws.glob(ws.checkpoints(f"stage{stage}", "*", RUN_FILE)))
-    return os.path.basename(os.path.dirname(runs[-1])) if runs else None
