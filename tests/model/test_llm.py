@@ -59,7 +59,7 @@ def test_zero_gates_give_exactly_the_base_logits() -> None:
         layer.self_attn.k_proj.bias.zero_(), layer.self_attn.v_proj.bias.zero_()
     model = ImageBindLLM(TINY, base).eval()
     with torch.no_grad():
-        model.llm.bind.proj.bias.normal_(), model.prefix_query.weight.normal_()
+        model.bind.proj.bias.normal_(), model.prefix_query.weight.normal_()
     ids = _ids()
     assert torch.equal(model(ids, _feats()).logits, reference(input_ids=ids).logits)
 
@@ -141,12 +141,12 @@ def test_visual_query_mixes_modalities_and_the_cache() -> None:
     model = _randomise(ImageBindLLM(TINY, lora=False))
     a, b = _feats(3, 1), _feats(3, 2)
     mixed = mix_modalities({"vision": a, "audio": b}, {"vision": 1.0, "audio": 3.0})
-    assert torch.allclose(model.visual_query({"vision": a, "audio": b}, {"audio": 3.0}), model.llm.bind(mixed[:, None]))
+    assert torch.allclose(model.visual_query({"vision": a, "audio": b}, {"audio": 3.0}), model.bind(mixed[:, None]))
     values = torch.nn.functional.normalize(torch.randn(3, 5, TINY.feature_dim), dim=-1)
     sims = torch.einsum("bd,bkd->bk", mixed, values)
     got = model.visual_query({"vision": a, "audio": b}, {"audio": 3.0}, cache=lambda q: (sims, values))
-    assert torch.allclose(got, model.llm.bind(cache_mix(mixed, sims, values)[:, None]))
-    assert isinstance(model.llm.bind, BindNetwork) and got.shape == (3, 1, TINY.dim)
+    assert torch.allclose(got, model.bind(cache_mix(mixed, sims, values)[:, None]))
+    assert isinstance(model.bind, BindNetwork) and got.shape == (3, 1, TINY.dim)
 
 
 # ----------------------------------------------------------------------------- checkpoints
