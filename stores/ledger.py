@@ -148,18 +148,12 @@ class Ledger:
     @classmethod
     @contextmanager
     def writing(
-        cls,
-        ws: Workspace,
-        stage: str,
-        output: str,
-        settings: Mapping[str, Any],
-        encoder_id: str | None = None,
-        force: bool = False,
+        cls, ws: Workspace, stage: str, output: str, settings: Mapping[str, Any], **options: Any
     ) -> Iterator[Ledger]:
         """Open an output for writing while holding its lease, so that no other run writes it meanwhile (a
         concurrent one raises LeaseHeld); the settings check and a --force reset happen under the lease."""
         with lease(ws, stage, output):
-            yield cls(ws, stage, output, settings, encoder_id=encoder_id, force=force)
+            yield cls(ws, stage, output, settings, **options)  # encoder_id, force
 
     @classmethod
     def reader(cls, ws: Workspace, stage: str, output: str) -> Ledger:
