@@ -126,7 +126,7 @@ def test_ray_distributor_on_a_local_instance(tmp_path: Path) -> None:
     cfg = load_config(path, overrides)
     prepare(cfg)
     code = (
-        "import sys; from pipelines.config import load_config; from pipelines import download; "
+        "import sys; from pipelines.config import load_config; from pipelines.download import stage as download; "
         "from pipelines.demo.synthetic_server import serving; "
         "cfg = load_config(sys.argv[1], sys.argv[2:]);\n"
         "with serving(cfg): r = download.run(cfg)\n"
