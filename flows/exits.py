@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import errno
 import logging
 from typing import Any
 
 from model.errors import ModelInputError
 from pipelines.config import ConfigError
-from pipelines.errors import InputError
+from pipelines.errors import STORAGE_ERRNOS, InputError
 from pipelines.paths import WorkspaceError
 from stores.errors import StoreInputError
 from stores.lease import LeaseHeld
@@ -22,7 +21,6 @@ INPUT = 4  # bad or missing input: a file, field or value named in the message
 STORAGE = 5  # the storage refused to write: full, read-only, no permission
 LOCKED = 6  # another run is writing the same stage output (its lease is live); wait for it
 PARTIAL = 7  # the command ran, but some of its work failed (failed requests, shards left incomplete)
-STORAGE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT}
 
 
 def exit_code(error: BaseException) -> int:

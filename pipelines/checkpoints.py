@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from model.llm.checkpoint import from_pretrained, read_checkpoint
+from model.llm.checkpoint import from_pretrained, read_checkpoint_config
 from model.llm.config import LLMConfig
 from model.llm.model import ImageBindLLM
 from model.llm.tokenizer import TextTokenizer, load_tokenizer
@@ -49,7 +49,7 @@ def inspect(cfg: Config, ws: Workspace, checkpoint: str) -> Trained:
     the file when it is not one of ours)."""
     folder = model_folder(local_dir(ws, checkpoint))
     try:
-        config, _, doc = read_checkpoint(folder)
+        config, doc = read_checkpoint_config(folder)  # the tensors are read once, by `load`
     except ValueError as e:  # CheckpointMismatch and the like: the message names the file
         raise InputError(str(e)) from None
     made_by = doc.get("metadata") or {}

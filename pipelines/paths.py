@@ -7,7 +7,7 @@ import os
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from pipelines.errors import InputError
+from pipelines.errors import STORAGE_ERRNOS, InputError
 from stores.runs import Runs
 from stores.workspace import Workspace
 
@@ -53,7 +53,7 @@ def check_workspace(cfg: Config) -> None:
     try:
         os.makedirs(root, exist_ok=True)
     except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT):
+        if e.errno in STORAGE_ERRNOS:
             raise OSError(e.errno, e.strerror, root) from None  # the storage's refusal (exit 5), naming the folder
         raise WorkspaceError(f"workspace: cannot create {root}: {e.strerror or e}") from None
     if not os.access(root, os.W_OK | os.X_OK):

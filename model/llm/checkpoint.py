@@ -76,6 +76,20 @@ def write_checkpoint(
 
 def read_checkpoint(directory: str) -> tuple[LLMConfig, dict[str, torch.Tensor], dict[str, Any]]:
     """(config, tensors by clean name, the config document) of a checkpoint directory; refuses anything else."""
+    config, doc = read_checkpoint_config(directory)
+    tensors = _read_safetensors(os.path.join(directory, ADAPTER_FILE))
+    if doc.get("lora"):
+        lora_dir = os.path.join(directory, LORA_DIR)
+        _check_lora_config(lora_dir, config)
+        for name, t in _read_safetensors(os.path.join(lora_dir, LORA_FILE)).items():
+            if not name.startswith(_PEFT_PREFIX):
+                raise CheckpointMismatch(f"{lora_dir}/{LORA_FILE}: unexpected tensor {name!r}")
+            tensors["llama." + name.removeprefix(_PEFT_PREFIX)] = t
+    return config, tensors, doc
+
+
+def read_checkpoint_config(directory: str) -> tuple[LLMConfig, dict[str, Any]]:
+    """(config, the config document with its metadata) of a checkpoint directory, without reading its tensors."""
     path = os.path.join(directory, CONFIG_FILE)
     if not os.path.isfile(path):
         raise CheckpointMismatch(f"{directory}: not an ImageBind-LLM checkpoint (no {CONFIG_FILE})")
@@ -86,16 +100,7 @@ def read_checkpoint(directory: str) -> tuple[LLMConfig, dict[str, torch.Tensor],
         raise CheckpointMismatch(f"{path}: unreadable ({e})") from None
     if doc.get("format") != FORMAT:
         raise CheckpointMismatch(f"{path}: format {doc.get('format')!r}, expected {FORMAT!r}")
-    config = LLMConfig.from_dict(doc["config"], origin=path)
-    tensors = _read_safetensors(os.path.join(directory, ADAPTER_FILE))
-    if doc.get("lora"):
-        lora_dir = os.path.join(directory, LORA_DIR)
-        _check_lora_config(lora_dir, config)
-        for name, t in _read_safetensors(os.path.join(lora_dir, LORA_FILE)).items():
-            if not name.startswith(_PEFT_PREFIX):
-                raise CheckpointMismatch(f"{lora_dir}/{LORA_FILE}: unexpected tensor {name!r}")
-            tensors["llama." + name.removeprefix(_PEFT_PREFIX)] = t
-    return config, tensors, doc
+    return LLMConfig.from_dict(doc["config"], origin=path), doc
 
 
 def _read_safetensors(path: str) -> dict[str, torch.Tensor]:

@@ -15,14 +15,13 @@ STAGING = ".staging"  # ws/.staging/download/<output>/<settings hash>-<run token
 DONE_MARK = "_committed.json"  # img2dataset skips a shard whose `<id>_*.json` is in its output folder
 
 
-def new_staging(ws: Workspace, ledger: Ledger, expected: list[str]) -> str:
-    """A fresh staging folder for one run, in which every committed shard is marked done for img2dataset."""
+def new_staging(ws: Workspace, ledger: Ledger, done: list[str]) -> str:
+    """A fresh staging folder for one run, in which the shards already committed (`done`) are marked for img2dataset
+    to skip."""
     folder = ws.path(STAGING, "download", ledger.output, f"{ledger.config_hash}-{secrets.token_hex(4)}")
     ws.makedirs(folder)
-    committed = ledger.committed()
-    for sid in expected:
-        if sid in committed:
-            ws.write_bytes(posixpath.join(folder, f"{sid}{DONE_MARK}"), b"{}")
+    for sid in done:
+        ws.write_bytes(posixpath.join(folder, f"{sid}{DONE_MARK}"), b"{}")
     return folder
 
 

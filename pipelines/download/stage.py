@@ -108,12 +108,13 @@ def download_into(
             list_folder = posixpath.dirname(url_lists[0])
             from pipelines.download.engine import img2dataset_download  # img2dataset imports torch: only when needed
 
-            staging = new_staging(ws, ledger, expected)
+            pending = set(todo)
+            done_before = [sid for sid in expected if sid not in pending]
+            staging = new_staging(ws, ledger, done_before)
             progress = Progress(log, f"download {output}")
-            done_before = len(expected) - len(todo)
 
             def shards_done() -> None:
-                progress.update(done_before + completed(ws, staging), len(expected), "shards")
+                progress.update(len(done_before) + completed(ws, staging), len(expected), "shards")
 
             with polling(shards_done):
                 img2dataset_download(cfg, source, ws.as_url(list_folder), ws.as_url(staging))
