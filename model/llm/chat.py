@@ -58,7 +58,9 @@ def encode_conversation(tokenizer: TextTokenizer, turns: Sequence[Turn], max_wor
     return tokens, labels
 
 
-def chat_prompt(tokenizer: TextTokenizer, history: Sequence[Turn], question: str, budget: int | None = None) -> list[int]:
+def chat_prompt(
+    tokenizer: TextTokenizer, history: Sequence[Turn], question: str, budget: int | None = None
+) -> list[int]:
     """Token ids to generate the answer to `question` after `history`, rendered as `encode_conversation` does.
 
     With a `budget` (the most prompt tokens allowed), the oldest turns are dropped until the prompt fits; the
