@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import pytest
 import torch
 
-from model.llm.config import LLMConfig
 from model.llm.generate import Sampling, generate_ids, generate_text, left_pad
 from model.llm.model import ImageBindLLM
 from model.llm.prompts import CAPTION_INSTRUCTION, format_prompt
 from model.llm.tokenizer import train_bpe_tokenizer
 from tests.model.official_fixture import TINY
+from tests.model.random_llm import random_model, visual_for
 
 GREEDY = Sampling(temperature=0.0, max_new_tokens=12)
 CAPTIONS = [
@@ -22,33 +21,6 @@ CAPTIONS = [
     for thing in ("dog", "cat", "bird")
     for place in ("on the grass", "in a box", "near the water")
 ]
-
-
-def _random_model(config: LLMConfig = TINY, seed: int = 0) -> ImageBindLLM:
-    """Every weight random and well scaled (clear argmax margins): nonzero gates, bind net, prefix, LoRA, biases."""
-    model = ImageBindLLM(config)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("k_proj.bias", "v_proj.bias")) and "lora" not in name:
-                continue  # held at zero by the model (the reference has no k/v bias)
-            if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
-            elif name.endswith(".bias") or name.startswith("gates."):
-                p.copy_(0.5 * torch.randn(p.shape, generator=g))
-            elif p.ndim == 2 and "embed_tokens" not in name and "prefix_query" not in name:
-                scale = 0.3 if "lora_" in name else 1.0
-                p.copy_(scale * torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g))
-    assert all(bool((gate != 0).all()) for gate in model.gates)
-    return model.eval()
-
-
-def _visual(model: ImageBindLLM, b: int, seed: int = 1) -> torch.Tensor:
-    feats = torch.randn(b, model.config.feature_dim, generator=torch.Generator().manual_seed(seed))
-    with torch.no_grad():
-        return model.visual_query(feats)
 
 
 @torch.no_grad()
@@ -68,7 +40,7 @@ def _absent(rows: list[list[int]], vocab: int) -> int:
 
 @pytest.fixture(scope="module")
 def model() -> ImageBindLLM:
-    return _random_model()
+    return random_model()
 
 
 PROMPTS = [[1, 5, 9, 33, 40], [1, 70, 12, 8, 3]]
@@ -81,7 +53,7 @@ def test_left_pad_puts_prompts_on_the_right() -> None:
 
 
 def test_cached_greedy_equals_an_uncached_loop_and_the_visual_query_matters(model: ImageBindLLM) -> None:
-    vq = _visual(model, 2)
+    vq = visual_for(model, 2)
     expected = _greedy_loop(model, PROMPTS, vq, 12)
     eos = _absent(expected, TINY.vocab_size)
     assert generate_ids(model, PROMPTS, vq, GREEDY, eos_id=eos) == expected
@@ -89,13 +61,13 @@ def test_cached_greedy_equals_an_uncached_loop_and_the_visual_query_matters(mode
     text_only = _greedy_loop(model, PROMPTS, None, 12)
     assert text_only != expected  # the injection changes the tokens, so the cached path above really injected it
     assert generate_ids(model, PROMPTS, None, GREEDY, eos_id=_absent(text_only, TINY.vocab_size)) == text_only
-    other = _greedy_loop(model, PROMPTS, _visual(model, 2, seed=7), 12)
+    other = _greedy_loop(model, PROMPTS, visual_for(model, 2, seed=7), 12)
     assert other != expected  # and which visual query is injected matters too
 
 
 def test_a_ragged_batch_generates_what_each_prompt_generates_alone(model: ImageBindLLM) -> None:
     ragged = [[1, 5, 9], [1], [1, 70, 12, 8, 3, 44, 21, 60, 17], [1, 33, 2, 40]]
-    vq = _visual(model, len(ragged), seed=3)
+    vq = visual_for(model, len(ragged), seed=3)
     alone = [_greedy_loop(model, [p], vq[i : i + 1], 12)[0] for i, p in enumerate(ragged)]
     assert len({tuple(a) for a in alone}) == len(ragged)  # distinct continuations: rows cannot be mixed up
     eos = _absent(alone, TINY.vocab_size)
@@ -105,7 +77,7 @@ def test_a_ragged_batch_generates_what_each_prompt_generates_alone(model: ImageB
 
 
 def test_generation_stops_before_the_first_eos(model: ImageBindLLM) -> None:
-    vq = _visual(model, 2)
+    vq = visual_for(model, 2)
     full = _greedy_loop(model, PROMPTS, vq, 12)
     row = full[0]
     k = next(i for i in range(1, len(row)) if row[i] not in row[:i])  # a token first produced at step k > 0
@@ -119,7 +91,7 @@ def test_generation_stops_before_the_first_eos(model: ImageBindLLM) -> None:
 
 
 def test_max_new_tokens_and_max_seq_len_limit_the_output(model: ImageBindLLM) -> None:
-    vq = _visual(model, 2)
+    vq = visual_for(model, 2)
     full = _greedy_loop(model, PROMPTS, vq, 12)
     eos = _absent(full, TINY.vocab_size)
     few = generate_ids(model, PROMPTS, vq, dataclasses.replace(GREEDY, max_new_tokens=4), eos_id=eos)
@@ -129,7 +101,7 @@ def test_max_new_tokens_and_max_seq_len_limit_the_output(model: ImageBindLLM) ->
 
 
 def test_bad_prompts_are_refused(model: ImageBindLLM) -> None:
-    vq = _visual(model, 2)
+    vq = visual_for(model, 2)
     with pytest.raises(ValueError, match="leaves no room under max_seq_len 5"):
         generate_ids(model, PROMPTS, vq, dataclasses.replace(GREEDY, max_seq_len=5))
     with pytest.raises(ValueError, match="leaves no room"):
@@ -141,7 +113,7 @@ def test_bad_prompts_are_refused(model: ImageBindLLM) -> None:
 
 
 def test_sampling_is_seeded_and_a_tiny_top_p_is_greedy(model: ImageBindLLM) -> None:
-    vq = _visual(model, 2)
+    vq = visual_for(model, 2)
     eos = TINY.vocab_size + 1  # out of the vocabulary: never sampled
     hot = Sampling(temperature=1.5, top_p=0.95, max_new_tokens=12)
     first = generate_ids(model, PROMPTS, vq, hot, eos_id=eos, generator_seed=11)
@@ -158,7 +130,7 @@ def test_no_default_top_k_truncates_the_distribution(model: ImageBindLLM) -> Non
     """transformers' default top_k is 50; a near-uniform draw (huge temperature) must reach more than 50 tokens."""
     prompts = [[1, 3 + i] for i in range(8)]
     flat = Sampling(temperature=1e4, top_p=1.0, max_new_tokens=40)
-    out = generate_ids(model, prompts, _visual(model, 8), flat, eos_id=TINY.vocab_size + 1, generator_seed=0)
+    out = generate_ids(model, prompts, visual_for(model, 8), flat, eos_id=TINY.vocab_size + 1, generator_seed=0)
     assert all(len(r) == 40 for r in out)
     assert len({t for r in out for t in r}) > 60
 
@@ -168,9 +140,9 @@ def test_generate_text_decodes_stripped_answers() -> None:
     tok = train_bpe_tokenizer(CAPTIONS, vocab_size=300)
     config = dataclasses.replace(TINY, vocab_size=tok.n_words)
     assert (tok.bos_id, tok.eos_id) == (config.bos_id, config.eos_id) == (1, 2)
-    model = _random_model(config, seed=2)
+    model = random_model(config, seed=2)
     prompts = [format_prompt(CAPTION_INSTRUCTION), format_prompt("Describe the animal", "a dog")]
-    vq = _visual(model, 2, seed=4)
+    vq = visual_for(model, 2, seed=4)
     sampling = Sampling(temperature=0.0, max_new_tokens=10)
     texts = generate_text(model, tok, prompts, vq, sampling)
     assert isinstance(texts, list) and all(isinstance(t, str) for t in texts) and len(texts) == 2
