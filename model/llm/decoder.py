@@ -174,4 +174,6 @@ def _cat_bias(parts: list[tuple[torch.Tensor, torch.Tensor | None]], keep) -> to
     biases = [b for _, b in parts]
     if all(b is None for b in biases):
         return None
-    return keep(torch.cat([b if b is not None else torch.zeros(w.shape[0]) for (w, _), b in zip(parts, biases)]))
+    return keep(
+        torch.cat([b if b is not None else torch.zeros(w.shape[0]) for (w, _), b in zip(parts, biases, strict=True)])
+    )

@@ -14,6 +14,7 @@ from model.llm.generate import Sampling
 from model.llm.model import ImageBindLLM
 
 log = logging.getLogger(__name__)
+DEFAULT = Sampling()
 TokenCallback = Callable[[int, int], None]  # (request id, token) as each token is decided
 
 
@@ -60,7 +61,8 @@ class Engine:
     """
 
     def __init__(self, model: ImageBindLLM, slots: int = 8, device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None, cuda_graphs: bool | None = None, compile: bool = False) -> None:  # fmt: skip
+                 dtype: torch.dtype | None = None, cuda_graphs: bool | None = None,
+                 compile: bool = False) -> None:  # fmt: skip
         if slots < 1:
             raise ValueError(f"slots must be at least 1, got {slots}")
         cfg = model.config
@@ -89,7 +91,7 @@ class Engine:
         """Whether any request is waiting or decoding."""
         return bool(self._queue or self._active)
 
-    def submit(self, prompt: Sequence[int], visual: torch.Tensor | None = None, sampling: Sampling = Sampling(),
+    def submit(self, prompt: Sequence[int], visual: torch.Tensor | None = None, sampling: Sampling = DEFAULT,
                seed: int | None = None, eos_id: int | None = None) -> int:  # fmt: skip
         """Queue a request; returns its id.
 

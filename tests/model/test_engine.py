@@ -115,7 +115,7 @@ def test_sampling_is_seeded_per_request_and_a_tiny_top_p_is_greedy(model: ImageB
     hot = Sampling(temperature=1.5, top_p=0.95, max_new_tokens=12)
     one = [{"prompt": RAGGED[0], "visual": vq[0], "sampling": hot, "eos_id": eos, "seed": 11}]
     alone = Engine(model, slots=2).generate(one)
-    crowd = one + [{"prompt": RAGGED[3], "visual": vq[1], "sampling": hot, "eos_id": eos, "seed": 3}]
+    crowd = [*one, {"prompt": RAGGED[3], "visual": vq[1], "sampling": hot, "eos_id": eos, "seed": 3}]
     assert Engine(model, slots=2).generate(crowd)[0] == alone[0]  # another request does not change its draw
     draws = {tuple(Engine(model, slots=1).generate([one[0] | {"seed": s}])[0]) for s in range(4)}
     assert len(draws) > 1
