@@ -10,7 +10,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, TextIO
 
 from pydantic import BaseModel
 
@@ -163,7 +163,7 @@ def cmd_convert(cfg: Config, args: argparse.Namespace) -> BaseModel:
 def cmd_generate(cfg: Config, args: argparse.Namespace) -> BaseModel:
     """Answer a prompt about any mix of image, audio, video and text inputs, or every request of a JSONL file."""
     from pipelines.infer import stage as infer
-    from pipelines.infer.inputs import check_weighted_inputs, make_request, parse_weights
+    from pipelines.infer.inputs import check_weighted_inputs, make_request, parse_weights, read_history
 
     sampling = {"temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens}
     request = make_request(
@@ -173,10 +173,36 @@ def cmd_generate(cfg: Config, args: argparse.Namespace) -> BaseModel:
     )  # fmt: skip
     if not args.requests:  # with a requests file the options are defaults: a line may give the input they weigh
         check_weighted_inputs(request)
+    if args.history:
+        if args.requests:
+            raise InputError("--history is the conversation of one request: with --requests give each line its "
+                             "own history field")  # fmt: skip
+        request = request.model_copy(update={"history": read_history(args.history)})
     if args.output and os.path.exists(args.output) and not args.force:
         raise InputError(f"--output {args.output} exists: add --force to replace it")
     return infer.run(cfg, request, requests_file=args.requests, checkpoint=args.checkpoint, cache=args.cache,
-                     output=args.output, device=args.device, dtype=args.dtype)  # fmt: skip
+                     output=args.output, device=args.device, dtype=args.dtype, batch=args.batch)  # fmt: skip
+
+
+def cmd_chat(cfg: Config, args: argparse.Namespace) -> BaseModel:
+    """Talk with the model in the terminal: questions, /image, /audio, /video PATH, /reset, /quit."""
+    from pipelines.infer import chat
+    from pipelines.infer import stage as infer
+    from pipelines.infer.inputs import make_request
+
+    sampling = {"temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens}
+    defaults = make_request({"seed": cfg.seed if args.seed is None else args.seed}
+                            | {k: v for k, v in sampling.items() if v is not None})  # fmt: skip
+    checkpoint = infer.choose_checkpoint(infer.workspace_of(cfg), args.checkpoint)
+    given = {m: getattr(args, m) for m in ("image", "audio", "video")}
+    answerer, _ = infer.load_answerer(cfg, checkpoint, need_encoder=any(given.values()), use_cache=args.cache,
+                                      device=args.device, dtype=args.dtype, slots=1)  # fmt: skip
+    session = chat.Chat(answerer, defaults)
+    for modality, paths in given.items():
+        for path in paths:
+            session.add_input(modality, path)
+    log.info("chatting with %s", checkpoint)
+    return chat.run(session, sys.stdin, args.out)
 
 
 def _wait_for_interrupt(message: str) -> None:
@@ -202,6 +228,7 @@ COMMANDS: dict[str, tuple[Command, str]] = {
     "evaluate": (cmd_evaluate, "held-out loss, perplexity and the visual-grounding gap of a checkpoint"),
     "retrain": (cmd_retrain, "extract, index and train on what is new; promote when at least as good; --force"),
     "generate": (cmd_generate, "answer a prompt about images, audio, video and text (or a JSONL batch of requests)"),
+    "chat": (cmd_chat, "a multi-turn conversation in the terminal about images, audio and video"),
     "convert": (cmd_convert, "convert released weights: Meta LLaMA, the official adapter 7B.pth, or ours back"),
     "config": (cmd_config, "print the resolved configuration (after --set and --workspace)"),
 }
@@ -210,7 +237,7 @@ COMMANDS: dict[str, tuple[Command, str]] = {
 # The model settings each command loads (checked before it starts); commands absent here load no model.
 MODEL_INPUTS: dict[str, tuple[str, ...]] = {
     "extract": ENCODER_PATHS, "index": ENCODER_PATHS, "train": MODEL_PATHS, "evaluate": MODEL_PATHS,
-    "retrain": MODEL_PATHS, "generate": MODEL_PATHS, "demo": MODEL_PATHS,
+    "retrain": MODEL_PATHS, "generate": MODEL_PATHS, "chat": MODEL_PATHS, "demo": MODEL_PATHS,
 }  # fmt: skip
 NO_WORKSPACE = ("config", "convert")
 
@@ -251,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--checkpoint", help="a checkpoint folder instead (its model/ folder)")
         if name == "generate":
             _generate_options(p)
+        if name == "chat":
+            _chat_options(p)
         if name == "convert":
             p.add_argument("kind", choices=["llama", "adapter", "export"],
                            help="llama: Meta folder -> transformers folder; adapter: 7B.pth -> our checkpoint; "
@@ -298,6 +327,26 @@ def _generate_options(p: argparse.ArgumentParser) -> None:
         "max_new_tokens, seed (the options above are the defaults)",
     )
     p.add_argument("--output", metavar="FILE.jsonl", help="write one JSON line per request there (default: stdout)")
+    p.add_argument("--history", metavar="FILE.json", help="the conversation so far: OpenAI messages, ShareGPT turns "
+                   "or [[question, answer], ...]; the prompt is its next question")  # fmt: skip
+    p.add_argument("--batch", type=int, default=16, help="requests decoded together (default 16)")
+    _device_options(p)
+
+
+def _chat_options(p: argparse.ArgumentParser) -> None:
+    for modality in ("image", "audio", "video"):
+        p.add_argument(f"--{modality}", action="append", default=[], metavar="PATH",
+                       help=f"an {modality} file the conversation starts about (repeatable)")  # fmt: skip
+    p.add_argument("--cache", action="store_true", help="mix in the visual cache built by `ibllm index`")
+    p.add_argument("--checkpoint", help="our checkpoint folder (default: the model in service, else the newest run)")
+    p.add_argument("--temperature", type=float, help="sampling temperature, 0 = greedy (default 0.1)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling mass (default 0.75)")
+    p.add_argument("--max-new-tokens", type=int, help="longest answer in tokens (default 256)")
+    p.add_argument("--seed", type=int, help="sampling seed (default: the config's seed)")
+    _device_options(p)
+
+
+def _device_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (a GPU when present), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="of the language model and encoder (auto: bfloat16 on a GPU, float32 on the CPU)")  # fmt: skip
@@ -335,7 +384,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = load_config(args.config, overrides)
         check_inputs(cfg, args.command)
         # stdout carries only the result: anything else printed, by any process, goes to stderr.
-        with _stdout_to_stderr():
+        with _stdout_to_stderr() as out:
+            args.out = out  # the real stdout, for a command that talks (chat)
             result = args.func(cfg, args)
     except KeyboardInterrupt:
         print("ibllm: interrupted; committed shards are kept, a rerun goes on from there", file=sys.stderr)
@@ -354,14 +404,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 @contextlib.contextmanager
-def _stdout_to_stderr() -> Iterator[None]:
+def _stdout_to_stderr() -> Iterator[TextIO]:
     """Point file descriptor 1 at stderr (child processes inherit it) and restore it afterwards."""
     sys.stdout.flush()
     saved = os.dup(1)
     os.dup2(2, 1)
+    out = os.fdopen(os.dup(saved), "w", encoding="utf-8")
     try:
-        yield
+        yield out
     finally:
+        out.close()
         sys.stdout.flush()
         os.dup2(saved, 1)
         os.close(saved)

@@ -160,10 +160,13 @@ class Decoder:
         cos, sin = self._rope(positions[:, None])
         mask = (torch.arange(span, device=self.device)[None, :] <= positions[:, None])[:, None, None, :]
         x = F.embedding(tokens[:, None], self.embed)
+        # row of each (slot, head) at its position in a layer's cache viewed as (slots * heads * max_len, head_dim)
+        rows = ((slots[:, None] * self.heads + torch.arange(self.heads, device=self.device)) * self.max_len
+                + positions[:, None]).reshape(-1)  # fmt: skip
         for index, layer in enumerate(self.layers):
             q, k, v = self._qkv(layer, x, cos, sin)
-            self.k_cache[index, slots, :, positions] = k[:, :, 0]
-            self.v_cache[index, slots, :, positions] = v[:, :, 0]
+            self.k_cache[index].view(-1, self.head_dim).index_copy_(0, rows, k.reshape(-1, self.head_dim))
+            self.v_cache[index].view(-1, self.head_dim).index_copy_(0, rows, v.reshape(-1, self.head_dim))
             keys, values = self.k_cache[index, :, :, :span], self.v_cache[index, :, :, :span]
             attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
             x = self._mlp(layer, self._attend_out(layer, index, x, attn, slots))

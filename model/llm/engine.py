@@ -12,6 +12,7 @@ import torch
 from model.llm.decoder import Decoder
 from model.llm.generate import Sampling
 from model.llm.model import ImageBindLLM
+from model.llm.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
 DEFAULT = Sampling()
@@ -237,3 +238,15 @@ def sample_top_p(logits: torch.Tensor, temperature: float, top_p: float, generat
         drop[-1] = False
         scores = scores.masked_fill(torch.zeros_like(drop).scatter(0, index, drop), float("-inf"))
     return int(torch.multinomial(scores.softmax(dim=-1), 1, generator=generator).item())
+
+
+def engine_texts(engine: Engine, tokenizer: TextTokenizer, prompts: Sequence[str], visual: torch.Tensor | None,
+                 sampling: Sampling = DEFAULT, seed: int | None = None) -> list[str]:  # fmt: skip
+    """`generate.generate_text` through the engine: answers to formatted prompts, (B, 1, dim) visual queries or
+    None, stripped as the reference."""
+    requests = [
+        {"prompt": tokenizer.encode(p, bos=True, eos=False), "visual": None if visual is None else visual[i],
+         "sampling": sampling, "seed": None if seed is None else seed + i, "eos_id": tokenizer.eos_id}
+        for i, p in enumerate(prompts)
+    ]  # fmt: skip
+    return [tokenizer.decode(ids).strip() for ids in engine.generate(requests)]

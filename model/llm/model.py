@@ -123,6 +123,11 @@ class ImageBindLLM(nn.Module):
         finally:
             self._visual = previous
 
+    def keep_visual_path_only(self) -> None:
+        """Drop the language model once a serving copy holds it (`model.llm.engine`): `visual_query` still works,
+        `forward` no longer does."""
+        self.llama = None
+
     # ------------------------------------------------------------------ forward
 
     def forward(

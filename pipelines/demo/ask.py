@@ -1,5 +1,5 @@
-"""The demo's last word: `ibllm generate` on a held-out synthetic image and a synthetic audio clip, with and without
-the visual cache."""
+"""The demo's last word: `ibllm generate` on a held-out synthetic image (two turns of a conversation) and a synthetic
+audio clip, with and without the visual cache."""
 
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ class Asked(BaseModel):
     question: str
     answer: str
     truth: str | None
+    turn: int = 1
 
 
 class DemoAnswers(BaseModel):
@@ -40,10 +41,11 @@ class DemoAnswers(BaseModel):
     asked: list[Asked]
 
     def summary(self) -> str:
-        lines = [f"{'input':<28} {'cache':<6} answer"]
+        lines = [f"{'input':<28} {'cache':<6} {'turn':<5} answer"]
         for a in self.asked:
             truth = f"  (shows: {a.truth})" if a.truth else ""
-            lines.append(f"{os.path.basename(a.input):<28} {'yes' if a.cache else 'no':<6} {a.answer!r}{truth}")
+            lines.append(f"{os.path.basename(a.input):<28} {'yes' if a.cache else 'no':<6} {a.turn:<5} "
+                         f"{a.question!r} -> {a.answer!r}{truth}")  # fmt: skip
         return "\n".join(lines)
 
 
@@ -52,19 +54,34 @@ def run(cfg: Config, checkpoint: str) -> DemoAnswers:
     ws = Workspace(cfg.workspace, cfg.storage_options)
     if not ws.is_local:
         raise InputError("the demo's questions read local files: use a local workspace")
-    image, truth = _heldout_image(cfg, ws)
+    image, caption_shown = _heldout_image(cfg, ws)
+    scene = demo_text.parse_caption(caption_shown)
     audio = ws.synthetic("media", "audio_00.wav")
     if not os.path.exists(audio):
         raise InputError(f"{audio}: no synthetic audio clip; run `ibllm synthetic`")
-    question, caption = demo_text.QUESTIONS[0][0], demo_text.QUESTIONS[-1][0]
+    (colour_q, _), (shape_q, _), caption_q = demo_text.QUESTIONS[0], demo_text.QUESTIONS[1], demo_text.QUESTIONS[-1][0]
     asked = []
-    for cache in (False, True):  # one engine (model, encoder, cache) per setting, asked both questions
-        engine, _ = infer.load_engine(cfg, checkpoint, need_encoder=True, use_cache=cache, device="auto",
-                                      dtype="auto")  # fmt: skip
-        for path, kind, prompt, want in ((image, "image", question, truth), (audio, "audio", caption, None)):
-            answer = engine.answer(Request(**{kind: [path]}, prompt=prompt, temperature=0.0))
-            asked.append(Asked(input=path, cache=cache, question=prompt, answer=answer, truth=want))
+    for cache in (False, True):  # one model (and encoder, cache) per setting; its questions decoded together
+        answerer, _ = infer.load_answerer(cfg, checkpoint, need_encoder=True, use_cache=cache, device="auto",
+                                          dtype="auto", slots=2)  # fmt: skip
+        first = [Request(image=[image], prompt=colour_q, temperature=0.0),
+                 Request(audio=[audio], prompt=caption_q, temperature=0.0)]  # fmt: skip
+        colour, sound = (_text(a) for a in answerer.answer_all(first))
+        follow = Request(image=[image], prompt=shape_q, temperature=0.0, history=[(colour_q, colour)])
+        shape = answerer.answer(follow)  # the second turn of the conversation about the image
+        asked += [
+            Asked(input=image, cache=cache, question=colour_q, answer=colour, truth=scene.color if scene else None),
+            Asked(input=image, cache=cache, question=shape_q, answer=shape, truth=scene.shape if scene else None,
+                  turn=2),
+            Asked(input=audio, cache=cache, question=caption_q, answer=sound, truth=None),
+        ]  # fmt: skip
     return DemoAnswers(checkpoint=checkpoint, asked=asked)
+
+
+def _text(result: str | InputError) -> str:
+    if isinstance(result, InputError):
+        raise result
+    return result
 
 
 def _heldout_image(cfg: Config, ws: Workspace) -> tuple[str, str]:

@@ -9,7 +9,8 @@ import torch
 from pydantic import BaseModel
 
 from model.imagebind.encoder import encoder_id_for
-from model.llm.generate import Sampling, generate_text
+from model.llm.engine import Engine, engine_texts
+from model.llm.generate import Sampling
 from model.llm.model import ImageBindLLM
 from model.llm.prompts import CAPTION_INSTRUCTION, format_prompt
 from model.llm.tokenizer import TextTokenizer
@@ -115,11 +116,9 @@ def run(cfg: Config, stage1: str | None = None, stage2: str | None = None, batch
 
 @torch.no_grad()
 def _say(model: ImageBindLLM, tokenizer: TextTokenizer, prompt: str, feats: torch.Tensor, batch: int) -> list[str]:
-    out: list[str] = []
-    for at in range(0, len(feats), batch):
-        chunk = feats[at : at + batch]
-        out += generate_text(model, tokenizer, [prompt] * len(chunk), model.visual_query(chunk), GREEDY)
-    return out
+    """Greedy answers to `prompt` about each feature, decoded `batch` at a time by the generation engine."""
+    engine = Engine(model, slots=min(batch, len(feats)))
+    return engine_texts(engine, tokenizer, [prompt] * len(feats), model.visual_query(feats), GREEDY)
 
 
 def _accuracy(texts: list[str], colours: list[str]) -> float:

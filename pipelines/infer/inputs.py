@@ -40,6 +40,12 @@ class Request(BaseModel):
     top_p: float | None = None
     max_new_tokens: int | None = None
     seed: int | None = None
+    history: list[tuple[str, str]] = []  # earlier (question, answer) turns of the conversation
+
+    @field_validator("history", mode="before")
+    @classmethod
+    def _turns(cls, value: object) -> object:
+        return parse_history(value)
 
     @field_validator("image", "audio", "video", "text", mode="before")
     @classmethod
@@ -63,6 +69,57 @@ class Request(BaseModel):
     def inputs(self) -> dict[str, list[str]]:
         """The modalities this request gives, in MODALITIES order."""
         return {m: list(getattr(self, m)) for m in MODALITIES if getattr(self, m)}
+
+
+ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
+HISTORY_FORMS = (
+    'a conversation is [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}, ...] (OpenAI), '
+    '[{"from": "human", "value": ...}, {"from": "gpt", "value": ...}, ...] (ShareGPT) or [[question, answer], ...]'
+)
+
+
+def parse_history(value: object) -> list[tuple[str, str]]:
+    """Earlier turns as (question, answer) pairs from any of HISTORY_FORMS; ValueError naming the bad turn.
+
+    Messages alternate user, assistant from a user message and end with an answer; system messages are not taken
+    (the template has its own system line).
+    """
+    if not isinstance(value, list):
+        raise ValueError(f"not a list: {HISTORY_FORMS}")
+    if all(isinstance(v, (list, tuple)) for v in value):
+        pairs = []
+        for i, pair in enumerate(value):
+            if len(pair) != 2 or not all(isinstance(x, str) for x in pair):
+                raise ValueError(f"turn {i} is not a [question, answer] pair of strings: {str(pair)[:80]}")
+            pairs.append((pair[0], pair[1]))
+        return pairs
+    texts = []
+    for i, message in enumerate(value):
+        if not isinstance(message, dict):
+            raise ValueError(f"message {i} is not an object: {HISTORY_FORMS}")
+        role, text = message.get("role", message.get("from")), message.get("content", message.get("value"))
+        if role not in ROLES or not isinstance(text, str):
+            kind = type(text).__name__
+            raise ValueError(f"message {i} has role {role!r} and content of type {kind}: {HISTORY_FORMS}")
+        if ROLES[role] != ("user", "assistant")[i % 2]:
+            raise ValueError(f"message {i} is from {role!r}: messages alternate user, assistant from a user message")
+        texts.append(text)
+    if len(texts) % 2:
+        raise ValueError("the history ends with a user message: it holds finished turns; put the question in prompt")
+    return list(zip(texts[::2], texts[1::2], strict=True))
+
+
+def read_history(path: str) -> list[tuple[str, str]]:
+    """The turns of a conversation file (JSON, any of HISTORY_FORMS), or an InputError naming the file."""
+    if not os.path.isfile(path):
+        raise InputError(f"history file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return parse_history(json.load(f))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: not a JSON file ({e})") from None
+    except ValueError as e:
+        raise InputError(f"{path}: {e}") from None
 
 
 def check_weight(modality: str, weight: float) -> None:

@@ -7,7 +7,6 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import fsspec
@@ -16,14 +15,14 @@ import torch
 from pydantic import BaseModel
 
 from model.imagebind.encoder import DType, ImageBind, resolve_device, resolve_dtype
-from model.llm.generate import Sampling, generate_text
-from model.llm.model import CacheLookup, ImageBindLLM
-from model.llm.prompts import CAPTION_INSTRUCTION, format_prompt
-from model.llm.tokenizer import TextTokenizer
+from model.llm.engine import Engine
+from model.llm.model import CacheLookup
+from model.llm.prompts import CAPTION_INSTRUCTION
 from pipelines import assets, checkpoints
 from pipelines.config import Config
 from pipelines.errors import InputError
-from pipelines.infer.inputs import TEXT_NEEDS_VOCAB, Request, check_request, embed_request, read_requests
+from pipelines.infer.answerer import Answerer
+from pipelines.infer.inputs import TEXT_NEEDS_VOCAB, Request, check_request, read_requests
 from pipelines.paths import resolve_checkpoint
 from stores import registry
 from stores.index import CacheIndex, IndexMismatch
@@ -67,6 +66,11 @@ class GenerateResult(BaseModel):
         return "\n".join(a.model_dump_json(exclude_none=True) for a in self.answers)
 
 
+def workspace_of(cfg: Config) -> Workspace:
+    """The configured workspace."""
+    return Workspace(cfg.workspace, cfg.storage_options)
+
+
 def choose_checkpoint(ws: Workspace, given: str | None = None) -> str:
     """The checkpoint to answer with: `given`, else the registry's promoted stage-2 checkpoint (the model in
     service), else the newest complete stage-2 run, else stage-1's."""
@@ -105,46 +109,6 @@ def cache_lookup(index: CacheIndex, k: int) -> CacheLookup:
     return lookup
 
 
-@dataclass
-class Engine:
-    """A loaded model, tokenizer, encoder (when some request needs it) and cache: answers requests one by one."""
-
-    model: ImageBindLLM
-    tokenizer: TextTokenizer
-    encoder: ImageBind | None
-    cache: CacheLookup | None
-    cache_t: float
-    cache_w: float
-    max_image_pixels: int | None = None
-
-    @torch.no_grad()
-    def answer(self, req: Request) -> str:
-        """The answer to one (merged) request."""
-        visual = None
-        if req.inputs():
-            if self.encoder is None:
-                raise InputError("inputs given but no ImageBind encoder was loaded")
-            embeddings = embed_request(self.encoder, req, self.max_image_pixels)
-            weights = {m: req.weights.get(m, 1.0) for m in embeddings}
-            if sum(weights.values()) <= 0:
-                raise InputError(f"the weights of the inputs ({weights}) sum to 0: give one a positive weight")
-            device = next(self.model.parameters()).device
-            visual = self.model.visual_query({m: e.to(device) for m, e in embeddings.items()}, weights,
-                                             cache=self.cache, cache_t=self.cache_t, cache_w=self.cache_w)  # fmt: skip
-        base = Sampling()
-        sampling = Sampling(
-            temperature=base.temperature if req.temperature is None else req.temperature,
-            top_p=base.top_p if req.top_p is None else req.top_p,
-            max_new_tokens=base.max_new_tokens if req.max_new_tokens is None else req.max_new_tokens,
-            max_seq_len=self.model.config.max_seq_len,
-        )
-        prompt = format_prompt(req.prompt or CAPTION_INSTRUCTION)
-        try:
-            return generate_text(self.model, self.tokenizer, [prompt], visual, sampling, req.seed)[0]
-        except ValueError as e:  # a prompt too long for max_seq_len
-            raise InputError(f"prompt: {e}") from None
-
-
 def merge(defaults: Request, line: Request) -> Request:
     """A request line over the command line's values (weights merged, the line's winning)."""
     update = {k: getattr(line, k) for k in line.model_fields_set}
@@ -152,20 +116,26 @@ def merge(defaults: Request, line: Request) -> Request:
     return defaults.model_copy(update=update)
 
 
-def load_engine(cfg: Config, checkpoint: str, need_encoder: bool, use_cache: bool, device: str, dtype: DType
-                ) -> tuple[Engine, str | None]:  # fmt: skip
-    """The engine for `checkpoint` and the encoder id it was trained on (None when nothing records it)."""
+def load_answerer(cfg: Config, checkpoint: str, need_encoder: bool, use_cache: bool, device: str, dtype: DType,
+                  slots: int = 16) -> tuple[Answerer, str | None]:  # fmt: skip
+    """The model of `checkpoint` ready to answer, and the encoder id it was trained on (None when nothing records
+    it). The encoder (and cache) is loaded now when `need_encoder`, else on first need."""
     ws = Workspace(cfg.workspace, cfg.storage_options)
     trained = checkpoints.inspect(cfg, ws, checkpoint)
     dev = resolve_device(device)
-    encoder, cache = None, None
-    if need_encoder:
-        encoder, cache = _encoder_and_cache(cfg, ws, checkpoint, trained.encoder_id, trained.config.feature_dim,
-                                            device, dtype, use_cache)  # fmt: skip
+
+    def load_encoder() -> tuple[ImageBind, CacheLookup | None]:
+        return _encoder_and_cache(cfg, ws, checkpoint, trained.encoder_id, trained.config.feature_dim, device,
+                                  dtype, use_cache)  # fmt: skip
+
+    encoder, cache = load_encoder() if need_encoder else (None, None)
     model, tokenizer = checkpoints.load(cfg, ws, trained, resolve_dtype(dtype, dev))
-    engine = Engine(model.to(dev).eval(), tokenizer, encoder, cache, cfg.index.cache_t, cfg.index.cache_weight,
-                    cfg.model.max_image_pixels)  # fmt: skip
-    return engine, trained.encoder_id
+    model = model.to(dev).eval()
+    engine = Engine(model, slots=slots, device=dev)
+    model.keep_visual_path_only()  # the engine holds the language model now
+    answerer = Answerer(model, tokenizer, engine, encoder, cache, cfg.index.cache_t, cfg.index.cache_weight,
+                        cfg.model.max_image_pixels, load_encoder)  # fmt: skip
+    return answerer, trained.encoder_id
 
 
 def _encoder_and_cache(cfg: Config, ws: Workspace, checkpoint: str, trained: str | None, feature_dim: int,
@@ -201,10 +171,12 @@ def run(
     output: str | None = None,
     device: str = "auto",
     dtype: DType = "auto",
+    batch: int = 16,
 ) -> GenerateResult:
     """Answer one request (its errors raise InputError) or every line of a JSONL file of requests, whose fields
     override `request`'s (a bad line gets an error entry naming it; the others still run). The model, tokenizer
-    and encoder are loaded once; with `output` each answer is written there as one JSON line when it is ready."""
+    and encoder are loaded once; up to `batch` requests are decoded together, and with `output` the answers are
+    written there as JSON lines as each chunk of them is done."""
     start = time.perf_counter()
     ws = Workspace(cfg.workspace, cfg.storage_options)
     defaults = request or Request()
@@ -220,36 +192,45 @@ def run(
         items = [(n, r if isinstance(r, InputError) else merge(defaults, r)) for n, r in read_requests(requests_file)]
     chosen = choose_checkpoint(ws, checkpoint)
     need_encoder = any(isinstance(r, Request) and r.inputs() for _, r in items)
-    engine, trained = load_engine(cfg, chosen, need_encoder, cache, device, dtype)
+    answerer, trained = load_answerer(cfg, chosen, need_encoder, cache, device, dtype, slots=min(batch, len(items)))
     answers = []
     with _lines(output, cfg.storage_options) as write:
-        for number, req in items:
-            answers.append(_answer(engine, number, req))
-            write(answers[-1].model_dump_json(exclude_none=True))
+        for at in range(0, len(items), 4 * batch):  # a bounded queue; each chunk's answers are written when done
+            for entry in _answer_chunk(answerer, items[at : at + 4 * batch]):
+                answers.append(entry)
+                write(entry.model_dump_json(exclude_none=True))
     return GenerateResult(
         checkpoint=chosen, trained_encoder_id=trained,
-        encoder_id=engine.encoder.encoder_id if engine.encoder else None,
-        cache=cfg.index.name if engine.cache else None, answers=answers,
+        encoder_id=answerer.encoder.encoder_id if answerer.encoder else None,
+        cache=cfg.index.name if answerer.cache else None, answers=answers,
         errors=sum(a.error is not None for a in answers), output=output, seconds=round(time.perf_counter() - start, 3),
     )  # fmt: skip
 
 
-def _answer(engine: Engine, number: int | None, req: Request | InputError) -> Answer:
-    """One request's Answer; in batch mode (a line number) its InputError becomes the entry's error."""
-    if isinstance(req, InputError):
-        return Answer(line=number, error=str(req))
+def _answer_chunk(answerer: Answerer, items: list[tuple[int | None, Request | InputError]]) -> list[Answer]:
+    """Answers of a chunk of requests decoded together; in batch mode (line numbers) an InputError becomes the
+    line's error entry, for a single request it is raised."""
     start = time.perf_counter()
-    entry = Answer(line=number, inputs=req.inputs(), weights={m: req.weights.get(m, 1.0) for m in req.inputs()},
-                   prompt=req.prompt or (CAPTION_INSTRUCTION if req.inputs() else None))  # fmt: skip
-    try:
-        check_request(req)
-        entry.answer = engine.answer(req)
-    except InputError as e:
-        if number is None:
-            raise
-        entry.error = f"line {number}: {e}"
-    entry.seconds = round(time.perf_counter() - start, 3)
-    return entry
+    requests = [r for _, r in items if isinstance(r, Request)]
+    results = iter(answerer.answer_all(requests))
+    seconds = round(time.perf_counter() - start, 3)
+    out = []
+    for number, req in items:
+        if isinstance(req, InputError):
+            out.append(Answer(line=number, error=str(req)))
+            continue
+        result = next(results)
+        given = req.inputs()
+        entry = Answer(line=number, inputs=given, weights={m: req.weights.get(m, 1.0) for m in given},
+                       prompt=req.prompt or (CAPTION_INSTRUCTION if given else None), seconds=seconds)  # fmt: skip
+        if isinstance(result, InputError):
+            if number is None:
+                raise result
+            entry.error = f"line {number}: {result}"
+        else:
+            entry.answer = result
+        out.append(entry)
+    return out
 
 
 @contextlib.contextmanager

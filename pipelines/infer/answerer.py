@@ -1,0 +1,125 @@
+"""A loaded model answering requests: their visual queries, their conversation prompts, decoded together."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from model.imagebind.encoder import ImageBind
+from model.llm.chat import ConversationTooLong, chat_prompt
+from model.llm.engine import Engine
+from model.llm.generate import Sampling
+from model.llm.model import CacheLookup, ImageBindLLM
+from model.llm.prompts import CAPTION_INSTRUCTION
+from model.llm.tokenizer import TextTokenizer
+from pipelines.errors import InputError
+from pipelines.infer.inputs import Request, check_request, embed_request
+
+log = logging.getLogger(__name__)
+StreamCallback = Callable[[int, str], None]  # (index of the request, its answer so far)
+
+
+@dataclass
+class Answerer:
+    """The model's visual path, its tokenizer, the generation engine, and the encoder and cache when loaded.
+
+    `load_encoder` loads the encoder and cache on first need (a chat that starts with text only).
+    """
+
+    model: ImageBindLLM
+    tokenizer: TextTokenizer
+    engine: Engine
+    encoder: ImageBind | None
+    cache: CacheLookup | None
+    cache_t: float
+    cache_w: float
+    max_image_pixels: int | None = None
+    load_encoder: Callable[[], tuple[ImageBind, CacheLookup | None]] | None = None
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.model.config.max_seq_len
+
+    @torch.no_grad()
+    def visual(self, req: Request) -> torch.Tensor | None:
+        """The request's bound visual query (1, 1, dim), or None without inputs."""
+        if not req.inputs():
+            return None
+        if self.encoder is None:
+            if self.load_encoder is None:
+                raise InputError("inputs given but no ImageBind encoder was loaded")
+            self.encoder, self.cache = self.load_encoder()
+        embeddings = embed_request(self.encoder, req, self.max_image_pixels)
+        weights = {m: req.weights.get(m, 1.0) for m in embeddings}
+        if sum(weights.values()) <= 0:
+            raise InputError(f"the weights of the inputs ({weights}) sum to 0: give one a positive weight")
+        device = next(self.model.parameters()).device
+        return self.model.visual_query({m: e.to(device) for m, e in embeddings.items()}, weights,
+                                       cache=self.cache, cache_t=self.cache_t, cache_w=self.cache_w)  # fmt: skip
+
+    def sampling(self, req: Request) -> Sampling:
+        """The request's sampling over the reference's defaults."""
+        base = Sampling()
+        return Sampling(
+            temperature=base.temperature if req.temperature is None else req.temperature,
+            top_p=base.top_p if req.top_p is None else req.top_p,
+            max_new_tokens=base.max_new_tokens if req.max_new_tokens is None else req.max_new_tokens,
+            max_seq_len=self.max_seq_len,
+        )
+
+    def prompt_ids(self, req: Request, sampling: Sampling) -> list[int]:
+        """The conversation so far and the question as tokens; the oldest turns are dropped to leave the answer
+        room (up to half the sequence), and a question too long on its own is an InputError."""
+        question = req.prompt or CAPTION_INSTRUCTION
+        room = min(sampling.max_new_tokens, self.max_seq_len // 2) if req.history else 1
+        try:
+            ids = chat_prompt(self.tokenizer, req.history, question, budget=self.max_seq_len - max(room, 1))
+        except ConversationTooLong as e:
+            raise InputError(f"prompt: {e} (max_seq_len {self.max_seq_len})") from None
+        kept = len(req.history) - _turns_in(self.tokenizer, ids)
+        if kept:
+            log.warning("the conversation is longer than max_seq_len %d: its %d oldest turn(s) are left out",
+                        self.max_seq_len, kept)  # fmt: skip
+        return ids
+
+    def answer_all(self, requests: Sequence[Request], stream: StreamCallback | None = None) -> list[str | InputError]:
+        """Every request's answer (or the InputError that stopped it), decoded together by the engine."""
+        out: list[str | InputError] = [InputError("not answered")] * len(requests)
+        submitted: dict[int, int] = {}
+        for i, req in enumerate(requests):
+            try:
+                check_request(req)
+                sampling = self.sampling(req)
+                visual = self.visual(req)
+                ids = self.prompt_ids(req, sampling)
+                submitted[self.engine.submit(ids, None if visual is None else visual[0, 0], sampling, req.seed,
+                                             self.tokenizer.eos_id)] = i  # fmt: skip
+            except InputError as e:
+                out[i] = e
+            except ValueError as e:  # the engine's prompt checks
+                out[i] = InputError(f"prompt: {e}")
+        tokens: dict[int, list[int]] = {job: [] for job in submitted}
+        while self.engine.pending():
+            for event in self.engine.step():
+                if event.token is not None and event.id in tokens:
+                    tokens[event.id].append(event.token)
+                    if stream is not None:
+                        stream(submitted[event.id], self.tokenizer.decode(tokens[event.id]))
+        for job, i in submitted.items():
+            out[i] = self.tokenizer.decode(tokens[job]).strip()
+        return out
+
+    def answer(self, req: Request, stream: StreamCallback | None = None) -> str:
+        """One request's answer; its error raised."""
+        (result,) = self.answer_all([req], stream)
+        if isinstance(result, InputError):
+            raise result
+        return result
+
+
+def _turns_in(tokenizer: TextTokenizer, ids: Sequence[int]) -> int:
+    """How many finished turns a chat prompt holds (each ends with EOS)."""
+    return sum(1 for t in ids if t == tokenizer.eos_id)
