@@ -74,8 +74,13 @@ class Engine:
         if self.cuda_graphs and self.device.type != "cuda":
             raise ValueError("cuda_graphs needs a CUDA device")
         self.compiled = compile
-        self._decode = torch.compile(self.decoder.decode, fullgraph=True) if compile else self.decoder.decode
+        self._decode = self.decoder.decode
+        if compile:  # with CUDA graphs the capture below replays the compiled kernels; no second graph layer
+            mode = "max-autotune-no-cudagraphs" if self.cuda_graphs else None
+            self._decode = torch.compile(self.decoder.decode, fullgraph=True, mode=mode)
         self._graph: torch.cuda.CUDAGraph | None = None
+        if self.cuda_graphs:  # now, while no request holds a slot: the warm-up writes position 0 of every slot
+            self._capture()
         self._queue: deque[Job] = deque()
         self._active: dict[int, Job] = {}  # slot -> job
         self._next_id = 0
@@ -177,8 +182,6 @@ class Engine:
         if not self.cuda_graphs:  # eager reads only the filled positions; compiled code keeps one static shape
             span = None if self.compiled else max(self._positions[s] for s in self._active) + 1
             return self._decode(tokens, positions, span)
-        if self._graph is None:
-            self._capture()
         self._static_tokens.copy_(tokens)
         self._static_positions.copy_(positions)
         self._graph.replay()

@@ -9,6 +9,7 @@ import torch
 from pydantic import BaseModel
 
 from model.imagebind.encoder import encoder_id_for
+from model.llm.chat import chat_prompt
 from model.llm.engine import Engine, engine_texts
 from model.llm.generate import Sampling
 from model.llm.model import ImageBindLLM
@@ -28,6 +29,7 @@ from stores.workspace import Workspace
 log = logging.getLogger(__name__)
 GREEDY = Sampling(temperature=0.0, max_new_tokens=24)
 _COLOUR = re.compile(r"\b(" + "|".join(media.COLORS) + r")\b")
+_SHAPE = re.compile(r"\b(" + "|".join(media.SHAPES) + r")\b")
 
 
 class Said(BaseModel):
@@ -47,6 +49,8 @@ class DemoCheck(BaseModel):
     chance: float
     answer_accuracy: float
     question: str
+    followup: str
+    followup_accuracy: float  # the second turn: the shape named after the colour question and the model's answer
     captions: list[Said]
     answers: list[Said]
 
@@ -56,10 +60,17 @@ class DemoCheck(BaseModel):
             f"{self.colour_accuracy:.0%} with the true features, {self.shuffled_accuracy:.0%} with shuffled ones "
             f"(chance {self.chance:.0%})",
             f"answers to {self.question!r}: {self.answer_accuracy:.0%} right",
+            f"then, in the same conversation, {self.followup!r}: {self.followup_accuracy:.0%} right",
         ]
         lines += [f"  caption  {s.image}: {s.text!r} (shows {s.truth!r})" for s in self.captions]
         lines += [f"  answer   {s.image}: {s.text!r} (shows {s.truth!r})" for s in self.answers]
         return "\n".join(lines)
+
+
+def named_shape(text: str) -> str | None:
+    """The first shape word of a text."""
+    m = _SHAPE.search(text)
+    return m.group(1) if m else None
 
 
 def named_colour(text: str) -> str | None:
@@ -97,6 +108,8 @@ def run(cfg: Config, stage1: str | None = None, stage2: str | None = None, batch
     answerer, _ = checkpoints.load(cfg, ws, checkpoints.inspect(cfg, ws, stage2))
     answerer.eval()
     answers = _say(answerer, tokenizer, format_prompt(question), feats, batch_size)
+    followup = demo_text.QUESTIONS[1][0]
+    second = _follow_up(answerer, tokenizer, question, answers, followup, feats, batch_size)
     colours = [s.color for s in truths]
     shown = min(examples, len(images))
     result = DemoCheck(
@@ -106,6 +119,8 @@ def run(cfg: Config, stage1: str | None = None, stage2: str | None = None, batch
         chance=1 / len(media.COLORS),
         answer_accuracy=_accuracy(answers, colours),
         question=question,
+        followup=followup,
+        followup_accuracy=sum(named_shape(t) == s.shape for t, s in zip(second, truths, strict=True)) / len(truths),
         captions=[Said(image=images[i], truth=truths[i].caption, text=true_caps[i]) for i in range(shown)],
         answers=[Said(image=images[i], truth=truths[i].color, text=answers[i]) for i in range(shown)],
     )
@@ -119,6 +134,17 @@ def _say(model: ImageBindLLM, tokenizer: TextTokenizer, prompt: str, feats: torc
     """Greedy answers to `prompt` about each feature, decoded `batch` at a time by the generation engine."""
     engine = Engine(model, slots=min(batch, len(feats)))
     return engine_texts(engine, tokenizer, [prompt] * len(feats), model.visual_query(feats), GREEDY)
+
+
+@torch.no_grad()
+def _follow_up(model: ImageBindLLM, tokenizer: TextTokenizer, question: str, answers: list[str], followup: str,
+               feats: torch.Tensor, batch: int) -> list[str]:  # fmt: skip
+    """Greedy answers to `followup` as the second turn of each image's conversation (its first answer kept)."""
+    engine = Engine(model, slots=min(batch, len(feats)))
+    visual = model.visual_query(feats)
+    requests = [{"prompt": chat_prompt(tokenizer, [(question, a)], followup), "visual": visual[i], "sampling": GREEDY,
+                 "eos_id": tokenizer.eos_id} for i, a in enumerate(answers)]  # fmt: skip
+    return [tokenizer.decode(ids).strip() for ids in engine.generate(requests)]
 
 
 def _accuracy(texts: list[str], colours: list[str]) -> float:

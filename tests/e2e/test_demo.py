@@ -109,9 +109,10 @@ def test_ibllm_demo_learns_to_see_the_colour(tmp_path: Path) -> None:
     losses = result["stage1"]["losses"]
     assert sum(losses[-50:]) / 50 < 0.8 * sum(losses[:50]) / 50  # stage-1 loss falls
     assert result["evaluation"]["grounding_gap"] > 0.1
-    asked = result["answers"]["asked"]  # generate on a held-out picture and an audio clip, without and with cache
-    assert [(a["cache"], a["input"].endswith(".wav")) for a in asked] == [(False, False), (False, True), (True, False),
-                                                                          (True, True)]  # fmt: skip
+    asked = result["answers"]["asked"]  # a held-out picture (two turns) and an audio clip, without and with cache
+    assert [(a["cache"], a["input"].endswith(".wav"), a["turn"]) for a in asked] == [
+        (False, False, 1), (False, False, 2), (False, True, 1), (True, False, 1), (True, False, 2), (True, True, 1)
+    ]  # fmt: skip
     assert all(a["answer"] for a in asked)
     assert (tmp_path / "ws" / "synthetic" / "metadata.parquet").is_file()
     assert Path(result["report"]["html"]).is_file()
