@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -84,6 +85,39 @@ def plain_llama(config: LLMConfig, device: torch.device, dtype: torch.dtype) -> 
         torch.set_default_dtype(previous)
 
 
+def measure(model: ImageBindLLM, config: LLMConfig, batch: int, greedy: Sampling, g: torch.Generator,
+            args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> str:  # fmt: skip
+    """One batch size: today's path, the engine, and optionally the plain LLaMA; the line to print."""
+    eos = config.vocab_size + 1
+    lengths = [max(2, args.prompt - 3 * i) for i in range(batch)]  # ragged
+    prompts = [[1, *torch.randint(3, config.vocab_size, (n - 1,), generator=g).tolist()] for n in lengths]
+    feats = torch.randn(batch, config.feature_dim, generator=g).to(device)
+    with torch.no_grad():
+        visual = model.visual_query(feats)  # (B, 1, dim)
+    tokens = batch * args.new_tokens
+    t_today, today = timed(functools.partial(generate_ids, model, prompts, visual, greedy, eos_id=eos), device,
+                           args.repeat)  # fmt: skip
+    engine = Engine(model, slots=batch, compile=args.compile)
+    requests = [{"prompt": p, "visual": visual[i], "sampling": greedy, "eos_id": eos} for i, p in enumerate(prompts)]
+    t_engine, fast = timed(functools.partial(engine.generate, requests), device, args.repeat)
+    exact = "equal" if fast == today else "differ"
+    line = (f"batch {batch:3d}: today {tokens / t_today:9.1f} tok/s | engine {tokens / t_engine:9.1f} tok/s "
+            f"({t_today / t_engine:.1f}x; tokens {exact} to today's)")  # fmt: skip
+    del engine
+    if args.plain:
+        plain = plain_llama(config, device, dtype)
+        ids = torch.tensor([[0] * (args.prompt - len(p)) + p for p in prompts], device=device)
+        mask = (torch.arange(args.prompt)[None] >= torch.tensor([args.prompt - n for n in lengths])[:, None]).to(device)
+        common = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
+                      eos_token_id=eos, pad_token_id=0)  # fmt: skip
+        for name, extra in (("dynamic", {}), ("static", {"cache_implementation": "static"})):
+            gen = GenerationConfig(**common, **extra)
+            run = functools.partial(plain.generate, input_ids=ids, attention_mask=mask, generation_config=gen)
+            t_plain, _ = timed(run, device, args.repeat)
+            line += f" | plain {name} {tokens / t_plain:9.1f} tok/s"
+    return line
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="small")
@@ -115,37 +149,9 @@ def main() -> None:
         print(f"bandwidth bound of one decode step at {args.bandwidth_tbs} TB/s: {bound:.0f} steps/s "
               f"(= tokens/s at batch 1)")  # fmt: skip
     greedy = Sampling(temperature=0.0, max_new_tokens=args.new_tokens, max_seq_len=config.max_seq_len)
-    eos = config.vocab_size + 1
     g = torch.Generator().manual_seed(0)
     for batch in args.batches:
-        lengths = [max(2, args.prompt - 3 * i) for i in range(batch)]  # ragged
-        prompts = [[1, *torch.randint(3, config.vocab_size, (n - 1,), generator=g).tolist()] for n in lengths]
-        feats = torch.randn(batch, config.feature_dim, generator=g).to(device)
-        with torch.no_grad():
-            visual = model.visual_query(feats)  # (B, 1, dim)
-        tokens = batch * args.new_tokens
-        t_today, today = timed(lambda: generate_ids(model, prompts, visual, greedy, eos_id=eos), device, args.repeat)
-        engine = Engine(model, slots=batch, compile=args.compile)
-        requests = [{"prompt": p, "visual": visual[i], "sampling": greedy, "eos_id": eos}
-                    for i, p in enumerate(prompts)]  # fmt: skip
-        t_engine, fast = timed(lambda: engine.generate(requests), device, args.repeat)
-        exact = "equal" if fast == today else "differ"
-        line = (f"batch {batch:3d}: today {tokens / t_today:9.1f} tok/s | engine {tokens / t_engine:9.1f} tok/s "
-                f"({t_today / t_engine:.1f}x; tokens {exact} to today's)")  # fmt: skip
-        del engine
-        if args.plain:
-            plain = plain_llama(config, device, dtype)
-            ids = torch.tensor([[0] * (args.prompt - len(p)) + p for p in prompts], device=device)
-            mask = (torch.arange(args.prompt)[None] >= torch.tensor([args.prompt - n for n in lengths])[:, None])
-            common = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
-                          eos_token_id=eos, pad_token_id=0)  # fmt: skip
-            for name, extra in (("dynamic", {}), ("static", {"cache_implementation": "static"})):
-                gen = GenerationConfig(**common, **extra)
-                run = lambda gen=gen: plain.generate(input_ids=ids, attention_mask=mask.to(device), generation_config=gen)  # noqa: E731,E501
-                t_plain, _ = timed(run, device, args.repeat)
-                line += f" | plain {name} {tokens / t_plain:9.1f} tok/s"
-            del plain
-        print(line, flush=True)
+        print(measure(model, config, batch, greedy, g, args, device, dtype), flush=True)
     print(dataclasses.asdict(config) | {"device": str(device), "dtype": str(dtype)})
 
 
