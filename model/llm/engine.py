@@ -109,6 +109,8 @@ class Engine:
         prompt = [int(t) for t in prompt]
         if not prompt:
             raise ValueError("every prompt needs at least one token (BOS)")
+        if sampling.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {sampling.max_new_tokens}")
         limit = min(self.max_seq_len, sampling.max_seq_len)
         budget = min(sampling.max_new_tokens, limit - len(prompt))
         if budget <= 0:
