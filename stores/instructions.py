@@ -32,7 +32,7 @@ DESCRIBE_PROMPTS = (
 )
 IMAGE_FIELDS = {"llava": "image", "cc_sbu_align": "image_id"}
 # GPT4Tools' prompts (gpt4tools_71k.json) are Alpaca records whose instruction is its Visual-ChatGPT-style tool prompt.
-GPT4TOOLS_PROMPT = re.compile(r"\s*GPT4Tools\b.*\bNew input:", re.DOTALL)
+GPT4TOOLS_PROMPT = ("GPT4Tools ", "\nNew input:")  # how the prompt starts, and the line that holds the request
 GPT4TOOLS_COUNTS = {"tool_use": "Do I need to use a tool? Yes", "described_images": "Provide an image named"}
 ROLES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
 IMAGE_TOKEN = re.compile(r"<image>\n|\n<image>|<image>")
@@ -161,7 +161,9 @@ def _layout_of(record: Any) -> str | None:
     if "conversations" in record:
         return "llava" if "image" in record else "sharegpt"
     if "instruction" in record or "output" in record:
-        gpt4tools = isinstance(record.get("instruction"), str) and GPT4TOOLS_PROMPT.match(record["instruction"])
+        text = record.get("instruction")
+        start, request = GPT4TOOLS_PROMPT
+        gpt4tools = isinstance(text, str) and text.lstrip().startswith(start) and request in text
         return "gpt4tools" if gpt4tools else "alpaca"
     if "image_id" in record or "caption" in record:
         return "cc_sbu_align"

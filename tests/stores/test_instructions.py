@@ -167,8 +167,8 @@ def test_gpt4tools_tool_prompts_are_text_only_single_turn_samples(tmp_path: Path
     assert got.counts["samples"] == 3 and got.counts["tool_use"] == 1 and got.counts["described_images"] == 2
     assert read_instructions(path, whole=True).records == got.records
     assert read_instructions(write(tmp_path, "plain.json", ALPACA + GPT4TOOLS[:1])).layout == "gpt4tools"
-    assert read_instructions(write(tmp_path, "a.json", [{"instruction": "Use GPT4Tools.", "output": "ok"}])).layout \
-        == "alpaca"  # fmt: skip
+    for other in ("Use GPT4Tools.", "GPT4Tools is a system; describe it."):  # no tool prompt: plain Alpaca
+        assert read_instructions(write(tmp_path, "a.json", [{"instruction": other, "output": "ok"}])).layout == "alpaca"
 
 
 def test_gpt4tools_annotated_records_join_their_filename(tmp_path: Path) -> None:
