@@ -16,6 +16,7 @@ from pipelines.paths import absolute, absolute_paths
 from stores.metadata import CAPTION_MAX_CHARS
 
 DEMO_CONFIG = "demo.yaml"
+Conversation = Literal["turns", "first", "whole"]  # how stage 2 makes samples of a conversation (StageConfig)
 
 
 class Section(BaseModel):
@@ -240,7 +241,7 @@ class StageConfig(Section):
     checkpoint_every_steps: int = Field(500, gt=0)
     data: list[str] = Field(default_factory=list, description="feature sources or instruction files")
     shuffle_buffer: int = Field(10_000, gt=0, description="stage 1: rows shuffled in memory while streaming")
-    conversation: Literal["turns", "first", "whole"] = Field(
+    conversation: Conversation = Field(
         "turns",
         description="stage 2, how a conversation becomes samples: turns, one per (human, gpt) pair; first, its first "
         "pair only (the reference); whole, one sample scoring every answer",

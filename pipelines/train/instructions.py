@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Literal
 
 import fsspec
 import numpy as np
@@ -12,6 +11,7 @@ import numpy as np
 from model.llm.chat import turn_prompt
 from model.llm.prompts import format_prompt
 from model.llm.tokenizer import TextTokenizer
+from pipelines.config import Conversation
 from pipelines.errors import InputError
 from pipelines.train.data import Example
 from pipelines.train.language import check_language
@@ -27,7 +27,6 @@ from stores.instructions import (
 from stores.workspace import Workspace
 
 log = logging.getLogger(__name__)
-Conversation = Literal["turns", "first", "whole"]  # StageConfig.conversation
 
 
 def instruction_examples(

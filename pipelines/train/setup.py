@@ -19,7 +19,7 @@ from model.llm.config import LLMConfig, config_from_llama
 from model.llm.model import ImageBindLLM
 from model.llm.tokenizer import load_tokenizer
 from pipelines import assets
-from pipelines.config import Config
+from pipelines.config import Config, Conversation
 from pipelines.errors import InputError
 from pipelines.train.data import (
     CAPTION_PROMPT,
@@ -71,7 +71,7 @@ class Job:
     workers: int
     shuffle_buffer: int = 10_000
     holdout: float = 0.0
-    conversation: str = "turns"  # stage 2: StageConfig.conversation (turns, first or whole)
+    conversation: Conversation = "turns"  # stage 2: StageConfig.conversation
     max_steps: int | None = None
     parallel: str = "ddp"  # "ddp" or "fsdp" (StageConfig.parallel)
     notes: dict[str, Any] = field(default_factory=dict)
