@@ -92,8 +92,9 @@ def test_invalid_values_are_refused(override: str, field: str) -> None:
 
 
 def test_stage2_conversation_and_its_deprecated_alias() -> None:
-    assert load_config(None).train.stage2.conversation in ("turns", "whole")
-    assert load_config(None, ["train.stage2.conversation=whole"]).train.stage2.conversation == "whole"
+    assert Config().train.stage2.conversation == "turns"  # the paper's
+    assert load_config(None).train.stage2.conversation == "whole"  # the demo's
+    assert load_config(None, ["train.stage2.conversation=first"]).train.stage2.conversation == "first"
     aliased = load_config(None, ["train.stage2.conversation=turns", "train.stage2.first_turn_only=true"])
     assert aliased.train.stage2.conversation == "first"
     assert resolve_config(aliased).train.stage2.conversation == "first"  # a dump of it validates again
