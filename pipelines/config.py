@@ -16,6 +16,7 @@ from pipelines.paths import absolute, absolute_paths
 from stores.metadata import CAPTION_MAX_CHARS
 
 DEMO_CONFIG = "demo.yaml"
+Conversation = Literal["turns", "first", "whole"]  # how stage 2 makes samples of a conversation (StageConfig)
 
 
 class Section(BaseModel):
@@ -240,7 +241,12 @@ class StageConfig(Section):
     checkpoint_every_steps: int = Field(500, gt=0)
     data: list[str] = Field(default_factory=list, description="feature sources or instruction files")
     shuffle_buffer: int = Field(10_000, gt=0, description="stage 1: rows shuffled in memory while streaming")
-    first_turn_only: bool = Field(False, description="stage 2: only each conversation's first turn (the reference)")
+    conversation: Conversation = Field(
+        "turns",
+        description="stage 2, how a conversation becomes samples: turns, one per (human, gpt) pair; first, its first "
+        "pair only (the reference); whole, one sample scoring every answer",
+    )
+    first_turn_only: bool = Field(False, description="stage 2, deprecated: true is `conversation: first`")
 
     @field_validator("data")
     @classmethod
@@ -252,6 +258,17 @@ class StageConfig(Section):
     def lr(self) -> float:
         """Absolute learning rate."""
         return self.blr * self.global_batch_size / 256
+
+    @model_validator(mode="before")
+    @classmethod
+    def _first_turn_only(cls, data: Any) -> Any:
+        # The deprecated flag is an alias of `conversation: first`; a dumped config spells out `turns`, the default.
+        if isinstance(data, dict) and data.get("first_turn_only"):
+            if data.get("conversation") == "whole":
+                raise ValueError("first_turn_only: true (deprecated: it means conversation: first) conflicts with "
+                                 "conversation: whole; keep one of them")  # fmt: skip
+            data = {**data, "conversation": "first"}
+        return data
 
     @model_validator(mode="after")
     def _warmup(self) -> StageConfig:

@@ -1,4 +1,4 @@
-"""Stage-2 instruction files (Alpaca, GPT4LLM, ShareGPT, LLaVA, cc_sbu_align) as single-turn samples; their features."""
+"""Stage-2 instruction files (Alpaca, GPT4LLM, GPT4Tools, ShareGPT, LLaVA, cc_sbu_align) as samples; their features."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 import re
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import IO, Any
 
 import duckdb
@@ -14,9 +14,11 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from stores.errors import StoreInputError
+from stores.language import detect_language
 
 LAYOUTS = {
     "alpaca": "[{instruction, input?, output}]",
+    "gpt4tools": "[{instruction: 'GPT4Tools can handle ... New input: ...', input, output, filename?}]",
     "sharegpt": "[{conversations: [{from, value}]}]",
     "llava": "[{image, conversations: [{from, value}]}]",
     "cc_sbu_align": "{annotations: [{image_id, caption}]}",
@@ -29,6 +31,9 @@ DESCRIBE_PROMPTS = (
     "Could you describe the contents of this image for me?",
 )
 IMAGE_FIELDS = {"llava": "image", "cc_sbu_align": "image_id"}
+# GPT4Tools' prompts (gpt4tools_71k.json) are Alpaca records whose instruction is its Visual-ChatGPT-style tool prompt.
+GPT4TOOLS_PROMPT = ("GPT4Tools ", "\nNew input:")  # how the prompt starts, and the line that holds the request
+GPT4TOOLS_COUNTS = {"tool_use": "Do I need to use a tool? Yes", "described_images": "Provide an image named"}
 ROLES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
 IMAGE_TOKEN = re.compile(r"<image>\n|\n<image>|<image>")
 COUNTS = ("records", "samples", "turns", "skipped_empty", "skipped_unanswered", "skipped_later_turns")
@@ -51,7 +56,11 @@ class InstructionFileError(StoreInputError):
 
 @dataclass(frozen=True)
 class Instruction:
-    """One single-turn sample: a (human, gpt) pair of a conversation, or one Alpaca / cc_sbu_align record."""
+    """One sample: a (human, gpt) pair of a conversation, or one Alpaca / GPT4Tools / cc_sbu_align record.
+
+    Read whole (`read_instructions(whole=True)`), a conversation is one sample: its last turn here, the turns before
+    it in `history`.
+    """
 
     file: str
     index: int
@@ -61,16 +70,18 @@ class Instruction:
     answer: str
     image: str | None
     layout: str
+    history: tuple[tuple[str, str], ...] = ()  # a whole conversation's earlier (instruction, answer) turns
 
 
 @dataclass
 class InstructionSet:
-    """The samples of one file, its layout, and what was read, made and skipped."""
+    """The samples of one file, its layout, its language ("zh" for Chinese text, else None), what was read and made."""
 
     file: str
     layout: str
     records: list[Instruction]
     counts: dict[str, int] = field(default_factory=dict)
+    language: str | None = None
 
 
 class _Problem(Exception):
@@ -150,14 +161,25 @@ def _layout_of(record: Any) -> str | None:
     if "conversations" in record:
         return "llava" if "image" in record else "sharegpt"
     if "instruction" in record or "output" in record:
-        return "alpaca"
+        text = record.get("instruction")
+        start, request = GPT4TOOLS_PROMPT
+        gpt4tools = isinstance(text, str) and text.lstrip().startswith(start) and request in text
+        return "gpt4tools" if gpt4tools else "alpaca"
     if "image_id" in record or "caption" in record:
         return "cc_sbu_align"
     return None
 
 
 def _family(layout: str | None) -> str | None:
-    return "conversation" if layout in ("sharegpt", "llava") else layout
+    return {"sharegpt": "conversation", "llava": "conversation", "gpt4tools": "alpaca"}.get(layout, layout)
+
+
+def _image(record: dict[str, Any], kind: str) -> str | None:
+    """The image a record refers to: LLaVA's and cc_sbu_align's (required); GPT4Tools' `filename` where non-empty."""
+    if kind == "gpt4tools":
+        return _text(record, "filename", optional=True) or None
+    image_field = IMAGE_FIELDS.get(kind)
+    return _text(record, image_field, nonempty=True) if image_field else None
 
 
 def _text(record: dict[str, Any], key: str, *, optional: bool = False, nonempty: bool = False) -> str:
@@ -193,7 +215,7 @@ def _pairs(record: dict[str, Any]) -> list[tuple[str, str]]:
 
 def _samples(record: Any, layout: str, keep_image_token: bool, counts: dict[str, int]) -> list[tuple[str, str, str]]:
     """(instruction, input, answer) per turn of one record; empty turns are skipped (and counted)."""
-    if layout == "alpaca":
+    if layout in ("alpaca", "gpt4tools"):
         out = [(_text(record, "instruction", nonempty=True), _text(record, "input", optional=True),
                 _text(record, "output", nonempty=True))]  # fmt: skip
     elif layout == "cc_sbu_align":
@@ -240,18 +262,24 @@ def read_instructions(
     path: str,
     *,
     first_turn_only: bool = False,
+    whole: bool = False,
     keep_image_token: bool = False,
     limit: int | None = None,
     open_fn: Callable[[str], IO[bytes]] | None = None,
 ) -> InstructionSet:
-    """Read one instruction file (.json or .jsonl) into single-turn samples; raise InstructionFileError on bad data.
+    """Read one instruction file (.json or .jsonl) into samples; raise InstructionFileError on bad data.
 
     Each (human, gpt) pair of a conversation becomes a sample (`first_turn_only` keeps the first pair, as the
-    reference does); pairs with an empty side are skipped. `limit` reads only the first records. `open_fn` opens
-    the path for binary reading (e.g. Workspace.open); plain open() by default.
+    reference does; `whole` makes each conversation one sample, its earlier pairs in `Instruction.history`); pairs
+    with an empty side are skipped. A GPT4Tools record is a single-turn sample, text-only unless it names a
+    `filename` (the annotated validation files do: the COCO image its caption describes); the image paths inside
+    its prompt are invented names, never joined. The set's `language` is "zh" for Chinese text. `limit` reads only
+    the first records. `open_fn` opens the path for binary reading (e.g. Workspace.open); plain open() by default.
     """
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be positive, got {limit}")
+    if first_turn_only and whole:
+        raise ValueError("first_turn_only and whole exclude each other")
     value, lines = _load(path, _decode(path, open_fn))
     records = _records(path, value)
     if not records:
@@ -267,7 +295,7 @@ def read_instructions(
             f"{layouts.count(None)} record(s) have no known layout"
         )
     family = _family(layouts[0])
-    layout = "llava" if "llava" in layouts and family == "conversation" else layouts[0]
+    layout = next((k for k in ("llava", "gpt4tools") if k in layouts and _family(k) == family), layouts[0])
     counts = dict.fromkeys(COUNTS, 0)
     counts["records"] = len(records)
     out: list[Instruction] = []
@@ -277,8 +305,7 @@ def read_instructions(
             problems.add("mixed layouts", index, looks, record)
             continue
         try:
-            image_field = IMAGE_FIELDS.get(kind)
-            image = _text(record, image_field, nonempty=True) if image_field else None
+            image = _image(record, kind)
             samples = _samples(record, kind, keep_image_token, counts)
         except _Problem as e:
             problems.add(e.kind, index, e.detail, record)
@@ -286,14 +313,21 @@ def read_instructions(
         if first_turn_only:
             counts["skipped_later_turns"] += len(samples) - 1
             samples = samples[:1]
+        kept = []
         for turn, (instruction, text_input, answer) in enumerate(samples):
             if not instruction.strip() or not answer.strip():
                 counts["skipped_empty"] += 1
                 continue
-            out.append(Instruction(path, index, turn, instruction, text_input, answer, image, layout))
+            kept.append(Instruction(path, index, turn, instruction, text_input, answer, image, layout))
+        if whole and kept:
+            kept = [replace(kept[-1], history=tuple((k.instruction, k.answer) for k in kept[:-1]))]
+        out += kept
     problems.check()
     counts["samples"] = len(out)
-    return InstructionSet(path, layout, out, counts)
+    if layout == "gpt4tools":
+        counts |= {name: sum(mark in r.instruction + r.answer for r in out) for name, mark in GPT4TOOLS_COUNTS.items()}
+    texts = [t for r in out for t in (r.instruction, r.input, r.answer, *(x for turn in r.history for x in turn))]
+    return InstructionSet(path, layout, out, counts, detect_language(texts))
 
 
 def image_key(reference: str) -> str:

@@ -91,6 +91,19 @@ def test_invalid_values_are_refused(override: str, field: str) -> None:
         load_config(None, [override])
 
 
+def test_stage2_conversation_and_its_deprecated_alias() -> None:
+    assert Config().train.stage2.conversation == "turns"  # the paper's
+    assert load_config(None).train.stage2.conversation == "whole"  # the demo's
+    assert load_config(None, ["train.stage2.conversation=first"]).train.stage2.conversation == "first"
+    aliased = load_config(None, ["train.stage2.conversation=turns", "train.stage2.first_turn_only=true"])
+    assert aliased.train.stage2.conversation == "first"
+    assert resolve_config(aliased).train.stage2.conversation == "first"  # a dump of it validates again
+    with pytest.raises(ConfigError, match=r"train\.stage2: .*first_turn_only.*conflicts with conversation: whole"):
+        load_config(None, ["train.stage2.conversation=whole", "train.stage2.first_turn_only=true"])
+    with pytest.raises(ConfigError, match=r"train\.stage2\.conversation"):
+        load_config(None, ["train.stage2.conversation=all"])
+
+
 def test_private_addresses_are_refused_unless_allowed() -> None:
     assert Config().download.allow_private_addresses is False  # the default: public addresses only
     assert load_config(None).download.allow_private_addresses is True  # the demo's server is on loopback

@@ -45,9 +45,14 @@ def encode_conversation(tokenizer: TextTokenizer, turns: Sequence[Turn], max_wor
     """
     if not turns:
         raise ValueError("a conversation needs at least one turn")
+    return _join(_segments(tokenizer, turns), max_words)
+
+
+def _join(segments: Sequence[tuple[list[int], int]], max_words: int) -> tuple[list[int], list[int]]:
+    """The leading whole segments that fit in `max_words` (a first one that does not, cut), and their labels."""
     tokens: list[int] = []
     labels: list[int] = []
-    for i, (segment, n_prompt) in enumerate(_segments(tokenizer, turns)):
+    for i, (segment, n_prompt) in enumerate(segments):
         if len(tokens) + len(segment) > max_words:
             if i == 0:
                 segment = segment[:max_words]
@@ -56,6 +61,26 @@ def encode_conversation(tokenizer: TextTokenizer, turns: Sequence[Turn], max_wor
         tokens += segment
         labels += [IGNORE] * n_prompt + segment[n_prompt:]
     return tokens, labels
+
+
+def encode_conversations(
+    tokenizer: TextTokenizer, conversations: Sequence[Sequence[Turn]], max_words: int
+) -> list[tuple[list[int], list[int]]]:
+    """`encode_conversation` of each conversation, in four batched tokenizer calls (first and later turns, each
+    prompt alone and with its answer)."""
+    if not all(conversations):
+        raise ValueError("a conversation needs at least one turn")
+    where = [(c, i) for c, turns in enumerate(conversations) for i in range(len(turns))]
+    prompts = {at: turn_prompt(conversations[at[0]][at[1]][0], at[1] == 0) for at in where}
+    segments: dict[tuple[int, int], tuple[list[int], int]] = {}
+    for first in (True, False):
+        group = [at for at in where if (at[1] == 0) == first]
+        if not group:
+            continue
+        alone = tokenizer.encode_batch([prompts[at] for at in group], bos=first, eos=False)
+        whole = tokenizer.encode_batch([prompts[at] + conversations[at[0]][at[1]][1] for at in group], first, True)
+        segments |= {at: (ids, len(p)) for at, ids, p in zip(group, whole, alone, strict=True)}
+    return [_join([segments[c, i] for i in range(len(turns))], max_words) for c, turns in enumerate(conversations)]
 
 
 def chat_prompt(

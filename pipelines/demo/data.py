@@ -29,8 +29,9 @@ class InstructionsResult(BaseModel):
     skipped: int
 
     def summary(self) -> str:
-        return (f"instructions: {self.images} training images x {len(demo_text.QUESTIONS)} questions = "
-                f"{self.samples} samples ({self.skipped} captions not understood) -> {self.path}")  # fmt: skip
+        return (f"instructions: {self.images} training images, a conversation of {len(demo_text.QUESTIONS)} "
+                f"questions about each = {self.samples} samples ({self.skipped} captions not understood) -> "
+                f"{self.path}")  # fmt: skip
 
 
 def run(cfg: Config) -> InstructionsResult:
@@ -48,7 +49,8 @@ def run(cfg: Config) -> InstructionsResult:
     data = json.dumps(records, indent=0).encode()
     if not ws.exists(path) or ws.read_bytes(path) != data:
         ws.write_bytes(path, data)
-    samples = len(records) * len(demo_text.QUESTIONS)
+    per = len(demo_text.QUESTIONS) if cfg.train.stage2.conversation == "turns" else 1  # first, whole: one each
+    samples = len(records) * per
     log.info("demo instructions: %d images, %d samples -> %s", len(records), samples, path)
     return InstructionsResult(path=ws.as_url(path), images=len(records), samples=samples,
                               skipped=len(rows) - len(records))  # fmt: skip

@@ -1,4 +1,5 @@
-"""Training data: (feature, prompt, answer) examples in a seeded order per epoch, cut into per-worker step batches."""
+"""Training data: (feature, prompt, answer) examples and whole conversations, in a seeded order per epoch, cut into
+per-worker step batches."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from model.llm.chat import Turn, encode_conversations
 from model.llm.prompts import CAPTION_INSTRUCTION, collate, encode_examples, format_prompt
 from model.llm.tokenizer import TextTokenizer
 from pipelines.errors import InputError
@@ -23,12 +25,18 @@ CAPTION_PROMPT = format_prompt(CAPTION_INSTRUCTION)
 
 @dataclass(frozen=True)
 class Example:
-    """One training sample: the ImageBind feature it is conditioned on, the prompt, the answer to learn."""
+    """One training sample: the ImageBind feature it is conditioned on, the prompt, the answer to learn.
+
+    A whole conversation (stage 2's `conversation: whole`) carries all its (instruction, answer) turns in `turns`
+    and is encoded by `chat.encode_conversation`, every answer scored; its `prompt` and `answer` are then its last
+    turn's, for reading only. Single-turn samples leave `turns` empty.
+    """
 
     feature: np.ndarray  # (D,) float32
     prompt: str
     answer: str
     key: str  # where it came from (uid, or file#record), for messages
+    turns: tuple[Turn, ...] = ()
 
 
 class ExampleSource(Protocol):
@@ -169,7 +177,14 @@ def step_batches(
 
 
 def micro_batch(examples: Sequence[Example], tokenizer: TextTokenizer, max_words: int, pad_id: int) -> Micro:
-    encoded = encode_examples(tokenizer, [(e.prompt, e.answer) for e in examples], max_words)
+    single = [i for i, e in enumerate(examples) if not e.turns]
+    encoded = encode_examples(tokenizer, [(examples[i].prompt, examples[i].answer) for i in single], max_words)
+    if len(single) < len(examples):  # whole conversations among them: each takes its place in the batch
+        whole = [i for i, e in enumerate(examples) if e.turns]
+        by_row = dict(zip(single, encoded, strict=True))
+        by_row.update(zip(whole, encode_conversations(tokenizer, [examples[i].turns for i in whole], max_words),
+                          strict=True))  # fmt: skip
+        encoded = [by_row[i] for i in range(len(examples))]
     ids, labels = collate(encoded, pad_id)
     features = torch.from_numpy(np.stack([e.feature for e in examples]).astype(np.float32))
     return Micro(ids, labels, features)

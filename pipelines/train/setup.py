@@ -19,7 +19,7 @@ from model.llm.config import LLMConfig, config_from_llama
 from model.llm.model import ImageBindLLM
 from model.llm.tokenizer import load_tokenizer
 from pipelines import assets
-from pipelines.config import Config
+from pipelines.config import Config, Conversation
 from pipelines.errors import InputError
 from pipelines.train.data import (
     CAPTION_PROMPT,
@@ -71,7 +71,7 @@ class Job:
     workers: int
     shuffle_buffer: int = 10_000
     holdout: float = 0.0
-    first_turn_only: bool = False
+    conversation: Conversation = "turns"  # stage 2: StageConfig.conversation
     max_steps: int | None = None
     parallel: str = "ddp"  # "ddp" or "fsdp" (StageConfig.parallel)
     notes: dict[str, Any] = field(default_factory=dict)
@@ -108,7 +108,8 @@ def resolve_job(
         if init is None:
             raise InputError("stage 2 starts from a stage-1 checkpoint: run `ibllm train --stage 1` first")
         feature_parts = _all_feature_parts(ws, encoder_id)
-        examples = len(instruction_examples(ws, encoder_id, instruction_files, feature_parts, sc.first_turn_only))
+        examples = len(instruction_examples(ws, encoder_id, instruction_files, feature_parts, sc.conversation,
+                                            tokenizer, tokenizer_name(tokenizer_path, base)))  # fmt: skip
     plan = Plan(sc.global_batch_size, sc.workers, sc.accum_iter, sc.max_words)
     spe = plan.steps_per_epoch(examples)
     total = max(1, math.ceil(sc.epochs * spe))
@@ -120,9 +121,14 @@ def resolve_job(
         min_lr=sc.min_lr, weight_decay=sc.weight_decay, warmup_steps=round(sc.warmup_epochs * spe),
         total_steps=total, steps_per_epoch=spe, examples=examples, clip_grad=sc.clip_grad,
         checkpoint_every=sc.checkpoint_every_steps, use_gpu=sc.use_gpu, workers=sc.workers,
-        shuffle_buffer=sc.shuffle_buffer, holdout=cfg.train.holdout, first_turn_only=sc.first_turn_only,
+        shuffle_buffer=sc.shuffle_buffer, holdout=cfg.train.holdout, conversation=sc.conversation,
         max_steps=max_steps, parallel=sc.parallel,
     )  # fmt: skip
+
+
+def tokenizer_name(path: str, base: str | None) -> str:
+    """The tokenizer as messages name it: its file and the base it belongs to."""
+    return f"{path} (base {base or 'the random tiny LLaMA'})"
 
 
 def _llm_config(cfg: Config, base: str | None, vocab: int, bos: int, eos: int) -> LLMConfig:
@@ -195,8 +201,8 @@ def build_batches(job: Job, ws: Workspace, rank: int, world: int) -> Callable[[i
             ws, job.feature_files, job.seed, job.shuffle_buffer, job.holdout, "train", job.examples
         )
     else:
-        examples = instruction_examples(ws, job.encoder_id, job.instruction_files, job.feature_files,
-                                        job.first_turn_only)  # fmt: skip
+        examples = instruction_examples(ws, job.encoder_id, job.instruction_files, job.feature_files, job.conversation,
+                                        tokenizer, tokenizer_name(job.tokenizer, job.base_llama))  # fmt: skip
         source = ExampleList(examples, job.seed)
     plan = Plan(job.global_batch, world, job.accum, job.max_words)
     pad = LLMConfig.from_dict(job.llm).pad_id

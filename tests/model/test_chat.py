@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from model.llm.chat import ConversationTooLong, chat_prompt, encode_conversation, turn_prompt
+from model.llm.chat import ConversationTooLong, chat_prompt, encode_conversation, encode_conversations, turn_prompt
 from model.llm.model import IGNORE
 from model.llm.prompts import encode_example, format_prompt
 from model.llm.tokenizer import BPETokenizer, train_bpe_tokenizer
@@ -61,3 +61,15 @@ def test_a_budget_drops_the_oldest_turns(tok: BPETokenizer) -> None:
     assert shorter[0] == tok.bos_id
     with pytest.raises(ConversationTooLong, match="question alone"):
         chat_prompt(tok, TURNS[:2], TURNS[2][0], budget=3)
+
+
+@pytest.mark.parametrize("max_words", [512, 40, 7])
+def test_the_batched_encoding_is_the_one_by_one_encoding(tok: BPETokenizer, max_words: int) -> None:
+    conversations = [TURNS, TURNS[:1], TURNS[1:], [(TURNS[2][0], "")], TURNS[::-1]]
+    assert encode_conversations(tok, conversations, max_words) == [
+        encode_conversation(tok, turns, max_words) for turns in conversations
+    ]
+    two = len(encode_conversation(tok, TURNS[:2], 512)[0])  # a budget that drops the third turn
+    assert encode_conversations(tok, [TURNS], two) == [encode_conversation(tok, TURNS[:2], 512)]
+    with pytest.raises(ValueError, match="at least one turn"):
+        encode_conversations(tok, [TURNS, []], max_words)

@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from model.llm.chat import encode_conversation
 from model.llm.checkpoint import load_llama
-from model.llm.tokenizer import load_tokenizer
+from model.llm.tokenizer import load_tokenizer, train_bpe_tokenizer
 from pipelines.config import Config, SyntheticConfig
 from pipelines.demo import base_lm
 from pipelines.demo import text as demo_text
@@ -48,6 +49,19 @@ def test_generated_conversations_read_back_as_llava_single_turn_samples(tmp_path
     assert first.image == "000000" and first.instruction == demo_text.QUESTIONS[0][0]
     assert first.answer == f"The shape is {parse_caption(rows[0][1]).color}."
     assert len(read_instructions(str(path), first_turn_only=True).records) == 5
+
+
+def test_a_whole_generated_conversation_fits_the_demo_stage2_max_words(tmp_path: Path) -> None:
+    cfg = Config.from_yaml(None)
+    assert cfg.train.stage2.conversation == "whole"
+    tok = train_bpe_tokenizer(demo_text.corpus(cfg.train.stage0.texts, cfg.seed), cfg.train.stage0.vocab_size)
+    rng = np.random.default_rng(0)
+    path = tmp_path / "i.json"
+    path.write_text(json.dumps(demo_text.conversations([(f"{i:06d}", random_scene(rng).caption) for i in range(20)])))
+    records = read_instructions(str(path), whole=True).records
+    assert len(records) == 20 and all(len(r.history) == len(demo_text.QUESTIONS) - 1 for r in records)
+    lengths = [len(encode_conversation(tok, (*r.history, (r.instruction, r.answer)), 10_000)[0]) for r in records]
+    assert max(lengths) <= cfg.train.stage2.max_words, lengths
 
 
 def test_stage0_trains_a_base_that_stage1_picks_up_and_is_not_retrained(tmp_path: Path) -> None:

@@ -116,6 +116,88 @@ def test_llava_with_text_only_conversations(tmp_path: Path) -> None:
     assert [(r.index, r.image, r.layout) for r in got.records][-1] == (1, None, "llava")
 
 
+def test_whole_conversations_carry_their_earlier_turns(tmp_path: Path) -> None:
+    path = write(tmp_path, "sharegpt.json", SHAREGPT)
+    got = read_instructions(path, whole=True)
+    assert [(r.index, r.turn, r.instruction, r.answer, r.history) for r in got.records] == [
+        (0, 1, "How are you?", "Fine.", (("Hi", "Hello!"),)),  # the empty third pair is skipped, as when split
+        (1, 0, "2+2?", "4", ()),
+    ]
+    assert got.counts == {"records": 2, "samples": 2, "turns": 4, "skipped_empty": 1, "skipped_unanswered": 1,
+                          "skipped_later_turns": 0}  # fmt: skip
+    llava = read_instructions(write(tmp_path, "llava.json", LLAVA), whole=True).records
+    assert llava[0].history == (("What are the colors of the bus in the image?", "The bus is white and red."),)
+    assert (llava[0].instruction, llava[0].image) == (LLAVA[0]["conversations"][2]["value"], LLAVA[0]["image"])
+    assert llava[1].instruction == "Where is the cat positioned?" and not llava[1].history  # <image> stripped
+    alpaca = write(tmp_path, "alpaca.json", ALPACA)
+    assert read_instructions(alpaca, whole=True) == read_instructions(alpaca)  # one-turn conversations
+    with pytest.raises(ValueError, match="exclude each other"):
+        read_instructions(path, whole=True, first_turn_only=True)
+
+
+# gpt4tools_71k.json (AILab-CVC/GPT4Tools): Alpaca records whose instruction is the tool prompt (tools, format,
+# "Previous conversation:" with an image given by name and caption, "New input:"), and whose output is the next
+# Thought / Action / Action Input step or the final "AI:" reply. The annotated validation files add fields such as
+# `filename` (the COCO image the caption describes), empty for text-only samples. Our own wording below.
+def gpt4tools(new_input: str, image: str | None, output: str, **extra: Any) -> dict[str, Any]:
+    given = f"Human: Provide an image named {image}. Description: a dog on grass. Understand the image using tools.\n"
+    prompt = (
+        "GPT4Tools can handle text and visual tasks with tools.\nTOOLS:\n------\n\nGPT4Tools has access to the "
+        "following tools:\n\n> Edge Detection On Image: finds edges. Input: image_path\n\nPrevious conversation:"
+        f"\n\n{given + 'AI: Received.' if image else ''}\n\nNew input: {new_input}\nThink step by step.\n"
+    )
+    return {"instruction": prompt, "input": "", "output": output, **extra}
+
+
+TOOL = "Thought: Do I need to use a tool? Yes\nAction: Edge Detection On Image\nAction Input: images/abc.png\n"
+GPT4TOOLS = [
+    gpt4tools("Find the edges of this picture", "images/abc.png", TOOL),
+    gpt4tools("Name a colour.", None, "Thought: Do I need to use a tool? No\nAI: Blue.\n"),
+    gpt4tools("What is in it?", "cache/xyz.png", "Thought: Do I need to use a tool? No\nAI: A dog.\n"),
+]
+
+
+def test_gpt4tools_tool_prompts_are_text_only_single_turn_samples(tmp_path: Path) -> None:
+    path = write(tmp_path, "gpt4tools_71k.json", GPT4TOOLS)
+    got = read_instructions(path)
+    assert got.layout == "gpt4tools" and got.language is None
+    assert [(r.instruction, r.answer, r.image, r.layout) for r in got.records] == [
+        (g["instruction"], g["output"], None, "gpt4tools") for g in GPT4TOOLS
+    ]  # the image names inside the prompt are invented: nothing to join
+    assert got.counts["samples"] == 3 and got.counts["tool_use"] == 1 and got.counts["described_images"] == 2
+    assert read_instructions(path, whole=True).records == got.records
+    assert read_instructions(write(tmp_path, "plain.json", ALPACA + GPT4TOOLS[:1])).layout == "gpt4tools"
+    for other in ("Use GPT4Tools.", "GPT4Tools is a system; describe it."):  # no tool prompt: plain Alpaca
+        assert read_instructions(write(tmp_path, "a.json", [{"instruction": other, "output": "ok"}])).layout == "alpaca"
+
+
+def test_gpt4tools_annotated_records_join_their_filename(tmp_path: Path) -> None:
+    records = [{**GPT4TOOLS[0], "filename": "000000438993.jpg", "id": 28, "Action": ["Edge Detection On Image"]},
+               {**GPT4TOOLS[1], "filename": "", "id": 29, "Action": []}]  # fmt: skip
+    got = read_instructions(write(tmp_path, "gpt4tools_val_seen.json", records))
+    assert [r.image for r in got.records] == ["000000438993.jpg", None]
+    assert image_key(got.records[0].image) == "000000438993"
+    with pytest.raises(InstructionFileError, match=r"record 1: field 'filename' is not a string \(got int\)"):
+        read_instructions(write(tmp_path, "bad.json", [records[0], {**records[1], "filename": 7}]))
+
+
+ALPACA_ZH = [
+    {"instruction": "保持健康的三个提示。", "input": "", "output": "多吃蔬菜，每天运动，睡眠充足。"},
+    {"instruction": "把这句话翻译成英文。", "input": "早上好", "output": "Good morning"},
+    {"instruction": "说出一种颜色。", "input": "", "output": "蓝色"},
+]
+
+
+def test_chinese_alpaca_is_tagged_zh(tmp_path: Path) -> None:
+    got = read_instructions(write(tmp_path, "alpaca_gpt4_data_zh.json", ALPACA_ZH))
+    assert (got.layout, got.language, got.counts["samples"]) == ("alpaca", "zh", 3)
+    assert read_instructions(write(tmp_path, "alpaca_gpt4_data.json", ALPACA)).language is None
+    names = [{"instruction": "Who wrote the Analects?", "output": "Confucius (孔子), a teacher in ancient China."}]
+    assert read_instructions(write(tmp_path, "en.json", names * 3)).language is None  # a few Han names: English
+    zh_chat = [bad(("human", "你好"), ("gpt", "你好！有什么可以帮你？"))]
+    assert read_instructions(write(tmp_path, "sharegpt_zh.json", zh_chat), whole=True).language == "zh"
+
+
 def test_cc_sbu_align_prompts_are_deterministic(tmp_path: Path) -> None:
     path = write(tmp_path, "filter_cap.json", CC_SBU)
     got = read_instructions(path)
