@@ -85,7 +85,8 @@ class PipelineResult(BaseModel):
                 (
                     "check",
                     f"colour right {self.check.colour_accuracy:.0%} (shuffled "
-                    f"{self.check.shuffled_accuracy:.0%}), answers {self.check.answer_accuracy:.0%}",
+                    f"{self.check.shuffled_accuracy:.0%}), answers {self.check.answer_accuracy:.0%}, "
+                    f"second turn on topic {self.check.followup_on_topic:.0%}",
                 )
             )
         return "\n".join(f"{name:<10} {text}" for name, text in rows)

@@ -51,6 +51,7 @@ class DemoCheck(BaseModel):
     question: str
     followup: str
     followup_accuracy: float  # the second turn: the shape named after the colour question and the model's answer
+    followup_on_topic: float  # the second turn's answers that name a shape at all (the conversation was followed)
     captions: list[Said]
     answers: list[Said]
 
@@ -60,7 +61,8 @@ class DemoCheck(BaseModel):
             f"{self.colour_accuracy:.0%} with the true features, {self.shuffled_accuracy:.0%} with shuffled ones "
             f"(chance {self.chance:.0%})",
             f"answers to {self.question!r}: {self.answer_accuracy:.0%} right",
-            f"then, in the same conversation, {self.followup!r}: {self.followup_accuracy:.0%} right",
+            f"then, in the same conversation, {self.followup!r}: {self.followup_accuracy:.0%} right "
+            f"(chance {1 / len(media.SHAPES):.0%}), {self.followup_on_topic:.0%} name a shape",
         ]
         lines += [f"  caption  {s.image}: {s.text!r} (shows {s.truth!r})" for s in self.captions]
         lines += [f"  answer   {s.image}: {s.text!r} (shows {s.truth!r})" for s in self.answers]
@@ -121,6 +123,7 @@ def run(cfg: Config, stage1: str | None = None, stage2: str | None = None, batch
         question=question,
         followup=followup,
         followup_accuracy=sum(named_shape(t) == s.shape for t, s in zip(second, truths, strict=True)) / len(truths),
+        followup_on_topic=sum(named_shape(t) is not None for t in second) / len(second),
         captions=[Said(image=images[i], truth=truths[i].caption, text=true_caps[i]) for i in range(shown)],
         answers=[Said(image=images[i], truth=truths[i].color, text=answers[i]) for i in range(shown)],
     )
