@@ -368,7 +368,9 @@ def _emit(result: Any, as_json: bool, out: Any) -> None:
     if as_json:
         out.write(result.model_dump_json(indent=2) + "\n")
     else:
-        out.write((result.summary() if hasattr(result, "summary") else result.model_dump_json(indent=2)) + "\n")
+        text = result.summary() if hasattr(result, "summary") else result.model_dump_json(indent=2)
+        if text:
+            out.write(text + "\n")
     out.flush()
 
 

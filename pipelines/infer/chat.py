@@ -28,7 +28,8 @@ class ChatResult(BaseModel):
     inputs: dict[str, list[str]]
 
     def summary(self) -> str:
-        return f"{len(self.turns)} turn(s)"
+        """Nothing: the conversation was on the terminal already (`--json` prints the turns)."""
+        return ""
 
 
 @dataclass
