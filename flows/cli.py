@@ -205,6 +205,19 @@ def cmd_chat(cfg: Config, args: argparse.Namespace) -> BaseModel:
     return chat.run(session, sys.stdin, args.out)
 
 
+def cmd_serve(cfg: Config, args: argparse.Namespace) -> None:
+    """Serve the model: the OpenAI-style API at /v1/chat/completions and the chat page at /, until interrupted."""
+    from pipelines.serve import stage as serve
+
+    if args.host:
+        cfg.serve.host = args.host
+    if args.port is not None:
+        cfg.serve.port = args.port
+    if args.cache:
+        cfg.serve.cache = True
+    serve.run(cfg, checkpoint=args.checkpoint, device=args.device, dtype=args.dtype)
+
+
 def _wait_for_interrupt(message: str) -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())  # before saying so: a quick SIGTERM must find the handler
@@ -229,6 +242,7 @@ COMMANDS: dict[str, tuple[Command, str]] = {
     "retrain": (cmd_retrain, "extract, index and train on what is new; promote when at least as good; --force"),
     "generate": (cmd_generate, "answer a prompt about images, audio, video and text (or a JSONL batch of requests)"),
     "chat": (cmd_chat, "a multi-turn conversation in the terminal about images, audio and video"),
+    "serve": (cmd_serve, "the HTTP API (OpenAI chat format, streaming) and a web chat page; --ray for Ray Serve"),
     "convert": (cmd_convert, "convert released weights: Meta LLaMA, the official adapter 7B.pth, or ours back"),
     "config": (cmd_config, "print the resolved configuration (after --set and --workspace)"),
 }
@@ -237,7 +251,8 @@ COMMANDS: dict[str, tuple[Command, str]] = {
 # The model settings each command loads (checked before it starts); commands absent here load no model.
 MODEL_INPUTS: dict[str, tuple[str, ...]] = {
     "extract": ENCODER_PATHS, "index": ENCODER_PATHS, "train": MODEL_PATHS, "evaluate": MODEL_PATHS,
-    "retrain": MODEL_PATHS, "generate": MODEL_PATHS, "chat": MODEL_PATHS, "demo": MODEL_PATHS,
+    "retrain": MODEL_PATHS, "generate": MODEL_PATHS, "chat": MODEL_PATHS, "serve": MODEL_PATHS,
+    "demo": MODEL_PATHS,
 }  # fmt: skip
 NO_WORKSPACE = ("config", "convert")
 
@@ -280,6 +295,14 @@ def build_parser() -> argparse.ArgumentParser:
             _generate_options(p)
         if name == "chat":
             _chat_options(p)
+        if name == "serve":
+            p.add_argument("--host", help="the address to listen on (default serve.host, 127.0.0.1)")
+            p.add_argument("--port", type=int, help="the port (default serve.port, 8000)")
+            p.add_argument("--cache", action="store_true", help="load the visual cache (serve.cache)")
+            p.add_argument(
+                "--checkpoint", help="our checkpoint folder (default: the model in service, else the newest)"
+            )
+            _device_options(p)
         if name == "convert":
             p.add_argument("kind", choices=["llama", "adapter", "export"],
                            help="llama: Meta folder -> transformers folder; adapter: 7B.pth -> our checkpoint; "

@@ -345,6 +345,22 @@ class InferConfig(Section):
     use_cache: bool = False
 
 
+class ServeConfig(Section):
+    """`ibllm serve`: where it listens, how many requests it decodes and holds, what one request may send."""
+
+    host: str = Field("127.0.0.1", description="the address to listen on (0.0.0.0: every interface)")
+    port: int = Field(8000, ge=0, le=65535)
+    slots: int = Field(16, gt=0, description="requests decoded together (the engine's KV-cache slots)")
+    max_queue: int = Field(64, gt=0, description="requests held (decoding or waiting) before answering 429")
+    max_body_mb: float = Field(32, gt=0)
+    max_media_mb: float = Field(16, gt=0, description="one media part, decoded")
+    timeout_s: float = Field(300, gt=0, description="the longest a request may wait for its next token")
+    media_root: str | None = Field(None, description="server-side media paths are read only under this folder")
+    cache: bool = Field(False, description="load the visual cache (a request's `cache` field turns it on or off)")
+    replicas: int = Field(1, gt=0, description="Ray Serve replicas (serve --ray)")
+    gpus_per_replica: float = Field(0, ge=0, description="GPUs of each Ray Serve replica")
+
+
 class Config(Section):
     """The root configuration."""
 
@@ -364,6 +380,7 @@ class Config(Section):
     retrain: RetrainConfig = Field(default_factory=RetrainConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     infer: InferConfig = Field(default_factory=InferConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
 
     _absolute_workspace = field_validator("workspace")(absolute)
 

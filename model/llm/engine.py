@@ -125,6 +125,28 @@ class Engine:
         self._queue.append(job)
         return job.id
 
+    def cancel(self, request_id: int) -> bool:
+        """Drop a request, waiting or decoding (its slot is freed for the next); whether it was there."""
+        for job in self._queue:
+            if job.id == request_id:
+                self._queue.remove(job)
+                return True
+        for job in list(self._active.values()):
+            if job.id == request_id:
+                self._finish(job, None)
+                return True
+        return False
+
+    @property
+    def waiting(self) -> int:
+        """Requests queued for a slot."""
+        return len(self._queue)
+
+    @property
+    def active(self) -> int:
+        """Requests holding a slot."""
+        return len(self._active)
+
     def generate(self, requests: Sequence[dict], on_token: TokenCallback | None = None) -> list[list[int]]:
         """Run `submit(**request)` for each and step until all are done: new token ids per request, in order."""
         ids = [self.submit(**r) for r in requests]

@@ -44,21 +44,25 @@ class Answerer:
         return self.model.config.max_seq_len
 
     @torch.no_grad()
-    def visual(self, req: Request) -> torch.Tensor | None:
-        """The request's bound visual query (1, 1, dim), or None without inputs."""
+    def visual(self, req: Request, use_cache: bool | None = None) -> torch.Tensor | None:
+        """The request's bound visual query (1, 1, dim), or None without inputs; `use_cache` False leaves the
+        loaded visual cache out, True requires it (None: use it when loaded)."""
         if not req.inputs():
             return None
         if self.encoder is None:
             if self.load_encoder is None:
                 raise InputError("inputs given but no ImageBind encoder was loaded")
             self.encoder, self.cache = self.load_encoder()
+        if use_cache and self.cache is None:
+            raise InputError("cache: no visual cache is loaded here (start with the cache on: --cache)")
+        cache = None if use_cache is False else self.cache
         embeddings = embed_request(self.encoder, req, self.max_image_pixels)
         weights = {m: req.weights.get(m, 1.0) for m in embeddings}
         if sum(weights.values()) <= 0:
             raise InputError(f"the weights of the inputs ({weights}) sum to 0: give one a positive weight")
         device = next(self.model.parameters()).device
         return self.model.visual_query({m: e.to(device) for m, e in embeddings.items()}, weights,
-                                       cache=self.cache, cache_t=self.cache_t, cache_w=self.cache_w)  # fmt: skip
+                                       cache=cache, cache_t=self.cache_t, cache_w=self.cache_w)  # fmt: skip
 
     def sampling(self, req: Request) -> Sampling:
         """The request's sampling over the reference's defaults."""

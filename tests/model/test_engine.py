@@ -133,3 +133,19 @@ def test_top_p_keeps_the_smallest_set_reaching_p() -> None:
     drawn = {sample_top_p(logits, 1.0, 0.7, g) for _ in range(200)}
     assert drawn == {0, 1}  # 0.5 + 0.3 reaches 0.7; 0.15 and 0.05 are cut
     assert {sample_top_p(logits, 1.0, 1.0, g) for _ in range(400)} == {0, 1, 2, 3}
+
+
+def test_a_cancelled_request_frees_its_slot(model: ImageBindLLM) -> None:
+    vq = visual_for(model, 3, seed=3)
+    eos = TINY.vocab_size + 1
+    expected = _reference(model, RAGGED[:3], vq, GREEDY, eos)
+    engine = Engine(model, slots=1)
+    ids = [engine.submit(**r) for r in _requests(RAGGED[:3], vq, GREEDY, eos)]
+    engine.step()
+    assert (engine.active, engine.waiting) == (1, 2)
+    assert engine.cancel(ids[0]) and engine.cancel(ids[1]) and not engine.cancel(ids[1])
+    assert (engine.active, engine.waiting) == (0, 1)
+    out = []
+    while engine.pending():
+        out += [e.token for e in engine.step() if e.id == ids[2] and e.token is not None]
+    assert out == expected[2]

@@ -1,0 +1,76 @@
+"""`ibllm serve`: the model behind the HTTP API and the chat page, on uvicorn in this process."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import tempfile
+from dataclasses import dataclass
+
+import uvicorn
+from fastapi import FastAPI
+
+from model.imagebind.encoder import DType
+from pipelines import checkpoints
+from pipelines.config import Config
+from pipelines.infer import stage as infer
+from pipelines.serve.app import Limits, create_app
+from pipelines.serve.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Served:
+    """A built app, its scheduler (the engine's thread), the checkpoint it answers with, and its scratch folder."""
+
+    app: FastAPI
+    scheduler: Scheduler
+    checkpoint: str
+    scratch: tempfile.TemporaryDirectory
+
+    def close(self) -> None:
+        self.scheduler.close()
+        self.scratch.cleanup()
+
+
+def limits_of(cfg: Config) -> Limits:
+    s = cfg.serve
+    root = os.path.abspath(s.media_root) if s.media_root else None
+    return Limits(max_body_bytes=int(s.max_body_mb * 2**20), max_media_bytes=int(s.max_media_mb * 2**20),
+                  timeout_s=s.timeout_s, media_root=root)  # fmt: skip
+
+
+def build(cfg: Config, checkpoint: str | None = None, device: str = "auto", dtype: DType = "auto") -> Served:
+    """Load the model (and the encoder, and the cache when serve.cache) and build the app over its scheduler."""
+    chosen = infer.choose_checkpoint(infer.workspace_of(cfg), checkpoint)
+    answerer, _ = infer.load_answerer(cfg, chosen, need_encoder=True, use_cache=cfg.serve.cache, device=device,
+                                      dtype=dtype, slots=cfg.serve.slots)  # fmt: skip
+    scheduler = Scheduler(answerer, cfg.serve.max_queue)
+    scratch = tempfile.TemporaryDirectory(prefix="ibllm-serve-")
+    name = model_name(chosen, checkpoints.inspect(cfg, infer.workspace_of(cfg), chosen).made_by)
+    return Served(create_app(scheduler, name, scratch.name, limits_of(cfg)), scheduler, chosen, scratch)
+
+
+def model_name(checkpoint: str, made_by: dict) -> str:
+    """What /v1/models calls the checkpoint: `stage<N>/<run id>` from its metadata, else its folder's name."""
+    if made_by.get("stage") is not None and made_by.get("run_id"):
+        return f"stage{made_by['stage']}/{made_by['run_id']}"
+    parts = [p for p in checkpoint.rstrip("/").split("/") if p and p != "model"]
+    return parts[-1] if parts else checkpoint
+
+
+def run(cfg: Config, checkpoint: str | None = None, device: str = "auto", dtype: DType = "auto",
+        sock: socket.socket | None = None) -> None:  # fmt: skip
+    """Serve until interrupted (Ctrl-C or SIGTERM) on serve.host:serve.port, or on an already bound `sock`."""
+    served = build(cfg, checkpoint, device, dtype)
+    server = uvicorn.Server(uvicorn.Config(served.app, host=cfg.serve.host, port=cfg.serve.port, log_level="warning",
+                                           timeout_graceful_shutdown=5))  # fmt: skip
+    where = sock.getsockname() if sock else (cfg.serve.host, cfg.serve.port)
+    log.info("serving %s on http://%s:%d (the chat page at /, the API at /v1/chat/completions)", served.checkpoint,
+             *where[:2])  # fmt: skip
+    try:
+        server.run(sockets=[sock] if sock else None)
+    finally:
+        served.close()
