@@ -215,6 +215,17 @@ def cmd_serve(cfg: Config, args: argparse.Namespace) -> None:
         cfg.serve.port = args.port
     if args.cache:
         cfg.serve.cache = True
+    if args.ray:
+        from pipelines.serve import ray_app
+
+        if args.replicas:
+            cfg.serve.replicas = args.replicas
+        url = ray_app.start(cfg, checkpoint=args.checkpoint, device=args.device, dtype=args.dtype)
+        try:
+            _wait_for_interrupt(f"serving on Ray Serve at {url} ({cfg.serve.replicas} replica(s)); Ctrl-C stops")
+        finally:
+            ray_app.stop()
+        return
     serve.run(cfg, checkpoint=args.checkpoint, device=args.device, dtype=args.dtype)
 
 
@@ -299,9 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--host", help="the address to listen on (default serve.host, 127.0.0.1)")
             p.add_argument("--port", type=int, help="the port (default serve.port, 8000)")
             p.add_argument("--cache", action="store_true", help="load the visual cache (serve.cache)")
-            p.add_argument(
-                "--checkpoint", help="our checkpoint folder (default: the model in service, else the newest)"
-            )
+            p.add_argument("--checkpoint", help="our checkpoint folder (default: the promoted model, else the newest)")
+            p.add_argument("--ray", action="store_true", help="as a Ray Serve deployment (on ray.address, else local)")
+            p.add_argument("--replicas", type=int, help="Ray Serve replicas (default serve.replicas)")
             _device_options(p)
         if name == "convert":
             p.add_argument("kind", choices=["llama", "adapter", "export"],
