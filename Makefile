@@ -9,7 +9,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export RAY_AUTH_MODE ?= disabled
 export NO_ALBUMENTATIONS_UPDATE ?= 1
 
-.PHONY: venv demo test test-fast lint format bench clean
+.PHONY: venv demo test test-fast browser lint format bench clean
 
 venv: $(STAMP)
 
@@ -26,8 +26,18 @@ $(STAMP): pyproject.toml constraints.txt
 demo: venv
 	$(BIN)/ibllm demo
 
-test: venv
+test: venv browser
 	$(BIN)/pytest
+
+# The chat page's test drives a real headless Chromium: install Debian's where apt can (root); else it is skipped.
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing chromium and chromium-driver for the chat page's browser test"; \
+		apt-get install -y -qq chromium chromium-driver >/dev/null || \
+		(apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null) || \
+		echo "chromium could not be installed: the browser test will be skipped"; \
+	else echo "no chromium and no root apt: the chat page's browser test will be skipped"; fi
 
 test-fast: venv
 	$(BIN)/pytest -m "not slow"

@@ -149,6 +149,10 @@ class Scheduler:
             if event.token is not None:
                 decided += 1
                 ticket.tokens.append(event.token)
+                text = self.answerer.tokenizer.decode(ticket.tokens)
+                if event.done or not text.endswith("\ufffd"):  # hold back a character whose bytes are not all here
+                    ticket.on_text(text)
+            elif event.done and ticket.tokens:
                 ticket.on_text(self.answerer.tokenizer.decode(ticket.tokens))
             if event.done:
                 del self._jobs[event.id]
