@@ -1,0 +1,131 @@
+"""Benchmark: the HTTP server against its engine called directly, N concurrent clients, requests/s and latency.
+
+Usage: python -m bench.serve [--clients 1 16] [--requests 8] [--max-tokens 32] [--width 64]
+
+A tiny random ImageBind-LLM (a BPE tokenizer trained in process) behind the same scheduler either way:
+- `direct`: N threads each hand a request to the scheduler and wait for its answer, K times in a row;
+- `http`: N clients each POST /v1/chat/completions (greedy, not streamed) to `ibllm serve`'s app on a loopback
+  uvicorn, K times in a row.
+Prints requests/s and p50/p99 latency of each and the server's overhead (1 - http/direct requests/s). The
+target: <= 10% at 16 clients. Measured in one run; absolute times are noisy on a shared CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import multiprocessing
+import socket
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import torch
+import uvicorn
+
+from bench.generate import PRESETS, build
+from model.llm.engine import Engine
+from model.llm.tokenizer import train_bpe_tokenizer
+from pipelines.infer.answerer import Answerer
+from pipelines.infer.inputs import Request
+from pipelines.serve.app import create_app
+from pipelines.serve.scheduler import Scheduler, Ticket
+
+WORDS = ["a", "red", "green", "blue", "circle", "square", "star", "on", "the", "grass", "near", "water", "in", "box",
+         "small", "large", "shape", "colour"]  # fmt: skip
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def run_clients(clients: int, per_client: int, call: Callable[[int], None]) -> tuple[float, list[float]]:
+    """(requests/s, latencies) of `clients` threads each making `per_client` calls one after another."""
+    latencies: list[float] = []
+    lock = threading.Lock()
+
+    def client(c: int) -> None:
+        for k in range(per_client):
+            start = time.perf_counter()
+            call(c * per_client + k)
+            with lock:
+                latencies.append(time.perf_counter() - start)
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(client, range(clients)))
+    return clients * per_client / (time.perf_counter() - start), latencies
+
+
+def setup(width: int, slots: int) -> Scheduler:
+    """The tiny model (seeded: the same in every process) behind a scheduler."""
+    tokenizer = train_bpe_tokenizer([" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))], vocab_size=300)
+    config = dataclasses.replace(PRESETS["tiny"], vocab_size=tokenizer.n_words, dim=width)
+    model = build(config, torch.device("cpu"), torch.float32)
+    answerer = Answerer(model, tokenizer, Engine(model, slots=slots), None, None, 20.0, 0.5)
+    return Scheduler(answerer, max_queue=4 * slots)
+
+
+def serve_child(width: int, slots: int, sock: socket.socket) -> None:
+    """The server's process: its own model, scheduler and uvicorn on the socket the parent bound."""
+    with tempfile.TemporaryDirectory() as scratch:
+        app = create_app(setup(width, slots), "bench-tiny", scratch)
+        uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--clients", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--requests", type=int, default=8, help="requests per client")
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--width", type=int, default=64, help="the tiny model's width")
+    args = ap.parse_args()
+    slots = max(args.clients)
+    prompts = [" ".join(WORDS[i % len(WORDS) :][:6]) + "?" for i in range(10_000)]
+    scheduler = setup(args.width, slots)
+
+    def direct(i: int) -> None:
+        done = threading.Event()
+        request = Request(prompt=prompts[i], temperature=0.0, max_new_tokens=args.max_tokens)
+        scheduler.submit(Ticket(request, None, lambda _: None, lambda finish, e: done.set()))
+        done.wait()
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    child = multiprocessing.get_context("spawn").Process(target=serve_child, args=(args.width, slots, sock),
+                                                         daemon=True)  # fmt: skip
+    child.start()
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    http = httpx.Client(timeout=300, limits=httpx.Limits(max_connections=slots))
+    for _ in range(600):
+        try:
+            http.get(f"{url}/health").raise_for_status()
+            break
+        except httpx.TransportError:
+            time.sleep(0.1)
+
+    def over_http(i: int) -> None:
+        body = {"messages": [{"role": "user", "content": prompts[i]}], "temperature": 0, "max_tokens": args.max_tokens}
+        http.post(f"{url}/v1/chat/completions", json=body).raise_for_status()
+
+    run_clients(2, 2, direct), run_clients(2, 2, over_http)  # warm-up
+    print(f"tiny model ({args.width} wide, 4 layers), {args.max_tokens} tokens per answer, {args.requests} requests "
+          f"per client, {slots} engine slots; the server in its own process")  # fmt: skip
+    for clients in args.clients:
+        rate_d, lat_d = run_clients(clients, args.requests, direct)
+        rate_h, lat_h = run_clients(clients, args.requests, over_http)
+        print(f"{clients:3d} clients: direct {rate_d:7.1f} req/s (p50 {statistics.median(lat_d) * 1e3:6.1f} ms, "
+              f"p99 {percentile(lat_d, 0.99) * 1e3:6.1f} ms) | http {rate_h:7.1f} req/s "
+              f"(p50 {statistics.median(lat_h) * 1e3:6.1f} ms, p99 {percentile(lat_h, 0.99) * 1e3:6.1f} ms) | "
+              f"server overhead {1 - rate_h / rate_d:+.1%}", flush=True)  # fmt: skip
+    child.terminate()
+    scheduler.close()
+
+
+if __name__ == "__main__":
+    main()
