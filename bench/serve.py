@@ -92,7 +92,7 @@ def main() -> None:
     def direct(i: int) -> None:
         done = threading.Event()
         request = Request(prompt=prompts[i], temperature=0.0, max_new_tokens=args.max_tokens)
-        scheduler.submit(Ticket(request, None, lambda _: None, lambda finish, e: done.set()))
+        scheduler.submit(Ticket(request, None, None, lambda finish, e: done.set()))
         done.wait()
 
     sock = socket.socket()

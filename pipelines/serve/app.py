@@ -98,7 +98,8 @@ def create_app(scheduler: Scheduler, model_name: str, scratch: str, limits: Limi
         except InputError as e:
             return error(400, str(e))
         pending = _Pending(asyncio.get_running_loop())
-        ticket = Ticket(parsed.request, parsed.cache, on_text=lambda text: pending.put("text", text),
+        stream = (lambda text: pending.put("text", text)) if parsed.stream else None  # whole answers: no per-token
+        ticket = Ticket(parsed.request, parsed.cache, on_text=stream,
                         on_done=lambda finish, e: pending.put("done", finish, e),
                         on_start=lambda: pending.put("start"))  # fmt: skip
         try:
@@ -136,19 +137,16 @@ def _timed_out(scheduler: Scheduler, ticket: Ticket, parsed: Parsed, limits: Lim
 
 async def _whole(scheduler: Scheduler, ticket: Ticket, parsed: Parsed, pending: _Pending, model: str,
                  limits: Limits) -> JSONResponse:  # fmt: skip
-    text = ""
     try:
         while True:
             event = await asyncio.wait_for(pending.events.get(), limits.timeout_s)
-            if event[0] == "text":
-                text = event[1]
-            elif event[0] == "done":
+            if event[0] == "done":
                 if event[2] is not None:
                     return _failure(event[2])
                 answer = scheduler.answerer.tokenizer.decode(ticket.tokens).strip()
                 return JSONResponse(completion(answer, model, ticket.prompt_tokens, len(ticket.tokens), event[1]))
     except TimeoutError:
-        log.warning("a request timed out after %d tokens (%d characters)", len(ticket.tokens), len(text))
+        log.warning("a request timed out after %d tokens", len(ticket.tokens))
         return _timed_out(scheduler, ticket, parsed, limits)
     finally:
         parsed.cleanup()

@@ -28,7 +28,7 @@ class Ticket:
 
     request: Request
     use_cache: bool | None
-    on_text: Callable[[str], None]
+    on_text: Callable[[str], None] | None  # None: no text until the end (nothing is decoded per token)
     on_done: Callable[[str | None, Exception | None], None]  # InputError: the request's fault
     on_start: Callable[[], None] = lambda: None  # prepared (inputs read, prompt fits) and queued for a slot
     tokens: list[int] = field(default_factory=list)
@@ -149,11 +149,10 @@ class Scheduler:
             if event.token is not None:
                 decided += 1
                 ticket.tokens.append(event.token)
+            if ticket.on_text is not None and (event.token is not None or event.done) and ticket.tokens:
                 text = self.answerer.tokenizer.decode(ticket.tokens)
                 if event.done or not text.endswith("\ufffd"):  # hold back a character whose bytes are not all here
                     ticket.on_text(text)
-            elif event.done and ticket.tokens:
-                ticket.on_text(self.answerer.tokenizer.decode(ticket.tokens))
             if event.done:
                 del self._jobs[event.id]
                 self._end(ticket, "stop" if event.token is None else "length", None)

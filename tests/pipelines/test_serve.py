@@ -157,7 +157,7 @@ def test_the_scheduler_holds_at_most_max_queue(trained) -> None:  # noqa: F811
     finished = []
 
     def ticket() -> Ticket:
-        return Ticket(Request(prompt="Name a colour.", max_new_tokens=20, temperature=0.0), None, lambda _: None,
+        return Ticket(Request(prompt="Name a colour.", max_new_tokens=20, temperature=0.0), None, None,
                       lambda finish, e: (finished.append((finish, e)), len(finished) == 2 and done.set()))  # fmt: skip
 
     scheduler.submit(ticket())
