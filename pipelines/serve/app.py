@@ -92,7 +92,7 @@ def create_app(scheduler: Scheduler, model_name: str, scratch: str, limits: Limi
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             return error(400, f"body: not JSON ({e})")
         try:
-            parsed = await asyncio.to_thread(parse_body, doc, limits.media_root, scratch, limits.max_media_bytes)
+            parsed = parse_body(doc, limits.media_root, scratch, limits.max_media_bytes)  # only small local writes
         except RefusedPath as e:
             return error(403, str(e))
         except InputError as e:
@@ -108,7 +108,8 @@ def create_app(scheduler: Scheduler, model_name: str, scratch: str, limits: Limi
             parsed.cleanup()
             return error(429, str(e))
         try:
-            first = await asyncio.wait_for(pending.events.get(), limits.timeout_s)
+            async with asyncio.timeout(limits.timeout_s):
+                first = await pending.events.get()
         except TimeoutError:
             return _timed_out(scheduler, ticket, parsed, limits)
         if first[0] == "done":  # refused while being prepared
@@ -139,7 +140,8 @@ async def _whole(scheduler: Scheduler, ticket: Ticket, parsed: Parsed, pending: 
                  limits: Limits) -> JSONResponse:  # fmt: skip
     try:
         while True:
-            event = await asyncio.wait_for(pending.events.get(), limits.timeout_s)
+            async with asyncio.timeout(limits.timeout_s):
+                event = await pending.events.get()
             if event[0] == "done":
                 if event[2] is not None:
                     return _failure(event[2])
@@ -160,7 +162,8 @@ async def _stream(scheduler: Scheduler, ticket: Ticket, parsed: Parsed, pending:
     try:
         yield _sse(chunk(ident, model, {"role": "assistant", "content": ""}))
         while True:
-            event = await asyncio.wait_for(pending.events.get(), limits.timeout_s)
+            async with asyncio.timeout(limits.timeout_s):
+                event = await pending.events.get()
             if event[0] == "text":
                 text = event[1].lstrip()  # the answer is stripped, as generate's
                 piece = text[len(sent) :] if text.startswith(sent) else ""
