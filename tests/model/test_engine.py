@@ -149,3 +149,21 @@ def test_a_cancelled_request_frees_its_slot(model: ImageBindLLM) -> None:
     while engine.pending():
         out += [e.token for e in engine.step() if e.id == ids[2] and e.token is not None]
     assert out == expected[2]
+
+
+def test_with_the_visual_cache_mixed_in(model: ImageBindLLM) -> None:
+    """The cache changes the visual query (model.visual_query with a lookup); the engine then equals today's path."""
+    g = torch.Generator().manual_seed(9)
+    stored = torch.nn.functional.normalize(torch.randn(50, TINY.feature_dim, generator=g), dim=-1)
+
+    def lookup(query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        sims, ids = (query @ stored.T).topk(10, dim=-1)
+        return sims, stored[ids]
+
+    feats = torch.randn(3, TINY.feature_dim, generator=g)
+    with torch.no_grad():
+        plain, cached = model.visual_query(feats), model.visual_query(feats, cache=lookup, cache_w=0.9)
+    eos = TINY.vocab_size + 1
+    with_cache = _reference(model, RAGGED[:3], cached, GREEDY, eos)
+    assert with_cache != _reference(model, RAGGED[:3], plain, GREEDY, eos)  # the cache really changed the query
+    assert Engine(model, slots=2).generate(_requests(RAGGED[:3], cached, GREEDY, eos)) == with_cache
