@@ -26,14 +26,20 @@ def turn_prompt(instruction: str, first: bool) -> str:
     return format_prompt(instruction) if first else LATER_TURN.format(instruction=instruction)
 
 
-def _segments(tokenizer: TextTokenizer, turns: Sequence[Turn]) -> list[tuple[list[int], int]]:
-    """Per turn: BOS? + prompt + answer + EOS as tokens, and how many of them are the prompt's."""
-    prompts = [turn_prompt(q, i == 0) for i, (q, _) in enumerate(turns)]
-    out = []
-    for i, (prompt, (_, answer)) in enumerate(zip(prompts, turns, strict=True)):
-        n_prompt = len(tokenizer.encode(prompt, bos=i == 0, eos=False))
-        out.append((tokenizer.encode(prompt + answer, bos=i == 0, eos=True), n_prompt))
-    return out
+Segment = tuple[list[int], int]  # BOS? + prompt + answer + EOS as tokens, and how many of them are the prompt's
+
+
+def _segments(tokenizer: TextTokenizer, turns: Sequence[tuple[Turn, bool]]) -> list[Segment]:
+    """The segment of each (turn, rendered as a first turn?), in two batched tokenizer calls."""
+    prompts = [turn_prompt(q, first) for (q, _), first in turns]
+    segments = []
+    for first in (True, False):
+        rows = [i for i, (_, f) in enumerate(turns) if f == first]
+        if rows:
+            alone = tokenizer.encode_batch([prompts[i] for i in rows], bos=first, eos=False)
+            whole = tokenizer.encode_batch([prompts[i] + turns[i][0][1] for i in rows], bos=first, eos=True)
+            segments += [(i, (ids, len(p))) for i, ids, p in zip(rows, whole, alone, strict=True)]
+    return [seg for _, seg in sorted(segments, key=lambda x: x[0])]
 
 
 def encode_conversation(tokenizer: TextTokenizer, turns: Sequence[Turn], max_words: int) -> tuple[list[int], list[int]]:
@@ -43,9 +49,7 @@ def encode_conversation(tokenizer: TextTokenizer, turns: Sequence[Turn], max_wor
     turn longer than `max_words` on its own is cut as a single-turn sample is (`prompts.encode_example`), so a
     one-turn conversation encodes exactly as today's single-turn sample.
     """
-    if not turns:
-        raise ValueError("a conversation needs at least one turn")
-    return _join(_segments(tokenizer, turns), max_words)
+    return encode_conversations(tokenizer, [turns], max_words)[0]
 
 
 def _join(segments: Sequence[tuple[list[int], int]], max_words: int) -> tuple[list[int], list[int]]:
@@ -66,21 +70,25 @@ def _join(segments: Sequence[tuple[list[int], int]], max_words: int) -> tuple[li
 def encode_conversations(
     tokenizer: TextTokenizer, conversations: Sequence[Sequence[Turn]], max_words: int
 ) -> list[tuple[list[int], list[int]]]:
-    """`encode_conversation` of each conversation, in four batched tokenizer calls (first and later turns, each
-    prompt alone and with its answer)."""
+    """`encode_conversation` of each conversation, their turns encoded together in a few batched tokenizer calls."""
     if not all(conversations):
         raise ValueError("a conversation needs at least one turn")
-    where = [(c, i) for c, turns in enumerate(conversations) for i in range(len(turns))]
-    prompts = {at: turn_prompt(conversations[at[0]][at[1]][0], at[1] == 0) for at in where}
-    segments: dict[tuple[int, int], tuple[list[int], int]] = {}
-    for first in (True, False):
-        group = [at for at in where if (at[1] == 0) == first]
-        if not group:
-            continue
-        alone = tokenizer.encode_batch([prompts[at] for at in group], bos=first, eos=False)
-        whole = tokenizer.encode_batch([prompts[at] + conversations[at[0]][at[1]][1] for at in group], first, True)
-        segments |= {at: (ids, len(p)) for at, ids, p in zip(group, whole, alone, strict=True)}
-    return [_join([segments[c, i] for i in range(len(turns))], max_words) for c, turns in enumerate(conversations)]
+    segments = iter(_segments(tokenizer, [(turn, i == 0) for turns in conversations for i, turn in enumerate(turns)]))
+    return [_join([next(segments) for _ in turns], max_words) for turns in conversations]
+
+
+def fit_conversation(
+    tokenizer: TextTokenizer, history: Sequence[Turn], question: str, budget: int | None = None
+) -> tuple[list[int], int]:
+    """`chat_prompt`'s ids, and how many of the oldest turns were dropped to fit in `budget`."""
+    later = _segments(tokenizer, [(turn, False) for turn in history[1:]])  # turns after the first, kept as they are
+    for dropped in range(len(history) + 1):
+        opening = _segments(tokenizer, [(history[dropped], True)]) if dropped < len(history) else []
+        ids = [t for seg, _ in opening + later[dropped:] for t in seg]
+        ids += tokenizer.encode(turn_prompt(question, dropped == len(history)), bos=dropped == len(history), eos=False)
+        if budget is None or len(ids) <= budget:
+            return ids, dropped
+    raise ConversationTooLong(f"the question alone is {len(ids)} tokens, over the budget of {budget}")
 
 
 def chat_prompt(
@@ -92,14 +100,4 @@ def chat_prompt(
     turn that becomes first is rendered as a first turn (system line and BOS). Raises ConversationTooLong when
     the question alone does not fit.
     """
-    history = list(history)
-    while True:
-        ids: list[int] = []
-        for segment, _ in _segments(tokenizer, history):
-            ids += segment
-        ids += tokenizer.encode(turn_prompt(question, not history), bos=not history, eos=False)
-        if budget is None or len(ids) <= budget:
-            return ids
-        if not history:
-            raise ConversationTooLong(f"the question alone is {len(ids)} tokens, over the budget of {budget}")
-        history = history[1:]
+    return fit_conversation(tokenizer, history, question, budget)[0]

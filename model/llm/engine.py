@@ -150,14 +150,20 @@ class Engine:
     def generate(self, requests: Sequence[dict], on_token: TokenCallback | None = None) -> list[list[int]]:
         """Run `submit(**request)` for each and step until all are done: new token ids per request, in order."""
         ids = [self.submit(**r) for r in requests]
-        out: dict[int, list[int]] = {i: [] for i in ids}
+        out = self.drain(on_token)
+        return [out[i] for i in ids]
+
+    def drain(self, on_token: TokenCallback | None = None) -> dict[int, list[int]]:
+        """Step until no request is left: request id -> its new token ids (of those that finished meanwhile)."""
+        out: dict[int, list[int]] = {}
         while self.pending():
             for event in self.step():
-                if event.token is not None and event.id in out:
-                    out[event.id].append(event.token)
+                tokens = out.setdefault(event.id, [])
+                if event.token is not None:
+                    tokens.append(event.token)
                     if on_token is not None:
                         on_token(event.id, event.token)
-        return [out[i] for i in ids]
+        return out
 
     # ------------------------------------------------------------------ steps
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from model.imagebind.encoder import ImageBind
-from model.llm.chat import ConversationTooLong, chat_prompt
+from model.llm.chat import ConversationTooLong, fit_conversation
 from model.llm.engine import Engine
 from model.llm.generate import Sampling
 from model.llm.model import CacheLookup, ImageBindLLM
@@ -80,14 +80,27 @@ class Answerer:
         question = req.prompt or CAPTION_INSTRUCTION
         room = min(sampling.max_new_tokens, self.max_seq_len // 2) if req.history else 1
         try:
-            ids = chat_prompt(self.tokenizer, req.history, question, budget=self.max_seq_len - max(room, 1))
+            ids, dropped = fit_conversation(self.tokenizer, req.history, question, self.max_seq_len - max(room, 1))
         except ConversationTooLong as e:
             raise InputError(f"prompt: {e} (max_seq_len {self.max_seq_len})") from None
-        kept = len(req.history) - _turns_in(self.tokenizer, ids)
-        if kept:
+        if dropped:
             log.warning("the conversation is longer than max_seq_len %d: its %d oldest turn(s) are left out",
-                        self.max_seq_len, kept)  # fmt: skip
+                        self.max_seq_len, dropped)  # fmt: skip
         return ids
+
+    def submit(self, req: Request, use_cache: bool | None = None) -> tuple[int, int]:
+        """Prepare a request (its inputs read, its prompt fitted) and queue it in the engine: (its id there, its
+        prompt's length in tokens). InputError names what is wrong with it."""
+        check_request(req)
+        sampling = self.sampling(req)
+        visual = self.visual(req, use_cache)
+        ids = self.prompt_ids(req, sampling)
+        try:
+            job = self.engine.submit(ids, None if visual is None else visual[0, 0], sampling, req.seed,
+                                     self.tokenizer.eos_id)  # fmt: skip
+        except ValueError as e:  # the engine's prompt checks
+            raise InputError(f"prompt: {e}") from None
+        return job, len(ids)
 
     def answer_all(self, requests: Sequence[Request], stream: StreamCallback | None = None) -> list[str | InputError]:
         """Every request's answer (or the InputError that stopped it), decoded together by the engine."""
@@ -95,23 +108,16 @@ class Answerer:
         submitted: dict[int, int] = {}
         for i, req in enumerate(requests):
             try:
-                check_request(req)
-                sampling = self.sampling(req)
-                visual = self.visual(req)
-                ids = self.prompt_ids(req, sampling)
-                submitted[self.engine.submit(ids, None if visual is None else visual[0, 0], sampling, req.seed,
-                                             self.tokenizer.eos_id)] = i  # fmt: skip
+                submitted[self.submit(req)[0]] = i
             except InputError as e:
                 out[i] = e
-            except ValueError as e:  # the engine's prompt checks
-                out[i] = InputError(f"prompt: {e}")
-        tokens: dict[int, list[int]] = {job: [] for job in submitted}
-        while self.engine.pending():
-            for event in self.engine.step():
-                if event.token is not None and event.id in tokens:
-                    tokens[event.id].append(event.token)
-                    if stream is not None:
-                        stream(submitted[event.id], self.tokenizer.decode(tokens[event.id]))
+        so_far: dict[int, list[int]] = {}
+
+        def on_token(job: int, token: int) -> None:
+            so_far.setdefault(job, []).append(token)
+            stream(submitted[job], self.tokenizer.decode(so_far[job]))
+
+        tokens = self.engine.drain(on_token if stream is not None else None)
         for job, i in submitted.items():
             out[i] = self.tokenizer.decode(tokens[job]).strip()
         return out
@@ -122,8 +128,3 @@ class Answerer:
         if isinstance(result, InputError):
             raise result
         return result
-
-
-def _turns_in(tokenizer: TextTokenizer, ids: Sequence[int]) -> int:
-    """How many finished turns a chat prompt holds (each ends with EOS)."""
-    return sum(1 for t in ids if t == tokenizer.eos_id)

@@ -117,9 +117,9 @@ def merge(defaults: Request, line: Request) -> Request:
 
 
 def load_answerer(cfg: Config, checkpoint: str, need_encoder: bool, use_cache: bool, device: str, dtype: DType,
-                  slots: int = 16) -> tuple[Answerer, str | None]:  # fmt: skip
-    """The model of `checkpoint` ready to answer, and the encoder id it was trained on (None when nothing records
-    it). The encoder (and cache) is loaded now when `need_encoder`, else on first need."""
+                  slots: int = 16) -> tuple[Answerer, checkpoints.Trained]:  # fmt: skip
+    """The model of `checkpoint` ready to answer, and what the checkpoint is (its config, the run that made it, the
+    encoder it was trained on). The encoder (and cache) is loaded now when `need_encoder`, else on first need."""
     ws = Workspace(cfg.workspace, cfg.storage_options)
     trained = checkpoints.inspect(cfg, ws, checkpoint)
     dev = resolve_device(device)
@@ -135,7 +135,7 @@ def load_answerer(cfg: Config, checkpoint: str, need_encoder: bool, use_cache: b
     model.keep_visual_path_only()  # the engine holds the language model now
     answerer = Answerer(model, tokenizer, engine, encoder, cache, cfg.index.cache_t, cfg.index.cache_weight,
                         cfg.model.max_image_pixels, load_encoder)  # fmt: skip
-    return answerer, trained.encoder_id
+    return answerer, trained
 
 
 def _encoder_and_cache(cfg: Config, ws: Workspace, checkpoint: str, trained: str | None, feature_dim: int,
@@ -192,7 +192,7 @@ def run(
         items = [(n, r if isinstance(r, InputError) else merge(defaults, r)) for n, r in read_requests(requests_file)]
     chosen = choose_checkpoint(ws, checkpoint)
     need_encoder = any(isinstance(r, Request) and r.inputs() for _, r in items)
-    answerer, trained = load_answerer(cfg, chosen, need_encoder, cache, device, dtype, slots=min(batch, len(items)))
+    answerer, made = load_answerer(cfg, chosen, need_encoder, cache, device, dtype, slots=min(batch, len(items)))
     answers = []
     with _lines(output, cfg.storage_options) as write:
         for at in range(0, len(items), 4 * batch):  # a bounded queue; each chunk's answers are written when done
@@ -200,7 +200,7 @@ def run(
                 answers.append(entry)
                 write(entry.model_dump_json(exclude_none=True))
     return GenerateResult(
-        checkpoint=chosen, trained_encoder_id=trained,
+        checkpoint=chosen, trained_encoder_id=made.encoder_id,
         encoder_id=answerer.encoder.encoder_id if answerer.encoder else None,
         cache=cfg.index.name if answerer.cache else None, answers=answers,
         errors=sum(a.error is not None for a in answers), output=output, seconds=round(time.perf_counter() - start, 3),

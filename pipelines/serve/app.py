@@ -130,8 +130,7 @@ def _failure(e: Exception | None) -> JSONResponse:
 
 
 def _timed_out(scheduler: Scheduler, ticket: Ticket, parsed: Parsed, limits: Limits) -> JSONResponse:
-    scheduler.cancel(ticket)
-    scheduler.requests["timeout"] += 1
+    scheduler.cancel(ticket, "timeout")
     parsed.cleanup()
     return error(504, f"no answer within serve.timeout_s ({limits.timeout_s:g} s)")
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from pipelines.errors import InputError
 from pipelines.infer.answerer import Answerer
-from pipelines.infer.inputs import Request, check_request
+from pipelines.infer.inputs import Request
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ class Ticket:
     tokens: list[int] = field(default_factory=list)
     prompt_tokens: int = 0
     job: int | None = None
-    cancelled: bool = False
+    cancelled: str | None = None  # why it was stopped before its end: "cancelled" (a client gone) or "timeout"
 
 
 class Scheduler:
@@ -69,9 +69,9 @@ class Scheduler:
             self._held += 1
         self._inbox.put(ticket)
 
-    def cancel(self, ticket: Ticket) -> None:
-        """Stop a request (a client gone, a timeout); its slot goes to the next."""
-        ticket.cancelled = True
+    def cancel(self, ticket: Ticket, outcome: str = "cancelled") -> None:
+        """Stop a request (a client gone, or "timeout"); its slot goes to the next, its outcome is counted once."""
+        ticket.cancelled = outcome
         self._inbox.put(None)  # wakes the thread, which drops cancelled tickets
 
     def tokens_per_second(self, window: float = 10.0) -> float:
@@ -110,23 +110,11 @@ class Scheduler:
                         self._end(ticket, None, e)
 
     def _admit(self, ticket: Ticket) -> None:
-        a = self.answerer
         try:
-            check_request(ticket.request)
-            sampling = a.sampling(ticket.request)
-            visual = a.visual(ticket.request, use_cache=ticket.use_cache)
-            ids = a.prompt_ids(ticket.request, sampling)
-            ticket.prompt_tokens = len(ids)
-            ticket.job = a.engine.submit(ids, None if visual is None else visual[0, 0], sampling, ticket.request.seed,
-                                         a.tokenizer.eos_id)  # fmt: skip
-        except InputError as e:
-            self._end(ticket, None, e)
-            return
-        except ValueError as e:  # the engine's own prompt checks
-            self._end(ticket, None, InputError(f"prompt: {e}"))
-            return
-        except Exception as e:  # an encoder failure that is not the input's fault
-            log.exception("a request could not be prepared")
+            ticket.job, ticket.prompt_tokens = self.answerer.submit(ticket.request, ticket.use_cache)
+        except Exception as e:  # InputError: the request's fault; anything else (an encoder failure) is logged
+            if not isinstance(e, InputError):
+                log.exception("a request could not be prepared")
             self._end(ticket, None, e)
             return
         self._jobs[ticket.job] = ticket
@@ -137,7 +125,7 @@ class Scheduler:
             if ticket.cancelled:
                 self.answerer.engine.cancel(job)
                 del self._jobs[job]
-                self._release("cancelled")
+                self._release(ticket.cancelled)
 
     def _step(self) -> None:
         events = self.answerer.engine.step()

@@ -12,7 +12,6 @@ import uvicorn
 from fastapi import FastAPI
 
 from model.imagebind.encoder import DType
-from pipelines import checkpoints
 from pipelines.config import Config
 from pipelines.infer import stage as infer
 from pipelines.serve.app import Limits, create_app
@@ -45,11 +44,11 @@ def limits_of(cfg: Config) -> Limits:
 def build(cfg: Config, checkpoint: str | None = None, device: str = "auto", dtype: DType = "auto") -> Served:
     """Load the model (and the encoder, and the cache when serve.cache) and build the app over its scheduler."""
     chosen = infer.choose_checkpoint(infer.workspace_of(cfg), checkpoint)
-    answerer, _ = infer.load_answerer(cfg, chosen, need_encoder=True, use_cache=cfg.serve.cache, device=device,
+    answerer, trained = infer.load_answerer(cfg, chosen, need_encoder=True, use_cache=cfg.serve.cache, device=device,
                                       dtype=dtype, slots=cfg.serve.slots)  # fmt: skip
     scheduler = Scheduler(answerer, cfg.serve.max_queue)
     scratch = tempfile.TemporaryDirectory(prefix="ibllm-serve-")
-    name = model_name(chosen, checkpoints.inspect(cfg, infer.workspace_of(cfg), chosen).made_by)
+    name = model_name(chosen, trained.made_by)
     return Served(create_app(scheduler, name, scratch.name, limits_of(cfg)), scheduler, chosen, scratch)
 
 
