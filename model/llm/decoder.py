@@ -174,9 +174,6 @@ class Decoder:
 
 
 def _cat_bias(parts: list[tuple[torch.Tensor, torch.Tensor | None]], keep) -> torch.Tensor | None:
-    biases = [b for _, b in parts]
-    if all(b is None for b in biases):
+    if all(b is None for _, b in parts):
         return None
-    return keep(
-        torch.cat([b if b is not None else torch.zeros(w.shape[0]) for (w, _), b in zip(parts, biases, strict=True)])
-    )
+    return keep(torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for w, b in parts]))
