@@ -1,4 +1,5 @@
-"""Benchmark: ImageBind vision throughput per preset and dtype, and image preprocessing per core vs plain Pillow.
+"""Benchmark: ImageBind vision throughput per preset and dtype, image preprocessing per core vs plain Pillow, and
+Point-Bind's point encoder (clouds/s at 8,192 points, with the share spent in the fp32 grouping).
 
 Usage: python bench/encoders.py [--presets tiny base] [--gpu-presets huge] [--batch 64] [--seconds 10]
 On a CUDA machine `huge` runs in bf16 and fp32 and is set against the FLOP bound (ViT-H/14 at 224 px is about
@@ -40,6 +41,34 @@ def vision_rate(preset: str, device: str, dtype: torch.dtype, batch: int, second
         if device.startswith("cuda"):
             torch.cuda.synchronize()
     return n / (time.perf_counter() - start)
+
+
+def point_rates(device: str, dtype: torch.dtype, batch: int, seconds: float, points: int = 8192) -> tuple[float, float]:
+    """(clouds/s through the released-size point branch, clouds/s of its grouping alone: FPS + kNN in fp32)."""
+    from model.imagebind.point import group
+
+    cfg = ImageBindConfig.from_preset("huge", modalities=("point",))
+    model = ImageBindModel(cfg).eval().to(device)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, points, 3, generator=g).to(device)
+    x = x / x.norm(dim=-1).amax(dim=1)[:, None, None]  # unit sphere, like Point-Bind's data
+    start = torch.randint(points, (batch,), generator=g)
+    autocast = torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32)
+
+    def rate(fn) -> float:
+        with torch.inference_mode(), autocast:
+            fn()  # warm-up
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            n, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < seconds:
+                fn()
+                n += batch
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+        return n / (time.perf_counter() - t0)
+
+    return rate(lambda: model.embed("point", x, start)), rate(lambda: group(x, cfg.point_groups, 32, start))
 
 
 def jpeg(side: int, seed: int) -> bytes:
@@ -97,6 +126,13 @@ def main() -> None:
                 print(line)
     else:
         print("  cuda: no GPU on this machine; run this on a CUDA machine for the huge figures")
+    print("point encoder (Point-Bind, released size: 512 groups of 32, 12 blocks of 384), 8,192-point clouds")
+    runs = [("cpu", torch.float32, 8)] + ([("cuda", torch.bfloat16, 64), ("cuda", torch.float32, 64)]
+                                          if torch.cuda.is_available() else [])  # fmt: skip
+    for device, dtype, batch in runs:
+        whole, grouping = point_rates(device, dtype, batch, args.seconds / 2)
+        print(f"  {device:<4} {str(dtype).split('.')[-1]:<9} batch {batch:>3}: {whole:8.1f} clouds/s; grouping alone "
+              f"{grouping:8.1f} clouds/s ({whole / grouping:.0%} of the time)")  # fmt: skip
     torch.set_num_threads(1)
     print("image preprocessing on one core (decode, RGB, bicubic short side 224, crop, normalise)")
     for side in (256, 512):

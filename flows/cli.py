@@ -161,13 +161,14 @@ def cmd_convert(cfg: Config, args: argparse.Namespace) -> BaseModel:
 
 
 def cmd_generate(cfg: Config, args: argparse.Namespace) -> BaseModel:
-    """Answer a prompt about any mix of image, audio, video and text inputs, or every request of a JSONL file."""
+    """Answer a prompt about any mix of image, audio, video, point-cloud and text inputs, or every request of a
+    JSONL file."""
     from pipelines.infer import stage as infer
     from pipelines.infer.inputs import check_weighted_inputs, make_request, parse_weights, read_history
 
     sampling = {"temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens}
     request = make_request(
-        {"image": args.image, "audio": args.audio, "video": args.video, "text": args.text,
+        {"image": args.image, "audio": args.audio, "video": args.video, "point": args.point, "text": args.text,
          "weights": parse_weights(args.weight), "prompt": args.prompt,
          "seed": cfg.seed if args.seed is None else args.seed} | {k: v for k, v in sampling.items() if v is not None}
     )  # fmt: skip
@@ -194,7 +195,7 @@ def cmd_chat(cfg: Config, args: argparse.Namespace) -> BaseModel:
     defaults = make_request({"seed": cfg.seed if args.seed is None else args.seed}
                             | {k: v for k, v in sampling.items() if v is not None})  # fmt: skip
     checkpoint = infer.choose_checkpoint(infer.workspace_of(cfg), args.checkpoint)
-    given = {m: getattr(args, m) for m in ("image", "audio", "video")}
+    given = {m: getattr(args, m) for m in ("image", "audio", "video", "point")}
     answerer, _ = infer.load_answerer(cfg, checkpoint, need_encoder=any(given.values()), use_cache=args.cache,
                                       device=args.device, dtype=args.dtype, slots=1)  # fmt: skip
     session = chat.Chat(answerer, defaults)
@@ -332,12 +333,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+POINT_HELP = "a 3D point-cloud file: .npy, .pt, .ply, .pcd, .xyz, .pts or .obj (needs model.point_checkpoint)"
+
+
 def _generate_options(p: argparse.ArgumentParser) -> None:
     inputs = {"image": "an image file", "audio": "an audio file", "video": "a video file",
               "text": "a text for ImageBind's text tower (not the prompt)"}  # fmt: skip
     for modality, what in inputs.items():
         p.add_argument(f"--{modality}", action="append", default=[], metavar="STRING" if modality == "text" else "PATH",
                        help=f"{what} (repeatable; several are averaged)")  # fmt: skip
+    p.add_argument("--point-cloud", dest="point", action="append", default=[], metavar="PATH",
+                   help=f"{POINT_HELP} (repeatable; several are averaged)")  # fmt: skip
+    _point_options(p)
     p.add_argument(
         "--weight",
         action="append",
@@ -371,6 +378,9 @@ def _chat_options(p: argparse.ArgumentParser) -> None:
     for modality in ("image", "audio", "video"):
         p.add_argument(f"--{modality}", action="append", default=[], metavar="PATH",
                        help=f"an {modality} file the conversation starts about (repeatable)")  # fmt: skip
+    p.add_argument("--point-cloud", dest="point", action="append", default=[], metavar="PATH",
+                   help=f"{POINT_HELP}, the conversation starts about (repeatable)")  # fmt: skip
+    _point_options(p)
     p.add_argument("--cache", action="store_true", help="mix in the visual cache built by `ibllm index`")
     p.add_argument("--checkpoint", help="our checkpoint folder (default: the model in service, else the newest run)")
     p.add_argument("--temperature", type=float, help="sampling temperature, 0 = greedy (default 0.1)")
@@ -378,6 +388,13 @@ def _chat_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, help="longest answer in tokens (default 256)")
     p.add_argument("--seed", type=int, help="sampling seed (default: the config's seed)")
     _device_options(p)
+
+
+def _point_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--normalize-points", action="store_true", default=None,
+                   help="centre point clouds and scale them into the unit sphere (model.point_normalize)")  # fmt: skip
+    p.add_argument("--resample-points", type=int, metavar="N",
+                   help="resample point clouds to N points, e.g. 8192 (model.point_resample)")  # fmt: skip
 
 
 def _device_options(p: argparse.ArgumentParser) -> None:
@@ -415,6 +432,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides = list(args.overrides)
     if args.workspace:
         overrides.append(f"workspace={args.workspace}")
+    if getattr(args, "normalize_points", None):
+        overrides.append("model.point_normalize=true")
+    if getattr(args, "resample_points", None) is not None:
+        overrides.append(f"model.point_resample={args.resample_points}")
     cfg = None
     try:
         cfg = load_config(args.config, overrides)

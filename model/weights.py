@@ -6,6 +6,7 @@ import hashlib
 import os
 import secrets
 import shutil
+import zipfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,13 +23,17 @@ class CheckpointMismatch(ModelInputError):
     """A checkpoint whose keys or shapes do not fit the model; the message lists them."""
 
 
-def read_state_dict(path: str) -> dict[str, torch.Tensor]:
-    """Tensors of a `.safetensors` file or a `.pth`/`.pt` file, loaded with `weights_only=True` (never unpickled)."""
+def read_state_dict(path: str, mmap: bool = False) -> dict[str, torch.Tensor]:
+    """Tensors of a `.safetensors` file or a `.pth`/`.pt` file, loaded with `weights_only=True` (never unpickled).
+
+    With `mmap`, a `.pth` in torch's zip format is mapped rather than read (a caller taking a few tensors of a
+    large file reads only those); other files are read whole.
+    """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such checkpoint file")
     if path.endswith(".safetensors"):
         return load_file(path)
-    state = load_weights_only(path)
+    state = load_weights_only(path, mmap=mmap and zipfile.is_zipfile(path))
     if isinstance(state, Mapping) and "model" in state and isinstance(state["model"], Mapping):
         state = state["model"]
     if not isinstance(state, Mapping):
@@ -36,11 +41,11 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     return dict(state)
 
 
-def load_weights_only(path: str) -> Any:
+def load_weights_only(path: str, mmap: bool = False) -> Any:
     """`torch.load(path, weights_only=True)` on the CPU; a file it refuses (a pickle with code in it, or not a
     checkpoint at all) raises CheckpointMismatch naming the file, never a hint to unpickle it."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise
     except Exception as e:

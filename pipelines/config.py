@@ -200,6 +200,18 @@ class ModelConfig(Section):
     imagebind: Literal["huge", "base", "tiny"] = "tiny"
     imagebind_checkpoint: str | None = Field(None, description="imagebind_huge.pth (or .safetensors) as released")
     imagebind_vocab: str | None = Field(None, description="CLIP BPE vocabulary, bpe_simple_vocab_16e6.txt.gz")
+    point_checkpoint: str | None = Field(
+        None, description="imagebind_w3D.pth (Point-Bind): its 3D point branch is loaded beside imagebind_checkpoint "
+        "for point-cloud inputs"
+    )  # fmt: skip
+    point_normalize: bool = Field(
+        False, description="centre each point cloud and scale it into the unit sphere (Point-Bind's training data; "
+        "ImageBind-LLM's inference does not)"
+    )  # fmt: skip
+    point_resample: int | None = Field(
+        None, gt=0, description="resample each point cloud to this many points (Point-BERT's clouds have 8192); "
+        "none: as given"
+    )  # fmt: skip
     llama: Literal["7B", "tiny"] = "tiny"
     llama_path: str | None = None
     tokenizer_path: str | None = None
@@ -213,7 +225,8 @@ class ModelConfig(Section):
         "twice that)"
     )  # fmt: skip
 
-    @field_validator("imagebind_checkpoint", "imagebind_vocab", "llama_path", "tokenizer_path", "adapter_checkpoint")
+    @field_validator("imagebind_checkpoint", "imagebind_vocab", "point_checkpoint", "llama_path", "tokenizer_path",
+                     "adapter_checkpoint")  # fmt: skip
     @classmethod
     def _absolute(cls, value: str | None) -> str | None:
         return absolute(value) if value else value

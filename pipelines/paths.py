@@ -15,7 +15,8 @@ if TYPE_CHECKING:
     from pipelines.config import Config
 
 # The model settings that name files or folders loaded by a stage.
-MODEL_PATHS = ("imagebind_checkpoint", "imagebind_vocab", "llama_path", "tokenizer_path", "adapter_checkpoint")
+MODEL_PATHS = ("imagebind_checkpoint", "imagebind_vocab", "point_checkpoint", "llama_path", "tokenizer_path",
+               "adapter_checkpoint")  # fmt: skip
 ENCODER_PATHS = ("imagebind_checkpoint", "imagebind_vocab")
 
 

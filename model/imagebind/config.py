@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-MODALITIES = ("vision", "text", "audio", "depth", "thermal", "imu")
+MODALITIES = ("vision", "text", "audio", "depth", "thermal", "imu")  # imagebind_huge.pth's branches
+POINT = "point"  # Point-Bind's 3D branch (imagebind_w3D.pth); its sizes are the point_* fields
+ALL_MODALITIES = (*MODALITIES, POINT)
 
 
 @dataclass(frozen=True)
@@ -57,16 +59,29 @@ class ImageBindConfig:
     imu_kernel_size: int = 8
     imu_channels: int = 6
     imu_length: int = 2000
+    # point (Point-Bind, Point-BERT trunk): clouds (B, N, 3) -> point_groups centres by farthest-point sampling,
+    # point_group_size nearest neighbours each -> mini-PointNet (point_conv_dims, then point_encoder_dims) ->
+    # transformer (embed dim, blocks, heads) -> [cls, max] (2 x embed) -> projection (point_proj_dim) -> head
+    point_groups: int = 512
+    point_group_size: int = 32
+    point_conv_dims: tuple[int, int, int] = (128, 256, 512)  # first conv hidden, first conv out, second conv hidden
+    point_encoder_dims: int = 256
+    point_pos_hidden: int = 128
+    point_embed_dim: int = 384
+    point_num_blocks: int = 12
+    point_num_heads: int = 6
+    point_drop_path: float = 0.1
+    point_proj_dim: int = 512
     # fixed output scales of the non-text modalities (text's is learnable, clipped at 100)
     logit_scales: dict[str, float] = field(
-        default_factory=lambda: {"audio": 20.0, "depth": 5.0, "thermal": 10.0, "imu": 5.0}
+        default_factory=lambda: {"audio": 20.0, "depth": 5.0, "thermal": 10.0, "imu": 5.0, "point": 1.0}
     )
     preset: str = "custom"
 
     def __post_init__(self) -> None:
-        unknown = set(self.modalities) - set(MODALITIES)
+        unknown = set(self.modalities) - set(ALL_MODALITIES)
         if unknown:
-            raise ValueError(f"unknown modalities {sorted(unknown)}; known: {MODALITIES}")
+            raise ValueError(f"unknown modalities {sorted(unknown)}; known: {ALL_MODALITIES}")
         for m in self.modalities:
             dim, heads = self.dim(m), self.heads(m)
             if dim % heads:
@@ -87,6 +102,11 @@ class ImageBindConfig:
     def drop_path(self, modality: str) -> float:
         """Stochastic-depth rate of the last block (linear from 0)."""
         return getattr(self, f"{modality}_drop_path")
+
+    def with_point(self, point: bool = True) -> ImageBindConfig:
+        """This configuration with the point branch added (or removed), the other branches as they are."""
+        kept = tuple(m for m in self.modalities if m != POINT)
+        return replace(self, modalities=(*kept, POINT) if point else kept)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values, for checkpoints' JSON config."""
@@ -145,6 +165,15 @@ PRESETS: dict[str, ImageBindConfig] = {
         imu_embed_dim=32,
         imu_num_blocks=1,
         imu_num_heads=2,
+        point_groups=16,
+        point_group_size=8,
+        point_conv_dims=(16, 32, 64),
+        point_encoder_dims=32,
+        point_pos_hidden=16,
+        point_embed_dim=32,
+        point_num_blocks=2,
+        point_num_heads=2,
+        point_proj_dim=64,
         preset="tiny",
     ),
 }

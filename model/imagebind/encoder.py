@@ -12,14 +12,19 @@ import torch
 import torch.nn.functional as F
 
 from model.imagebind import audio, image, video
-from model.imagebind.config import ImageBindConfig
+from model.imagebind.config import POINT, ImageBindConfig
 from model.imagebind.model import ImageBindModel
+from model.imagebind.point import seeded_starts
+from model.imagebind.point_files import PointCloudError, load_point_cloud, normalize_cloud, resample_cloud
 from model.imagebind.tokenizer import Tokenizer
-from model.weights import file_digest, load_weights, read_state_dict
+from model.weights import check_state, file_digest, read_state_dict
 
 log = logging.getLogger(__name__)
 ALIASES = {"image": "vision", "video": "vision", "vision": "vision", "text": "text", "audio": "audio",
-           "depth": "depth", "thermal": "thermal", "imu": "imu"}  # fmt: skip
+           "depth": "depth", "thermal": "thermal", "imu": "imu", "point": "point"}  # fmt: skip
+POINT_KEYS = ("point_trunk.", "modality_heads.point.", "modality_postprocessors.point.")  # imagebind_w3D.pth's
+NO_POINT_WEIGHTS = ("this ImageBind has no point branch: its checkpoint holds no Point-Bind weights; set "
+                    "model.point_checkpoint to imagebind_w3D.pth")  # fmt: skip
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 
 
@@ -69,14 +74,32 @@ class ImageBind:
         device: str = "auto",
         dtype: DType = "auto",
         seed: int = 0,
+        point_checkpoint: str | None = None,
     ) -> ImageBind:
-        """Build a preset and load its weights from `checkpoint`, or initialise it from `seed` (tests, demo)."""
-        cfg = ImageBindConfig.from_preset(preset)
+        """Build a preset and load its weights from `checkpoint`, or initialise it from `seed` (tests, demo).
+
+        The point branch (Point-Bind) exists when its weights do: in `checkpoint` (imagebind_w3D.pth holds all
+        seven branches), in `point_checkpoint` (its point tensors are taken, the rest of that file is not read into
+        the model), or seeded with the others when there is no checkpoint. `encoder_id` names `checkpoint` only:
+        the point weights change no stored feature.
+        """
+        state = read_state_dict(checkpoint) if checkpoint else {}
+        point_state = _point_tensors(point_checkpoint) if point_checkpoint else {}
+        has_point = not checkpoint or any(k.startswith(POINT_KEYS) for k in state) or bool(point_state)
+        cfg = ImageBindConfig.from_preset(preset).with_point(has_point)
         torch.manual_seed(seed)
         model = ImageBindModel(cfg)
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        if point_checkpoint:
+            point_keys = {k: s for k, s in expected.items() if k.startswith(POINT_KEYS)}
+            check_state(point_keys, point_state, point_checkpoint, "this ImageBind's point branch")
+            state = {k: v for k, v in state.items() if not k.startswith(POINT_KEYS)}
+            expected = {k: s for k, s in expected.items() if k not in point_keys}
         if checkpoint:
-            load_weights(model, read_state_dict(checkpoint), checkpoint)
-        elif preset == "huge":
+            check_state(expected, state, checkpoint, "this ImageBind model")
+        if state or point_state:
+            model.load_state_dict({**model.state_dict(), **state, **point_state}, strict=True)
+        if not checkpoint and preset == "huge":
             log.warning("ImageBind huge with random weights: give model.imagebind_checkpoint for real features")
         encoder_id = encoder_id_for(preset, checkpoint, seed)
         dev = resolve_device(device)
@@ -89,20 +112,29 @@ class ImageBind:
         """Width of the joint embedding."""
         return self.model.cfg.out_embed_dim
 
+    @property
+    def has_points(self) -> bool:
+        """Whether this encoder embeds point clouds (it has Point-Bind's branch)."""
+        return POINT in self.model.branches
+
     @torch.inference_mode()
-    def encode(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def encode(self, inputs: Mapping[str, torch.Tensor], point_seed: int = 0) -> dict[str, torch.Tensor]:
         """Preprocessed batches per modality -> L2-normalised float32 embeddings (B, dim) on the CPU.
 
-        Keys: vision (or image/video), text, audio, depth, thermal, imu. Clip batches (5-D and more) are averaged
-        over their clips first, as in the official model, then normalised.
+        Keys: vision (or image/video), text, audio, depth, thermal, imu, point. Clip batches (5-D and more) are
+        averaged over their clips first, as in the official model, then normalised. Point clouds (B, N, 3) start
+        their farthest-point sampling at an index drawn from `point_seed` alone (`seeded_starts`).
         """
         out = {}
         autocast = torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
         for key, x in inputs.items():
             if key not in ALIASES:
                 raise KeyError(f"unknown modality {key!r}; use one of {sorted(ALIASES)}")
+            if key == POINT and not self.has_points:
+                raise ValueError(NO_POINT_WEIGHTS)
+            start = seeded_starts([x.shape[1]] * x.shape[0], point_seed) if key == POINT else None
             with autocast:
-                emb = self.model.embed(ALIASES[key], x.to(self.device))
+                emb = self.model.embed(ALIASES[key], x.to(self.device), start)
             out[key] = F.normalize(emb.float(), dim=-1).cpu()
         return out
 
@@ -129,3 +161,44 @@ class ImageBind:
         if self.tokenizer is None:
             raise ValueError("no CLIP BPE vocabulary was given (model.imagebind_vocab), so text cannot be embedded")
         return self._batched("text", list(texts), self.tokenizer, batch_size)
+
+    def embed_points(
+        self,
+        clouds: Sequence[str | torch.Tensor],
+        batch_size: int = 8,
+        normalize: bool = False,
+        points: int | None = None,
+        seed: int = 0,
+    ) -> torch.Tensor:
+        """Point-cloud files (see `point_files.FORMATS`) or (N, 3) tensors -> (len, dim).
+
+        As ImageBind-LLM's inference, clouds are used as given; `normalize` centres each on its mean and scales it
+        into the unit sphere (Point-Bind's training data), `points` resamples each to that many points (seeded).
+        Neighbouring clouds of one size are batched; `seed` fixes the sampling's start and any resampling.
+        """
+        if not self.has_points:
+            raise ValueError(NO_POINT_WEIGHTS)
+        loaded = [_prepare_cloud(c, normalize, points, seed) for c in clouds]
+        parts, i = [], 0
+        while i < len(loaded):
+            j = i + 1
+            while j < len(loaded) and j - i < batch_size and loaded[j].shape == loaded[i].shape:
+                j += 1
+            parts.append(self.encode({POINT: torch.stack(loaded[i:j])}, point_seed=seed)[POINT])
+            i = j
+        return torch.cat(parts) if parts else torch.empty(0, self.dim)
+
+
+def _prepare_cloud(cloud: str | torch.Tensor, normalize: bool, points: int | None, seed: int) -> torch.Tensor:
+    if isinstance(cloud, str):
+        return load_point_cloud(cloud, normalize=normalize, points=points, seed=seed)
+    if cloud.ndim != 2 or cloud.shape[-1] != 3:
+        raise PointCloudError(f"a point cloud is (N, 3), got a tensor of shape {tuple(cloud.shape)}")
+    x = cloud.detach().to("cpu", torch.float32)
+    x = normalize_cloud(x) if normalize else x
+    return resample_cloud(x, points, seed) if points else x
+
+
+def _point_tensors(path: str) -> dict[str, torch.Tensor]:
+    """The point branch's tensors of a checkpoint (imagebind_w3D.pth holds them beside a whole ImageBind)."""
+    return {k: v for k, v in read_state_dict(path, mmap=True).items() if k.startswith(POINT_KEYS)}

@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.imagebind.config import ImageBindConfig
+from model.imagebind.config import POINT, ImageBindConfig
 from model.imagebind.layers import LN_EPS, Transformer
+from model.imagebind.point import PointTrunk, point_head
 
 
 class PadIm2Video(nn.Module):
@@ -189,7 +190,8 @@ class ImageBindModel(nn.Module):
     def __init__(self, cfg: ImageBindConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.modality_preprocessors = nn.ModuleDict({m: _preprocessor(cfg, m) for m in cfg.modalities})
+        tokens = [m for m in cfg.modalities if m != POINT]  # the point branch has its own grouping and trunk
+        self.modality_preprocessors = nn.ModuleDict({m: _preprocessor(cfg, m) for m in tokens})
         self.modality_trunks = nn.ModuleDict(
             {
                 m: Transformer(
@@ -200,7 +202,7 @@ class ImageBindModel(nn.Module):
                     add_bias_kv=m not in ("vision", "text"),
                     pre_norm=m == "vision",
                 )
-                for m in cfg.modalities
+                for m in tokens
             }
         )
         heads: dict[str, nn.Module] = {}
@@ -210,16 +212,33 @@ class ImageBindModel(nn.Module):
                 heads[m] = TextHead(cfg.dim(m), cfg.out_embed_dim)
                 post[m] = nn.Sequential(Normalize(), LogitScale(1 / 0.07, learnable=True))
             else:
-                heads[m] = _head(cfg.dim(m), cfg.out_embed_dim, dropout=m == "imu")
+                heads[m] = point_head(cfg) if m == POINT else _head(cfg.dim(m), cfg.out_embed_dim, dropout=m == "imu")
                 scale = cfg.logit_scales.get(m)
                 post[m] = nn.Sequential(Normalize(), LogitScale(scale, False)) if scale else nn.Sequential(Normalize())
         self.modality_heads = nn.ModuleDict(heads)
         self.modality_postprocessors = nn.ModuleDict(post)
+        if POINT in cfg.modalities:  # built last: the other branches' seeded weights do not depend on it
+            self.point_trunk = PointTrunk(cfg)
 
-    def embed(self, modality: str, x: torch.Tensor) -> torch.Tensor:
-        """One modality's embeddings (B, out_embed_dim), normalised and scaled."""
-        if modality not in self.modality_trunks:
-            raise KeyError(f"this model has no {modality!r} branch; it has {list(self.modality_trunks)}")
+    @property
+    def branches(self) -> list[str]:
+        """The modalities this model embeds."""
+        return list(self.modality_heads)
+
+    def embed(self, modality: str, x: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
+        """One modality's embeddings (B, out_embed_dim), normalised and scaled.
+
+        Point clouds are (B, N, 3) with `start` (B,) the farthest-point sampling's first index of each cloud
+        (index 0 when not given).
+        """
+        if modality not in self.modality_heads:
+            raise KeyError(f"this model has no {modality!r} branch; it has {self.branches}")
+        if modality == POINT:
+            if x.ndim != 3 or x.shape[-1] != 3:
+                raise ValueError(f"point clouds are (B, N, 3), got {tuple(x.shape)}")
+            if start is None:
+                start = torch.zeros(x.shape[0], dtype=torch.long)
+            return self.modality_postprocessors[POINT](self.modality_heads[POINT](self.point_trunk(x, start)))
         clips = x.ndim >= 5
         if clips:
             b, s = x.shape[:2]

@@ -25,6 +25,7 @@ _ROUTE = {"good": "img", "404": "missing", "500": "error", "slow": "slow", "trun
 _ASPECTS = (1.0, 1.0, 4 / 3, 3 / 4, 16 / 9, 9 / 16, 2.0, 0.5, 4.0)  # 4:1 is there for the aspect-ratio filter
 _LANGUAGES = ("en",) * 9 + ("de", "fr", "es")
 PHOTO = "photo.jpg"  # a large red circle on grey, in synthetic/media/ (the README asks about it)
+CLOUD = "object.ply"  # a 3D point cloud (a cube's surface) in synthetic/media/, for the point-cloud input
 # LAION's column names, in its capitalisation.
 METADATA_SCHEMA = pa.schema(
     [
@@ -162,6 +163,10 @@ class SyntheticSource:
         img = media.draw_shape((320, 240), "circle", "red", "grey", 0.7, self.cfg.seed * 1_000_003 + 999_983)
         return {PHOTO: media.encode_image(img, "jpg")}
 
+    def cloud(self) -> dict[str, bytes]:
+        """`object.ply`, a point cloud of 2,048 points on a cube's surface (what `--point-cloud` can be tried on)."""
+        return {CLOUD: media.cube_ply(2048, self.cfg.seed)}
+
     def metadata(self, base_url: str) -> pa.Table:
         """The rows as a LAION-layout table, URLs under `base_url`."""
         base = base_url.rstrip("/")
@@ -240,7 +245,7 @@ def run(cfg: Config, base_url: str, force: bool = False, check: bool = True) -> 
     source = SyntheticSource(cfg.synthetic)
     with Ledger.writing(ws, "synthetic", "synthetic", settings(cfg.synthetic), force=force) as ledger:
         written = []
-        for name, data in {**source.audio(), **source.video(), **source.photo()}.items():
+        for name, data in {**source.audio(), **source.video(), **source.photo(), **source.cloud()}.items():
             final = ws.synthetic("media", name)
             if not ledger.is_committed(name.replace(".", "_")):
                 with ledger.shard(name.replace(".", "_")) as shard:

@@ -1,4 +1,4 @@
-"""Deterministic media of the synthetic source: shape images, a decompression-bomb PNG, WAV tones, a video."""
+"""Deterministic media of the synthetic source: shape images, a bomb PNG, WAV tones, a video, a 3D point cloud."""
 
 from __future__ import annotations
 
@@ -180,3 +180,18 @@ def moving_shape_mp4(seconds: float, fps: int = 10, size: tuple[int, int] = (160
         for packet in stream.encode():
             out.mux(packet)
     return buf.getvalue()
+
+
+def cube_ply(points: int, seed: int) -> bytes:
+    """A binary little-endian PLY of `points` points on the surface of a unit cube (centred, in the unit sphere after
+    Point-Bind's normalisation), with normals: a point cloud like a scanned object's."""
+    rng = np.random.default_rng(seed)
+    face = rng.integers(0, 6, points)
+    xyz = rng.uniform(-0.5, 0.5, (points, 3)).astype(np.float32)
+    axis, sign = face // 2, np.where(face % 2, 0.5, -0.5).astype(np.float32)
+    xyz[np.arange(points), axis] = sign
+    normals = np.zeros_like(xyz)
+    normals[np.arange(points), axis] = np.sign(sign)
+    properties = "".join(f"property float {p}\n" for p in ("x", "y", "z", "nx", "ny", "nz"))
+    header = f"ply\nformat binary_little_endian 1.0\nelement vertex {points}\n{properties}end_header\n"
+    return header.encode("ascii") + np.concatenate([xyz, normals], axis=1).astype("<f4").tobytes()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -16,7 +16,7 @@ from model.llm.model import CacheLookup, ImageBindLLM
 from model.llm.prompts import CAPTION_INSTRUCTION
 from model.llm.tokenizer import TextTokenizer
 from pipelines.errors import InputError
-from pipelines.infer.inputs import Request, check_request, embed_request
+from pipelines.infer.inputs import PointOptions, Request, check_request, embed_request
 
 log = logging.getLogger(__name__)
 StreamCallback = Callable[[int, str], None]  # (index of the request, its answer so far)
@@ -37,6 +37,7 @@ class Answerer:
     cache_t: float
     cache_w: float
     max_image_pixels: int | None = None
+    points: PointOptions = field(default_factory=PointOptions)
     load_encoder: Callable[[], tuple[ImageBind, CacheLookup | None]] | None = None
 
     @property
@@ -56,7 +57,7 @@ class Answerer:
         if use_cache and self.cache is None:
             raise InputError("cache: no visual cache is loaded here (start with the cache on: --cache)")
         cache = None if use_cache is False else self.cache
-        embeddings = embed_request(self.encoder, req, self.max_image_pixels)
+        embeddings = embed_request(self.encoder, req, self.max_image_pixels, self.points)
         weights = {m: req.weights.get(m, 1.0) for m in embeddings}
         if sum(weights.values()) <= 0:
             raise InputError(f"the weights of the inputs ({weights}) sum to 0: give one a positive weight")

@@ -1,4 +1,4 @@
-"""`ibllm chat`: a conversation in the terminal about images, audio and video, the answers streamed as they come."""
+"""`ibllm chat`: a conversation in the terminal about images, audio, video and 3D, the answers streamed as they come."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from pipelines.infer.inputs import FILE_MODALITIES, Request, check_files
 
 HELP = """commands:
   /image PATH, /audio PATH, /video PATH   add an input the conversation is about (several are mixed)
+  /point PATH                             add a 3D point cloud (.npy .pt .ply .pcd .xyz .pts .obj)
   /reset                                  forget the conversation and its inputs
   /help                                   this text
   /quit                                   leave (so does end of input)

@@ -7,6 +7,7 @@ import json
 import math
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,12 +18,25 @@ from model.imagebind.decode import TooManyPixels
 from model.imagebind.encoder import ImageBind
 from pipelines.errors import InputError
 
-MODALITIES = ("image", "audio", "video", "text")  # text: strings through ImageBind's text tower, not the prompt
+MODALITIES = ("image", "audio", "video", "point", "text")  # text: strings through ImageBind's text tower
 NO_READER = ("depth", "thermal", "imu")  # ImageBind modalities generate has no file reader for
-FILE_MODALITIES = ("image", "audio", "video")
+FILE_MODALITIES = ("image", "audio", "video", "point")  # point: a 3D point-cloud file (Point-Bind)
+POINT_NEEDS_WEIGHTS = (
+    "point clouds need Point-Bind's weights: set model.point_checkpoint to imagebind_w3D.pth (the configured "
+    "ImageBind checkpoint has no point branch)"
+)
 TEXT_NEEDS_VOCAB = (
     "text inputs need ImageBind's CLIP BPE vocabulary: set model.imagebind_vocab (bpe_simple_vocab_16e6.txt.gz)"
 )
+
+
+@dataclass(frozen=True)
+class PointOptions:
+    """How point-cloud files are prepared: Point-Bind's centring and unit-sphere scaling, and resampling to a size
+    (both off by default, as ImageBind-LLM's inference)."""
+
+    normalize: bool = False
+    resample: int | None = None
 
 
 class Request(BaseModel):
@@ -33,6 +47,7 @@ class Request(BaseModel):
     image: list[str] = []
     audio: list[str] = []
     video: list[str] = []
+    point: list[str] = []
     text: list[str] = []
     weights: dict[str, float] = {}
     prompt: str | None = None
@@ -47,7 +62,7 @@ class Request(BaseModel):
     def _turns(cls, value: object) -> object:
         return parse_history(value)
 
-    @field_validator("image", "audio", "video", "text", mode="before")
+    @field_validator("image", "audio", "video", "point", "text", mode="before")
     @classmethod
     def _one_or_many(cls, value: object) -> object:
         return [value] if isinstance(value, str) else value
@@ -211,7 +226,7 @@ def read_requests(path: str) -> list[tuple[int, Request | InputError]]:
 def check_request(request: Request) -> None:
     """A request has something to answer and every input file it names exists."""
     if not request.inputs() and not request.prompt:
-        raise InputError("nothing to answer: give a prompt, inputs (image, audio, video, text), or both")
+        raise InputError("nothing to answer: give a prompt, inputs (image, audio, video, point, text), or both")
     check_files(request)
 
 
@@ -225,18 +240,26 @@ def check_files(request: Request) -> None:
                 raise InputError(f"{modality} file not found: {path}")
 
 
-def embed_request(encoder: ImageBind, request: Request, max_pixels: int | None = None) -> dict[str, torch.Tensor]:
+def embed_request(
+    encoder: ImageBind, request: Request, max_pixels: int | None = None, points: PointOptions | None = None
+) -> dict[str, torch.Tensor]:
     """modality -> (1, dim) ImageBind embedding; several inputs of one modality are averaged (then normalised).
-    An image, or video frames, above `max_pixels` pixels (model.max_image_pixels) is refused before decoding."""
+    An image, or video frames, above `max_pixels` pixels (model.max_image_pixels) is refused before decoding;
+    point clouds are read as `points` says (model.point_normalize, model.point_resample; the request's seed)."""
     check_files(request)
+    points = points or PointOptions()
     embedders: dict[str, Callable] = {
         "image": functools.partial(encoder.embed_images, max_pixels=max_pixels), "audio": encoder.embed_audio,
         "video": functools.partial(encoder.embed_video, max_pixels=max_pixels), "text": encoder.embed_texts,
+        "point": functools.partial(encoder.embed_points, normalize=points.normalize, points=points.resample,
+                                   seed=request.seed or 0),
     }  # fmt: skip
     out = {}
     for modality, items in request.inputs().items():
         if modality == "text" and encoder.tokenizer is None:
             raise InputError(TEXT_NEEDS_VOCAB)
+        if modality == "point" and not encoder.has_points:
+            raise InputError(POINT_NEEDS_WEIGHTS)
         rows = []
         for item in items:
             try:

@@ -22,7 +22,7 @@ from pipelines import assets, checkpoints
 from pipelines.config import Config
 from pipelines.errors import InputError
 from pipelines.infer.answerer import Answerer
-from pipelines.infer.inputs import TEXT_NEEDS_VOCAB, Request, check_request, read_requests
+from pipelines.infer.inputs import TEXT_NEEDS_VOCAB, PointOptions, Request, check_request, read_requests
 from pipelines.paths import resolve_checkpoint
 from stores import registry
 from stores.index import CacheIndex, IndexMismatch
@@ -134,7 +134,8 @@ def load_answerer(cfg: Config, checkpoint: str, need_encoder: bool, use_cache: b
     engine = Engine(model, slots=slots, device=dev)
     model.keep_visual_path_only()  # the engine holds the language model now
     answerer = Answerer(model, tokenizer, engine, encoder, cache, cfg.index.cache_t, cfg.index.cache_weight,
-                        cfg.model.max_image_pixels, load_encoder)  # fmt: skip
+                        cfg.model.max_image_pixels, PointOptions(cfg.model.point_normalize, cfg.model.point_resample),
+                        load_encoder)  # fmt: skip
     return answerer, trained
 
 
@@ -144,7 +145,7 @@ def _encoder_and_cache(cfg: Config, ws: Workspace, checkpoint: str, trained: str
     m = cfg.model
     vocab = assets.clip_vocab_file(cfg, ws)
     encoder = ImageBind.load(m.imagebind, checkpoint=m.imagebind_checkpoint, vocab=vocab, device=device, dtype=dtype,
-                             seed=cfg.seed)  # fmt: skip
+                             seed=cfg.seed, point_checkpoint=m.point_checkpoint)  # fmt: skip
     if trained and trained != encoder.encoder_id:
         raise InputError(f"checkpoint {checkpoint} was trained on encoder {trained}, but the configured encoder "
                          f"is {encoder.encoder_id} (model.imagebind, model.imagebind_checkpoint, seed): use the "
@@ -188,7 +189,8 @@ def run(
         items = [(None, defaults)]
     else:
         if defaults.inputs():
-            raise InputError("--requests reads the inputs from the file: drop --image, --audio, --video and --text")
+            raise InputError("--requests reads the inputs from the file: drop --image, --audio, --video, "
+                             "--point-cloud and --text")  # fmt: skip
         items = [(n, r if isinstance(r, InputError) else merge(defaults, r)) for n, r in read_requests(requests_file)]
     chosen = choose_checkpoint(ws, checkpoint)
     need_encoder = any(isinstance(r, Request) and r.inputs() for _, r in items)

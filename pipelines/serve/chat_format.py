@@ -14,6 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from model.imagebind.point_files import FORMATS
 from pipelines.errors import InputError
 from pipelines.infer.inputs import Request, check_weight
 
@@ -23,8 +24,12 @@ PARTS = {
     "input_audio": ("audio", "input_audio", ("audio/",)),
     "audio_url": ("audio", "audio_url", ("audio/",)),
     "video_url": ("video", "video_url", ("video/",)),
+    "point_cloud": ("point", "point_cloud", ()),  # ours: {"data": base64, "format": "ply"}, as input_audio
+    "point_cloud_url": ("point", "point_cloud_url", ()),  # ours: a path under the media root
 }
 AUDIO_FORMATS = {"wav": ".wav", "mp3": ".mp3", "flac": ".flac", "ogg": ".ogg"}
+POINT_FORMATS = {f.lstrip("."): f for f in FORMATS}
+INLINE = {"input_audio": ("wav", AUDIO_FORMATS), "point_cloud": ("ply", POINT_FORMATS)}  # {data, format} parts
 SUFFIXES = {"image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp", "image/gif": ".gif",
             "audio/wav": ".wav", "audio/x-wav": ".wav", "audio/mpeg": ".mp3", "audio/flac": ".flac",
             "audio/ogg": ".ogg", "video/mp4": ".mp4", "video/webm": ".webm", "video/quicktime": ".mov"}  # fmt: skip
@@ -154,16 +159,20 @@ def _content(content: Any, where: str, role: str, media_root: str | None, scratc
 def _media(ref: Any, kind: str, where: str, mimes: tuple[str, ...], media_root: str | None, scratch: str,
            max_bytes: int, files: list[str]) -> str:  # fmt: skip
     """A local file holding the part's media: a data: URL written to `scratch`, or a path under `media_root`."""
-    if kind == "input_audio":  # OpenAI's audio part: {"data": base64, "format": "wav"}
+    if kind in INLINE:  # OpenAI's audio part, and ours for point clouds: {"data": base64, "format": ...}
+        default, formats = INLINE[kind]
         if not isinstance(ref, dict) or not isinstance(ref.get("data"), str):
-            raise InputError(f"{where}: expected {{'data': base64, 'format': 'wav'}}")
-        suffix = AUDIO_FORMATS.get(str(ref.get("format", "wav")).lower())
+            raise InputError(f"{where}: expected {{'data': base64, 'format': '{default}'}}")
+        suffix = formats.get(str(ref.get("format", default)).lower())
         if suffix is None:
-            raise InputError(f"{where}.format: {ref.get('format')!r}; known: {', '.join(AUDIO_FORMATS)}")
+            raise InputError(f"{where}.format: {ref.get('format')!r}; known: {', '.join(formats)}")
         return _write(_b64(ref["data"], where, max_bytes), suffix, scratch, files)
     url = ref.get("url") if isinstance(ref, dict) else ref
     if not isinstance(url, str) or not url:
         raise InputError(f"{where}.url: a data: URL or a path under the server's media root is expected")
+    if url.startswith("data:") and not mimes:
+        raise InputError(f"{where}.url: a {kind} part names a file under the server's media root; send the data "
+                         "itself as a point_cloud part {'data': base64, 'format': 'ply'}")  # fmt: skip
     if url.startswith("data:"):
         header, sep, payload = url[5:].partition(",")
         mime = header.split(";")[0].lower()

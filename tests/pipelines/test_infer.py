@@ -226,3 +226,34 @@ def test_cli_generate_refuses_hostile_media(
     assert "model.max_image_pixels sets the limit" in err
     assert main([*base, "--set", "model.max_image_pixels=1000", "--video", f["mp4"]]) == 4
     assert f"video {f['mp4']} is " in capfd.readouterr().err
+
+
+def test_point_clouds_alone_mixed_and_with_the_cache(
+    trained: tuple[Config, dict[str, str], str], tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    cfg, f, _ = trained
+    rng = np.random.default_rng(0)
+    xyz = rng.normal(size=(300, 3)).astype(np.float32)
+    np.save(tmp_path / "cloud.npy", xyz)
+    ply = tmp_path / "cloud.ply"  # the same cloud as an ASCII PLY with normals
+    header = "ply\nformat ascii 1.0\nelement vertex 300\n" + "".join(f"property float {a}\n" for a in "xyz")
+    header += "property float nx\nproperty float ny\nproperty float nz\nend_header\n"
+    ply.write_text(header + "".join(" ".join(f"{v:.9g}" for v in [*p, 0, 0, 1]) + "\n" for p in xyz))
+    alone = infer.run(cfg, Request(point=[str(tmp_path / "cloud.npy")], prompt="What is it?", **GREEDY))
+    assert alone.answers[0].weights == {"point": 1.0} and isinstance(alone.answers[0].answer, str)
+    same = infer.run(cfg, Request(point=[str(ply)], prompt="What is it?", **GREEDY)).answers[0]
+    assert same.answer == alone.answers[0].answer
+    mixed = infer.run(cfg, Request(point=[str(ply)], image=[f["jpg"]], weights={"point": 0.5}, **GREEDY), cache=True)
+    assert mixed.cache == cfg.index.name and mixed.answers[0].weights == {"image": 1.0, "point": 0.5}
+    base = ["generate", "--workspace", cfg.workspace, "--set", f"model.tokenizer_path={cfg.model.tokenizer_path}"]
+    opts = ["--temperature", "0", "--max-new-tokens", str(GREEDY["max_new_tokens"]), "--json"]
+    assert main([*base, "--point-cloud", str(ply), "--prompt", "What is it?", *opts]) == 0
+    assert json.loads(capfd.readouterr().out)["answers"][0]["answer"] == alone.answers[0].answer
+    assert main([*base, "--point-cloud", str(ply), "--normalize-points", "--resample-points", "256", *opts]) == 0
+    assert json.loads(capfd.readouterr().out)["answers"][0]["inputs"] == {"point": [str(ply)]}
+    xyz[7, 1] = np.nan
+    np.save(tmp_path / "nan.npy", xyz)
+    assert main([*base, "--point-cloud", str(tmp_path / "nan.npy")]) == 4
+    assert f"unreadable point {tmp_path / 'nan.npy'}" in capfd.readouterr().err
+    assert main([*base, "--point-cloud", str(tmp_path / "cloud.stl")]) == 4
+    assert "point file not found" in capfd.readouterr().err

@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import uvicorn
 
@@ -75,7 +76,12 @@ def test_health_models_metrics_and_the_page(server) -> None:
 
 def test_every_content_type_answers_as_generate(server) -> None:
     url, cfg, f = server
+    cloud = Path(f["jpg"]).parent / "cloud.npy"  # under the media root
+    np.save(cloud, np.random.default_rng(0).normal(size=(100, 3)).astype(np.float32))
+    inline = {"data": base64.b64encode(cloud.read_bytes()).decode(), "format": "npy"}
     cases = [
+        ([{"type": "point_cloud", "point_cloud": inline}], {"point": [str(cloud)]}),
+        ([{"type": "point_cloud_url", "point_cloud_url": {"url": "cloud.npy"}}], {"point": [str(cloud)]}),
         ([{"type": "image_url", "image_url": {"url": _data_url(f["jpg"], "image/jpeg")}}], {"image": [f["jpg"]]}),
         ([{"type": "image_url", "image_url": {"url": "shape.png"}}], {"image": [f["png"]]}),  # under the media root
         (
@@ -196,6 +202,8 @@ def test_the_scheduler_holds_at_most_max_queue(trained) -> None:  # noqa: F811
             "outside the server's media root",
         ),
         (_ask([{"type": "image_url", "image_url": {"url": "/etc/passwd"}}]), 403, "outside the server's"),
+        (_ask([{"type": "point_cloud", "point_cloud": {"data": "AAAA", "format": "stl"}}]), 400, "known: npy, pt"),
+        (_ask([{"type": "point_cloud_url", "point_cloud_url": {"url": "data:x;base64,AA"}}]), 400, "point_cloud part"),
         (_ask([{"type": "image_url", "image_url": {"url": "http://example.com/a.png"}}]), 400, "fetches nothing"),
         (_ask([{"type": "image_url", "image_url": {"url": "missing.png"}}]), 400, "image file not found"),
         ({"messages": [{"role": "assistant", "content": "hi"}]}, 400, "messages[0].role"),

@@ -1,4 +1,4 @@
-"""The chat page in a real headless Chromium: upload a picture, ask, read the streamed answer, ask again."""
+"""The chat page in a real headless Chromium: upload a picture (or a point cloud), ask, read the streamed answer."""
 
 from __future__ import annotations
 
@@ -60,3 +60,17 @@ def test_upload_ask_and_read_the_streamed_answer(server, browser) -> None:  # no
     second = _answer(browser, 1)
     follow = Request(image=[f["jpg"]], prompt=QUESTIONS[1], temperature=0.0, history=[(QUESTIONS[0], first)])
     assert second == infer.run(cfg, follow).answers[0].answer  # the page kept the conversation
+
+
+def test_a_point_cloud_file_goes_as_a_point_cloud_part(server, browser, tmp_path) -> None:  # noqa: F811
+    import numpy as np
+
+    url, cfg, _ = server
+    cloud = tmp_path / "object.npy"
+    np.save(cloud, np.random.default_rng(1).normal(size=(90, 3)).astype(np.float32))
+    browser.get(url)
+    browser.find_element("id", "file").send_keys(str(cloud))
+    browser.find_element("id", "question").send_keys(QUESTIONS[1])
+    browser.find_element("id", "send").click()
+    expected = infer.run(cfg, Request(point=[str(cloud)], prompt=QUESTIONS[1], temperature=0.0)).answers[0].answer
+    assert _answer(browser, 0) == expected
