@@ -206,11 +206,11 @@ def test_run_writes_source_and_checks_what_is_served(config: Config) -> None:
     assert sum(result.bad.values()) == 10 and result.good == 30
     ws = Workspace(config.workspace)
     assert [p.rsplit("/", 1)[1] for p in ws.glob(ws.synthetic("media", "*"))] == [
-        "audio_00.wav", "audio_01.wav", "audio_02.wav", "photo.jpg", "video_00.mp4"
+        "audio_00.wav", "audio_01.wav", "audio_02.wav", "object.ply", "photo.jpg", "video_00.mp4"
     ]  # fmt: skip
     ledger = Ledger(ws, "synthetic", "synthetic", synthetic.settings(config.synthetic))
     assert set(ledger.committed()) == {"metadata", "audio_00_wav", "audio_01_wav", "audio_02_wav", "video_00_mp4",
-                                       "photo_jpg"}  # fmt: skip
+                                       "photo_jpg", "object_ply"}  # fmt: skip
     changed = config.model_copy(deep=True)
     changed.synthetic.count = 41
     with pytest.raises(LedgerConflict, match="count: 40 -> 41"):
