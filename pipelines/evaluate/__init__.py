@@ -1,1 +1,1 @@
-"""Evaluate: held-out loss and the visual-grounding gap of a checkpoint."""
+"""Evaluate: held-out loss and the visual-grounding gap of a checkpoint; MME, caption and VQA readers and scores."""
