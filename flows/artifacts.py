@@ -6,7 +6,9 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from pipelines.curate.stage import CurateResult
 from pipelines.demo.check import DemoCheck
+from pipelines.evaluate.benchmark import BenchmarkResult
 from pipelines.evaluate.stage import EvalResult
+from pipelines.evaluate.zeroshot import ZeroShotResult
 from pipelines.report.stage import ReportResult
 from pipelines.train.stage import TrainResult
 
@@ -41,6 +43,13 @@ def evaluation(result: EvalResult) -> None:
     """Held-out loss, perplexity and the shuffled-feature loss of a checkpoint."""
     create_table_artifact([result.model_dump(exclude={"checkpoint"})], key=f"evaluation-stage{result.stage}",
                           description=result.summary())  # fmt: skip
+
+
+def benchmark(result: BenchmarkResult | ZeroShotResult) -> None:
+    """A benchmark's table (MME: a row per subtask and the totals), and where its report is."""
+    name = result.benchmark if isinstance(result, BenchmarkResult) else f"zeroshot-{result.kind}"
+    create_markdown_artifact(f"# {name}\n\n```\n{result.summary()}\n```", key="benchmark",
+                             description="benchmark scores; the HTML report is in the workspace")  # fmt: skip
 
 
 def demo_check(result: DemoCheck) -> None:

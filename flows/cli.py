@@ -19,6 +19,7 @@ from flows.exits import BriefFormatter
 from pipelines.config import Config, load_config
 from pipelines.console import quiet_console
 from pipelines.errors import InputError
+from pipelines.evaluate.names import BENCHMARKS, ZERO_SHOT
 from pipelines.paths import ENCODER_PATHS, MODEL_PATHS, check_model_paths, check_workspace
 
 log = logging.getLogger("ibllm")
@@ -135,10 +136,24 @@ def cmd_base(cfg: Config, args: argparse.Namespace) -> BaseModel:
 
 
 def cmd_evaluate(cfg: Config, args: argparse.Namespace) -> BaseModel:
-    """Held-out loss and perplexity of a checkpoint, and the loss with the visual features shuffled."""
+    """Held-out loss and perplexity of a checkpoint, and the loss with the visual features shuffled; or, with
+    --benchmark, MME, a VQA set, caption scores or a zero-shot check of the encoders."""
+    from pipelines.evaluate import benchmark, zeroshot_stage
     from pipelines.evaluate import stage as evaluate
 
-    return evaluate.run(cfg, args.stage, checkpoint=args.checkpoint)
+    if args.benchmark is None:
+        if args.data:
+            raise InputError("--data is the data of a --benchmark (mme, vqa, captions, zeroshot-image, ...)")
+        return evaluate.run(cfg, args.stage, checkpoint=args.checkpoint)
+    if not args.data:
+        raise InputError(f"--benchmark {args.benchmark} needs --data (the benchmark's folder or file)")
+    subtasks = [s.strip() for s in args.subtasks.split(",") if s.strip()] if args.subtasks else None
+    if args.benchmark in ZERO_SHOT:
+        return zeroshot_stage.run(cfg, ZERO_SHOT[args.benchmark], args.data, limit=args.limit,
+                                  batch=args.batch, device=args.device, dtype=args.dtype)  # fmt: skip
+    return benchmark.run(cfg, args.benchmark, args.data, checkpoint=args.checkpoint, cache=args.cache,
+                         limit=args.limit, subtasks=subtasks, images=args.images, batch=args.batch,
+                         device=args.device, dtype=args.dtype)  # fmt: skip
 
 
 def cmd_retrain(cfg: Config, args: argparse.Namespace) -> BaseModel:
@@ -301,8 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--local", action="store_true", help="one worker in this process, without Ray")
             p.add_argument("--max-steps", type=int, help="stop after this many steps (the schedule is unchanged)")
         if name == "evaluate":
-            p.add_argument("--stage", type=int, choices=[1, 2], default=1, help="newest complete run of this stage")
-            p.add_argument("--checkpoint", help="a checkpoint folder instead (its model/ folder)")
+            _evaluate_options(p)
         if name == "generate":
             _generate_options(p)
         if name == "chat":
@@ -334,6 +348,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 POINT_HELP = "a 3D point-cloud file: .npy, .pt, .ply, .pcd, .xyz, .pts or .obj (needs model.point_checkpoint)"
+
+
+def _evaluate_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--stage", type=int, choices=[1, 2], default=1, help="newest complete run of this stage")
+    p.add_argument("--checkpoint", help="a checkpoint folder instead (its model/ folder); with --benchmark the "
+                   "default is the promoted model, else the newest run")  # fmt: skip
+    p.add_argument("--benchmark", choices=BENCHMARKS, help="mme (MME's released folder), vqa (a JSONL of questions), "
+                   "captions (a COCO captions file), zeroshot-image|audio|point (ImageNet, ESC-50, ModelNet40 "
+                   "layouts): instead of the held-out loss")  # fmt: skip
+    p.add_argument("--data", metavar="PATH", help="the benchmark's folder or file")
+    p.add_argument("--images", metavar="DIR", help="captions: the images' folder (default: the file's folder)")
+    p.add_argument("--subtasks", metavar="A,B", help="mme: only these subtasks (e.g. existence,color)")
+    p.add_argument("--limit", type=int, help="only the first N questions (zero-shot: N samples, seeded shuffle)")
+    p.add_argument("--cache", action="store_true", help="mix in the visual cache built by `ibllm index`")
+    p.add_argument("--batch", type=int, default=16, help="questions decoded together (default 16)")
+    _device_options(p)
 
 
 def _generate_options(p: argparse.ArgumentParser) -> None:

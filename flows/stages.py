@@ -14,6 +14,7 @@ from pydantic import BaseModel
 
 from flows import artifacts
 from flows.tasks import (
+    benchmark_task,
     curate_task,
     download_source_task,
     evaluate_task,
@@ -115,6 +116,28 @@ def train_flow(
         prepare_training(cfg, stage)
     result = train_task(cfg, stage, init=init, resume=resume)
     artifacts.training(result)
+    get_run_logger().info("%s", result.summary())
+    return result
+
+
+@flow(name="ibllm-benchmark", flow_run_name="ibllm-benchmark-{benchmark}", log_prints=True)
+def benchmark_flow(
+    config: ConfigParam = None,
+    overrides: list[str] | None = None,
+    benchmark: str = "mme",
+    data: str = "",
+    checkpoint: str | None = None,
+    cache: bool = False,
+    limit: int | None = None,
+    subtasks: list[str] | None = None,
+    images: str | None = None,
+    batch: int = 16,
+) -> BaseModel:
+    """A benchmark of a checkpoint (default: the promoted model, else the newest run) or of the encoders: its
+    results JSON and HTML report in the workspace, its rows in the catalog, its table as an artifact."""
+    result = benchmark_task(resolve_config(config, overrides), benchmark, data, checkpoint, cache, limit, subtasks,
+                            images, batch)  # fmt: skip
+    artifacts.benchmark(result)
     get_run_logger().info("%s", result.summary())
     return result
 

@@ -6,6 +6,7 @@ import functools
 from typing import Any
 
 from prefect import task
+from pydantic import BaseModel
 
 from pipelines.config import Config, ConfigError
 from pipelines.curate import stage as curate
@@ -16,7 +17,10 @@ from pipelines.demo import data as demo_data
 from pipelines.demo.setup import prepare_extraction
 from pipelines.download import stage as download
 from pipelines.errors import InputError
+from pipelines.evaluate import benchmark as bench
 from pipelines.evaluate import stage as evaluate
+from pipelines.evaluate import zeroshot_stage
+from pipelines.evaluate.names import ZERO_SHOT
 from pipelines.extract import stage as extract
 from pipelines.index import stage as index
 from pipelines.ingest import stage as ingest
@@ -111,6 +115,17 @@ def instructions_task(cfg: Config) -> demo_data.InstructionsResult:
 def evaluate_task(cfg: Config, stage: int, checkpoint: str | None = None) -> evaluate.EvalResult:
     """Held-out loss, perplexity and the shuffled-feature loss of a checkpoint (default: the stage's newest)."""
     return evaluate.run(cfg, stage, checkpoint)
+
+
+@stage_task(name="benchmark", task_run_name="benchmark-{benchmark}", retries=1, timeout_seconds=DAY)
+def benchmark_task(cfg: Config, benchmark: str, data: str, checkpoint: str | None = None, cache: bool = False,
+                   limit: int | None = None, subtasks: list[str] | None = None, images: str | None = None,
+                   batch: int = 16) -> BaseModel:  # fmt: skip
+    """A benchmark (mme, vqa, captions: answered by the model, resumable; zeroshot-*: the encoders) with its report."""
+    if benchmark in ZERO_SHOT:
+        return zeroshot_stage.run(cfg, ZERO_SHOT[benchmark], data, limit=limit, batch=batch)
+    return bench.run(cfg, benchmark, data, checkpoint=checkpoint, cache=cache, limit=limit, subtasks=subtasks,
+                     images=images, batch=batch)  # fmt: skip
 
 
 @stage_task(name="demo-check", timeout_seconds=2 * HOUR)

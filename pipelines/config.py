@@ -12,6 +12,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipelines.download.guard import networks
+from pipelines.evaluate.mme import SUBTASKS
+from pipelines.evaluate.names import LLM_BENCHMARKS, ZERO_SHOT
 from pipelines.paths import absolute, absolute_paths
 from stores.metadata import CAPTION_MAX_CHARS
 
@@ -331,8 +333,39 @@ class RetrainConfig(Section):
     heldout_size: int = Field(
         1000, ge=2, description="held-out uids frozen at the first retrain: every candidate is measured on them"
     )
-    eval_batch_size: int = Field(32, gt=0, description="held-out captions per evaluation batch")
+    eval_batch_size: int = Field(32, gt=0, description="held-out captions (or benchmark questions) per batch")
+    metric: str = Field(
+        "heldout_caption_loss", description="the yardstick: heldout_caption_loss (the frozen held-out captions' "
+        "loss, lower is better) or a benchmark's score on metric_data (higher is better): mme (perception + "
+        "cognition), mme:<subtask|perception|cognition>, vqa (accuracy), captions (CIDEr-D)"
+    )  # fmt: skip
+    metric_data: str | None = Field(None, description="the benchmark's folder or file, for a benchmark metric")
     local: bool = Field(False, description="train in this process with one worker instead of Ray Train (small runs)")
+
+    @field_validator("metric")
+    @classmethod
+    def _known_metric(cls, metric: str) -> str:
+        name, _, part = metric.partition(":")
+        if metric == "heldout_caption_loss" or (name in LLM_BENCHMARKS and not part):
+            return metric
+        if name == "mme" and part in (*SUBTASKS, "perception", "cognition"):
+            return metric
+        if name in ZERO_SHOT:
+            raise ValueError(f"{metric} checks the frozen encoder, the same for every candidate: it cannot choose "
+                             "between models")  # fmt: skip
+        raise ValueError(f"unknown metric {metric!r}: heldout_caption_loss, mme[:<subtask|perception|cognition>], "
+                         "vqa or captions")  # fmt: skip
+
+    @field_validator("metric_data")
+    @classmethod
+    def _absolute(cls, value: str | None) -> str | None:
+        return absolute(value) if value else value
+
+    @model_validator(mode="after")
+    def _data_for_a_benchmark(self) -> RetrainConfig:
+        if self.metric != "heldout_caption_loss" and not self.metric_data:
+            raise ValueError(f"metric {self.metric} needs metric_data: the benchmark's folder or file")
+        return self
 
     @field_validator("cron")
     @classmethod

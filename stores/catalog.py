@@ -63,7 +63,10 @@ EMPTY = {
     "NULL::VARCHAR AS encoder_id WHERE false",
     "feature_failures": "SELECT NULL::VARCHAR AS uid, NULL::VARCHAR AS source, NULL::VARCHAR AS url, "
     "NULL::VARCHAR AS caption, NULL::VARCHAR AS reason, NULL::VARCHAR AS encoder_id WHERE false",
-    "evaluations": "SELECT NULL::BIGINT AS stage, NULL::VARCHAR AS run_id, NULL::VARCHAR AS checkpoint, "
+    "evaluations": "SELECT NULL::VARCHAR AS benchmark, NULL::VARCHAR AS subtask, NULL::BIGINT AS stage, "
+    "NULL::VARCHAR AS run_id, NULL::VARCHAR AS checkpoint, NULL::DOUBLE AS score, NULL::BIGINT AS questions, "
+    "NULL::DOUBLE AS accuracy, NULL::DOUBLE AS accuracy_plus, NULL::BIGINT AS unparseable, NULL::DOUBLE AS bleu4, "
+    "NULL::DOUBLE AS top5, NULL::VARCHAR AS data, NULL::BOOLEAN AS cache, "
     "NULL::BIGINT AS examples, NULL::BIGINT AS tokens, NULL::DOUBLE AS loss, NULL::DOUBLE AS perplexity, "
     "NULL::DOUBLE AS shuffled_loss, NULL::DOUBLE AS grounding_gap, NULL::VARCHAR AS evaluated_at, "
     "NULL::DOUBLE AS seconds, NULL::VARCHAR AS heldout WHERE false",
@@ -147,10 +150,10 @@ class Catalog:
             "SELECT *, regexp_extract(filename, 'features/([^/]+)/', 1) AS encoder_id "
             "FROM read_parquet($files, filename = true) ",
         )  # fmt: skip
-        evaluations = [
-            self._ref(f) for f in self.ws.glob(self.ws.path("checkpoints", "*", "*", "evaluations", "*.json"))
-        ]
-        self._view("evaluations", sorted(evaluations), "SELECT * FROM read_json($files, union_by_name = true)")
+        held_out = self.ws.glob(self.ws.path("checkpoints", "*", "*", "evaluations", "*.json"))
+        benchmarks = self.ws.glob(self.ws.path("evaluations", "*", "*", "record.json"))  # arrays of rows
+        evaluations = sorted(self._ref(f) for f in held_out + benchmarks)
+        self._view("evaluations", evaluations, "SELECT * FROM read_json($files, union_by_name = true)")
         downloads = []
         for out in outputs(self.ws, "download"):
             for f in Ledger.reader(self.ws, "download", out).files(".parquet"):

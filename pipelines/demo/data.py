@@ -18,6 +18,7 @@ from stores.instructions import image_key
 from stores.workspace import Workspace
 
 log = logging.getLogger(__name__)
+TURNS = len(demo_text.QUESTIONS) + 1  # and a yes/no question
 
 
 class InstructionsResult(BaseModel):
@@ -29,7 +30,7 @@ class InstructionsResult(BaseModel):
     skipped: int
 
     def summary(self) -> str:
-        return (f"instructions: {self.images} training images, a conversation of {len(demo_text.QUESTIONS)} "
+        return (f"instructions: {self.images} training images, a conversation of {TURNS} "
                 f"questions about each = {self.samples} samples ({self.skipped} captions not understood) -> "
                 f"{self.path}")  # fmt: skip
 
@@ -49,7 +50,7 @@ def run(cfg: Config) -> InstructionsResult:
     data = json.dumps(records, indent=0).encode()
     if not ws.exists(path) or ws.read_bytes(path) != data:
         ws.write_bytes(path, data)
-    per = len(demo_text.QUESTIONS) if cfg.train.stage2.conversation == "turns" else 1  # first, whole: one each
+    per = TURNS if cfg.train.stage2.conversation == "turns" else 1  # first, whole: one each
     samples = len(records) * per
     log.info("demo instructions: %d images, %d samples -> %s", len(records), samples, path)
     return InstructionsResult(path=ws.as_url(path), images=len(records), samples=samples,

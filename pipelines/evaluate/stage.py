@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 class EvalResult(BaseModel):
     """Held-out metrics of one checkpoint; `grounding_gap` > 0 says the visual path carries information."""
 
+    benchmark: str = "heldout"  # the catalog's `evaluations` view also holds benchmark rows (mme, vqa, ...)
     stage: int
     run_id: str
     checkpoint: str

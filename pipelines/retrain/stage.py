@@ -11,6 +11,7 @@ from pydantic import BaseModel
 from model.imagebind.encoder import encoder_id_for
 from pipelines.config import Config, dump_config
 from pipelines.errors import InputError
+from pipelines.evaluate import benchmark
 from pipelines.evaluate import stage as evaluate
 from pipelines.extract import stage as extract
 from pipelines.train import stage as train
@@ -21,6 +22,7 @@ from stores import features, registry
 from stores.features import read_uids
 from stores.index import current_version, read_meta
 from stores.ledger import Ledger
+from stores.registry import METRIC as HELD_OUT
 from stores.registry import Decision, HeldOut, Lineage, ModelRef, Promotion
 from stores.runs import Runs
 from stores.workspace import Workspace
@@ -132,17 +134,22 @@ def heldout_set(cfg: Config) -> HeldOut:
     return registry.freeze_heldout(ws, chosen, cfg.train.holdout, encoder_id)
 
 
-def verdict(candidate: float, incumbent: float | None, incumbent_run: str | None = None) -> tuple[bool, str]:
-    """(promote, why): the candidate goes into service when its loss is at most the incumbent's."""
+def verdict(candidate: float, incumbent: float | None, incumbent_run: str | None = None,
+            metric: str = HELD_OUT) -> tuple[bool, str]:  # fmt: skip
+    """(promote, why): the candidate goes into service when it is at least as good as the incumbent: a held-out
+    loss at most the incumbent's, a benchmark score at least the incumbent's."""
+    what, lower = ("held-out loss", True) if metric == HELD_OUT else (f"{metric} score", False)
     if not math.isfinite(candidate):
-        return False, f"the candidate's held-out loss is {candidate}"
+        return False, f"the candidate's {what} is {candidate}"
     if incumbent is None:
-        return True, f"held-out loss {candidate:.4f}; nothing was promoted before"
+        return True, f"{what} {candidate:.4f}; nothing was promoted before"
     if not math.isfinite(incumbent):
-        return True, f"held-out loss {candidate:.4f}; the promoted stage-2 run {incumbent_run} scores {incumbent}"
-    if candidate <= incumbent:
-        return True, f"held-out loss {candidate:.4f} <= {incumbent:.4f} of stage-2 run {incumbent_run}"
-    return False, f"held-out loss {candidate:.4f} > {incumbent:.4f} of stage-2 run {incumbent_run}, which stays"
+        return True, f"{what} {candidate:.4f}; the promoted stage-2 run {incumbent_run} scores {incumbent}"
+    if (candidate <= incumbent) if lower else (candidate >= incumbent):
+        sign = "<=" if lower else ">="
+        return True, f"{what} {candidate:.4f} {sign} {incumbent:.4f} of stage-2 run {incumbent_run}"
+    sign = ">" if lower else "<"
+    return False, f"{what} {candidate:.4f} {sign} {incumbent:.4f} of stage-2 run {incumbent_run}, which stays"
 
 
 def lineage(cfg: Config, plan: RetrainPlan, stage1: TrainResult, stage2: TrainResult) -> Lineage:
@@ -178,37 +185,53 @@ def _job(ws: Workspace, stage: int, run_id: str) -> dict:
     return rec.job if rec else {}
 
 
-def _measure(cfg: Config, checkpoint: str, held: HeldOut) -> evaluate.EvalResult:
-    return evaluate.run(cfg, 2, checkpoint, batch_size=cfg.retrain.eval_batch_size, uids=held.uids)
+def _measure(cfg: Config, checkpoint: str, held: HeldOut | None) -> tuple[float, int]:
+    """(the yardstick's value for `checkpoint`, the examples or questions it was measured on)."""
+    r = cfg.retrain
+    if held is not None:
+        result = evaluate.run(cfg, 2, checkpoint, batch_size=r.eval_batch_size, uids=held.uids)
+        return result.loss, result.examples
+    name, _, part = r.metric.partition(":")
+    assert r.metric_data is not None  # the config requires it with a benchmark metric
+    scored = benchmark.run(cfg, name, r.metric_data, checkpoint=checkpoint, batch=r.eval_batch_size)
+    rows = {row.subtask: row.score for row in scored.rows}
+    if part:
+        if part not in rows:
+            raise InputError(f"retrain.metric {r.metric}: {r.metric_data} has no {part} questions")
+        return rows[part], scored.questions
+    if name == "mme":
+        return rows.get("perception", 0.0) + rows.get("cognition", 0.0), scored.questions
+    return rows["all"], scored.questions
 
 
 def decide(cfg: Config, plan: RetrainPlan, stage1: TrainResult, stage2: TrainResult) -> Decision:
-    """Measure the candidate and the promoted model on the frozen held-out set, promote the candidate when it is
-    at least as good, and record lineage, promotion and decision, in that order (the decision is the commit)."""
+    """Measure the candidate and the promoted model with `retrain.metric` (the frozen held-out set's loss, or a
+    benchmark's score), promote the candidate when it is at least as good, and record lineage, promotion and
+    decision, in that order (the decision is the commit)."""
     ws = Workspace(cfg.workspace, cfg.storage_options)
-    held = heldout_set(cfg)
-    measured = _measure(cfg, stage2.checkpoint, held)
+    metric = cfg.retrain.metric
+    held = heldout_set(cfg) if metric == HELD_OUT else None
+    value, examples = _measure(cfg, stage2.checkpoint, held)
     candidate = ModelRef(stage1_run_id=stage1.run_id, stage1_checkpoint=stage1.checkpoint,
-                         stage2_run_id=stage2.run_id, stage2_checkpoint=stage2.checkpoint,
-                         value=measured.loss)  # fmt: skip
-    log.info("candidate stage-2 run %s: held-out loss %.4f on %d captions", stage2.run_id, measured.loss,
-             measured.examples)  # fmt: skip
+                         stage2_run_id=stage2.run_id, stage2_checkpoint=stage2.checkpoint, value=value)  # fmt: skip
+    log.info("candidate stage-2 run %s: %s %.4f on %d examples", stage2.run_id, metric, value, examples)
     promoted = registry.promoted(ws)
     incumbent = None
     if promoted is not None:
         same = promoted.stage2_checkpoint == stage2.checkpoint
-        value = measured.loss if same else _measure(cfg, promoted.stage2_checkpoint, held).loss
-        incumbent = ModelRef(**promoted.model_dump(include=set(ModelRef.model_fields)) | {"value": value})
-        log.info("promoted stage-2 run %s: held-out loss %.4f", promoted.stage2_run_id, value)
-    promote, reason = verdict(measured.loss, incumbent.value if incumbent else None,
-                              incumbent.stage2_run_id if incumbent else None)  # fmt: skip
+        served = value if same else _measure(cfg, promoted.stage2_checkpoint, held)[0]
+        incumbent = ModelRef(**promoted.model_dump(include=set(ModelRef.model_fields)) | {"value": served})
+        log.info("promoted stage-2 run %s: %s %.4f", promoted.stage2_run_id, metric, served)
+    promote, reason = verdict(value, incumbent.value if incumbent else None,
+                              incumbent.stage2_run_id if incumbent else None, metric)  # fmt: skip
+    yardstick = held.digest if held else hashlib.sha256(f"{metric} {cfg.retrain.metric_data}".encode()).hexdigest()
     stamp = registry.new_stamp()
     where = registry.write_lineage(ws, lineage(cfg, plan, stage1, stage2))
     if promote:
         registry.promote(ws, Promotion(**candidate.model_dump(), promoted_at=registry.now(), decision=stamp))
     decision = Decision(
         stamp=stamp, decided_at=registry.now(), promoted=promote, reason=reason, candidate=candidate,
-        incumbent=incumbent, heldout_digest=held.digest, heldout_examples=measured.examples,
+        metric=metric, incumbent=incumbent, heldout_digest=yardstick, heldout_examples=examples,
         new_shards=len(plan.new), lineage=ws.as_url(where),
     )  # fmt: skip
     registry.record_decision(ws, decision)

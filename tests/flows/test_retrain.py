@@ -15,6 +15,7 @@ from pipelines.demo import synthetic
 from pipelines.demo.synthetic_server import server_for, serving
 from pipelines.download import stage as download
 from pipelines.errors import InputError
+from pipelines.evaluate import benchmark
 from pipelines.evaluate import stage as evaluate
 from pipelines.infer import stage as infer
 from pipelines.ingest import stage as ingest
@@ -22,6 +23,7 @@ from pipelines.retrain import stage as retrain
 from pipelines.train import stage as train
 from stores import registry
 from stores.workspace import Workspace
+from tests.pipelines.test_benchmark import mme_folder
 from tests.pipelines.train_fixture import train_config
 
 # a tiny stage-0 base of the synthetic language, a few steps per stage, trained in this process (no Ray Train);
@@ -143,7 +145,27 @@ def test_a_worse_candidate_is_recorded_but_not_promoted(better: tuple[Config, Re
     assert not retrain_flow(cfg).plan.has_work  # the rejected candidate's data counts as seen
 
 
+@pytest.mark.slow  # with the module's set-up
+def test_a_benchmark_can_be_the_yardstick(better: tuple[Config, RetrainResult], tmp_path: Path) -> None:
+    cfg, previous = better
+    data = mme_folder(tmp_path / "MME")
+    with pytest.raises(ValueError, match="needs metric_data"):
+        resolve_config(cfg, ["retrain.metric=mme"])
+    with pytest.raises(ValueError, match="checks the frozen encoder"):
+        resolve_config(cfg, ["retrain.metric=zeroshot-image", f"retrain.metric_data={data}"])
+    by_mme = resolve_config(cfg, ["retrain.metric=mme:color", f"retrain.metric_data={data}"])
+    decision = retrain.decide(by_mme, previous.plan, previous.stage1, previous.stage2)  # the model in service again
+    scored = benchmark.run(by_mme, "mme", str(data), checkpoint=previous.stage2.checkpoint)
+    assert scored.asked_now == 0  # the decision's evaluation is the benchmark's: answered once, reused
+    color = next(r.score for r in scored.rows if r.subtask == "color")
+    assert decision.metric == "mme:color" and decision.candidate.value == decision.incumbent.value == color
+    assert decision.promoted and "mme:color score" in decision.reason and decision.heldout_examples == 16
+
+
 def test_the_verdict_promotes_only_a_candidate_at_least_as_good() -> None:
+    promote, reason = retrain.verdict(150.0, 150.0, "r1", "mme")  # a score: higher is better
+    assert promote and "mme score 150.0000 >= 150.0000" in reason
+    assert not retrain.verdict(149.0, 150.0, "r1", "mme")[0]
     assert retrain.verdict(2.0, None)[0]  # nothing in service yet
     assert retrain.verdict(1.5, 1.5)[0] and retrain.verdict(1.4, 1.5)[0]
     promote, reason = retrain.verdict(1.6, 1.5, "r1")

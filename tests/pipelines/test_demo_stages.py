@@ -44,7 +44,7 @@ def test_generated_conversations_read_back_as_llava_single_turn_samples(tmp_path
     path.write_text(json.dumps(demo_text.conversations(rows)))
     data = read_instructions(str(path))
     assert data.layout == "llava"
-    assert len(data.records) == 5 * len(demo_text.QUESTIONS)
+    assert len(data.records) == 5 * (len(demo_text.QUESTIONS) + 1)  # and a yes/no question each
     first = data.records[0]
     assert first.image == "000000" and first.instruction == demo_text.QUESTIONS[0][0]
     assert first.answer == f"The shape is {parse_caption(rows[0][1]).color}."
@@ -59,7 +59,9 @@ def test_a_whole_generated_conversation_fits_the_demo_stage2_max_words(tmp_path:
     path = tmp_path / "i.json"
     path.write_text(json.dumps(demo_text.conversations([(f"{i:06d}", random_scene(rng).caption) for i in range(20)])))
     records = read_instructions(str(path), whole=True).records
-    assert len(records) == 20 and all(len(r.history) == len(demo_text.QUESTIONS) - 1 for r in records)
+    assert len(records) == 20 and all(len(r.history) == len(demo_text.QUESTIONS) for r in records)
+    yes_no = [r.history[-1] for r in records]  # before the caption: one MME-style question, half of them "No."
+    assert all(q.endswith(demo_text.YES_OR_NO) for q, _ in yes_no) and {a for _, a in yes_no} == {"Yes.", "No."}
     lengths = [len(encode_conversation(tok, (*r.history, (r.instruction, r.answer)), 10_000)[0]) for r in records]
     assert max(lengths) <= cfg.train.stage2.max_words, lengths
 
