@@ -7,13 +7,14 @@ from pydantic import BaseModel
 
 from flows import artifacts
 from flows.stages import CurationResult, curate_flow, evaluate_flow, extract_flow, index_flow, report_flow, train_flow
-from flows.tasks import ask_task, base_task, check_task, instructions_task
+from flows.tasks import ask_task, base_task, check_task, demo_mme_task, instructions_task
 from pipelines.config import Config, resolve_config
 from pipelines.demo import ask as demo_ask
 from pipelines.demo import base_lm
 from pipelines.demo import check as demo_check
 from pipelines.demo import data as demo_data
 from pipelines.evaluate import stage as evaluate
+from pipelines.evaluate.benchmark import BenchmarkResult
 from pipelines.extract import stage as extract
 from pipelines.index import stage as index
 from pipelines.report import stage as report
@@ -35,6 +36,7 @@ class PipelineResult(BaseModel):
     evaluation: evaluate.EvalResult
     check: demo_check.DemoCheck | None
     answers: demo_ask.DemoAnswers | None
+    mme: BenchmarkResult | None = None
 
     def summary(self) -> str:
         """Human lines, one block per stage."""
@@ -56,6 +58,10 @@ class PipelineResult(BaseModel):
             (
                 "ibllm generate on a held-out picture and an audio clip",
                 self.answers.summary() if self.answers else None,
+            ),
+            (
+                "MME benchmark on synthetic pictures (ibllm evaluate --benchmark mme)",
+                self.mme.summary() if self.mme else None,
             ),
             ("summary", self.table()),
         ]
@@ -89,6 +95,9 @@ class PipelineResult(BaseModel):
                     f"second turn on topic {self.check.followup_on_topic:.0%}",
                 )
             )
+        if self.mme:
+            scores = ", ".join(f"{r.subtask} {r.score:.0f}" for r in self.mme.rows if r.subtask != "perception")
+            rows.append(("mme", f"{scores} of 200 each (chance ~75)"))
         return "\n".join(f"{name:<10} {text}" for name, text in rows)
 
 
@@ -108,12 +117,14 @@ def pipeline_flow(
     ins = instructions_task(cfg) if demo and not cfg.train.stage2.data else None
     s2 = train_flow(cfg, stage=2, init=s1.checkpoint, demo_inputs=False)
     ev = evaluate_flow(cfg, stage=1, checkpoint=s1.checkpoint)
-    check = answers = None
+    check = answers = mme = None
     if demo:
         check = check_task(cfg, s1.checkpoint, s2.checkpoint)
         artifacts.demo_check(check)  # the check's examples and the answers: in the result (and its summary)
         answers = ask_task(cfg, s2.checkpoint)
+        mme = demo_mme_task(cfg, s2.checkpoint)
+        artifacts.benchmark(mme)
     return PipelineResult(
         workspace=cfg.workspace, curation=cur, extract=ext, index=idx, report=rep, base=base, stage1=s1,
-        instructions=ins, stage2=s2, evaluation=ev, check=check, answers=answers,
+        instructions=ins, stage2=s2, evaluation=ev, check=check, answers=answers, mme=mme,
     )  # fmt: skip

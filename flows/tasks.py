@@ -14,6 +14,7 @@ from pipelines.demo import ask as demo_ask
 from pipelines.demo import base_lm, synthetic
 from pipelines.demo import check as demo_check
 from pipelines.demo import data as demo_data
+from pipelines.demo import mme as demo_mme
 from pipelines.demo.setup import prepare_extraction
 from pipelines.download import stage as download
 from pipelines.errors import InputError
@@ -126,6 +127,12 @@ def benchmark_task(cfg: Config, benchmark: str, data: str, checkpoint: str | Non
         return zeroshot_stage.run(cfg, ZERO_SHOT[benchmark], data, limit=limit, batch=batch)
     return bench.run(cfg, benchmark, data, checkpoint=checkpoint, cache=cache, limit=limit, subtasks=subtasks,
                      images=images, batch=batch)  # fmt: skip
+
+
+@stage_task(name="demo-mme", timeout_seconds=2 * HOUR)
+def demo_mme_task(cfg: Config, checkpoint: str) -> bench.BenchmarkResult:
+    """The demo's small MME (synthetic pictures, yes/no questions) asked of the stage-2 model."""
+    return demo_mme.run(cfg, checkpoint)
 
 
 @stage_task(name="demo-check", timeout_seconds=2 * HOUR)
