@@ -56,6 +56,7 @@ def test_demo_flow_runs_every_stage(prefect_harness: None, config: Config) -> No
         "== stage 2",
         "== evaluate",
         "== what the model says",
+        "== MME benchmark",
     ):
         assert block in text
     assert result.base.trained and result.stage1.steps == result.stage1.total_steps > 0
@@ -117,6 +118,9 @@ def test_ibllm_demo_learns_to_see_the_colour(tmp_path: Path) -> None:
         (False, False, 1), (False, False, 2), (False, True, 1), (True, False, 1), (True, False, 2), (True, True, 1)
     ]  # fmt: skip
     assert all(a["answer"] for a in asked)
+    mme = result["mme"]  # the demo's small MME: 16 yes/no questions in each of two subtasks, answered as yes or no
+    assert [r["subtask"] for r in mme["rows"]] == ["existence", "color", "perception"] and mme["questions"] == 32
+    assert sum(r["unparseable"] or 0 for r in mme["rows"]) <= 8, mme["rows"]  # 0 of 32 measured
     assert (tmp_path / "ws" / "synthetic" / "metadata.parquet").is_file()
     assert Path(result["report"]["html"]).is_file()
 
