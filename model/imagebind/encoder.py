@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from model.imagebind import audio, image, video
+from model.imagebind import fp8 as fp8_ops
 from model.imagebind.config import POINT, ImageBindConfig
 from model.imagebind.model import ImageBindModel
 from model.imagebind.point import seeded_starts
@@ -92,6 +93,7 @@ class ImageBind:
         seed: int = 0,
         point_checkpoint: str | None = None,
         weights: Weights = "auto",
+        fp8: bool = False,
     ) -> ImageBind:
         """Build a preset and load its weights from `checkpoint`, or initialise it from `seed` (tests, demo).
 
@@ -101,6 +103,8 @@ class ImageBind:
         the point weights change no stored feature.
 
         `weights` (see `resolve_weights`): by default a GPU holds the weights in a half `dtype`, the CPU in float32.
+        `fp8` runs the vision trunk's linear layers in FP8 (`model.imagebind.fp8`: Hopper or Ada, torchao, bfloat16
+        weights); refused otherwise.
         """
         state = read_state_dict(checkpoint) if checkpoint else {}
         point_state = _point_tensors(point_checkpoint) if point_checkpoint else {}
@@ -123,7 +127,11 @@ class ImageBind:
         encoder_id = encoder_id_for(preset, checkpoint, seed)
         dev = resolve_device(device)
         compute = resolve_dtype(dtype, dev)
+        if fp8:
+            fp8_ops.require_fp8(dev, resolve_weights(weights, compute, dev))  # before the weights move
         model = model.eval().requires_grad_(False).to(dev, resolve_weights(weights, compute, dev))
+        if fp8:
+            fp8_ops.vision_to_fp8(model)
         tokenizer = Tokenizer(vocab) if vocab else None
         return cls(model, tokenizer, dev, compute, encoder_id)
 
