@@ -143,7 +143,7 @@ class ImageBind:
     @property
     def weight_dtype(self) -> torch.dtype:
         """The dtype the weights are held in (float32, or `dtype` when they were cast)."""
-        return self.model.modality_preprocessors["vision"].cls_token.dtype
+        return next(self.model.parameters()).dtype  # the first stem's (FP8 quantises trunks only)
 
     @property
     def has_points(self) -> bool:
