@@ -5,7 +5,8 @@ Usage: python bench/extract.py [--device auto] [--preset base] [--dtype bfloat16
 All three featurise the same webdataset shards with the same model; peak memory is the summed PSS of this process
 and every process it started (Ray's workers included, shared pages split between them), sampled every 0.2 s.
 About 15 minutes on 2 cores with the defaults. On a CUDA machine the defaults become huge in bf16, 32 shards of 1,024
-and batches of 256, and the pipeline is also set against the H200's FLOP bound.
+and batches of 256, and the pipeline is also set against the H200's FLOP bound; then the actor by itself against the
+two towers alone (`extract_gpu.py`).
 """
 
 from __future__ import annotations
@@ -154,6 +155,12 @@ def main() -> None:
         print(f"huge bf16 on {torch.cuda.get_device_name()}: pipeline {statistics.median(rates):,.0f} images/s, "
               f"encoder alone {enc_rate:,.0f}, against the ~{bound:,.0f} images/s FLOP bound of an H200 (the image "
               "tower alone)")  # fmt: skip
+    if gpu:  # the actor by itself against the towers alone, bf16 weights against autocast, FP8 where it runs
+        from extract_gpu import report
+
+        report(args.preset, args.batch, 10.0, "cuda", args.dtype)
+    else:
+        print("actor vs towers on a GPU: skipped (no CUDA here; bench/extract_gpu.py measures it on a CUDA machine)")
 
 
 def parse_args() -> argparse.Namespace:

@@ -160,7 +160,14 @@ class ExtractConfig(Section):
     actor_cpus: float = Field(1.0, gt=0, description="CPUs reserved per encoder actor (also its torch threads)")
     task_cpus: float = Field(0.5, gt=0, description="CPUs reserved per read/decode/preprocess task")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="bf16 on GPU when auto")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="bf16 on GPU when auto; on a GPU a half dtype casts the frozen weights to it, on the CPU "
+        "it runs as autocast over float32 weights"
+    )  # fmt: skip
+    fp8: bool = Field(
+        False, description="FP8 linear layers in the vision trunk (GPUs of compute capability >= 8.9, bfloat16, the "
+        "fp8 extra: torchao); it changes the features, so it is one of the feature set's settings"
+    )  # fmt: skip
     buffer_mb: int | None = Field(
         512, gt=0, description="object store memory Ray Data may fill with decoded samples waiting for the encoder "
         "(a soft limit across the cluster; null: Ray's default share of the object store)"

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from model.imagebind import audio, image, video
+from model.imagebind import fp8 as fp8_ops
 from model.imagebind.config import POINT, ImageBindConfig
 from model.imagebind.model import ImageBindModel
 from model.imagebind.point import seeded_starts
@@ -26,6 +27,7 @@ POINT_KEYS = ("point_trunk.", "modality_heads.point.", "modality_postprocessors.
 NO_POINT_WEIGHTS = ("this ImageBind has no point branch: its checkpoint holds no Point-Bind weights; set "
                     "model.point_checkpoint to imagebind_w3D.pth")  # fmt: skip
 DType = Literal["auto", "float32", "bfloat16", "float16"]
+Weights = Literal["auto", "float32", "cast"]
 
 
 def encoder_id_for(preset: str, checkpoint: str | None, seed: int = 0) -> str:
@@ -47,6 +49,20 @@ def resolve_dtype(dtype: DType, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype)
 
 
+def resolve_weights(weights: Weights, dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype the frozen weights are held in.
+
+    `auto`: cast to a half `dtype` on a GPU (the matmuls then read half the bytes and no autocast casts a weight
+    per call), float32 on the CPU, where a half `dtype` runs as autocast over float32 weights as before.
+    `cast`: held in `dtype` on any device. `float32`: always float32 (a half `dtype` is then autocast).
+    """
+    if dtype == torch.float32 or weights == "float32":
+        return torch.float32
+    if weights == "cast" or device.type == "cuda":
+        return dtype
+    return torch.float32
+
+
 @dataclass
 class ImageBind:
     """A frozen ImageBind with its preprocessing.
@@ -55,7 +71,8 @@ class ImageBind:
         model: the network (eval mode, no gradients).
         tokenizer: the CLIP BPE tokenizer, or None when no vocabulary was given (text then cannot be embedded).
         device: where the network runs.
-        dtype: the autocast dtype (float32 means no autocast); outputs are always float32.
+        dtype: the compute dtype: float32, or a half dtype run either in weights of that dtype (`weight_dtype`, a
+            GPU's default) or as autocast over float32 weights (the CPU's); outputs are always float32.
         encoder_id: names the weights: `imagebind-<preset>-<sha of the checkpoint>` or `...-init<seed>`.
     """
 
@@ -75,6 +92,8 @@ class ImageBind:
         dtype: DType = "auto",
         seed: int = 0,
         point_checkpoint: str | None = None,
+        weights: Weights = "auto",
+        fp8: bool = False,
     ) -> ImageBind:
         """Build a preset and load its weights from `checkpoint`, or initialise it from `seed` (tests, demo).
 
@@ -82,6 +101,10 @@ class ImageBind:
         seven branches), in `point_checkpoint` (its point tensors are taken, the rest of that file is not read into
         the model), or seeded with the others when there is no checkpoint. `encoder_id` names `checkpoint` only:
         the point weights change no stored feature.
+
+        `weights` (see `resolve_weights`): by default a GPU holds the weights in a half `dtype`, the CPU in float32.
+        `fp8` runs the vision trunk's linear layers in FP8 (`model.imagebind.fp8`: Hopper or Ada, torchao, bfloat16
+        weights); refused otherwise.
         """
         state = read_state_dict(checkpoint) if checkpoint else {}
         point_state = _point_tensors(point_checkpoint) if point_checkpoint else {}
@@ -103,9 +126,14 @@ class ImageBind:
             log.warning("ImageBind huge with random weights: give model.imagebind_checkpoint for real features")
         encoder_id = encoder_id_for(preset, checkpoint, seed)
         dev = resolve_device(device)
-        model = model.eval().requires_grad_(False).to(dev)
+        compute = resolve_dtype(dtype, dev)
+        if fp8:
+            fp8_ops.require_fp8(dev, resolve_weights(weights, compute, dev))  # before the weights move
+        model = model.eval().requires_grad_(False).to(dev, resolve_weights(weights, compute, dev))
+        if fp8:
+            fp8_ops.vision_to_fp8(model)
         tokenizer = Tokenizer(vocab) if vocab else None
-        return cls(model, tokenizer, dev, resolve_dtype(dtype, dev), encoder_id)
+        return cls(model, tokenizer, dev, compute, encoder_id)
 
     @property
     def dim(self) -> int:
@@ -113,29 +141,45 @@ class ImageBind:
         return self.model.cfg.out_embed_dim
 
     @property
+    def weight_dtype(self) -> torch.dtype:
+        """The dtype the weights are held in (float32, or `dtype` when they were cast)."""
+        return next(self.model.parameters()).dtype  # the first stem's (FP8 quantises trunks only)
+
+    @property
     def has_points(self) -> bool:
         """Whether this encoder embeds point clouds (it has Point-Bind's branch)."""
         return POINT in self.model.branches
 
     @torch.inference_mode()
-    def encode(self, inputs: Mapping[str, torch.Tensor], point_seed: int = 0) -> dict[str, torch.Tensor]:
+    def encode(
+        self, inputs: Mapping[str, torch.Tensor], point_seed: int = 0, on_device: bool = False
+    ) -> dict[str, torch.Tensor]:
         """Preprocessed batches per modality -> L2-normalised float32 embeddings (B, dim) on the CPU.
 
         Keys: vision (or image/video), text, audio, depth, thermal, imu, point. Clip batches (5-D and more) are
         averaged over their clips first, as in the official model, then normalised. Point clouds (B, N, 3) start
         their farthest-point sampling at an index drawn from `point_seed` alone (`seeded_starts`).
+
+        With half weights, floating inputs are cast to the weights' dtype and no autocast runs; token ids stay
+        integers and point clouds float32 (they are grouped in float32, then cast). `on_device` leaves the
+        embeddings on the encoder's device, unsynchronised (the caller copies them when it needs them).
         """
         out = {}
-        autocast = torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+        cast = self.weight_dtype != torch.float32
+        autocast = torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32 and not cast)
         for key, x in inputs.items():
             if key not in ALIASES:
                 raise KeyError(f"unknown modality {key!r}; use one of {sorted(ALIASES)}")
             if key == POINT and not self.has_points:
                 raise ValueError(NO_POINT_WEIGHTS)
             start = seeded_starts([x.shape[1]] * x.shape[0], point_seed) if key == POINT else None
+            x = x.to(self.device)
+            if cast and key != POINT and x.is_floating_point():
+                x = x.to(self.weight_dtype)
             with autocast:
-                emb = self.model.embed(ALIASES[key], x.to(self.device), start)
-            out[key] = F.normalize(emb.float(), dim=-1).cpu()
+                emb = self.model.embed(ALIASES[key], x, start)
+            emb = F.normalize(emb.float(), dim=-1)
+            out[key] = emb if on_device else emb.cpu()
         return out
 
     def _batched(self, key: str, items: Sequence, prepare: Callable, batch_size: int) -> torch.Tensor:

@@ -30,10 +30,12 @@ class Attention(nn.Module):
             self.bias_k = self.bias_v = None
         nn.init.xavier_uniform_(self.in_proj_weight)
         nn.init.zeros_(self.out_proj.bias)
+        self.in_proj: nn.Linear | None = None  # the packed projection as a module, once FP8 quantises it (fp8.py)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         b, n, d = x.shape  # (B, L, D)
-        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)  # (B, L, D) each
+        packed = self.in_proj(x) if self.in_proj is not None else F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        q, k, v = packed.chunk(3, dim=-1)  # (B, L, D) each
         if self.bias_k is not None:
             k = torch.cat([k, self.bias_k.expand(b, 1, d)], dim=1)  # (B, L+1, D)
             v = torch.cat([v, self.bias_v.expand(b, 1, d)], dim=1)

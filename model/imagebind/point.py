@@ -159,6 +159,8 @@ class PointTransformer(nn.Module):
     def forward(self, xyz: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
         with torch.autocast(xyz.device.type, enabled=False):  # neighbourhoods are chosen in fp32, whatever autocast
             neighbourhoods, centres = group(xyz.float(), self.groups, self.group_size, start)
+        weights = self.reduce_dim.weight.dtype  # half when the weights were cast (then without autocast)
+        neighbourhoods, centres = neighbourhoods.to(weights), centres.to(weights)
         tokens = self.reduce_dim(self.encoder(neighbourhoods))  # (B, G, D)
         pos = self.pos_embed(centres)  # absolute centres
         b = tokens.shape[0]

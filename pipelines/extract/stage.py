@@ -85,6 +85,25 @@ def _device(cfg: Config) -> str:
     return "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
 
 
+def feature_settings(encoder_id: str, vocab: bytes, device: str, dtype: str, fp8: bool) -> dict[str, Any]:
+    """The settings that shape a feature set's values; a run with others is refused (`--force` redoes it).
+
+    A half dtype on a GPU holds the weights in it (not autocast over float32 weights, as on the CPU), and FP8
+    quantises the vision trunk: both change the features, so each is named, but only when it is on, so that the
+    feature sets made before either existed keep their settings.
+    """
+    settings: dict[str, Any] = {"encoder_id": encoder_id, "vocab": hashlib.sha256(vocab).hexdigest()[:16],
+                                "dtype": dtype}  # fmt: skip
+    if device == "cuda" and dtype != "float32":
+        settings["weights"] = dtype
+    if fp8:
+        if device != "cuda" or dtype != "bfloat16":
+            raise InputError(f"extract.fp8 needs a CUDA GPU (compute capability >= 8.9) and bfloat16; this run is "
+                             f"{dtype} on {device}: set extract.fp8 false")  # fmt: skip
+        settings["fp8"] = True
+    return settings
+
+
 def build_dataset(cfg: Config, ws: Workspace, items: list[dict], vocab: bytes, encoder_args: dict) -> Any:
     """Ray Data: read + decode + preprocess a shard per CPU task, then encode in an actor pool (one actor per GPU)."""
     import ray
@@ -132,12 +151,15 @@ def _encoder_stage(cfg: Config, ds: Any, encoder_args: dict[str, Any], actors: i
     only repeat, and a restartable actor makes Ray log an error line about its constructor arguments."""
     import ray
 
+    # A GPU actor takes its next batch while the GPU computes the last one (`extract_encode.Encoder`); its calls
+    # share one torch thread, so only the waiting and Ray's batching run side by side.
+    overlap = {"max_concurrent_calls_per_actor": extract_encode.CALLS_IN_FLIGHT, "enable_true_multi_threading": True}
     return ds.map_batches(
         extract_encode.Encoder,
         fn_constructor_kwargs={**encoder_args, "threads": int(cfg.extract.actor_cpus)},
         batch_format="numpy",
         batch_size=cfg.extract.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=actors),
+        compute=ray.data.ActorPoolStrategy(size=actors, **(overlap if gpu else {})),
         num_gpus=1 if gpu else 0,
         num_cpus=cfg.extract.actor_cpus,
         **remote,
@@ -221,7 +243,7 @@ def _extract(cfg: Config, ws: Workspace, encoder_id: str, names: list[str], forc
     ray_runtime.connect(cfg.ray)
     device = _device(cfg)
     dtype = cfg.extract.dtype if cfg.extract.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
-    settings = {"encoder_id": encoder_id, "vocab": hashlib.sha256(vocab).hexdigest()[:16], "dtype": dtype}
+    settings = feature_settings(encoder_id, vocab, device, dtype, cfg.extract.fp8)
     ledgers = {
         s: Ledger(ws, "extract", f"{encoder_id}.{s}", settings, encoder_id=encoder_id, force=force) for s in names
     }
@@ -232,7 +254,7 @@ def _extract(cfg: Config, ws: Workspace, encoder_id: str, names: list[str], forc
         if not ledgers[s].is_current(it["shard"], it["input"])
     ]
     encoder_args = {"preset": m.imagebind, "checkpoint": m.imagebind_checkpoint, "seed": cfg.seed,
-                    "device": device, "dtype": dtype}  # fmt: skip
+                    "device": device, "dtype": dtype, "fp8": cfg.extract.fp8}  # fmt: skip
     meta = features.read_meta(ws, encoder_id)
     if meta is None or meta.get("settings") != settings:  # once per feature set, before its first shard
         emb = _placeholder(cfg, encoder_args)
