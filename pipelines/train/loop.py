@@ -94,7 +94,33 @@ def fused_cross_entropy(setting: str, device: torch.device) -> Callable[..., tor
     except ImportError as e:
         log.info("fused_kernels auto: liger_kernel is not importable (%s); the chunked cross-entropy is used", e)
         return None
-    return LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE, reduction="sum")
+    fused = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE, reduction="sum")
+    problem = _fused_loss_problem(fused, device)
+    if problem:
+        log.warning("fused_kernels auto: Liger-Kernel's fused cross-entropy %s; the chunked cross-entropy is used",
+                    problem)  # fmt: skip
+        return None
+    return fused
+
+
+def _fused_loss_problem(fused: Callable[..., torch.Tensor], device: torch.device) -> str | None:
+    """None when `fused` gives the summed, IGNORE-skipping cross-entropy (and its gradient) on a small bf16 case;
+    else what went wrong: a version that averages, or any error, must not train with a wrong loss."""
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(6, 64, generator=g).to(device, torch.bfloat16).requires_grad_()
+    weight = (0.1 * torch.randn(96, 64, generator=g)).to(device, torch.bfloat16)
+    targets = torch.tensor([3, IGNORE, 7, 95, IGNORE, 0], device=device)
+    want = nn.functional.cross_entropy(rows.float() @ weight.float().T, targets, ignore_index=IGNORE, reduction="sum")
+    (want_grad,) = torch.autograd.grad(want, rows)
+    try:
+        got = fused(weight, rows, targets, None)
+        (grad,) = torch.autograd.grad(got, rows)
+    except Exception as e:  # a kernel that does not build or run here
+        return f"failed a check ({type(e).__name__}: {e})"
+    if not torch.allclose(got.float(), want, rtol=0.02) or not torch.allclose(grad.float(), want_grad.float(),
+                                                                               rtol=0.05, atol=1e-2):  # fmt: skip
+        return f"does not give the summed loss (got {got.item():.4f}, expected {want.item():.4f})"
+    return None
 
 
 def prepare_compute(model: ImageBindLLM, compute: Compute, device: torch.device) -> torch.dtype:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from pydantic import ValidationError
 
 from model.llm.checkpoint import read_checkpoint
@@ -16,7 +17,7 @@ from model.llm.model import IGNORE, ImageBindLLM, summed_answer_loss
 from model.llm.phases import phase_parameters, set_phase
 from pipelines.config import StageConfig
 from pipelines.train import stage as train
-from pipelines.train.loop import base_dtype, cast_frozen_base, fused_cross_entropy, masked_sum_loss
+from pipelines.train.loop import _fused_loss_problem, base_dtype, cast_frozen_base, fused_cross_entropy, masked_sum_loss
 from tests.pipelines.train_fixture import train_config
 
 TINY = LLMConfig.preset("tiny")
@@ -140,6 +141,21 @@ def test_settings_resolve_per_device_and_fused_kernels_fall_back(monkeypatch: py
     assert fused_cross_entropy("auto", CPU) is None and fused_cross_entropy("off", CUDA) is None
     monkeypatch.setitem(sys.modules, "liger_kernel", None)  # not installed: the import fails
     assert fused_cross_entropy("auto", CUDA) is None
+
+
+def test_a_fused_loss_is_used_only_when_it_gives_the_summed_cross_entropy() -> None:
+    def fused(reduction: str):
+        def loss(weight: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor, bias: None) -> torch.Tensor:
+            return F.cross_entropy((rows @ weight.T).float(), targets, ignore_index=IGNORE, reduction=reduction)
+
+        return loss
+
+    def broken(*args: object) -> torch.Tensor:
+        raise RuntimeError("no kernel for this device")
+
+    assert _fused_loss_problem(fused("sum"), CPU) is None
+    assert "does not give the summed loss" in (_fused_loss_problem(fused("mean"), CPU) or "")
+    assert "RuntimeError: no kernel" in (_fused_loss_problem(broken, CPU) or "")
 
 
 def test_micro_batch_decides_the_accumulation() -> None:
