@@ -192,3 +192,15 @@ def test_training_with_a_bfloat16_base_checkpointing_and_micro_batches(tmp_path:
     assert max(abs(a - b) for a, b in zip(recomputed, fp32, strict=True)) < 1e-5
     assert bf16_tensors.keys() == fp32_tensors.keys()
     assert all(t.dtype == torch.float32 for t in bf16_tensors.values())
+
+
+def test_step_rate_times_real_steps_of_the_loop_at_the_tiny_shape() -> None:
+    from bench.train_gpu import step_rate
+
+    plain = step_rate(stage=1, shape="tiny", micro_batch=4, seq=24, steps=3, device="cpu")
+    assert plain["base_dtype"] == "float32" and not plain["fused"] and len(plain["losses"]) == 3
+    assert plain["ms_per_step"] > 0 and plain["samples_per_s"] == pytest.approx(4e3 / plain["ms_per_step"])
+    lean = step_rate(stage=2, shape="tiny", micro_batch=2, seq=32, base_dtype="bfloat16", checkpointing=True,
+                     steps=3, device="cpu")  # fmt: skip
+    assert lean["base_dtype"] == "bfloat16" and lean["checkpointing"] and len(lean["losses"]) == 3
+    assert all(4.0 < loss < 9.0 for loss in plain["losses"] + lean["losses"])  # ~ln(512) at random weights
