@@ -251,7 +251,14 @@ class StageConfig(Section):
     min_lr: float = Field(0.0, ge=0)
     weight_decay: float = Field(ge=0)
     max_words: int = Field(gt=0)
-    accum_iter: int = Field(1, gt=0)
+    accum_iter: int = Field(1, gt=0, description="micro-batches per worker and step (or set micro_batch)")
+    micro_batch: int | None = Field(
+        None,
+        gt=0,
+        description="examples per forward and backward on each worker; accum_iter follows: "
+        "global_batch_size / (workers x micro_batch). Raise it as far as device memory allows (fewer, larger "
+        "steps of the GPU)",
+    )
     clip_grad: float | None = Field(None, gt=0)
     workers: int = Field(1, gt=0, description="Ray Train workers (one per GPU when use_gpu)")
     use_gpu: bool = False
@@ -298,6 +305,17 @@ class StageConfig(Section):
             raise ValueError(f"warmup_epochs {self.warmup_epochs} exceeds epochs {self.epochs}")
         return self
 
+    @model_validator(mode="after")
+    def _micro_batch(self) -> StageConfig:
+        if self.micro_batch is None:
+            return self
+        if self.accum_iter != 1:
+            raise ValueError("set accum_iter or micro_batch, not both (micro_batch decides accum_iter)")
+        if self.global_batch_size % (self.workers * self.micro_batch):
+            raise ValueError(f"global_batch_size {self.global_batch_size} is not divisible by workers x micro_batch "
+                             f"({self.workers} x {self.micro_batch})")  # fmt: skip
+        return self
+
 
 class BaseLMConfig(Section):
     """The demo's stage 0: a small LLaMA and BPE tokenizer trained on the synthetic source's language."""
@@ -319,6 +337,23 @@ class TrainConfig(Section):
 
     stage0: BaseLMConfig | None = Field(None, description="the demo's own base LLaMA (stands in for a real one)")
     holdout: float = Field(0.01, ge=0, lt=1, description="share of feature rows (by uid hash) kept out for evaluation")
+
+    base_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="dtype of the frozen LLaMA weights while training (the tensors a stage trains, and every "
+        "checkpoint tensor, stay float32): auto = bfloat16 on CUDA, float32 on CPU. bfloat16 halves the base's "
+        "memory and its casts under autocast (autocast then runs on a CPU too)",
+    )
+    fused_kernels: Literal["auto", "off"] = Field(
+        "auto",
+        description="auto: the loss through Liger-Kernel's fused linear cross-entropy when it is installed "
+        "(extra gpu-train) and the device is CUDA; otherwise, and with off, our chunked cross-entropy",
+    )
+    activation_checkpointing: bool = Field(
+        False,
+        description="recompute every decoder layer in backward instead of keeping its activations: for "
+        "micro-batches that do not fit otherwise (about a third more compute)",
+    )
 
     stage1: StageConfig = Field(
         default_factory=lambda: StageConfig(

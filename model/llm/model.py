@@ -10,7 +10,9 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import LlamaForCausalLM, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from model.llm.bind import BindNetwork
 from model.llm.cache import CACHE_T, CACHE_W, cache_mix, mix_modalities
@@ -18,6 +20,7 @@ from model.llm.config import LLMConfig
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 IGNORE = -100  # label of prompt and padding tokens (the reference uses 0; see prompts.encode_example)
+LOSS_CHUNK = 2048  # rows of logits a summed loss computes at a time (2048 x 32000 fp32: 262 MB)
 
 # (B, D) query -> ((B, k) inner products, (B, k, D) neighbour features): a visual cache lookup, wired by a pipeline
 CacheLookup = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -50,6 +53,9 @@ class ImageBindLLM(nn.Module):
                 llama = get_peft_model(llama, lora_config(config))
         self.llama = llama
         self._visual: torch.Tensor | None = None
+        self.loss_chunk = LOSS_CHUNK
+        # a fused linear cross-entropy (weight, rows, targets, bias) -> summed loss, e.g. Liger-Kernel's; None = ours
+        self.fused_loss: Callable[..., torch.Tensor] | None = None
         for i, index in enumerate(config.adapter_layers):
             attn = self.layers[index].self_attn
             attn.o_proj.register_forward_pre_hook(self._injector(i, attn))
@@ -123,6 +129,32 @@ class ImageBindLLM(nn.Module):
         finally:
             self._visual = previous
 
+    def checkpoint_layers(self, on: bool = True) -> None:
+        """Activation checkpointing: each decoder layer keeps only its input for backward and runs again there.
+
+        Wrapped here rather than with transformers' switch because the visual adapter is not an argument of the
+        layers: the injected `visual` of the forward is handed to the recomputation (it runs in backward, after
+        `injecting` has ended). Only calls with gradients enabled are checkpointed. Costs one more forward of the
+        layers; activation memory becomes one layer's plus every layer's input.
+        """
+        for layer in self.layers:
+            layer.__dict__.pop("forward", None)  # the class's forward again
+            if on:
+                layer.forward = self._checkpointed(layer.forward)
+
+    def _checkpointed(self, forward: Callable) -> Callable:
+        def run(*args, **kwargs):
+            if not torch.is_grad_enabled():
+                return forward(*args, **kwargs)
+
+            def body(visual: torch.Tensor | None, *inputs):
+                with self.injecting(visual):
+                    return forward(*inputs, **kwargs)
+
+            return checkpoint(body, self._visual, *args, use_reentrant=False)
+
+        return run
+
     def keep_visual_path_only(self) -> None:
         """Drop the language model once a serving copy holds it (`model.llm.engine`): `visual_query` still works,
         `forward` no longer does."""
@@ -137,6 +169,7 @@ class ImageBindLLM(nn.Module):
         labels: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         visual: torch.Tensor | None = None,
+        sum_loss: bool = False,
         **llama_kwargs,
     ):
         """Logits (and `loss` when labels are given) with the visual feature injected.
@@ -147,9 +180,19 @@ class ImageBindLLM(nn.Module):
             features: (B, feature_dim) ImageBind embeddings, or `visual` (B, 1, dim) already bound; neither = text
                 only through the plain LLaMA.
             labels: (B, L) with IGNORE on prompt and padding; the loss is the token mean over the batch.
+            sum_loss: with labels, return only `loss`, the *sum* of the token losses (`summed_answer_loss`: from
+                the final hidden states at the labelled positions, through lm_head in chunks; no logits).
         """
         if visual is None and features is not None:
             visual = self.visual_query(features)
+        if sum_loss:
+            if labels is None:
+                raise ValueError("sum_loss needs labels")
+            with self.injecting(visual):
+                hidden = self.base.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                                         **llama_kwargs).last_hidden_state  # fmt: skip
+            loss = summed_answer_loss(hidden, labels, self.base.lm_head, self.loss_chunk, self.fused_loss)
+            return CausalLMOutputWithPast(loss=loss)
         with self.injecting(visual):
             out = self.llama(input_ids=input_ids, attention_mask=attention_mask, **llama_kwargs)
         if labels is not None:
@@ -163,6 +206,43 @@ def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     if not bool((targets != IGNORE).any()):
         return logits.sum() * 0.0  # keeps the graph, as the reference's `logits.mean() * 0`
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets, ignore_index=IGNORE)
+
+
+def summed_answer_loss(
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    head: nn.Linear,
+    chunk: int = LOSS_CHUNK,
+    fused: Callable[..., torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Sum of the next-token cross-entropy over the non-IGNORE labels, from the final hidden states (B, L, D).
+
+    Equal to the cross-entropy of `head(hidden)`'s logits summed over the labelled positions, without the logits
+    of the batch: the rows at labelled positions are gathered first (most prompt positions carry no label), then
+    `chunk` rows at a time go through `head` and a float32 cross-entropy, each chunk under activation checkpointing
+    so that its logits are not kept for backward (recomputed there, one chunk at a time). `fused(weight, rows,
+    targets, bias)`, when given, computes the gathered rows' summed loss instead (a fused linear cross-entropy).
+    0 (with a graph) when nothing is labelled.
+    """
+    targets = labels[:, 1:]
+    keep = targets != IGNORE
+    rows, targets = hidden[:, :-1][keep], targets[keep]  # (N, D), (N,)
+    if rows.shape[0] == 0:
+        return hidden.sum().float() * 0.0
+    if fused is not None:
+        weight = head.weight
+        return fused(weight, rows.to(weight.dtype), targets, head.bias).float()
+    grad = torch.is_grad_enabled() and (rows.requires_grad or any(p.requires_grad for p in head.parameters()))
+    total = None
+    for start in range(0, rows.shape[0], chunk):
+        part = (rows[start : start + chunk], targets[start : start + chunk])
+        loss = checkpoint(_chunk_loss, head, *part, use_reentrant=False) if grad else _chunk_loss(head, *part)
+        total = loss if total is None else total + loss
+    return total
+
+
+def _chunk_loss(head: nn.Module, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(rows).float(), targets, reduction="sum")
 
 
 def lora_config(config: LLMConfig) -> LoraConfig:

@@ -19,7 +19,6 @@ from pipelines.config import Config
 from pipelines.errors import InputError
 from pipelines.paths import resolve_checkpoint
 from pipelines.train.data import CAPTION_PROMPT, Example, ExampleSource, FeatureCaptions, micro_batch
-from pipelines.train.loop import masked_sum_loss
 from pipelines.train.setup import stage1_features
 from stores.features import read_pairs
 from stores.runs import EXTERNAL, Runs
@@ -62,8 +61,8 @@ def held_out_losses(model: ImageBindLLM, batches: list, device: torch.device) ->
     for m in batches:
         ids, labels = m.input_ids.to(device), m.labels.to(device)
         n = len(ids)
-        true_sum += float(masked_sum_loss(model(ids, m.features.to(device)).logits, labels))
-        fake_sum += float(masked_sum_loss(model(ids, shuffled[at : at + n].to(device)).logits, labels))
+        true_sum += float(model(ids, m.features.to(device), labels=labels, sum_loss=True).loss)
+        fake_sum += float(model(ids, shuffled[at : at + n].to(device), labels=labels, sum_loss=True).loss)
         tokens += m.tokens
         at += n
     if tokens == 0:

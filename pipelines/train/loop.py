@@ -22,7 +22,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from model.llm.checkpoint import load_tensors, read_checkpoint, write_checkpoint
-from model.llm.model import IGNORE, ImageBindLLM
+from model.llm.model import IGNORE, LOSS_CHUNK, ImageBindLLM
 from model.llm.phases import decay_groups, phase_parameters, set_phase
 from model.weights import load_weights_only
 from pipelines.console import Progress
@@ -46,6 +46,95 @@ class Hyper:
     total_steps: int
     clip_grad: float | None = None
     betas: tuple[float, float] = (0.9, 0.95)
+
+
+@dataclass
+class Compute:
+    """How the steps compute (pipelines.config.TrainConfig): the same losses and gradients up to rounding."""
+
+    base_dtype: str = "auto"  # the frozen base's dtype: auto (bfloat16 on CUDA, float32 elsewhere), float32, bfloat16
+    fused_kernels: str = "auto"  # auto: Liger-Kernel's fused linear cross-entropy where importable on CUDA; off
+    activation_checkpointing: bool = False  # recompute each decoder layer in backward
+    loss_chunk: int = LOSS_CHUNK  # rows of logits at a time in the summed loss
+
+
+def base_dtype(setting: str, device: torch.device) -> torch.dtype:
+    """The frozen base's dtype for a `Compute.base_dtype` setting on `device`."""
+    if setting == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if setting not in ("float32", "bfloat16"):
+        raise InputError(f"train.base_dtype {setting!r}: choose auto, float32 or bfloat16")
+    return getattr(torch, setting)
+
+
+def cast_frozen_base(model: ImageBindLLM, dtype: torch.dtype) -> int:
+    """Cast the floating parameters no phase trains (the LLaMA's projections, embeddings, head, k/v biases) to
+    `dtype`; returns how many. Checkpoint tensors (bind network, prefix, gates, LoRA, norms, tuned biases) keep
+    their dtype, trained or frozen in this phase: a stage passes the other stage's tensors on unchanged, and the
+    trained ones stay float32 (`set_phase`). Buffers (RoPE frequencies) are left alone.
+    """
+    keep = {id(p) for p in phase_parameters(model).values()}
+    cast = 0
+    for p in model.parameters():
+        if id(p) not in keep and p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+            cast += 1
+    return cast
+
+
+def fused_cross_entropy(setting: str, device: torch.device) -> Callable[..., torch.Tensor] | None:
+    """Liger-Kernel's fused linear cross-entropy (summed, IGNORE skipped) when `setting` is auto, the device is
+    CUDA and `liger_kernel` imports (the `gpu-train` extra); None otherwise: our chunked loss is used."""
+    if setting == "off" or device.type != "cuda":
+        return None
+    if setting != "auto":
+        raise InputError(f"train.fused_kernels {setting!r}: choose auto or off")
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    except ImportError as e:
+        log.info("fused_kernels auto: liger_kernel is not importable (%s); the chunked cross-entropy is used", e)
+        return None
+    fused = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE, reduction="sum")
+    problem = _fused_loss_problem(fused, device)
+    if problem:
+        log.warning("fused_kernels auto: Liger-Kernel's fused cross-entropy %s; the chunked cross-entropy is used",
+                    problem)  # fmt: skip
+        return None
+    return fused
+
+
+def _fused_loss_problem(fused: Callable[..., torch.Tensor], device: torch.device) -> str | None:
+    """None when `fused` gives the summed, IGNORE-skipping cross-entropy (and its gradient) on a small bf16 case;
+    else what went wrong: a version that averages, or any error, must not train with a wrong loss."""
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(6, 64, generator=g).to(device, torch.bfloat16).requires_grad_()
+    weight = (0.1 * torch.randn(96, 64, generator=g)).to(device, torch.bfloat16)
+    targets = torch.tensor([3, IGNORE, 7, 95, IGNORE, 0], device=device)
+    want = nn.functional.cross_entropy(rows.float() @ weight.float().T, targets, ignore_index=IGNORE, reduction="sum")
+    (want_grad,) = torch.autograd.grad(want, rows)
+    try:
+        got = fused(weight, rows, targets, None)
+        (grad,) = torch.autograd.grad(got, rows)
+    except Exception as e:  # a kernel that does not build or run here
+        return f"failed a check ({type(e).__name__}: {e})"
+    if not torch.allclose(got.float(), want, rtol=0.02) or not torch.allclose(grad.float(), want_grad.float(),
+                                                                               rtol=0.05, atol=1e-2):  # fmt: skip
+        return f"does not give the summed loss (got {got.item():.4f}, expected {want.item():.4f})"
+    return None
+
+
+def prepare_compute(model: ImageBindLLM, compute: Compute, device: torch.device) -> torch.dtype:
+    """Apply `compute` to a model whose phase is set (before it is wrapped or sharded): the frozen base's dtype,
+    the loss's kernel and chunk, activation checkpointing. Returns the base dtype."""
+    dtype = base_dtype(compute.base_dtype, device)
+    cast = cast_frozen_base(model, dtype)
+    model.fused_loss = fused_cross_entropy(compute.fused_kernels, device)
+    model.loss_chunk = compute.loss_chunk
+    model.checkpoint_layers(compute.activation_checkpointing)
+    log.info("frozen base in %s (%d tensors cast), loss %s, activation checkpointing %s", str(dtype).split(".")[-1],
+             cast, "fused (Liger-Kernel)" if model.fused_loss else f"chunked ({compute.loss_chunk} rows)",
+             "on" if compute.activation_checkpointing else "off")  # fmt: skip
+    return dtype
 
 
 def lr_at(step: int, h: Hyper) -> float:
@@ -228,17 +317,22 @@ def train(
     max_steps: int | None = None,
     on_step: Callable[[StepLog], None] | None = None,
     metadata: dict[str, Any] | None = None,
+    compute: Compute | None = None,
+    save: bool = True,
 ) -> LoopState:
-    """Run steps until `hyper.total_steps` (or `max_steps`), checkpointing every `checkpoint_every` and at the end.
+    """Run steps until `hyper.total_steps` (or `max_steps`), checkpointing every `checkpoint_every` and at the end
+    (never when not `save`: benchmarks).
 
     The loss of a step is the token mean over the whole global batch (every worker's micro-batches): each
-    micro-batch's summed loss is divided by the global count of answer tokens, so 1 worker and N workers with
-    the same global batch compute the same gradient.
+    micro-batch's summed loss (`ImageBindLLM.forward(sum_loss=True)`: no logits of the whole batch) is divided by
+    the global count of answer tokens, so 1 worker and N workers with the same global batch compute the same
+    gradient. Autocast runs in bfloat16 on CUDA, and wherever the frozen base is bfloat16 (`compute`).
     """
     set_phase(model, phase)
     resume = session.resume_dir()
     if resume:
         load_weights(resume, model)
+    dtype = prepare_compute(model, compute or Compute(), session.device)
     wrapped = session.prepare(model)
     sharded = is_sharded(wrapped)
     if not sharded:
@@ -253,7 +347,7 @@ def train(
     end = min(hyper.total_steps, max_steps or hyper.total_steps)
     progress = Progress(log, f"stage {(metadata or {}).get('stage', '?')}", start_at=state.step)
     first = state.step + 1  # its line says the run is under way
-    autocast = session.device.type == "cuda"
+    autocast = session.device.type == "cuda" or dtype == torch.bfloat16
     stream = batches(state.step)
     while state.step < end:
         start = time.perf_counter()
@@ -271,8 +365,8 @@ def train(
             elif not sync and hasattr(wrapped, "no_sync"):
                 ctx = wrapped.no_sync()
             with ctx, torch.autocast(session.device.type, dtype=torch.bfloat16, enabled=autocast):
-                out = wrapped(m.input_ids.to(session.device), m.features.to(session.device))
-                loss_sum = masked_sum_loss(out.logits, m.labels.to(session.device))
+                ids, labels = m.input_ids.to(session.device), m.labels.to(session.device)
+                loss_sum = wrapped(ids, m.features.to(session.device), labels=labels, sum_loss=True).loss
             (loss_sum * session.world / tokens.clamp(min=1)).backward()
             total += loss_sum.detach()
         if hyper.clip_grad:  # the norm of the whole gradient, also when the gradients are DTensor shards
@@ -286,7 +380,7 @@ def train(
         if on_step:
             on_step(entry)
         metrics = {"step": state.step, "loss": loss, "lr": lr, "tokens": entry.tokens}
-        if state.step % checkpoint_every == 0 or state.step == end:
+        if save and (state.step % checkpoint_every == 0 or state.step == end):
             _checkpoint(session, model, optimizer, state, metrics, metadata)
         elif state.step % REPORT_EVERY == 0:  # a Ray report synchronises the workers: not every step
             session.report(metrics, None, state.step)

@@ -74,6 +74,10 @@ class Job:
     conversation: Conversation = "turns"  # stage 2: StageConfig.conversation
     max_steps: int | None = None
     parallel: str = "ddp"  # "ddp" or "fsdp" (StageConfig.parallel)
+    micro_batch: int | None = None  # StageConfig.micro_batch: decides the micro-batches per worker (accum)
+    base_dtype: str = "auto"  # TrainConfig.base_dtype, fused_kernels, activation_checkpointing
+    fused_kernels: str = "auto"
+    activation_checkpointing: bool = False
     notes: dict[str, Any] = field(default_factory=dict)
 
 
@@ -122,7 +126,8 @@ def resolve_job(
         total_steps=total, steps_per_epoch=spe, examples=examples, clip_grad=sc.clip_grad,
         checkpoint_every=sc.checkpoint_every_steps, use_gpu=sc.use_gpu, workers=sc.workers,
         shuffle_buffer=sc.shuffle_buffer, holdout=cfg.train.holdout, conversation=sc.conversation,
-        max_steps=max_steps, parallel=sc.parallel,
+        max_steps=max_steps, parallel=sc.parallel, micro_batch=sc.micro_batch, base_dtype=cfg.train.base_dtype,
+        fused_kernels=cfg.train.fused_kernels, activation_checkpointing=cfg.train.activation_checkpointing,
     )  # fmt: skip
 
 
@@ -192,6 +197,16 @@ def build_model(job: Job) -> ImageBindLLM:
     return model
 
 
+def accum_steps(job: Job, world: int) -> int:
+    """Micro-batches per worker and step: the job's accum, or what its micro_batch makes of the global batch."""
+    if job.micro_batch is None:
+        return job.accum
+    if job.global_batch % (world * job.micro_batch):
+        raise InputError(f"global_batch_size {job.global_batch} is not divisible by {world} worker(s) x micro_batch "
+                         f"{job.micro_batch}")  # fmt: skip
+    return job.global_batch // (world * job.micro_batch)
+
+
 def build_batches(job: Job, ws: Workspace, rank: int, world: int) -> Callable[[int], Iterator]:
     """start step -> this worker's micro-batches of every step from there on (prefetched in a thread)."""
     tokenizer = load_tokenizer(job.tokenizer)
@@ -204,6 +219,6 @@ def build_batches(job: Job, ws: Workspace, rank: int, world: int) -> Callable[[i
         examples = instruction_examples(ws, job.encoder_id, job.instruction_files, job.feature_files, job.conversation,
                                         tokenizer, tokenizer_name(job.tokenizer, job.base_llama))  # fmt: skip
         source = ExampleList(examples, job.seed)
-    plan = Plan(job.global_batch, world, job.accum, job.max_words)
+    plan = Plan(job.global_batch, world, accum_steps(job, world), job.max_words)
     pad = LLMConfig.from_dict(job.llm).pad_id
     return lambda start: prefetch(step_batches(source, tokenizer, plan, rank, start, pad))

@@ -18,7 +18,7 @@ from model.llm.phases import STAGE_PHASE
 from pipelines.config import Config, StageConfig
 from pipelines.console import interval, polling
 from pipelines.errors import InputError
-from pipelines.train.loop import MODEL_DIR, Hyper, shard_model, train
+from pipelines.train.loop import MODEL_DIR, Compute, Hyper, shard_model, train
 from pipelines.train.setup import Job, build_batches, build_model, local_dir, resolve_job
 from stores.lease import lease
 from stores.runs import PROGRESS_FILE, RunRecord, Runs
@@ -185,8 +185,10 @@ def worker_main(config: dict[str, Any]) -> None:
     batches = build_batches(job, ws, session.rank, session.world)
     metadata = {"stage": job.stage, "run_id": job.run_id, "encoder_id": job.encoder_id, "seed": job.seed,
                 "base_llama": job.base_llama, "tokenizer": job.tokenizer}  # fmt: skip
+    compute = Compute(base_dtype=job.base_dtype, fused_kernels=job.fused_kernels,
+                      activation_checkpointing=job.activation_checkpointing)  # fmt: skip
     train(session, model, STAGE_PHASE[job.stage], batches, hyper, job.checkpoint_every, job.max_steps,
-          metadata=metadata)  # fmt: skip
+          metadata=metadata, compute=compute)  # fmt: skip
 
 
 class _Pointer:
