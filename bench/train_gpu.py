@@ -119,7 +119,7 @@ def step_rate(
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
     return {
         "stage": stage, "shape": shape, "micro_batch": micro_batch, "seq": seq, "device": str(device),
-        "base_dtype": str(model.base.model.embed_tokens.weight.dtype).removeprefix("torch."),
+        "base_dtype": str(model.base.lm_head.weight.dtype).removeprefix("torch."),
         "fused": model.fused_loss is not None, "checkpointing": checkpointing, "steps": steps,
         "ms_per_step": step_s * 1e3, "samples_per_s": micro_batch / step_s, "tokens_per_s": micro_batch * seq / step_s,
         "answer_tokens_per_s": state.history[-1]["tokens"] / step_s, "peak_memory_gb": peak,

@@ -340,9 +340,9 @@ class TrainConfig(Section):
 
     base_dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto",
-        description="dtype of the frozen LLaMA weights while training (the tensors a stage trains, and every "
-        "checkpoint tensor, stay float32): auto = bfloat16 on CUDA, float32 on CPU. bfloat16 halves the base's "
-        "memory and its casts under autocast (autocast then runs on a CPU too)",
+        description="dtype of the frozen LLaMA projections and head while training (every checkpoint tensor and "
+        "the token embeddings stay float32): auto = bfloat16 on CUDA, float32 on CPU. bfloat16 halves their "
+        "memory and saves autocast's casts of them, same results under autocast (which then runs on a CPU too)",
     )
     fused_kernels: Literal["auto", "off"] = Field(
         "auto",

@@ -68,12 +68,15 @@ def base_dtype(setting: str, device: torch.device) -> torch.dtype:
 
 
 def cast_frozen_base(model: ImageBindLLM, dtype: torch.dtype) -> int:
-    """Cast the floating parameters no phase trains (the LLaMA's projections, embeddings, head, k/v biases) to
-    `dtype`; returns how many. Checkpoint tensors (bind network, prefix, gates, LoRA, norms, tuned biases) keep
-    their dtype, trained or frozen in this phase: a stage passes the other stage's tensors on unchanged, and the
-    trained ones stay float32 (`set_phase`). Buffers (RoPE frequencies) are left alone.
+    """Cast the floating parameters no phase trains (the LLaMA's projections, head, k/v biases) to `dtype`;
+    returns how many. Checkpoint tensors (bind network, prefix, gates, LoRA, norms, tuned biases) keep their
+    dtype, trained or frozen in this phase: a stage passes the other stage's tensors on unchanged, and the trained
+    ones stay float32 (`set_phase`). The token embeddings keep theirs too: they set the dtype of the residual
+    stream and of RoPE's cos/sin, so with them in float32 a bfloat16 base under autocast computes what a float32
+    base under autocast computes (autocast casts the weights of every matmul to bfloat16 anyway; a test checks
+    it). Buffers (RoPE frequencies) are left alone.
     """
-    keep = {id(p) for p in phase_parameters(model).values()}
+    keep = {id(p) for p in phase_parameters(model).values()} | {id(model.base.model.embed_tokens.weight)}
     cast = 0
     for p in model.parameters():
         if id(p) not in keep and p.is_floating_point() and p.dtype != dtype:

@@ -126,13 +126,32 @@ def test_a_bfloat16_base_keeps_what_trains_and_what_checkpoints_hold_in_float32(
     q = model.layers[0].self_attn.q_proj
     assert q.base_layer.weight.dtype == torch.bfloat16 and q.base_layer.bias.dtype == torch.float32
     assert model.base.lm_head.weight.dtype == torch.bfloat16
-    assert model.base.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert model.base.model.embed_tokens.weight.dtype == torch.float32  # the residual stream stays float32
     assert model.base.model.rotary_emb.inv_freq.dtype == torch.float32  # buffers untouched
     ids, labels, feats = _batch()
     with torch.autocast("cpu", dtype=torch.bfloat16):  # a bf16 weight beside an fp32 bias in one Linear
         loss = model(ids, feats, labels=labels, sum_loss=True).loss
     loss.backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in trainable.values())
+
+
+@pytest.mark.parametrize("phase", ["pretrain", "finetune"])
+def test_a_bfloat16_base_under_autocast_computes_what_a_float32_base_under_autocast_computes(phase: str) -> None:
+    """Autocast casts every matmul's weight to bfloat16: storing the frozen ones so changes nothing, bit for bit
+    (the GPU path before and after), while the loss and gradients keep their float32 residual stream."""
+    results = []
+    for cast in (False, True):
+        model = _model()  # the same seed: the same weights
+        trainable = set_phase(model, phase)
+        if cast:
+            cast_frozen_base(model, torch.bfloat16)
+        ids, labels, feats = _batch()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(ids, feats, labels=labels, sum_loss=True).loss
+        results.append((loss, torch.autograd.grad(loss, list(trainable.values()))))
+    (want, want_grads), (got, grads) = results
+    assert torch.equal(got, want)
+    assert all(torch.equal(a, b) for a, b in zip(grads, want_grads, strict=True))
 
 
 def test_settings_resolve_per_device_and_fused_kernels_fall_back(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -169,8 +188,9 @@ def test_micro_batch_decides_the_accumulation() -> None:
 
 
 def test_training_with_a_bfloat16_base_checkpointing_and_micro_batches(tmp_path: Path) -> None:
-    """20 steps of the tiny stage-1 run: a bfloat16 base (with CPU autocast) stays within bfloat16 rounding of the
-    float32 base; activation checkpointing with micro-batches of 4 (2 a step) gives the float32 losses to 1e-5.
+    """20 steps of the tiny stage-1 run: a bfloat16 base (with CPU autocast, which a float32 base does not get on a
+    CPU) stays within bfloat16 rounding of the float32 base; activation checkpointing with micro-batches of 4 (2 a
+    step) gives the float32 losses to 1e-5.
 
     Tolerance: bfloat16 keeps 8 significant bits (relative rounding 2^-9, 0.2%, per stored weight and per matmul
     output); the loss (~6 nats) passes through a few such roundings, so per step |diff| <= 0.02 (0.3% of the loss)
