@@ -34,7 +34,7 @@ def test_generate_refuses_weights_without_their_input(tmp_path: Path) -> None:
     assert proc.returncode == 4 and "weight audio=0.5 given, but no audio input" in proc.stderr
     with pytest.raises(InputError, match="weight audio=1 given, but no audio input"):
         check_weighted_inputs(make_request({"image": "x.jpg", "weights": {"audio": 1}}))
-    with pytest.raises(InputError, match="line 3: depth: generate takes image, audio, video, text inputs"):
+    with pytest.raises(InputError, match="line 3: depth: generate takes image, audio, video, point, text inputs"):
         parse_request('{"depth": "d.png"}', 3)
     with pytest.raises(InputError, match="line 2: weight audio=2 given, but no audio input"):
         parse_request('{"image": "x.jpg", "weights": {"audio": 2}}', 2)
