@@ -16,6 +16,7 @@ from pipelines.evaluate.mme import SUBTASKS
 from pipelines.evaluate.names import LLM_BENCHMARKS, ZERO_SHOT
 from pipelines.paths import absolute, absolute_paths
 from stores.metadata import CAPTION_MAX_CHARS
+from stores.registry import METRIC as HELD_OUT_METRIC
 
 DEMO_CONFIG = "demo.yaml"
 Conversation = Literal["turns", "first", "whole"]  # how stage 2 makes samples of a conversation (StageConfig)
@@ -377,7 +378,7 @@ class RetrainConfig(Section):
     )
     eval_batch_size: int = Field(32, gt=0, description="held-out captions (or benchmark questions) per batch")
     metric: str = Field(
-        "heldout_caption_loss", description="the yardstick: heldout_caption_loss (the frozen held-out captions' "
+        HELD_OUT_METRIC, description="the yardstick: heldout_caption_loss (the frozen held-out captions' "
         "loss, lower is better) or a benchmark's score on metric_data (higher is better): mme (perception + "
         "cognition), mme:<subtask|perception|cognition>, vqa (accuracy), captions (CIDEr-D)"
     )  # fmt: skip
@@ -388,7 +389,7 @@ class RetrainConfig(Section):
     @classmethod
     def _known_metric(cls, metric: str) -> str:
         name, _, part = metric.partition(":")
-        if metric == "heldout_caption_loss" or (name in LLM_BENCHMARKS and not part):
+        if metric == HELD_OUT_METRIC or (name in LLM_BENCHMARKS and not part):
             return metric
         if name == "mme" and part in (*SUBTASKS, "perception", "cognition"):
             return metric
@@ -405,7 +406,7 @@ class RetrainConfig(Section):
 
     @model_validator(mode="after")
     def _data_for_a_benchmark(self) -> RetrainConfig:
-        if self.metric != "heldout_caption_loss" and not self.metric_data:
+        if self.metric != HELD_OUT_METRIC and not self.metric_data:
             raise ValueError(f"metric {self.metric} needs metric_data: the benchmark's folder or file")
         return self
 

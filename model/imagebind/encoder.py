@@ -16,7 +16,7 @@ from model.imagebind import fp8 as fp8_ops
 from model.imagebind.config import POINT, ImageBindConfig
 from model.imagebind.model import ImageBindModel
 from model.imagebind.point import seeded_starts
-from model.imagebind.point_files import PointCloudError, load_point_cloud, normalize_cloud, resample_cloud
+from model.imagebind.point_files import load_point_cloud, prepare_cloud
 from model.imagebind.tokenizer import Tokenizer
 from model.weights import check_state, file_digest, read_state_dict
 
@@ -127,9 +127,10 @@ class ImageBind:
         encoder_id = encoder_id_for(preset, checkpoint, seed)
         dev = resolve_device(device)
         compute = resolve_dtype(dtype, dev)
+        held = resolve_weights(weights, compute, dev)
         if fp8:
-            fp8_ops.require_fp8(dev, resolve_weights(weights, compute, dev))  # before the weights move
-        model = model.eval().requires_grad_(False).to(dev, resolve_weights(weights, compute, dev))
+            fp8_ops.require_fp8(dev, held)  # before the weights move
+        model = model.eval().requires_grad_(False).to(dev, held)
         if fp8:
             fp8_ops.vision_to_fp8(model)
         tokenizer = Tokenizer(vocab) if vocab else None
@@ -236,11 +237,7 @@ class ImageBind:
 def _prepare_cloud(cloud: str | torch.Tensor, normalize: bool, points: int | None, seed: int) -> torch.Tensor:
     if isinstance(cloud, str):
         return load_point_cloud(cloud, normalize=normalize, points=points, seed=seed)
-    if cloud.ndim != 2 or cloud.shape[-1] != 3:
-        raise PointCloudError(f"a point cloud is (N, 3), got a tensor of shape {tuple(cloud.shape)}")
-    x = cloud.detach().to("cpu", torch.float32)
-    x = normalize_cloud(x) if normalize else x
-    return resample_cloud(x, points, seed) if points else x
+    return prepare_cloud(cloud, normalize, points, seed)
 
 
 def _point_tensors(path: str) -> dict[str, torch.Tensor]:

@@ -95,7 +95,16 @@ def load_point_cloud(
 
     The defaults only read: ImageBind-LLM's inference neither normalises nor resamples.
     """
-    cloud = torch.from_numpy(read_points(path))
+    return prepare_cloud(torch.from_numpy(read_points(path)), normalize, points, seed)
+
+
+def prepare_cloud(
+    cloud: torch.Tensor, normalize: bool = False, points: int | None = None, seed: int = 0
+) -> torch.Tensor:
+    """An (N, 3) cloud as float32 on the CPU, then optionally `normalize_cloud`, then `resample_cloud` to `points`."""
+    if cloud.ndim != 2 or cloud.shape[-1] != 3:
+        raise PointCloudError(f"a point cloud is (N, 3), got a tensor of shape {tuple(cloud.shape)}")
+    cloud = cloud.detach().to("cpu", torch.float32)
     if normalize:
         cloud = normalize_cloud(cloud)
     if points is not None:

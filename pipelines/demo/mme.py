@@ -26,9 +26,8 @@ def write(folder: str, seed: int, pictures: int = PICTURES) -> str:
         os.makedirs(path, exist_ok=True)
     for i in range(pictures):
         scene = media.random_scene(rng)
-        scale = 0.7 if scene.size == "large" else 0.4
         img = media.draw_shape(
-            (224, 224), scene.shape, scene.color, scene.background, scale, int(rng.integers(1 << 30))
+            (224, 224), scene.shape, scene.color, scene.background, media.SCALES[scene.size], int(rng.integers(1 << 30))
         )
         name = f"{i:03d}"
         img.save(os.path.join(color, f"{name}.png"))

@@ -80,7 +80,7 @@ class Item:
         """The encoded image of this row (deterministic)."""
         img = media.draw_shape(
             (self.width, self.height), self.shape, self.color, self.background,
-            0.7 if self.large else 0.35, seed * 1_000_003 + self.index,
+            media.SCALES["large" if self.large else "small"], seed * 1_000_003 + self.index,
         )  # fmt: skip
         return media.encode_image(img, self.fmt)
 

@@ -35,6 +35,7 @@ HUGE_SIZE = (14_000, 13_000)  # 182M pixels: above PIL's decompression-bomb erro
 
 
 SIZES = ("large", "small")
+SCALES = {"large": 0.7, "small": 0.35}  # the shape's size against the picture's, per size word
 _CAPTION = re.compile(r"^a (large|small) (\w+) (\w+) on a ([\w ]+) background$")
 
 

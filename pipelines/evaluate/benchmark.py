@@ -9,6 +9,7 @@ import os
 import posixpath
 import time
 from collections.abc import Sequence
+from dataclasses import asdict
 
 from pydantic import BaseModel
 
@@ -112,11 +113,12 @@ class Answers:
     def __init__(self, ws: Workspace, folder: str) -> None:
         self.ws, self.folder = ws, folder
         self.given: dict[str, dict] = {}
-        for path in ws.glob(posixpath.join(folder, "answers", "part-*.jsonl")):
+        parts = ws.glob(posixpath.join(folder, "answers", "part-*.jsonl"))
+        for path in parts:
             for line in ws.read_bytes(path).decode().splitlines():
                 doc = json.loads(line)
                 self.given[doc["qid"]] = doc
-        self.parts = len(ws.glob(posixpath.join(folder, "answers", "part-*.jsonl")))
+        self.parts = len(parts)
 
     def add(self, docs: list[dict]) -> None:
         """Commit a chunk of answers: {"qid", "answer"} or {"qid", "error"}."""
@@ -165,8 +167,8 @@ def run(
         log.info("%s: %d of %d questions answered before; asking the other %d", benchmark, resumed, len(questions),
                  len(todo))  # fmt: skip
     if todo:
-        answerer, _ = infer.load_answerer(cfg, chosen, need_encoder=True, use_cache=cache, device=device, dtype=dtype,
-                                          slots=min(batch, len(todo)))  # fmt: skip
+        answerer, trained = infer.load_answerer(cfg, chosen, need_encoder=True, use_cache=cache, device=device,
+                                                dtype=dtype, slots=min(batch, len(todo)))  # fmt: skip
         chunk = 4 * batch
         for at in range(0, len(todo), chunk):
             part = todo[at : at + chunk]
@@ -177,12 +179,11 @@ def run(
     given = {q.qid: answers.given[q.qid].get("answer") for q in questions}
     errors = sum("error" in answers.given[q.qid] for q in questions)
     scored = bench.score(given)
-    made_by = checkpoints.inspect(cfg, ws, chosen).made_by
+    made_by = (trained if todo else checkpoints.inspect(cfg, ws, chosen)).made_by
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
-    rows = [EvalRow(benchmark=benchmark, subtask=r.subtask, checkpoint=chosen, stage=made_by.get("stage"),
-                    run_id=made_by.get("run_id"), score=r.score, questions=r.questions, accuracy=r.accuracy,
-                    accuracy_plus=r.accuracy_plus, unparseable=r.unparseable, bleu4=r.bleu4,
-                    data=os.path.abspath(data), cache=cache, evaluated_at=stamp) for r in scored.rows]  # fmt: skip
+    rows = [EvalRow(**asdict(r), benchmark=benchmark, checkpoint=chosen, stage=made_by.get("stage"),
+                    run_id=made_by.get("run_id"), data=os.path.abspath(data), cache=cache, evaluated_at=stamp)
+            for r in scored.rows]  # fmt: skip
     results, report = _write(ws, folder, bench, questions, answers.given, scored, rows)
     return BenchmarkResult(
         benchmark=benchmark, data=data, checkpoint=chosen, questions=len(questions), asked_now=len(todo),

@@ -150,7 +150,26 @@ def _image_caption(path: str, what: str, row: object) -> tuple[str, str]:
 def read_coco_captions(path: str) -> dict[str, list[str]]:
     """The reference captions of a COCO captions annotation file ({"annotations": [{"image_id", "caption"}, ...]}),
     keyed by str(image_id), in file order; an InputError naming the file and what is wrong."""
+    return _references(path, _load_json(path))
+
+
+def read_coco(path: str) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """The reference captions of a COCO captions annotation file (as `read_coco_captions`) and its images' file
+    names ({"images": [{"id", "file_name"}, ...]}) keyed by str(id), from one reading of the file."""
     doc = _load_json(path)
+    references = _references(path, doc)
+    images = doc.get("images") if isinstance(doc, dict) else None
+    if not isinstance(images, list):
+        raise InputError(f"{path}: no `images` list (each with id and file_name)")
+    files = {}
+    for i, entry in enumerate(images):
+        if not isinstance(entry, dict) or "id" not in entry or not isinstance(entry.get("file_name"), str):
+            raise InputError(f"{path}: images[{i}] needs an id and a file_name")
+        files[str(entry["id"])] = entry["file_name"]
+    return references, files
+
+
+def _references(path: str, doc: object) -> dict[str, list[str]]:
     if not isinstance(doc, dict) or not isinstance(doc.get("annotations"), list):
         raise InputError(f"{path}: not a COCO captions file (an object with an 'annotations' list)")
     references: dict[str, list[str]] = {}

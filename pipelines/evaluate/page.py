@@ -50,9 +50,8 @@ def _bars(rows: list[EvalRow], top: float) -> str:
 
 def render(name: str, scored: Scored, rows: list[EvalRow], wrong: list[tuple[Asked, dict]]) -> str:
     """The report page of one benchmark evaluation."""
-    top = 200.0 if name == "mme" else max([100.0] + [r.score for r in rows])
-    if name == "captions":
-        top = max([1.0] + [r.score for r in rows])
+    floor = {"mme": 200.0, "captions": 1.0}.get(name, 100.0)  # MME's maximum; CIDEr-D has none
+    top = floor if name == "mme" else max([floor] + [r.score for r in rows])
     head = ("<tr><th>subtask</th><th>score</th><th>questions</th><th>accuracy</th><th>accuracy+</th>"
             "<th>unparseable</th><th>BLEU-4</th></tr>")  # fmt: skip
 

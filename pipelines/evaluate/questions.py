@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -106,7 +105,7 @@ def read_vqa_benchmark(data: str) -> Benchmark:
                 for kind, r in result["by_kind"].items()]  # fmt: skip
         total = Row("all", result["accuracy"], result["questions"], result["accuracy"], None, result["unparseable"])
         rows.append(total)
-        wrong = [item.qid for item, answer in records if not vqa.score_vqa([(item, answer)])["correct"]]
+        wrong = [item.qid for item, answer in records if not vqa.judge(item, answer)[0]]
         summary = f"VQA accuracy {result['accuracy']:.2f}% of {result['questions']} questions"
         return Scored(rows, summary, wrong, "accuracy %")
 
@@ -117,9 +116,8 @@ def read_captions_benchmark(data: str, images: str | None = None) -> Benchmark:
     """A COCO captions annotation file (`images` with `id` and `file_name`, `annotations` with `image_id` and
     `caption`): each image captioned with the caption instruction, scored by BLEU-1..4 and CIDEr-D. Images are
     found under `images` (default: the annotation file's folder)."""
-    references = captions.read_coco_captions(data)
+    references, files = captions.read_coco(data)
     folder = images or os.path.dirname(os.path.abspath(data))
-    files = _coco_files(data)
     asked = []
     for image_id in sorted(references, key=lambda i: (len(i), i)):
         if image_id not in files:
@@ -144,17 +142,3 @@ def read_captions_benchmark(data: str, images: str | None = None) -> Benchmark:
         return Scored(rows, summary, order[: max(1, len(order) // 4)], "CIDEr-D")
 
     return Benchmark("captions", asked, score)
-
-
-def _coco_files(path: str) -> dict[str, str]:
-    with open(path, encoding="utf-8") as f:
-        doc = json.load(f)
-    images = doc.get("images") if isinstance(doc, dict) else None
-    if not isinstance(images, list):
-        raise InputError(f"{path}: no `images` list (each with id and file_name)")
-    files = {}
-    for i, entry in enumerate(images):
-        if not isinstance(entry, dict) or "id" not in entry or not isinstance(entry.get("file_name"), str):
-            raise InputError(f"{path}: images[{i}] needs an id and a file_name")
-        files[str(entry["id"])] = entry["file_name"]
-    return files

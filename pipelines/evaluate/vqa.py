@@ -202,7 +202,7 @@ def normalize_answer(text: str) -> str:
     return " ".join(_NUMBERS.get(w, w) for w in words if w not in _ARTICLES)
 
 
-def _judge(item: Item, answer: str) -> tuple[bool, bool]:
+def judge(item: Item, answer: str) -> tuple[bool, bool]:
     """(correct, parsed) of a model's answer to an item."""
     kind = item.kind
     if kind == "yes/no":
@@ -225,7 +225,7 @@ def score_vqa(records: Iterable[tuple[Item, str]]) -> dict:
         if item.qid in seen:
             raise ValueError(f"{item.qid}: scored twice")
         seen.add(item.qid)
-        correct, parsed = _judge(item, answer)
+        correct, parsed = judge(item, answer)
         row = counts[item.kind]
         row["questions"] += 1
         row["correct"] += correct

@@ -302,14 +302,6 @@ def load_state(directory: str, model: ImageBindLLM, optimizer: torch.optim.Optim
     return load_progress(directory, optimizer)
 
 
-def masked_sum_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum (not mean) of the next-token cross-entropy over answer tokens, to be divided by the global count."""
-    return nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
-        ignore_index=IGNORE, reduction="sum",
-    )  # fmt: skip
-
-
 def train(
     session: Session,
     model: ImageBindLLM,
