@@ -160,6 +160,10 @@ class ExtractConfig(Section):
     actors: int = Field(1, gt=0, description="encoder actors; on GPUs 1 means one per GPU of the cluster")
     actor_cpus: float = Field(1.0, gt=0, description="CPUs reserved per encoder actor (also its torch threads)")
     task_cpus: float = Field(0.5, gt=0, description="CPUs reserved per read/decode/preprocess task")
+    actor_resources: dict[str, float] = Field(
+        default_factory=dict, description="custom Ray resources each encoder actor also needs: a node label such "
+        "as {encoder_node: 1} keeps the actors on the nodes that offer it (one per unit offered)"
+    )  # fmt: skip
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="bf16 on GPU when auto; on a GPU a half dtype casts the frozen weights to it, on the CPU "
@@ -263,6 +267,13 @@ class StageConfig(Section):
     clip_grad: float | None = Field(None, gt=0)
     workers: int = Field(1, gt=0, description="Ray Train workers (one per GPU when use_gpu)")
     use_gpu: bool = False
+    worker_resources: dict[str, float] = Field(
+        default_factory=dict, description="custom Ray resources each training worker also needs (a node label)"
+    )
+    placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="Ray Train's placement of the workers: PACK fills a node first; STRICT_SPREAD puts each "
+        "worker on a node of its own"
+    )  # fmt: skip
     parallel: Literal["ddp", "fsdp"] = Field(
         "ddp",
         description="how 2+ workers split the work: ddp replicates the model on every worker; fsdp shards the "

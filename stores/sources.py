@@ -6,7 +6,7 @@ import glob
 import os
 import shutil
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -266,11 +266,16 @@ def connect(memory_limit: str = "1GB", threads: int | None = None, temp_dir: str
     return con
 
 
-def expand_inputs(patterns: Sequence[str]) -> list[str]:
-    """Every file matching the patterns (local paths or fsspec URLs, globs allowed), sorted, as URLs."""
+def _fs(url: str, options: Mapping[str, Any] | None) -> tuple[Any, str]:
+    return fsspec.core.url_to_fs(url, **dict(options or {}))
+
+
+def expand_inputs(patterns: Sequence[str], options: Callable[[str], Mapping[str, Any]] | None = None) -> list[str]:
+    """Every file matching the patterns (local paths or fsspec URLs, globs allowed), sorted, as URLs; `options` gives
+    a URL's fsspec options (`Workspace.options_for`)."""
     out: list[str] = []
     for pattern in patterns:
-        fs, path = fsspec.core.url_to_fs(pattern)
+        fs, path = _fs(pattern, options(pattern) if options else None)
         matches = sorted(fs.glob(path)) if glob.has_magic(path) else ([path] if fs.exists(path) else [])
         if not matches:
             raise SourceFileError(
@@ -281,9 +286,9 @@ def expand_inputs(patterns: Sequence[str]) -> list[str]:
     return out
 
 
-def localise(url: str, scratch: str) -> str:
+def localise(url: str, scratch: str, options: Mapping[str, Any] | None = None) -> str:
     """A local path DuckDB can read for `url`: remote files are copied into `scratch`, zip archives extracted."""
-    fs, path = fsspec.core.url_to_fs(url)
+    fs, path = _fs(url, options)
     local = path
     if not isinstance(fs, LocalFileSystem):
         local = os.path.join(scratch, os.path.basename(path))
@@ -303,9 +308,9 @@ def localise(url: str, scratch: str) -> str:
     return local
 
 
-def input_fingerprint(url: str) -> str:
+def input_fingerprint(url: str, options: Mapping[str, Any] | None = None) -> str:
     """Changes when the file changes (fsspec's key: size and modification time, or the ETag)."""
-    fs, path = fsspec.core.url_to_fs(url)
+    fs, path = _fs(url, options)
     return str(fs.ukey(path))
 
 

@@ -50,6 +50,13 @@ class Workspace:
         """True when renames are atomic (a local filesystem)."""
         return isinstance(self.fs, LocalFileSystem)
 
+    def options_for(self, url: str) -> dict[str, Any]:
+        """fsspec options for a URL outside the workspace: the workspace's own (its endpoint, credentials) when the
+        URL is on the same kind of storage (s3://, gs://, ...), none otherwise."""
+        protocol = url.partition("://")[0] if "://" in url else "file"
+        mine = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
+        return dict(self.storage_options) if protocol in mine and not self.is_local else {}
+
     def path(self, *parts: str) -> str:
         """A path inside the workspace, in the filesystem's own notation (no protocol)."""
         return posixpath.join(self.base, *parts)

@@ -162,6 +162,7 @@ def _encoder_stage(cfg: Config, ds: Any, encoder_args: dict[str, Any], actors: i
         compute=ray.data.ActorPoolStrategy(size=actors, **(overlap if gpu else {})),
         num_gpus=1 if gpu else 0,
         num_cpus=cfg.extract.actor_cpus,
+        **({"resources": cfg.extract.actor_resources} if cfg.extract.actor_resources else {}),
         **remote,
     )
 

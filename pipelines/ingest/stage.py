@@ -72,7 +72,7 @@ def input_files(ws: Workspace, src: SourceConfig) -> list[str]:
         if not ws.exists(ws.synthetic("metadata.parquet")):
             raise InputError(f"source {src.name!r}: no synthetic metadata at {metadata}: run `ibllm synthetic` first")
         return [metadata]
-    return formats.expand_inputs(src.paths)
+    return formats.expand_inputs(src.paths, ws.options_for)
 
 
 def ingest_source(
@@ -82,13 +82,13 @@ def ingest_source(
     adapter = formats.adapter_for(src.format, src.columns)
     with Ledger.writing(ws, "ingest", src.name, settings(src, caption_max_chars), force=force) as ledger:
         files = input_files(ws, src)
-        fingerprints = {f: formats.input_fingerprint(f) for f in files}
+        fingerprints = {f: formats.input_fingerprint(f, ws.options_for(f)) for f in files}
         todo = [f for f in files if not ledger.is_current(shard_id_for(f), fingerprints[f])]
         con = formats.connect()
         with ws.scratch() as scratch:
             checked = {}
             for url in todo:  # every file is checked before anything is written
-                local = formats.localise(url, scratch)
+                local = formats.localise(url, scratch, ws.options_for(url))
                 mapping, _ = formats.validate(con, adapter, local)
                 checked[url] = (local, mapping)
             progress = Progress(log, f"ingest {src.name}")

@@ -141,7 +141,10 @@ def _fit_with_ray(cfg: Config, job: Job, sc: StageConfig, attempt: int, resume: 
         worker_main,
         train_loop_config=asdict(job) | {"session": "ray", "resume": resume},
         torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=sc.workers, use_gpu=sc.use_gpu),
+        scaling_config=ScalingConfig(
+            num_workers=sc.workers, use_gpu=sc.use_gpu, placement_strategy=sc.placement,
+            resources_per_worker=_worker_resources(sc) if sc.worker_resources else None,
+        ),  # fmt: skip
         run_config=RunConfig(
             name=f"attempt-{attempt}",
             storage_path=ws.as_url(ws.checkpoints(f"stage{job.stage}", job.run_id)),
@@ -151,6 +154,11 @@ def _fit_with_ray(cfg: Config, job: Job, sc: StageConfig, attempt: int, resume: 
     waiting = f"stage {job.stage}: Ray Train is starting {sc.workers} worker(s)"
     with relay_progress(ws, ws.checkpoints(f"stage{job.stage}", job.run_id, PROGRESS_FILE), waiting=waiting):
         trainer.fit()
+
+
+def _worker_resources(sc: StageConfig) -> dict[str, float]:
+    """What each worker asks of Ray: Ray Train's default (1 CPU, or 1 GPU) plus the configured custom resources."""
+    return ({"GPU": 1} if sc.use_gpu else {"CPU": 1}) | sc.worker_resources
 
 
 def relay_progress(
