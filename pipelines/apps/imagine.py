@@ -116,8 +116,15 @@ def load(cfg: Config, use_cache: bool = False, generator: str | None = None, dev
         except (FileNotFoundError, IndexMismatch) as e:
             raise InputError(str(e)) from None
         cache = cache_lookup(index, cfg.index.cache_k)
-    unclip = UnCLIP.load(path, encoder.dim, dev, resolve_dtype(dtype, dev), cfg.imagine.embedding_norm)
-    return Imaginer(encoder, cache, unclip, cfg, PointOptions(m.point_normalize, m.point_resample))
+    return with_encoder(cfg, encoder, cache, path, str(dev), dtype)
+
+
+def with_encoder(cfg: Config, encoder: ImageBind, cache: CacheLookup | None, generator: str, device: str = "auto",
+                 dtype: DType = "auto") -> Imaginer:  # fmt: skip
+    """An Imaginer over an encoder (and cache) already loaded, e.g. the server's, and the generator in `generator`."""
+    dev = resolve_device(device)
+    unclip = UnCLIP.load(generator, encoder.dim, dev, resolve_dtype(dtype, dev), cfg.imagine.embedding_norm)
+    return Imaginer(encoder, cache, unclip, cfg, PointOptions(cfg.model.point_normalize, cfg.model.point_resample))
 
 
 def png_bytes(image: Any) -> bytes:
