@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.apps.unclip import Drawing, UnCLIP, check_folder
+from model.apps.unclip import Drawing, MissingExtra, UnCLIP, _diffusers, check_folder
 from model.errors import ModelInputError
 from tests.model.tiny_unclip import unclip_folder  # noqa: F401 (a fixture)
 
@@ -125,3 +125,9 @@ def test_diffusers_is_imported_lazily_and_only_in_model_apps() -> None:
             if any(n.split(".")[0] == "diffusers" for n in names):
                 importers.append(str(path.relative_to(ROOT)))
     assert importers == ["model/apps/unclip.py"]
+
+
+def test_without_diffusers_the_extra_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # as if not installed
+    with pytest.raises(MissingExtra, match=re.escape("pip install 'ibllm[apps]'")):
+        _diffusers()
