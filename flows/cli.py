@@ -12,7 +12,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TextIO
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from flows import exits
 from flows.exits import BriefFormatter
@@ -200,6 +200,29 @@ def cmd_generate(cfg: Config, args: argparse.Namespace) -> BaseModel:
                      output=args.output, device=args.device, dtype=args.dtype, batch=args.batch)  # fmt: skip
 
 
+def cmd_imagine(cfg: Config, args: argparse.Namespace) -> BaseModel:
+    """Draw images from any mix of image, audio, video, point-cloud and text inputs: their ImageBind embedding
+    (mixed with the visual cache on --cache) conditions Stable unCLIP (imagine.generator)."""
+    from pipelines.apps import imagine
+    from pipelines.infer.inputs import check_weighted_inputs, make_request, parse_weights
+
+    request = make_request({"image": args.image, "audio": args.audio, "video": args.video, "point": args.point,
+                            "text": args.text, "weights": parse_weights(args.weight), "prompt": args.prompt,
+                            "seed": cfg.seed if args.seed is None else args.seed})  # fmt: skip
+    if not args.requests:
+        check_weighted_inputs(request)
+    options = {"steps": "steps", "guidance": "guidance", "images": "num_images", "batch": "batch",
+               "noise_level": "noise_level", "size": "size"}  # fmt: skip
+    for key, option in options.items():
+        if getattr(args, option) is not None:
+            try:
+                setattr(cfg.imagine, key, getattr(args, option))
+            except ValidationError as e:
+                raise InputError(f"--{option.replace('_', '-')}: {e.errors()[0]['msg']}") from None
+    return imagine.run(cfg, request, out=args.picture, requests_file=args.requests, cache=args.cache,
+                       generator=args.generator, device=args.device, dtype=args.dtype, force=args.force)  # fmt: skip
+
+
 def cmd_chat(cfg: Config, args: argparse.Namespace) -> BaseModel:
     """Talk with the model in the terminal: questions, /image, /audio, /video PATH, /reset, /quit."""
     from pipelines.infer import chat
@@ -268,6 +291,7 @@ COMMANDS: dict[str, tuple[Command, str]] = {
     "evaluate": (cmd_evaluate, "held-out loss, perplexity and the visual-grounding gap of a checkpoint"),
     "retrain": (cmd_retrain, "extract, index and train on what is new; promote when at least as good; --force"),
     "generate": (cmd_generate, "answer a prompt about images, audio, video and text (or a JSONL batch of requests)"),
+    "imagine": (cmd_imagine, "draw images from images, audio, video, point clouds and text (Stable unCLIP)"),
     "chat": (cmd_chat, "a multi-turn conversation in the terminal about images, audio and video"),
     "serve": (cmd_serve, "the HTTP API (OpenAI chat format, streaming) and a web chat page; --ray for Ray Serve"),
     "convert": (cmd_convert, "convert released weights: Meta LLaMA, the official adapter 7B.pth, or ours back"),
@@ -278,6 +302,7 @@ COMMANDS: dict[str, tuple[Command, str]] = {
 # The model settings each command loads (checked before it starts); commands absent here load no model.
 MODEL_INPUTS: dict[str, tuple[str, ...]] = {
     "extract": ENCODER_PATHS, "index": ENCODER_PATHS, "train": MODEL_PATHS, "evaluate": MODEL_PATHS,
+    "imagine": (*ENCODER_PATHS, "point_checkpoint"),
     "retrain": MODEL_PATHS, "generate": MODEL_PATHS, "chat": MODEL_PATHS, "serve": MODEL_PATHS,
     "demo": MODEL_PATHS,
 }  # fmt: skip
@@ -321,6 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
             _generate_options(p)
         if name == "chat":
             _chat_options(p)
+        if name == "imagine":
+            _imagine_options(p)
         if name == "serve":
             p.add_argument("--host", help="the address to listen on (default serve.host, 127.0.0.1)")
             p.add_argument("--port", type=int, help="the port (default serve.port, 8000)")
@@ -402,6 +429,38 @@ def _generate_options(p: argparse.ArgumentParser) -> None:
                    "or [[question, answer], ...]; the prompt is its next question")  # fmt: skip
     p.add_argument("--batch", type=int, default=16, help="requests decoded together (default 16)")
     _device_options(p)
+
+
+def _imagine_options(p: argparse.ArgumentParser) -> None:
+    _input_options(p)
+    p.add_argument("--prompt", help="a text prompt for unCLIP's own text encoder beside the embedding (default none)")
+    p.add_argument("--cache", action="store_true", help="mix in the visual cache built by `ibllm index`")
+    p.add_argument("--out", dest="picture", default="imagined.png", metavar="FILE.png",
+                   help="the PNG (several: FILE-0.png, FILE-1.png, ...; --requests: FILE-LINE-0.png, ...)")  # fmt: skip
+    p.add_argument("--generator", metavar="DIR", help="the Stable unCLIP folder (default imagine.generator)")
+    p.add_argument("--seed", type=int, help="noise seed; image i of a request uses seed + i (default: the config's)")
+    p.add_argument("--steps", type=int, help="denoising steps (default imagine.steps, 20)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default imagine.guidance, 10)")
+    p.add_argument("--noise-level", type=int, help="noise added to the embedding, 0-999 (default 0)")
+    p.add_argument("--size", type=int, help="pixels per side, a multiple of 8 (default: the generator's)")
+    p.add_argument("--num-images", type=int, help="images per request (default imagine.images, 1)")
+    p.add_argument("--requests", metavar="FILE.jsonl", help="one JSON request per line: image/audio/video/point/"
+                   "text, weights, prompt, seed (the options above are the defaults)")  # fmt: skip
+    p.add_argument("--batch", type=int, help="requests denoised together (default imagine.batch, 4)")
+    _device_options(p)
+
+
+def _input_options(p: argparse.ArgumentParser) -> None:
+    inputs = {"image": "an image file", "audio": "an audio file", "video": "a video file",
+              "text": "a text for ImageBind's text tower"}  # fmt: skip
+    for modality, what in inputs.items():
+        p.add_argument(f"--{modality}", action="append", default=[], metavar="STRING" if modality == "text" else "PATH",
+                       help=f"{what} (repeatable; several are averaged)")  # fmt: skip
+    p.add_argument("--point-cloud", dest="point", action="append", default=[], metavar="PATH",
+                   help=f"{POINT_HELP} (repeatable; several are averaged)")  # fmt: skip
+    _point_options(p)
+    p.add_argument("--weight", action="append", default=[], metavar="MODALITY=W",
+                   help="weight of a modality in the mix, e.g. --weight audio=0.5 (default 1 each)")  # fmt: skip
 
 
 def _chat_options(p: argparse.ArgumentParser) -> None:

@@ -8,6 +8,7 @@ from typing import Any
 from prefect import task
 from pydantic import BaseModel
 
+from pipelines.apps import imagine
 from pipelines.config import Config, ConfigError
 from pipelines.curate import stage as curate
 from pipelines.demo import ask as demo_ask
@@ -24,6 +25,7 @@ from pipelines.evaluate import zeroshot_stage
 from pipelines.evaluate.names import ZERO_SHOT
 from pipelines.extract import stage as extract
 from pipelines.index import stage as index
+from pipelines.infer.inputs import Request
 from pipelines.ingest import stage as ingest
 from pipelines.report import stage as report
 from pipelines.train import stage as train
@@ -145,3 +147,11 @@ def check_task(cfg: Config, stage1: str, stage2: str) -> demo_check.DemoCheck:
 def ask_task(cfg: Config, checkpoint: str) -> demo_ask.DemoAnswers:
     """Ask about a held-out picture and an audio clip, with and without the visual cache."""
     return demo_ask.run(cfg, checkpoint)
+
+
+@stage_task(name="imagine", retries=1, timeout_seconds=DAY)
+def imagine_task(cfg: Config, request: Request | None = None, out: str = "imagined.png",
+                 requests_file: str | None = None, cache: bool = False,
+                 force: bool = False) -> imagine.ImagineResult:  # fmt: skip
+    """Draw images from the (cache-mixed) ImageBind embedding of a request or of each line of a requests file."""
+    return imagine.run(cfg, request, out=out, requests_file=requests_file, cache=cache, force=force)

@@ -461,6 +461,30 @@ class ServeConfig(Section):
     gpus_per_replica: float = Field(0, ge=0, description="GPUs of each Ray Serve replica")
 
 
+class ImagineConfig(Section):
+    """`ibllm imagine`: Stable unCLIP drawing images from (cache-mixed) ImageBind embeddings (the apps extra)."""
+
+    generator: str | None = Field(
+        None, description="a local diffusers folder of stabilityai/stable-diffusion-2-1-unclip (ViT-H: the 1024-d "
+        "embeddings of ImageBind-Huge), downloaded beforehand: nothing is downloaded at run time"
+    )  # fmt: skip
+    embedding_norm: float | None = Field(
+        None, gt=0, description="the length the unit ImageBind embedding is scaled to for unCLIP (whose OpenCLIP "
+        "embeddings are not normalised); null: sqrt(sum(mean^2 + std^2)) of the generator's image_normalizer"
+    )  # fmt: skip
+    steps: int = Field(20, gt=0, description="denoising steps")
+    guidance: float = Field(10.0, ge=0, description="classifier-free guidance scale (on above 1); diffusers' default")
+    noise_level: int = Field(0, ge=0, le=999, description="noise added to the embedding first (more: more variety)")
+    size: int | None = Field(None, gt=0, multiple_of=8, description="pixels per side; null: the generator's own")
+    images: int = Field(1, gt=0, description="images per request")
+    batch: int = Field(4, gt=0, description="requests denoised together")
+
+    @field_validator("generator")
+    @classmethod
+    def _absolute(cls, value: str | None) -> str | None:
+        return absolute(value) if value else value
+
+
 class Config(Section):
     """The root configuration."""
 
@@ -481,6 +505,7 @@ class Config(Section):
     ray: RayConfig = Field(default_factory=RayConfig)
     infer: InferConfig = Field(default_factory=InferConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    imagine: ImagineConfig = Field(default_factory=ImagineConfig)
 
     _absolute_workspace = field_validator("workspace")(absolute)
 

@@ -49,7 +49,14 @@ def build(cfg: Config, checkpoint: str | None = None, device: str = "auto", dtyp
     scheduler = Scheduler(answerer, cfg.serve.max_queue)
     scratch = tempfile.TemporaryDirectory(prefix="ibllm-serve-")
     name = model_name(chosen, trained.made_by)
-    return Served(create_app(scheduler, name, scratch.name, limits_of(cfg)), scheduler, chosen, scratch)
+    app = create_app(scheduler, name, scratch.name, limits_of(cfg))
+    if cfg.imagine.generator:  # any-to-image beside the chat, on the same encoder and cache (the apps extra)
+        from pipelines.apps import imagine
+        from pipelines.serve.images import add_image_routes
+
+        imaginer = imagine.with_encoder(cfg, answerer.encoder, answerer.cache, cfg.imagine.generator, device, dtype)
+        add_image_routes(app, imaginer, scratch.name, limits_of(cfg))
+    return Served(app, scheduler, chosen, scratch)
 
 
 def model_name(checkpoint: str, made_by: dict) -> str:
