@@ -8,6 +8,7 @@ from typing import Any
 from prefect import task
 from pydantic import BaseModel
 
+from pipelines.apps.ground import GroundOptions
 from pipelines.config import Config, ConfigError
 from pipelines.curate import stage as curate
 from pipelines.demo import ask as demo_ask
@@ -24,6 +25,8 @@ from pipelines.evaluate import zeroshot_stage
 from pipelines.evaluate.names import ZERO_SHOT
 from pipelines.extract import stage as extract
 from pipelines.index import stage as index
+from pipelines.infer import stage as infer
+from pipelines.infer.inputs import Request
 from pipelines.ingest import stage as ingest
 from pipelines.report import stage as report
 from pipelines.train import stage as train
@@ -145,3 +148,11 @@ def check_task(cfg: Config, stage1: str, stage2: str) -> demo_check.DemoCheck:
 def ask_task(cfg: Config, checkpoint: str) -> demo_ask.DemoAnswers:
     """Ask about a held-out picture and an audio clip, with and without the visual cache."""
     return demo_ask.run(cfg, checkpoint)
+
+
+@stage_task(name="ground", retries=1, timeout_seconds=HOUR)
+def ground_task(cfg: Config, image: str, prompt: str | None = None, checkpoint: str | None = None,
+                threshold: float = 0.1, out: str | None = None) -> infer.GenerateResult:  # fmt: skip
+    """Answer a prompt about an image and find the answer's noun phrases in it (`generate --ground`)."""
+    return infer.run(cfg, Request(image=[image], prompt=prompt), checkpoint=checkpoint,
+                     ground=GroundOptions(threshold=threshold, out=out))  # fmt: skip

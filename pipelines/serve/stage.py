@@ -12,6 +12,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from model.imagebind.encoder import DType
+from pipelines.apps.ground import Grounder, GroundOptions
 from pipelines.config import Config
 from pipelines.infer import stage as infer
 from pipelines.serve.app import Limits, create_app
@@ -49,7 +50,8 @@ def build(cfg: Config, checkpoint: str | None = None, device: str = "auto", dtyp
     scheduler = Scheduler(answerer, cfg.serve.max_queue)
     scratch = tempfile.TemporaryDirectory(prefix="ibllm-serve-")
     name = model_name(chosen, trained.made_by)
-    return Served(create_app(scheduler, name, scratch.name, limits_of(cfg)), scheduler, chosen, scratch)
+    grounder = Grounder(cfg, GroundOptions(), device) if cfg.model.detector else None  # loaded on the first `ground`
+    return Served(create_app(scheduler, name, scratch.name, limits_of(cfg), grounder), scheduler, chosen, scratch)
 
 
 def model_name(checkpoint: str, made_by: dict) -> str:
