@@ -85,7 +85,8 @@ def is_adjective(word: str) -> bool:
     if word in ADJECTIVES:
         return True
     stem = re.sub(r"(er|est)$", "", word)
-    return stem != word and any(s in ADJECTIVES for s in (stem, stem[:-1], stem + "e", re.sub(r"i$", "y", stem)))
+    doubled = stem[:-1] if len(stem) > 2 and stem[-1] == stem[-2] else stem  # "bigg" -> "big"
+    return stem != word and any(s in ADJECTIVES for s in (stem, doubled, stem + "e", re.sub(r"i$", "y", stem)))
 
 
 def _is_verb_form(word: str, before: str | None) -> bool:
