@@ -19,7 +19,8 @@ ANSWERS = [
     ("A woman wearing sunglasses rides a bicycle past a tall building.",
      ["woman", "sunglasses", "bicycle", "tall building"]),
     ("The picture depicts a cat and a dog. The dog is bigger than the cat.", ["cat", "dog"]),
-    ("The larger box is beside the smallest ball and the happier father.", ["larger box", "smallest ball", "happier father"]),
+    ("The larger box is beside the smallest ball and the happier father.",
+     ["larger box", "smallest ball", "happier father"]),
     ("Two children are playing football in the park with their father's dog.",
      ["children", "football", "park", "father", "dog"]),
     ("The sky is blue and the grass is green.", ["sky", "grass"]),
@@ -47,5 +48,5 @@ def test_plurals_fold_to_one_form() -> None:
 
 @pytest.mark.skipif(importlib.util.find_spec("spacy") is not None, reason="spaCy is installed here")
 def test_a_spacy_parser_without_spacy_is_refused() -> None:
-    with pytest.raises(InputError, match="model.noun_parser 'en_core_web_sm': spaCy is not installed"):
+    with pytest.raises(InputError, match=r"model\.noun_parser 'en_core_web_sm': spaCy is not installed"):
         noun_phrases("A dog.", "en_core_web_sm")
