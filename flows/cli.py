@@ -197,7 +197,22 @@ def cmd_generate(cfg: Config, args: argparse.Namespace) -> BaseModel:
     if args.output and os.path.exists(args.output) and not args.force:
         raise InputError(f"--output {args.output} exists: add --force to replace it")
     return infer.run(cfg, request, requests_file=args.requests, checkpoint=args.checkpoint, cache=args.cache,
-                     output=args.output, device=args.device, dtype=args.dtype, batch=args.batch)  # fmt: skip
+                     output=args.output, device=args.device, dtype=args.dtype, batch=args.batch,
+                     ground=_ground_options(args))  # fmt: skip
+
+
+def _ground_options(args: argparse.Namespace) -> Any:
+    """generate's --ground options (None without --ground; its other options alone are refused)."""
+    from pipelines.apps.ground import GroundOptions
+
+    if not args.ground:
+        if args.ground_threshold is not None or args.ground_out:
+            raise InputError("--ground-threshold and --ground-out go with --ground")
+        return None
+    if args.ground_out and not args.requests and os.path.exists(args.ground_out) and not args.force:
+        raise InputError(f"--ground-out {args.ground_out} exists: add --force to replace it")
+    threshold = 0.1 if args.ground_threshold is None else args.ground_threshold
+    return GroundOptions(threshold=threshold, out=args.ground_out)
 
 
 def cmd_imagine(cfg: Config, args: argparse.Namespace) -> BaseModel:
@@ -428,6 +443,11 @@ def _generate_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--history", metavar="FILE.json", help="the conversation so far: OpenAI messages, ShareGPT turns "
                    "or [[question, answer], ...]; the prompt is its next question")  # fmt: skip
     p.add_argument("--batch", type=int, default=16, help="requests decoded together (default 16)")
+    p.add_argument("--ground", action="store_true", help="find the answer's noun phrases in the input image with "
+                   "the detector of model.detector (OWLv2, Grounding DINO): boxes in the result")  # fmt: skip
+    p.add_argument("--ground-threshold", type=float, metavar="T", help="lowest box score kept (default 0.1)")
+    p.add_argument("--ground-out", metavar="FILE.png", help="draw the boxes on the image there (a batch's line N: "
+                   "FILE-N.png)")  # fmt: skip
     _device_options(p)
 
 

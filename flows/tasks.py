@@ -9,6 +9,7 @@ from prefect import task
 from pydantic import BaseModel
 
 from pipelines.apps import imagine
+from pipelines.apps.ground import GroundOptions
 from pipelines.config import Config, ConfigError
 from pipelines.curate import stage as curate
 from pipelines.demo import ask as demo_ask
@@ -25,6 +26,7 @@ from pipelines.evaluate import zeroshot_stage
 from pipelines.evaluate.names import ZERO_SHOT
 from pipelines.extract import stage as extract
 from pipelines.index import stage as index
+from pipelines.infer import stage as infer
 from pipelines.infer.inputs import Request
 from pipelines.ingest import stage as ingest
 from pipelines.report import stage as report
@@ -155,3 +157,11 @@ def imagine_task(cfg: Config, request: Request | None = None, out: str = "imagin
                  force: bool = False) -> imagine.ImagineResult:  # fmt: skip
     """Draw images from the (cache-mixed) ImageBind embedding of a request or of each line of a requests file."""
     return imagine.run(cfg, request, out=out, requests_file=requests_file, cache=cache, force=force)
+
+
+@stage_task(name="ground", retries=1, timeout_seconds=HOUR)
+def ground_task(cfg: Config, image: str, prompt: str | None = None, checkpoint: str | None = None,
+                threshold: float = 0.1, out: str | None = None) -> infer.GenerateResult:  # fmt: skip
+    """Answer a prompt about an image and find the answer's noun phrases in it (`generate --ground`)."""
+    return infer.run(cfg, Request(image=[image], prompt=prompt), checkpoint=checkpoint,
+                     ground=GroundOptions(threshold=threshold, out=out))  # fmt: skip

@@ -226,6 +226,14 @@ class ModelConfig(Section):
         None, gt=0, description="resample each point cloud to this many points (Point-BERT's clouds have 8192); "
         "none: as given"
     )  # fmt: skip
+    detector: str | None = Field(
+        None, description="`generate --ground`: a transformers OWLv2 or Grounding DINO folder (e.g. "
+        "google/owlv2-base-patch16-ensemble, downloaded beforehand)"
+    )  # fmt: skip
+    noun_parser: str | None = Field(
+        None, description="`generate --ground`: an installed spaCy pipeline (e.g. en_core_web_sm) whose noun chunks "
+        "are the phrases to find; none: the built-in rules"
+    )  # fmt: skip
     llama: Literal["7B", "tiny"] = "tiny"
     llama_path: str | None = None
     tokenizer_path: str | None = None
@@ -239,8 +247,8 @@ class ModelConfig(Section):
         "twice that)"
     )  # fmt: skip
 
-    @field_validator("imagebind_checkpoint", "imagebind_vocab", "point_checkpoint", "llama_path", "tokenizer_path",
-                     "adapter_checkpoint")  # fmt: skip
+    @field_validator("imagebind_checkpoint", "imagebind_vocab", "point_checkpoint", "detector", "llama_path",
+                     "tokenizer_path", "adapter_checkpoint")  # fmt: skip
     @classmethod
     def _absolute(cls, value: str | None) -> str | None:
         return absolute(value) if value else value

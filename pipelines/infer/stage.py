@@ -19,6 +19,7 @@ from model.llm.engine import Engine
 from model.llm.model import CacheLookup
 from model.llm.prompts import CAPTION_INSTRUCTION
 from pipelines import assets, checkpoints
+from pipelines.apps.ground import Grounder, Grounding, GroundOptions
 from pipelines.config import Config
 from pipelines.errors import InputError
 from pipelines.infer.answerer import Answerer
@@ -42,6 +43,7 @@ class Answer(BaseModel):
     answer: str | None = None
     error: str | None = None
     seconds: float = 0.0
+    grounding: Grounding | None = None  # with --ground: the answer's phrases found in its image
 
 
 class GenerateResult(BaseModel):
@@ -62,7 +64,8 @@ class GenerateResult(BaseModel):
             return (f"{len(self.answers)} request(s), {self.errors} error(s) -> {self.output} "
                     f"(checkpoint {self.checkpoint})")  # fmt: skip
         if len(self.answers) == 1 and self.answers[0].line is None:
-            return self.answers[0].answer or ""
+            one = self.answers[0]
+            return (one.answer or "") + (f"\n{one.grounding.summary()}" if one.grounding else "")
         return "\n".join(a.model_dump_json(exclude_none=True) for a in self.answers)
 
 
@@ -173,11 +176,13 @@ def run(
     device: str = "auto",
     dtype: DType = "auto",
     batch: int = 16,
+    ground: GroundOptions | None = None,
 ) -> GenerateResult:
     """Answer one request (its errors raise InputError) or every line of a JSONL file of requests, whose fields
     override `request`'s (a bad line gets an error entry naming it; the others still run). The model, tokenizer
     and encoder are loaded once; up to `batch` requests are decoded together, and with `output` the answers are
-    written there as JSON lines as each chunk of them is done."""
+    written there as JSON lines as each chunk of them is done. With `ground`, each answer's phrases are found in its
+    image by the configured detector (pipelines.apps.ground)."""
     start = time.perf_counter()
     ws = Workspace(cfg.workspace, cfg.storage_options)
     defaults = request or Request()
@@ -192,6 +197,7 @@ def run(
             raise InputError("--requests reads the inputs from the file: drop --image, --audio, --video, "
                              "--point-cloud and --text")  # fmt: skip
         items = [(n, r if isinstance(r, InputError) else merge(defaults, r)) for n, r in read_requests(requests_file)]
+    grounder = Grounder(cfg, ground, device) if ground else None  # its settings checked before any model loads
     chosen = choose_checkpoint(ws, checkpoint)
     need_encoder = any(isinstance(r, Request) and r.inputs() for _, r in items)
     answerer, made = load_answerer(cfg, chosen, need_encoder, cache, device, dtype, slots=min(batch, len(items)))
@@ -199,6 +205,8 @@ def run(
     with _lines(output, cfg.storage_options) as write:
         for at in range(0, len(items), 4 * batch):  # a bounded queue; each chunk's answers are written when done
             for entry in _answer_chunk(answerer, items[at : at + 4 * batch]):
+                if grounder and entry.error is None:
+                    _ground(grounder, entry)
                 answers.append(entry)
                 write(entry.model_dump_json(exclude_none=True))
     return GenerateResult(
@@ -233,6 +241,16 @@ def _answer_chunk(answerer: Answerer, items: list[tuple[int | None, Request | In
             entry.answer = result
         out.append(entry)
     return out
+
+
+def _ground(grounder: Grounder, entry: Answer) -> None:
+    """The answer's grounding; in batch mode a grounding InputError becomes the line's error, else it is raised."""
+    try:
+        entry.grounding = grounder.ground(entry.answer, entry.inputs.get("image", []), entry.line)
+    except InputError as e:
+        if entry.line is None:
+            raise
+        entry.error = f"line {entry.line}: {e}"
 
 
 @contextlib.contextmanager

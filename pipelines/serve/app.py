@@ -13,6 +13,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 
+from pipelines.apps.ground import NO_DETECTOR, Grounder
 from pipelines.errors import InputError
 from pipelines.serve.chat_format import Parsed, RefusedPath, chunk, completion, parse_body
 from pipelines.serve.scheduler import QueueFull, Scheduler, Ticket
@@ -46,8 +47,10 @@ class _Pending:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
 
-def create_app(scheduler: Scheduler, model_name: str, scratch: str, limits: Limits = Limits()) -> FastAPI:
-    """The app over a running scheduler; data: URL media are written under `scratch` and removed after use."""
+def create_app(scheduler: Scheduler, model_name: str, scratch: str, limits: Limits = Limits(),
+               grounder: Grounder | None = None) -> FastAPI:  # fmt: skip
+    """The app over a running scheduler; data: URL media are written under `scratch` and removed after use; a
+    request with `ground` has its answer grounded by `grounder` (model.detector)."""
     app = FastAPI(title="ibllm", version="1")
 
     @app.get("/health")
@@ -97,6 +100,9 @@ def create_app(scheduler: Scheduler, model_name: str, scratch: str, limits: Limi
             return error(403, str(e))
         except InputError as e:
             return error(400, str(e))
+        if parsed.ground is not None and grounder is None:
+            parsed.cleanup()
+            return error(400, f"ground: {NO_DETECTOR}")
         pending = _Pending(asyncio.get_running_loop())
         stream = (lambda text: pending.put("text", text)) if parsed.stream else None  # whole answers: no per-token
         ticket = Ticket(parsed.request, parsed.cache, on_text=stream,
@@ -118,7 +124,7 @@ def create_app(scheduler: Scheduler, model_name: str, scratch: str, limits: Limi
         if parsed.stream:
             return StreamingResponse(_stream(scheduler, ticket, parsed, pending, model_name, limits),
                                      media_type="text/event-stream")  # fmt: skip
-        return await _whole(scheduler, ticket, parsed, pending, model_name, limits)
+        return await _whole(scheduler, ticket, parsed, pending, model_name, limits, grounder)
 
     return app
 
@@ -136,7 +142,7 @@ def _timed_out(scheduler: Scheduler, ticket: Ticket, parsed: Parsed, limits: Lim
 
 
 async def _whole(scheduler: Scheduler, ticket: Ticket, parsed: Parsed, pending: _Pending, model: str,
-                 limits: Limits) -> JSONResponse:  # fmt: skip
+                 limits: Limits, grounder: Grounder | None = None) -> JSONResponse:  # fmt: skip
     try:
         while True:
             async with asyncio.timeout(limits.timeout_s):
@@ -145,7 +151,15 @@ async def _whole(scheduler: Scheduler, ticket: Ticket, parsed: Parsed, pending: 
                 if event[2] is not None:
                     return _failure(event[2])
                 answer = scheduler.answerer.tokenizer.decode(ticket.tokens).strip()
-                return JSONResponse(completion(answer, model, ticket.prompt_tokens, len(ticket.tokens), event[1]))
+                doc = completion(answer, model, ticket.prompt_tokens, len(ticket.tokens), event[1])
+                if grounder is not None and parsed.ground is not None:  # before cleanup: data: URL images
+                    try:
+                        found = await asyncio.to_thread(grounder.ground, answer, parsed.request.image, None,
+                                                        parsed.ground)  # fmt: skip
+                    except InputError as e:
+                        return error(400, str(e))
+                    doc["grounding"] = found.model_dump(exclude_none=True)
+                return JSONResponse(doc)
     except TimeoutError:
         log.warning("a request timed out after %d tokens", len(ticket.tokens))
         return _timed_out(scheduler, ticket, parsed, limits)

@@ -55,6 +55,8 @@ class ChatBody(BaseModel):
     n: int = 1
     cache: bool | None = None  # the visual cache for this request (default: the server's setting)
     weights: dict[str, float] = {}  # weight of each modality in the mix (default 1 each)
+    ground: bool = False  # find the answer's noun phrases in the image: boxes in the response's `grounding`
+    ground_threshold: float = Field(0.1, ge=0, le=1)
 
 
 @dataclass
@@ -65,6 +67,7 @@ class Parsed:
     stream: bool
     cache: bool | None
     files: list[str] = field(default_factory=list)
+    ground: float | None = None  # the grounding threshold when the answer is to be grounded
 
     def cleanup(self) -> None:
         for path in self.files:
@@ -91,7 +94,9 @@ def parse_body(doc: Any, media_root: str | None, scratch: str, max_media_bytes: 
             check_weight(modality, weight)
         except InputError as e:
             raise InputError(f"weights: {e}") from None
-    parsed = Parsed(Request(), body.stream, body.cache)
+    if body.ground and body.stream:
+        raise InputError("ground: the boxes come with the whole answer: drop stream")
+    parsed = Parsed(Request(), body.stream, body.cache, ground=body.ground_threshold if body.ground else None)
     try:
         turns, inputs = _dialogue(body.messages, media_root, scratch, max_media_bytes, parsed.files)
         *history, (question, _) = turns

@@ -12,6 +12,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from model.imagebind.encoder import DType
+from pipelines.apps.ground import Grounder, GroundOptions
 from pipelines.config import Config
 from pipelines.infer import stage as infer
 from pipelines.serve.app import Limits, create_app
@@ -49,7 +50,8 @@ def build(cfg: Config, checkpoint: str | None = None, device: str = "auto", dtyp
     scheduler = Scheduler(answerer, cfg.serve.max_queue)
     scratch = tempfile.TemporaryDirectory(prefix="ibllm-serve-")
     name = model_name(chosen, trained.made_by)
-    app = create_app(scheduler, name, scratch.name, limits_of(cfg))
+    grounder = Grounder(cfg, GroundOptions(), device) if cfg.model.detector else None  # loaded on the first `ground`
+    app = create_app(scheduler, name, scratch.name, limits_of(cfg), grounder)
     if cfg.imagine.generator:  # any-to-image beside the chat, on the same encoder and cache (the apps extra)
         from pipelines.apps import imagine
         from pipelines.serve.images import add_image_routes
