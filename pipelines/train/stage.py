@@ -142,9 +142,11 @@ def _fit_with_ray(cfg: Config, job: Job, sc: StageConfig, attempt: int, resume: 
         train_loop_config=asdict(job) | {"session": "ray", "resume": resume},
         torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
-            num_workers=sc.workers, use_gpu=sc.use_gpu, placement_strategy=sc.placement,
+            num_workers=sc.workers,
+            use_gpu=sc.use_gpu,
+            placement_strategy=sc.placement,
             resources_per_worker=_worker_resources(sc) if sc.worker_resources else None,
-        ),  # fmt: skip
+        ),
         run_config=RunConfig(
             name=f"attempt-{attempt}",
             storage_path=ws.as_url(ws.checkpoints(f"stage{job.stage}", job.run_id)),
