@@ -11,6 +11,7 @@ import fsspec
 
 from pipelines.config import Config, ConfigError
 from pipelines.errors import InputError
+from pipelines.paths import is_url
 from stores.workspace import Workspace
 
 DEMO_BASE = ("checkpoints", "stage0", "base")  # stage 0's base LLaMA (llama/) and tokenizer (tokenizer.json)
@@ -19,9 +20,32 @@ DEMO_INSTRUCTIONS = ("instructions", "synthetic.json")  # the demo's generated s
 NO_TOKENIZER = "model.tokenizer_path is not set (LLaMA's tokenizer.model, or a tokenizer.json)"
 
 
+_LOCAL_COPIES: dict[str, str] = {}
+
+
 def _demo(ws: Workspace, *parts: str) -> str | None:
+    """A demo artifact in the workspace: its path (a URL on object storage), None when it is not there."""
     path = ws.path(*parts)
-    return path if ws.is_local and os.path.exists(path) else None
+    if ws.is_local:
+        return path if os.path.exists(path) else None
+    return ws.as_url(path) if ws.exists(path) else None
+
+
+def local_copy(ws: Workspace, location: str) -> str:
+    """A local path for a model file or folder that libraries read from disk (transformers, tokenizers): the path
+    itself when local; a URL (the demo's base LLaMA in an S3 workspace) is copied once per process, in the driver or
+    a Ray worker on any node, with the workspace's options when on its storage."""
+    if not is_url(location):
+        return location.removeprefix("file://")
+    if location not in _LOCAL_COPIES:
+        fs, path = fsspec.core.url_to_fs(location, **ws.options_for(location))
+        target = os.path.join(tempfile.mkdtemp(prefix="ibllm-asset-"), posixpath.basename(path.rstrip("/")))
+        if fs.isdir(path):
+            fs.get(path.rstrip("/") + "/", target + "/", recursive=True)
+        else:
+            fs.get(path, target)
+        _LOCAL_COPIES[location] = target
+    return _LOCAL_COPIES[location]
 
 
 def base_llama(cfg: Config, ws: Workspace, recorded: str | None = None) -> str | None:
@@ -52,7 +76,8 @@ def clip_vocab_file(cfg: Config, ws: Workspace) -> str | None:
         if not os.path.isfile(vocab):
             raise InputError(f"model.imagebind_vocab not found: {vocab}")
         return vocab
-    return _demo(ws, *DEMO_VOCAB) if cfg.model.imagebind != "huge" else None
+    demo = _demo(ws, *DEMO_VOCAB) if cfg.model.imagebind != "huge" else None
+    return local_copy(ws, demo) if demo else None
 
 
 def clip_vocab_bytes(cfg: Config, ws: Workspace) -> bytes:

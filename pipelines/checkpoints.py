@@ -62,11 +62,12 @@ def load(cfg: Config, ws: Workspace, trained: Trained, dtype: torch.dtype | None
          ) -> tuple[ImageBindLLM, TextTokenizer]:  # fmt: skip
     """The model on its base LLaMA (the configured one, else the demo's, else the run's) and its tokenizer."""
     base = assets.base_llama(cfg, ws, trained.recorded.get("base_llama"))
+    base = assets.local_copy(ws, base) if base else None
     if base is None:  # training built the same seeded random base: rebuild it so the checkpoint fits
         log.warning("no base LLaMA (model.llama_path): the seeded random tiny LLaMA of the run, for tests only")
         torch.manual_seed(int(trained.recorded.get("seed", cfg.seed)))
     try:
-        tokenizer = load_tokenizer(assets.tokenizer(cfg, ws, trained.recorded.get("tokenizer")))
+        tokenizer = load_tokenizer(assets.local_copy(ws, assets.tokenizer(cfg, ws, trained.recorded.get("tokenizer"))))
         model = from_pretrained(trained.folder, llama=base, dtype=dtype)
     except ValueError as e:  # TokenizerError, CheckpointMismatch: the message names the file
         raise InputError(str(e)) from None

@@ -100,14 +100,16 @@ class Catalog:
         self.ws = ws
         self.con = duckdb.connect(path)
         self._search_from_workspace(self.con)
-        if not ws.is_local:
-            self.con.register_filesystem(ws.fs)
         self.refresh()
 
     def _search_from_workspace(self, con: duckdb.DuckDBPyConnection) -> None:
-        """On a local workspace the views name their files relative to it (`_ref`), found from its folder."""
+        """On a local workspace the views name their files relative to it (`_ref`), found from its folder; on object
+        storage DuckDB reads them through the workspace's fsspec filesystem (its endpoint and credentials; DuckDB's
+        own httpfs extension would be downloaded at run time)."""
         if self.ws.is_local:
             con.execute("SET file_search_path = $p", {"p": self.ws.base})
+        else:
+            con.register_filesystem(self.ws.fs)
 
     def _ref(self, path: str) -> str:
         """A workspace file as the views name it: relative to a local workspace (so a moved or copied workspace keeps

@@ -40,7 +40,9 @@ class Workspace:
     storage_options: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.fs, path = fsspec.core.url_to_fs(self.root, **dict(self.storage_options))
+        # Other processes (Ray workers, img2dataset's) write here too: a cached listing would hide their files.
+        fresh = {"use_listings_cache": False} if "://" in self.root and not self.root.startswith("file://") else {}
+        self.fs, path = fsspec.core.url_to_fs(self.root, **fresh, **dict(self.storage_options))
         self.base = path.rstrip("/") or "/"
         if self.is_local and "://" not in self.root:
             self.root = self.base  # absolute: a Workspace handed to another process names the same folder there

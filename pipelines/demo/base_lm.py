@@ -7,8 +7,10 @@ import json
 import logging
 import math
 import os
+import posixpath
 import shutil
 import time
+from typing import Any
 
 import numpy as np
 import torch
@@ -55,11 +57,9 @@ def run(cfg: Config, force: bool = False) -> BaseLMResult:
     if settings is None:
         raise InputError("train.stage0 is not set: stage 0 is the demo's stand-in for LLaMA (see configs/demo.yaml)")
     ws = Workspace(cfg.workspace, cfg.storage_options)
-    if not ws.is_local:
-        raise InputError(f"stage 0 writes a local base model; the workspace {cfg.workspace} is remote")
     out = ws.checkpoints(*BASE_DIR)
     fingerprint = _fingerprint(cfg)
-    done = _read_record(out)
+    done = _read_record(ws, out)
     if done and done.get("fingerprint") == fingerprint and not force:
         log.info("stage 0: the base LLaMA at %s is up to date", out)
         return BaseLMResult(path=out, trained=False, **done["result"])
@@ -96,16 +96,9 @@ def run(cfg: Config, force: bool = False) -> BaseLMResult:
         "last_loss": float(np.mean(losses[-10:])),
         "seconds": round(time.perf_counter() - start, 2),
     }
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    tmp = f"{out}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(os.path.join(tmp, "llama"))
-    tokenizer.save(tmp)
     record = {"version": VERSION, "fingerprint": fingerprint, "result": result, "losses": losses,
               "config": config.to_dict()}  # fmt: skip
-    with open(os.path.join(tmp, "base.json"), "w") as f:
-        json.dump(record, f, indent=1)
-    replace_dir(tmp, out)
+    _write(ws, out, model, tokenizer, record)
     log.info("stage 0: base LLaMA trained in %.1f s, loss %.3f -> %.3f", result["seconds"], losses[0], losses[-1])
     return BaseLMResult(path=out, trained=True, **result)
 
@@ -141,9 +134,38 @@ def _fingerprint(cfg: Config) -> str:
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _read_record(out: str) -> dict | None:
-    path = os.path.join(out, "base.json")
-    if not (os.path.exists(path) and os.path.exists(os.path.join(out, BPE_FILE))):
+def _read_record(ws: Workspace, out: str) -> dict | None:
+    path = posixpath.join(out, "base.json")
+    if not (ws.exists(path) and ws.exists(posixpath.join(out, BPE_FILE))):
         return None
-    with open(path) as f:
-        return json.load(f)
+    return json.loads(ws.read_bytes(path))
+
+
+def _write(ws: Workspace, out: str, model: LlamaForCausalLM, tokenizer: Any, record: dict) -> None:
+    """The base (llama/, the tokenizer) and, last, its record: renamed into place on a local workspace; on object
+    storage the files are uploaded first and `base.json` is what makes them count."""
+    if ws.is_local:
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        tmp = f"{out}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(os.path.join(tmp, "llama"))
+        tokenizer.save(tmp)
+        with open(os.path.join(tmp, "base.json"), "w") as f:
+            json.dump(record, f, indent=1)
+        replace_dir(tmp, out)
+        return
+    ws.remove(posixpath.join(out, "base.json"))  # an older base stops counting before its files change
+    with ws.scratch() as scratch:
+        model.save_pretrained(os.path.join(scratch, "llama"))
+        tokenizer.save(scratch)
+        for name in sorted(os.listdir(scratch)):  # llama/ and the tokenizer's file
+            local, target = os.path.join(scratch, name), posixpath.join(out, name)
+            if not os.path.isdir(local):
+                ws.upload(local, target)
+                continue
+            if ws.exists(target):
+                ws.fs.rm(target, recursive=True)
+            ws.upload_dir(local, target)
+    ws.write_bytes(posixpath.join(out, "base.json"), json.dumps(record, indent=1).encode())
+
+

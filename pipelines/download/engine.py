@@ -71,8 +71,9 @@ def img2dataset_download(cfg: Config, source: str, url_list: str, output_folder:
     distributor = d.distributor
     if distributor == "multiprocessing" and cfg.ray.address:
         distributor = "ray"
+    ray_runtime.share_storage_options(cfg)  # img2dataset opens the output folder without our fsspec options
     if distributor == "ray":
-        ray_runtime.connect(cfg.ray)
+        ray_runtime.connect(cfg)
     # its set-up lines, its advice to watch bwm-ng and two lines per shard left out (the stage prints its progress)
     engine = _engine(decoder_for(cfg, source), d.deadline_seconds, d.allow_private_addresses)
     with engine, filtered_output(IMG2DATASET_CHATTER):

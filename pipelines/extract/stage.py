@@ -241,7 +241,7 @@ def _extract(cfg: Config, ws: Workspace, encoder_id: str, names: list[str], forc
         raise InputError(f"no downloaded shards of {', '.join(names) or 'any source'} in {ws.url()}: "
                          "run `ibllm download` first")  # fmt: skip
     vocab = assets.clip_vocab_bytes(cfg, ws)
-    ray_runtime.connect(cfg.ray)
+    ray_runtime.connect(cfg)
     device = _device(cfg)
     dtype = cfg.extract.dtype if cfg.extract.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
     settings = feature_settings(encoder_id, vocab, device, dtype, cfg.extract.fp8)

@@ -127,7 +127,7 @@ def _dialogue(messages: list[dict[str, Any]], media_root: str | None, scratch: s
         if role != expected:
             raise InputError(f"messages[{i}].role: {role!r} where a {expected} message is expected (they alternate, "
                              "from a user message, and end with one)")  # fmt: skip
-        text = _content(message.get("content"), f"messages[{i}].content", role, media_root, scratch, max_bytes,
+        text = content_parts(message.get("content"), f"messages[{i}].content", role, media_root, scratch, max_bytes,
                         files, inputs)  # fmt: skip
         said.append((role, text))
     if not said or said[-1][0] != "user":
@@ -136,7 +136,7 @@ def _dialogue(messages: list[dict[str, Any]], media_root: str | None, scratch: s
     return [(q, a) for q, a in zip(texts[::2], texts[1::2], strict=False)] + [(texts[-1], None)], inputs
 
 
-def _content(content: Any, where: str, role: str, media_root: str | None, scratch: str, max_bytes: int,
+def content_parts(content: Any, where: str, role: str, media_root: str | None, scratch: str, max_bytes: int,
              files: list[str], inputs: dict[str, list[str]]) -> str:  # fmt: skip
     if isinstance(content, str):
         return content

@@ -22,7 +22,7 @@ from pipelines.errors import InputError
 from pipelines.infer.inputs import Request as Inputs
 from pipelines.infer.inputs import check_weight
 from pipelines.serve.app import Limits, error
-from pipelines.serve.chat_format import RefusedPath, _content
+from pipelines.serve.chat_format import RefusedPath, content_parts
 
 
 class ImagesBody(BaseModel):
@@ -54,7 +54,7 @@ def parse_images_body(doc: Any, media_root: str | None, scratch: str, max_bytes:
     files: list[str] = []
     inputs: dict[str, list[str]] = {}
     try:
-        text = _content(body.input, "input", "user", media_root, scratch, max_bytes, files, inputs)
+        text = content_parts(body.input, "input", "user", media_root, scratch, max_bytes, files, inputs)
         if text.strip():
             inputs["text"] = [text]
         for modality, weight in body.weights.items():

@@ -39,7 +39,7 @@ def start(cfg: Config, checkpoint: str | None = None, device: str = "auto", dtyp
     return its URL once every replica is up."""
     from ray import serve
 
-    connect(cfg.ray)
+    connect(cfg)
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     serve.run(application(cfg, checkpoint, device, dtype), name=APP_NAME, route_prefix="/")
     url = f"http://{cfg.serve.host}:{cfg.serve.port}"

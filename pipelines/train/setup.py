@@ -92,9 +92,9 @@ def resolve_job(
     m = cfg.model
     encoder_id = encoder_id_for(m.imagebind, m.imagebind_checkpoint, cfg.seed)
     tokenizer_path = assets.tokenizer(cfg, ws)
-    tokenizer = load_tokenizer(tokenizer_path)
+    tokenizer = load_tokenizer(assets.local_copy(ws, tokenizer_path))
     base = assets.base_llama(cfg, ws)
-    llm = _llm_config(cfg, base, tokenizer.n_words, tokenizer.bos_id, tokenizer.eos_id)
+    llm = _llm_config(cfg, ws, base, tokenizer.n_words, tokenizer.bos_id, tokenizer.eos_id)
     feature_parts: list[str] = []
     instruction_files: list[str] = []
     if stage == 1:
@@ -136,11 +136,11 @@ def tokenizer_name(path: str, base: str | None) -> str:
     return f"{path} (base {base or 'the random tiny LLaMA'})"
 
 
-def _llm_config(cfg: Config, base: str | None, vocab: int, bos: int, eos: int) -> LLMConfig:
+def _llm_config(cfg: Config, ws: Workspace, base: str | None, vocab: int, bos: int, eos: int) -> LLMConfig:
     m = cfg.model
     lora = {"lora_rank": m.lora_rank, "lora_alpha": m.lora_alpha, "max_seq_len": m.max_seq_len}
     if base:
-        return config_from_llama(LlamaConfig.from_pretrained(base), **lora)
+        return config_from_llama(LlamaConfig.from_pretrained(assets.local_copy(ws, base)), **lora)
     if m.llama != "tiny":
         raise InputError(f"model.llama is {m.llama!r}: give model.llama_path (a transformers LLaMA folder, see "
                          "`ibllm convert llama`)")  # fmt: skip
@@ -189,10 +189,11 @@ def build_model(job: Job) -> ImageBindLLM:
     """The model of the run, identical on every worker: base LLaMA + adapter (+ the stage-1 checkpoint in stage 2)."""
     config = LLMConfig.from_dict(job.llm)
     torch.manual_seed(job.seed)
-    llama = load_llama(job.base_llama) if job.base_llama else None
+    ws = Workspace(job.workspace, job.storage_options)
+    llama = load_llama(assets.local_copy(ws, job.base_llama)) if job.base_llama else None
     model = ImageBindLLM(config, llama)
     if job.init_checkpoint:
-        _, tensors, _ = read_checkpoint(local_dir(Workspace(job.workspace, job.storage_options), job.init_checkpoint))
+        _, tensors, _ = read_checkpoint(local_dir(ws, job.init_checkpoint))
         load_tensors(model, tensors, job.init_checkpoint)
     return model
 
@@ -209,7 +210,7 @@ def accum_steps(job: Job, world: int) -> int:
 
 def build_batches(job: Job, ws: Workspace, rank: int, world: int) -> Callable[[int], Iterator]:
     """start step -> this worker's micro-batches of every step from there on (prefetched in a thread)."""
-    tokenizer = load_tokenizer(job.tokenizer)
+    tokenizer = load_tokenizer(assets.local_copy(ws, job.tokenizer))
     source: ExampleSource
     if job.stage == 1:
         source = FeatureCaptions(

@@ -135,7 +135,7 @@ def _fit_with_ray(cfg: Config, job: Job, sc: StageConfig, attempt: int, resume: 
 
     from pipelines.ray_runtime import connect
 
-    connect(cfg.ray)
+    connect(cfg)
     ws = Workspace(cfg.workspace, cfg.storage_options)
     trainer = TorchTrainer(
         worker_main,

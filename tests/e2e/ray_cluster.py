@@ -51,7 +51,14 @@ class Cluster:
 
     address: str
     temp_dir: str
+    cpus: int
     nodes: dict[str, Node] = field(default_factory=dict)
+
+    def join(self, name: str) -> Node:
+        """Start a node `name` that joins the cluster (with the labels `SLOT` and `ibllm_node_<name>`)."""
+        env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+        self.nodes[name] = _start(name, ["--address", self.address], self.temp_dir, self.cpus, env)
+        return self.nodes[name]
 
 
 def _ray(*args: str) -> list[str]:
@@ -105,13 +112,13 @@ def two_nodes(cpus: int = 2) -> Iterator[Cluster]:
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     port = free_port()
     address = f"127.0.0.1:{port}"
-    cluster = Cluster(address, temp_dir)
+    cluster = Cluster(address, temp_dir, cpus)
     try:
         head = ["--head", "--port", str(port), "--temp-dir", temp_dir, "--dashboard-host", "127.0.0.1",
                 "--dashboard-port", str(free_port()), "--ray-client-server-port", str(free_port())]  # fmt: skip
         cluster.nodes["a"] = _start("a", head, temp_dir, cpus, env)
         _wait_for_port(address, cluster.nodes["a"])
-        cluster.nodes["b"] = _start("b", ["--address", address], temp_dir, cpus, env)
+        cluster.join("b")
         yield cluster
     finally:
         for node in reversed(list(cluster.nodes.values())):
@@ -130,7 +137,7 @@ def _stop(node: Node) -> None:
         for p in procs:
             with contextlib.suppress(psutil.Error):
                 p.send_signal(sig)
-        _, procs = psutil.wait_procs(procs, timeout=10)
+        _, procs = psutil.wait_procs(procs, timeout=5)
         if not procs:
             break
     node.proc.wait(timeout=10)

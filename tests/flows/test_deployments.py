@@ -18,7 +18,9 @@ def test_every_deployment_loads() -> None:
     for dep in spec["deployments"]:
         flow = load_flow_from_entrypoint(str(ROOT / dep["entrypoint"]))
         assert isinstance(flow, Flow)
-        assert dep["work_pool"]["name"] == "ibllm"
+        cluster = dep["name"].endswith("-cluster")  # the same flows on a Ray cluster's pool, with its config
+        assert dep["work_pool"]["name"] == ("ibllm-cluster" if cluster else "ibllm")
+        assert not cluster or dep["parameters"]["config"] == "configs/cluster.yaml"
         params = dep.get("parameters", {})
         assert set(params) <= set(flow.parameters.properties), dep["name"]
         if params.get("config"):

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import posixpath
 from pathlib import Path
+
+import boto3
 
 from stores.workspace import Workspace
 
@@ -34,3 +37,25 @@ def test_s3_urls(s3_workspace: Workspace) -> None:
     assert s3_workspace.url("index", "cache").startswith("s3://ibllm-")
     assert s3_workspace.url("index", "cache").endswith("/run/index/cache")
     assert not s3_workspace.is_local
+
+
+def test_files_another_process_writes_are_seen(s3_workspace: Workspace) -> None:
+    """Ray workers and img2dataset write through their own clients: a listing this one cached must not hide them."""
+    ws = s3_workspace
+    folder = ws.shards("src")
+    first, second = posixpath.join(folder, "00000_stats.json"), posixpath.join(folder, "00001_stats.json")
+    ws.write_bytes(first, b"{}")
+    assert ws.glob(posixpath.join(folder, "*_stats.json")) == [first]  # listed (with a listings cache: remembered)
+    other = boto3.client("s3", endpoint_url=ws.storage_options["client_kwargs"]["endpoint_url"])
+    bucket, _, key = second.partition("/")
+    other.put_object(Bucket=bucket, Key=key, Body=b"{}")
+    assert ws.glob(posixpath.join(folder, "*_stats.json")) == [first, second]
+    assert ws.exists(second)
+
+
+def test_source_files_on_the_workspace_storage_use_its_options(s3_workspace: Workspace) -> None:
+    """A metadata file beside the workspace on the same S3 endpoint is opened with the workspace's endpoint."""
+    ws = s3_workspace
+    assert ws.options_for("s3://elsewhere/x.parquet") == dict(ws.storage_options)
+    assert ws.options_for("/data/x.parquet") == {} and ws.options_for("gs://b/x") == {}
+    assert Workspace("/tmp/ws").options_for("s3://b/x") == {}
