@@ -127,7 +127,9 @@ class Detector:
 
     def _raw(self, image: Image.Image, phrases: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(self.model, Owlv2ForObjectDetection):
-            inputs = self.processor(text=[phrases], images=image, return_tensors="pt").to(self.device)
+            inputs = self.processor(
+                text=[phrases], images=image, return_tensors="pt", padding="max_length", truncation=True
+            ).to(self.device)  # a long phrase: its first 16 tokens
             out = self.model(**inputs)
             return out.logits[0].float().sigmoid(), out.pred_boxes[0].float()  # (N, P), (N, 4)
         text, spans = grounding_prompt(phrases)

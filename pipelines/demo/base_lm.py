@@ -167,5 +167,3 @@ def _write(ws: Workspace, out: str, model: LlamaForCausalLM, tokenizer: Any, rec
                 ws.fs.rm(target, recursive=True)
             ws.upload_dir(local, target)
     ws.write_bytes(posixpath.join(out, "base.json"), json.dumps(record, indent=1).encode())
-
-

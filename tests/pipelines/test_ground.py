@@ -123,3 +123,18 @@ def _post(transport: httpx.ASGITransport, body: dict) -> httpx.Response:
             return await client.post("/v1/chat/completions", json=body, timeout=60)
 
     return asyncio.run(go())
+
+
+def test_ground_task(trained: tuple[Config, dict[str, str], str], detector: str) -> None:  # noqa: F811
+    """The Prefect task answers about the image and grounds the answer (its function, without a Prefect server)."""
+    from flows.tasks import ground_task
+
+    cfg, f, _ = trained
+    cfg = cfg.model_copy(deep=True)
+    cfg.model.detector = detector
+    cfg.infer.temperature, cfg.infer.max_new_tokens = 0.0, 5
+    out = Path(f["vocab"]).parent / "task-grounded.png"
+    result = ground_task.fn(cfg, f["jpg"], threshold=0.0, out=str(out))
+    (answer,) = result.answers
+    assert answer.grounding is not None and answer.grounding.phrases == noun_phrases(answer.answer)
+    assert answer.grounding.boxes and Image.open(out).size == (96, 80)
