@@ -340,21 +340,29 @@ def image_key(reference: str) -> str:
 
 
 def join_features(
-    keys: Sequence[str | None], feature_files: Sequence[str], column: str = "image_emb"
+    keys: Sequence[str | None], feature_files: Sequence[str], column: str = "image_emb", filesystem: Any = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Look image keys up by image_key(url) in local feature Parquet files: (found (N,) bool, (N, dim) float32).
+    """Look image keys up by image_key(url) in feature Parquet files: (found (N,) bool, (N, dim) float32). The files
+    are local paths, or URLs of `filesystem` (an fsspec filesystem: the workspace's on object storage).
 
     Not found (and None) keys get zeros. A key with several rows takes the first by (url, uid).
     """
     if not feature_files:
         raise ValueError("no feature files to join")
-    kind = pq.read_schema(feature_files[0]).field(column).type
+    if filesystem is None:
+        schema = pq.read_schema(feature_files[0])
+    else:
+        with filesystem.open(feature_files[0], "rb") as f:
+            schema = pq.read_schema(f)
+    kind = schema.field(column).type
     dim = getattr(kind, "list_size", None)
     if dim is None:
         raise ValueError(f"{feature_files[0]}: column {column!r} is {kind}, not a fixed-size embedding")
     wanted = sorted({k for k in keys if k is not None})
     sql = JOIN_SQL.format(key=KEY_SQL, column=column)
     with duckdb.connect() as con:
+        if filesystem is not None:
+            con.register_filesystem(filesystem)
         table = con.sql(sql, params={"files": list(feature_files), "keys": wanted}).to_arrow_table()
     rows = {k: i for i, k in enumerate(table.column("key").to_pylist())}
     values = np.asarray(table.column("emb").combine_chunks().flatten(), dtype=np.float32).reshape(-1, dim)

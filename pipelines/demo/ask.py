@@ -9,6 +9,7 @@ import posixpath
 from pydantic import BaseModel
 
 from model.imagebind.encoder import encoder_id_for
+from pipelines import assets
 from pipelines.config import Config
 from pipelines.demo import text as demo_text
 from pipelines.demo.synthetic import SyntheticSource
@@ -52,13 +53,13 @@ class DemoAnswers(BaseModel):
 def run(cfg: Config, checkpoint: str) -> DemoAnswers:
     """Ask the colour question about the first held-out image and the caption question about the first audio clip."""
     ws = Workspace(cfg.workspace, cfg.storage_options)
-    if not ws.is_local:
-        raise InputError("the demo's questions read local files: use a local workspace")
     image, caption_shown = _heldout_image(cfg, ws)
     scene = demo_text.parse_caption(caption_shown)
     audio = ws.synthetic("media", "audio_00.wav")
-    if not os.path.exists(audio):
-        raise InputError(f"{audio}: no synthetic audio clip; run `ibllm synthetic`")
+    if not ws.exists(audio):
+        raise InputError(f"{ws.as_url(audio)}: no synthetic audio clip; run `ibllm synthetic`")
+    if not ws.is_local:  # the inputs are read as local files, as a user's are
+        image, audio = (assets.local_copy(ws, ws.as_url(p)) for p in (image, audio))
     (colour_q, _), (shape_q, _), caption_q = demo_text.QUESTIONS[0], demo_text.QUESTIONS[1], demo_text.QUESTIONS[-1][0]
     asked = []
     for cache in (False, True):  # one model (and encoder, cache) per setting; its questions decoded together

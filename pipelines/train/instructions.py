@@ -52,7 +52,7 @@ def instruction_examples(
     for path in files:
         try:
             data = read_instructions(path, first_turn_only=conversation == "first", whole=conversation == "whole",
-                                     open_fn=lambda p: fsspec.open(p, "rb").open())  # fmt: skip
+                                     open_fn=lambda p: fsspec.open(p, "rb", **ws.options_for(p)).open())  # fmt: skip
         except FileNotFoundError:
             raise InputError(f"{path}: no such instruction file (train.stage2.data)") from None
         except InstructionFileError as e:
@@ -66,7 +66,8 @@ def instruction_examples(
             if not feature_parts:
                 raise InputError(f"{path}: {len(visual)} samples need image features, and the feature set "
                                  f"{encoder_id} has none; run `ibllm extract` on their images")  # fmt: skip
-            found, emb = join_features([image_key(r.image) for r in visual], feature_parts)
+            found, emb = join_features([image_key(r.image) for r in visual], feature_parts,
+                                       filesystem=None if ws.is_local else ws.fs)
             try:
                 require_features(visual, found)
             except InstructionFileError as e:

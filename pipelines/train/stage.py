@@ -148,14 +148,23 @@ def _fit_with_ray(cfg: Config, job: Job, sc: StageConfig, attempt: int, resume: 
             resources_per_worker=_worker_resources(sc) if sc.worker_resources else None,
         ),
         run_config=RunConfig(
-            name=f"attempt-{attempt}",
-            storage_path=ws.as_url(ws.checkpoints(f"stage{job.stage}", job.run_id)),
-            failure_config=FailureConfig(max_failures=0),
+            name=f"attempt-{attempt}", failure_config=FailureConfig(max_failures=0), **_run_storage(ws, job)
         ),
     )
     waiting = f"stage {job.stage}: Ray Train is starting {sc.workers} worker(s)"
     with relay_progress(ws, ws.checkpoints(f"stage{job.stage}", job.run_id, PROGRESS_FILE), waiting=waiting):
         trainer.fit()
+
+
+def _run_storage(ws: Workspace, job: Job) -> dict[str, Any]:
+    """Where Ray Train keeps the run's own state: the run's folder, through the workspace's filesystem on object
+    storage (Ray's own S3 client would not have the workspace's endpoint and credentials)."""
+    path = ws.checkpoints(f"stage{job.stage}", job.run_id)
+    if ws.is_local:
+        return {"storage_path": path}
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    return {"storage_path": path, "storage_filesystem": PyFileSystem(FSSpecHandler(ws.fs))}
 
 
 def _worker_resources(sc: StageConfig) -> dict[str, float]:

@@ -22,6 +22,7 @@ from stores.instructions import (
     read_instructions,
     require_features,
 )
+from stores.workspace import Workspace
 
 ALPACA = [
     {"instruction": "Give three tips for staying healthy.", "input": "", "output": "1. Eat well."},
@@ -333,6 +334,17 @@ def test_join_features(tmp_path: Path) -> None:
     assert found_t.tolist() == [True] and np.array_equal(text[0], -emb[0].astype(np.float32))
     found_none, none = join_features([], [one])
     assert found_none.shape == (0,) and none.shape == (0, 8)
+
+
+def test_join_features_on_object_storage(tmp_path: Path, s3_workspace: Workspace) -> None:
+    """Stage 2 on an S3 workspace joins its instructions to feature parts read through the workspace's filesystem."""
+    emb = np.random.default_rng(1).standard_normal((2, 8)).astype(np.float16)
+    local = features(tmp_path / "a.parquet", ["http://x/1.jpg", "http://x/2.jpg"], ["u1", "u2"], emb)
+    ws = s3_workspace
+    part = ws.features("enc", "s", "part-00000.parquet")
+    ws.fs.put_file(local, part)
+    found, got = join_features(["2", "3"], [ws.as_url(part)], filesystem=ws.fs)
+    assert found.tolist() == [True, False] and np.array_equal(got[0], emb[1].astype(np.float32))
 
 
 def test_join_instructions_and_require_features(tmp_path: Path) -> None:
