@@ -127,6 +127,7 @@ def test_a_node_lost_during_extraction_then_the_rerun_gives_one_row_per_sample(
     assert committed < result.extract.sources[0].shards  # the kill landed while shards were in flight
     rerun = extract.run(cfg)
     (src,) = rerun.sources
+    print(f"the rerun committed {src.new_shards} more shard(s)")
     assert src.rows == len(expected) and not src.failed_shards
     got = _uids(ws, features)
     assert len(got) == len(set(got)) and sorted(got) == sorted(expected)  # exactly one row per sample
