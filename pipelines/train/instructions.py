@@ -66,8 +66,9 @@ def instruction_examples(
             if not feature_parts:
                 raise InputError(f"{path}: {len(visual)} samples need image features, and the feature set "
                                  f"{encoder_id} has none; run `ibllm extract` on their images")  # fmt: skip
-            found, emb = join_features([image_key(r.image) for r in visual], feature_parts,
-                                       filesystem=None if ws.is_local else ws.fs)
+            found, emb = join_features(
+                [image_key(r.image) for r in visual], feature_parts, filesystem=None if ws.is_local else ws.fs
+            )
             try:
                 require_features(visual, found)
             except InstructionFileError as e:
