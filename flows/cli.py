@@ -409,21 +409,7 @@ def _evaluate_options(p: argparse.ArgumentParser) -> None:
 
 
 def _generate_options(p: argparse.ArgumentParser) -> None:
-    inputs = {"image": "an image file", "audio": "an audio file", "video": "a video file",
-              "text": "a text for ImageBind's text tower (not the prompt)"}  # fmt: skip
-    for modality, what in inputs.items():
-        p.add_argument(f"--{modality}", action="append", default=[], metavar="STRING" if modality == "text" else "PATH",
-                       help=f"{what} (repeatable; several are averaged)")  # fmt: skip
-    p.add_argument("--point-cloud", dest="point", action="append", default=[], metavar="PATH",
-                   help=f"{POINT_HELP} (repeatable; several are averaged)")  # fmt: skip
-    _point_options(p)
-    p.add_argument(
-        "--weight",
-        action="append",
-        default=[],
-        metavar="MODALITY=W",
-        help="weight of a modality in the mix, e.g. --weight audio=0.5 (default 1 each)",
-    )
+    _input_options(p, "a text for ImageBind's text tower (not the prompt)")
     p.add_argument("--prompt", help="the instruction (default with inputs: 'Generate caption of this image')")
     p.add_argument("--cache", action="store_true", help="mix in the visual cache built by `ibllm index`")
     p.add_argument(
@@ -470,9 +456,9 @@ def _imagine_options(p: argparse.ArgumentParser) -> None:
     _device_options(p)
 
 
-def _input_options(p: argparse.ArgumentParser) -> None:
-    inputs = {"image": "an image file", "audio": "an audio file", "video": "a video file",
-              "text": "a text for ImageBind's text tower"}  # fmt: skip
+def _input_options(p: argparse.ArgumentParser, text: str = "a text for ImageBind's text tower") -> None:
+    """The inputs of generate and imagine: files of each modality, texts for the text tower, their weights."""
+    inputs = {"image": "an image file", "audio": "an audio file", "video": "a video file", "text": text}
     for modality, what in inputs.items():
         p.add_argument(f"--{modality}", action="append", default=[], metavar="STRING" if modality == "text" else "PATH",
                        help=f"{what} (repeatable; several are averaged)")  # fmt: skip

@@ -20,8 +20,8 @@ from model.llm.model import CacheLookup
 from pipelines import assets
 from pipelines.config import Config
 from pipelines.errors import InputError
-from pipelines.infer.inputs import PointOptions, Request, check_files, embed_request, read_requests
-from pipelines.infer.stage import cache_lookup, merge
+from pipelines.infer.inputs import PointOptions, Request, check_files, embed_request, file_requests
+from pipelines.infer.stage import cache_lookup
 from stores.index import CacheIndex, IndexMismatch
 from stores.workspace import Workspace
 
@@ -174,10 +174,7 @@ def run(
         check_files(defaults)
         items = [(None, defaults)]
     else:
-        if defaults.inputs():
-            raise InputError("--requests reads the inputs from the file: drop --image, --audio, --video, "
-                             "--point-cloud and --text")  # fmt: skip
-        items = [(n, r if isinstance(r, InputError) else merge(defaults, r)) for n, r in read_requests(requests_file)]
+        items = file_requests(defaults, requests_file)
     pictures = [_picture(cfg, n, r, out, s.images) for n, r in items]
     taken = [p for pic in pictures for p in pic.paths if _exists(p, cfg.storage_options)]
     if taken and not force:

@@ -223,6 +223,21 @@ def read_requests(path: str) -> list[tuple[int, Request | InputError]]:
     return out
 
 
+def merge(defaults: Request, line: Request) -> Request:
+    """A request line over the command line's values (weights merged, the line's winning)."""
+    update = {k: getattr(line, k) for k in line.model_fields_set}
+    update["weights"] = {**defaults.weights, **line.weights}
+    return defaults.model_copy(update=update)
+
+
+def file_requests(defaults: Request, path: str) -> list[tuple[int, Request | InputError]]:
+    """The lines of a `--requests` file over the command line's values; its inputs come from the file only."""
+    if defaults.inputs():
+        raise InputError("--requests reads the inputs from the file: drop --image, --audio, --video, "
+                         "--point-cloud and --text")  # fmt: skip
+    return [(n, r if isinstance(r, InputError) else merge(defaults, r)) for n, r in read_requests(path)]
+
+
 def check_request(request: Request) -> None:
     """A request has something to answer and every input file it names exists."""
     if not request.inputs() and not request.prompt:

@@ -23,7 +23,7 @@ from pipelines.apps.ground import Grounder, Grounding, GroundOptions
 from pipelines.config import Config
 from pipelines.errors import InputError
 from pipelines.infer.answerer import Answerer
-from pipelines.infer.inputs import TEXT_NEEDS_VOCAB, PointOptions, Request, check_request, read_requests
+from pipelines.infer.inputs import TEXT_NEEDS_VOCAB, PointOptions, Request, check_request, file_requests
 from pipelines.paths import resolve_checkpoint
 from stores import registry
 from stores.index import CacheIndex, IndexMismatch
@@ -112,13 +112,6 @@ def cache_lookup(index: CacheIndex, k: int) -> CacheLookup:
     return lookup
 
 
-def merge(defaults: Request, line: Request) -> Request:
-    """A request line over the command line's values (weights merged, the line's winning)."""
-    update = {k: getattr(line, k) for k in line.model_fields_set}
-    update["weights"] = {**defaults.weights, **line.weights}
-    return defaults.model_copy(update=update)
-
-
 def load_answerer(cfg: Config, checkpoint: str, need_encoder: bool, use_cache: bool, device: str, dtype: DType,
                   slots: int = 16) -> tuple[Answerer, checkpoints.Trained]:  # fmt: skip
     """The model of `checkpoint` ready to answer, and what the checkpoint is (its config, the run that made it, the
@@ -193,10 +186,7 @@ def run(
             raise InputError(TEXT_NEEDS_VOCAB)
         items = [(None, defaults)]
     else:
-        if defaults.inputs():
-            raise InputError("--requests reads the inputs from the file: drop --image, --audio, --video, "
-                             "--point-cloud and --text")  # fmt: skip
-        items = [(n, r if isinstance(r, InputError) else merge(defaults, r)) for n, r in read_requests(requests_file)]
+        items = file_requests(defaults, requests_file)
     grounder = Grounder(cfg, ground, device) if ground else None  # its settings checked before any model loads
     chosen = choose_checkpoint(ws, checkpoint)
     need_encoder = any(isinstance(r, Request) and r.inputs() for _, r in items)
