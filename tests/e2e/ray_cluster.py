@@ -56,6 +56,8 @@ class Cluster:
 
     def join(self, name: str) -> Node:
         """Start a node `name` that joins the cluster (with the labels `SLOT` and `ibllm_node_<name>`)."""
+        if name in self.nodes:  # a node of that name that lost its raylet: what is left of it goes first
+            _stop(self.nodes[name])
         env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
         self.nodes[name] = _start(name, ["--address", self.address], self.temp_dir, self.cpus, env)
         return self.nodes[name]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import yaml
 from prefect.flows import Flow, load_flow_from_entrypoint
 
@@ -12,15 +13,18 @@ from pipelines.config import load_config
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_every_deployment_loads() -> None:
-    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+@pytest.mark.parametrize(("file", "pool", "config"), [("prefect.yaml", "ibllm", None),
+                                                      ("deploy/prefect-cluster.yaml", "ibllm-cluster",
+                                                       "configs/cluster.yaml")])  # fmt: skip
+def test_every_deployment_loads(file: str, pool: str, config: str | None) -> None:
+    """Each file's deployments target one pool (`prefect deploy --all` refuses a pool that does not exist)."""
+    spec = yaml.safe_load((ROOT / file).read_text())
     assert spec["deployments"]
     for dep in spec["deployments"]:
         flow = load_flow_from_entrypoint(str(ROOT / dep["entrypoint"]))
         assert isinstance(flow, Flow)
-        cluster = dep["name"].endswith("-cluster")  # the same flows on a Ray cluster's pool, with its config
-        assert dep["work_pool"]["name"] == ("ibllm-cluster" if cluster else "ibllm")
-        assert not cluster or dep["parameters"]["config"] == "configs/cluster.yaml"
+        assert dep["work_pool"]["name"] == pool
+        assert config is None or dep["parameters"]["config"] == config
         params = dep.get("parameters", {})
         assert set(params) <= set(flow.parameters.properties), dep["name"]
         if params.get("config"):
