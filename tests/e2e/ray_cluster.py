@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -109,7 +108,11 @@ def wait_for_nodes(cluster: Cluster, count: int, timeout: float = 120) -> None:
 @contextlib.contextmanager
 def two_nodes(cpus: int = 2) -> Iterator[Cluster]:
     """A head node `a` and a worker node `b`, each with `cpus` logical CPUs and its own labels; stopped on exit.
-    Node `b` may still be joining when this yields: a driver connects, then `wait_for_nodes(cluster, 2)`."""
+    Node `b` may still be joining when this yields: a driver connects, then `wait_for_nodes(cluster, 2)`.
+
+    The session folder stays, as Ray's own do: a driver process keeps writing some logs where its first session
+    was (Ray Data's `ray-data.log`), and later local Ray instances of the same test process would fail on a removed
+    folder."""
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     port = free_port()
@@ -125,7 +128,6 @@ def two_nodes(cpus: int = 2) -> Iterator[Cluster]:
     finally:
         for node in reversed(list(cluster.nodes.values())):
             _stop(node)
-        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _stop(node: Node) -> None:
