@@ -26,16 +26,15 @@ _LOCAL_COPIES: dict[str, str] = {}
 def _demo(ws: Workspace, *parts: str) -> str | None:
     """A demo artifact in the workspace: its path (a URL on object storage), None when it is not there."""
     path = ws.path(*parts)
-    if ws.is_local:
-        return path if os.path.exists(path) else None
     return ws.as_url(path) if ws.exists(path) else None
 
 
 def local_copy(ws: Workspace, location: str) -> str:
-    """A local path for a model file or folder that libraries read from disk (transformers, tokenizers): the path
-    itself when local; a URL (the demo's base LLaMA in an S3 workspace) is copied once per process, in the driver or
-    a Ray worker on any node, with the workspace's options when on its storage."""
-    if not is_url(location):
+    """A local path for a file or folder that libraries read from disk (transformers, tokenizers, our checkpoints):
+    the path itself when local; a URL (the demo's base LLaMA, a checkpoint in an S3 workspace) is copied once per
+    process, in the driver or a Ray worker on any node, with the workspace's options when on its storage. What it
+    copies never changes under the same URL (committed checkpoints, the stage-0 base under its record)."""
+    if not is_url(location) or location.startswith("file://"):
         return location.removeprefix("file://")
     if location not in _LOCAL_COPIES:
         fs, path = fsspec.core.url_to_fs(location, **ws.options_for(location))

@@ -15,7 +15,7 @@ from model.llm.tokenizer import TextTokenizer, load_tokenizer
 from pipelines import assets
 from pipelines.config import Config
 from pipelines.errors import InputError
-from pipelines.train.setup import local_dir, model_folder
+from pipelines.train.setup import model_folder
 from stores.runs import run_of
 from stores.workspace import Workspace
 
@@ -47,7 +47,7 @@ class Trained:
 def inspect(cfg: Config, ws: Workspace, checkpoint: str) -> Trained:
     """Read a checkpoint's configuration and metadata, and the record of the run that wrote it (InputError naming
     the file when it is not one of ours)."""
-    folder = model_folder(local_dir(ws, checkpoint))
+    folder = model_folder(assets.local_copy(ws, checkpoint))
     try:
         config, doc = read_checkpoint_config(folder)  # the tensors are read once, by `load`
     except ValueError as e:  # CheckpointMismatch and the like: the message names the file

@@ -17,12 +17,10 @@ from model.errors import ModelInputError
 from model.imagebind.encoder import DType, ImageBind, resolve_device, resolve_dtype
 from model.llm.cache import cache_mix, mix_modalities
 from model.llm.model import CacheLookup
-from pipelines import assets
 from pipelines.config import Config
 from pipelines.errors import InputError
-from pipelines.infer.inputs import PointOptions, Request, check_files, embed_request, file_requests
-from pipelines.infer.stage import cache_lookup
-from stores.index import CacheIndex, IndexMismatch
+from pipelines.infer.inputs import PointOptions, Request, check_files, file_requests, weighted_embeddings
+from pipelines.infer.stage import configured_encoder, open_cache
 from stores.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -80,10 +78,7 @@ class Imaginer:
             raise InputError(NOTHING)
         if use_cache and self.cache is None:
             raise InputError("cache: no visual cache is loaded here (start with the cache on: --cache)")
-        embeddings = embed_request(self.encoder, req, self.cfg.model.max_image_pixels, self.points)
-        weights = {m: req.weights.get(m, 1.0) for m in embeddings}
-        if sum(weights.values()) <= 0:
-            raise InputError(f"the weights of the inputs ({weights}) sum to 0: give one a positive weight")
+        embeddings, weights = weighted_embeddings(self.encoder, req, self.cfg.model.max_image_pixels, self.points)
         mixed = mix_modalities(embeddings, weights)  # (1, D)
         if self.cache is not None and use_cache is not False:
             sims, values = self.cache(mixed)
@@ -105,18 +100,9 @@ def load(cfg: Config, use_cache: bool = False, generator: str | None = None, dev
                          "stabilityai/stable-diffusion-2-1-unclip")  # fmt: skip
     check_folder(path)  # before the encoder loads: a wrong folder is named at once
     ws = Workspace(cfg.workspace, cfg.storage_options)
-    m, dev = cfg.model, resolve_device(device)
-    vocab = assets.clip_vocab_file(cfg, ws)
-    encoder = ImageBind.load(m.imagebind, checkpoint=m.imagebind_checkpoint, vocab=vocab, device=device, dtype=dtype,
-                             seed=cfg.seed, point_checkpoint=m.point_checkpoint)  # fmt: skip
-    cache = None
-    if use_cache:
-        try:
-            index = CacheIndex.open(ws, cfg.index.name, encoder.encoder_id, encoder.dim, cfg.index.use_gpu)
-        except (FileNotFoundError, IndexMismatch) as e:
-            raise InputError(str(e)) from None
-        cache = cache_lookup(index, cfg.index.cache_k)
-    return with_encoder(cfg, encoder, cache, path, str(dev), dtype)
+    encoder = configured_encoder(cfg, ws, device, dtype)
+    cache = open_cache(cfg, ws, encoder) if use_cache else None
+    return with_encoder(cfg, encoder, cache, path, str(resolve_device(device)), dtype)
 
 
 def with_encoder(cfg: Config, encoder: ImageBind, cache: CacheLookup | None, generator: str, device: str = "auto",

@@ -58,8 +58,7 @@ def run(cfg: Config, checkpoint: str) -> DemoAnswers:
     audio = ws.synthetic("media", "audio_00.wav")
     if not ws.exists(audio):
         raise InputError(f"{ws.as_url(audio)}: no synthetic audio clip; run `ibllm synthetic`")
-    if not ws.is_local:  # the inputs are read as local files, as a user's are
-        image, audio = (assets.local_copy(ws, ws.as_url(p)) for p in (image, audio))
+    image, audio = (assets.local_copy(ws, ws.as_url(p)) for p in (image, audio))  # read as local files, as a user's
     (colour_q, _), (shape_q, _), caption_q = demo_text.QUESTIONS[0], demo_text.QUESTIONS[1], demo_text.QUESTIONS[-1][0]
     asked = []
     for cache in (False, True):  # one model (and encoder, cache) per setting; its questions decoded together

@@ -16,7 +16,7 @@ from model.llm.model import CacheLookup, ImageBindLLM
 from model.llm.prompts import CAPTION_INSTRUCTION
 from model.llm.tokenizer import TextTokenizer
 from pipelines.errors import InputError
-from pipelines.infer.inputs import PointOptions, Request, check_request, embed_request
+from pipelines.infer.inputs import PointOptions, Request, check_request, weighted_embeddings
 
 log = logging.getLogger(__name__)
 StreamCallback = Callable[[int, str], None]  # (index of the request, its answer so far)
@@ -57,10 +57,7 @@ class Answerer:
         if use_cache and self.cache is None:
             raise InputError("cache: no visual cache is loaded here (start with the cache on: --cache)")
         cache = None if use_cache is False else self.cache
-        embeddings = embed_request(self.encoder, req, self.max_image_pixels, self.points)
-        weights = {m: req.weights.get(m, 1.0) for m in embeddings}
-        if sum(weights.values()) <= 0:
-            raise InputError(f"the weights of the inputs ({weights}) sum to 0: give one a positive weight")
+        embeddings, weights = weighted_embeddings(self.encoder, req, self.max_image_pixels, self.points)
         device = next(self.model.parameters()).device
         return self.model.visual_query({m: e.to(device) for m, e in embeddings.items()}, weights,
                                        cache=cache, cache_t=self.cache_t, cache_w=self.cache_w)  # fmt: skip

@@ -287,3 +287,15 @@ def embed_request(
                 raise InputError(f"unreadable {modality} {item}: {e}") from None
         out[modality] = F.normalize(torch.cat(rows).mean(0, keepdim=True), dim=-1)
     return out
+
+
+def weighted_embeddings(
+    encoder: ImageBind, request: Request, max_pixels: int | None = None, points: PointOptions | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """`embed_request`'s embeddings and each modality's weight (1 unless the request says); InputError when the
+    weights sum to 0."""
+    embeddings = embed_request(encoder, request, max_pixels, points)
+    weights = {m: request.weights.get(m, 1.0) for m in embeddings}
+    if sum(weights.values()) <= 0:
+        raise InputError(f"the weights of the inputs ({weights}) sum to 0: give one a positive weight")
+    return embeddings, weights

@@ -138,10 +138,7 @@ def load_answerer(cfg: Config, checkpoint: str, need_encoder: bool, use_cache: b
 def _encoder_and_cache(cfg: Config, ws: Workspace, checkpoint: str, trained: str | None, feature_dim: int,
                        device: str, dtype: DType, use_cache: bool) -> tuple[ImageBind, CacheLookup | None]:  # fmt: skip
     """The configured ImageBind, refused when the checkpoint was trained on another, and the cache lookup."""
-    m = cfg.model
-    vocab = assets.clip_vocab_file(cfg, ws)
-    encoder = ImageBind.load(m.imagebind, checkpoint=m.imagebind_checkpoint, vocab=vocab, device=device, dtype=dtype,
-                             seed=cfg.seed, point_checkpoint=m.point_checkpoint)  # fmt: skip
+    encoder = configured_encoder(cfg, ws, device, dtype)
     if trained and trained != encoder.encoder_id:
         raise InputError(f"checkpoint {checkpoint} was trained on encoder {trained}, but the configured encoder "
                          f"is {encoder.encoder_id} (model.imagebind, model.imagebind_checkpoint, seed): use the "
@@ -150,13 +147,25 @@ def _encoder_and_cache(cfg: Config, ws: Workspace, checkpoint: str, trained: str
         log.warning("%s records no encoder id: assuming it was trained on %s", checkpoint, encoder.encoder_id)
     if encoder.dim != feature_dim:
         raise InputError(f"the encoder gives {encoder.dim}-d embeddings, checkpoint {checkpoint} takes {feature_dim}")
-    if not use_cache:
-        return encoder, None
+    return encoder, open_cache(cfg, ws, encoder) if use_cache else None
+
+
+def configured_encoder(cfg: Config, ws: Workspace, device: str, dtype: DType) -> ImageBind:
+    """The configured ImageBind (its point branch when configured) with the CLIP vocabulary of the config or demo."""
+    m = cfg.model
+    vocab = assets.clip_vocab_file(cfg, ws)
+    return ImageBind.load(m.imagebind, checkpoint=m.imagebind_checkpoint, vocab=vocab, device=device, dtype=dtype,
+                          seed=cfg.seed, point_checkpoint=m.point_checkpoint)  # fmt: skip
+
+
+def open_cache(cfg: Config, ws: Workspace, encoder: ImageBind) -> CacheLookup:
+    """The visual cache of the encoder's features (`index.name`) as a lookup; InputError when missing or built for
+    another encoder."""
     try:
         index = CacheIndex.open(ws, cfg.index.name, encoder.encoder_id, encoder.dim, cfg.index.use_gpu)
     except (FileNotFoundError, IndexMismatch) as e:
         raise InputError(str(e)) from None
-    return encoder, cache_lookup(index, cfg.index.cache_k)
+    return cache_lookup(index, cfg.index.cache_k)
 
 
 def run(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -176,15 +175,6 @@ def model_folder(local: str) -> str:
     return nested if not os.path.isfile(os.path.join(local, "config.json")) and os.path.isdir(nested) else local
 
 
-def local_dir(ws: Workspace, url: str) -> str:
-    """A local folder holding the workspace folder at `url` (the path itself on a local workspace)."""
-    if "://" not in url or url.startswith("file://"):
-        return url.removeprefix("file://")
-    local = tempfile.mkdtemp(prefix="ibllm-")
-    ws.download_dir(url, local)
-    return local
-
-
 def build_model(job: Job) -> ImageBindLLM:
     """The model of the run, identical on every worker: base LLaMA + adapter (+ the stage-1 checkpoint in stage 2)."""
     config = LLMConfig.from_dict(job.llm)
@@ -193,7 +183,7 @@ def build_model(job: Job) -> ImageBindLLM:
     llama = load_llama(assets.local_copy(ws, job.base_llama)) if job.base_llama else None
     model = ImageBindLLM(config, llama)
     if job.init_checkpoint:
-        _, tensors, _ = read_checkpoint(local_dir(ws, job.init_checkpoint))
+        _, tensors, _ = read_checkpoint(assets.local_copy(ws, job.init_checkpoint))
         load_tensors(model, tensors, job.init_checkpoint)
     return model
 

@@ -15,11 +15,12 @@ import torch
 from pydantic import BaseModel
 
 from model.llm.phases import STAGE_PHASE
+from pipelines import assets
 from pipelines.config import Config, StageConfig
 from pipelines.console import interval, polling
 from pipelines.errors import InputError
 from pipelines.train.loop import MODEL_DIR, Compute, Hyper, shard_model, train
-from pipelines.train.setup import Job, build_batches, build_model, local_dir, resolve_job
+from pipelines.train.setup import Job, build_batches, build_model, resolve_job
 from stores.lease import lease
 from stores.runs import PROGRESS_FILE, RunRecord, Runs
 from stores.workspace import Workspace
@@ -246,7 +247,7 @@ class LocalSession:
             self.pointer.commit(target, step, history or [])
 
     def resume_dir(self) -> str | None:
-        return local_dir(self.ws, self._resume) if self._resume else None
+        return assets.local_copy(self.ws, self._resume) if self._resume else None
 
     def progress(self, line: str) -> None:
         pass  # the loop's own log line is on this process's console
@@ -303,7 +304,7 @@ class RaySession:
 
         checkpoint = ray.train.get_checkpoint()
         path = checkpoint.path if checkpoint is not None else self._resume
-        return local_dir(self.ws, path) if path else None
+        return assets.local_copy(self.ws, path) if path else None
 
     def progress(self, line: str) -> None:
         """Ray keeps a worker's logs to itself: the line goes into the run's folder, where the driver reads it."""
