@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -15,6 +14,7 @@ from model.apps.detect import Detector
 from model.imagebind.decode import TooManyPixels, load_image
 from model.imagebind.encoder import resolve_device
 from pipelines.apps.nouns import noun_phrases
+from pipelines.apps.output import png_bytes, write_file
 from pipelines.config import Config
 from pipelines.errors import InputError
 
@@ -109,7 +109,7 @@ class Grounder:
         boxes = [GroundBox(phrase=d.phrase, score=d.score, box=list(d.box)) for d in found]
         out = annotated_path(self.options.out, line)
         if out:
-            annotate(image, boxes, out)
+            annotate(image, boxes, out, self.cfg.storage_options)
         return Grounding(image=images[0], phrases=phrases, boxes=boxes, annotated=out)
 
 
@@ -121,7 +121,7 @@ def annotated_path(out: str | None, line: int | None) -> str | None:
     return f"{stem}-{line}{ext}"
 
 
-def annotate(image: Image.Image, boxes: Sequence[GroundBox], out: str) -> None:
+def annotate(image: Image.Image, boxes: Sequence[GroundBox], out: str, storage_options: dict | None = None) -> None:
     """The image with each box outlined and labelled "phrase score", written to `out` as a PNG atomically."""
     drawn = image.convert("RGB")
     draw = ImageDraw.Draw(drawn)
@@ -137,18 +137,4 @@ def annotate(image: Image.Image, boxes: Sequence[GroundBox], out: str) -> None:
         top_at = y0 - (bottom - top) if y0 >= bottom - top else y0  # above the box when there is room
         draw.rectangle((x0, top_at, x0 + right - left, top_at + bottom - top), fill=colour)
         draw.text((x0, top_at - (top - y0)), label, fill="white", font=font)
-    write_png(drawn, out)
-
-
-def write_png(image: Image.Image, out: str) -> None:
-    """Save `image` as a PNG at `out` through a temporary file in its folder and a rename: never half written."""
-    folder = os.path.dirname(os.path.abspath(out))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".ground-", suffix=".png", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG")
-        os.replace(tmp, out)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_file(out, png_bytes(drawn), storage_options or {})

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import io
 import logging
 import posixpath
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from pydantic import BaseModel
@@ -17,6 +15,7 @@ from model.errors import ModelInputError
 from model.imagebind.encoder import DType, ImageBind, resolve_device, resolve_dtype
 from model.llm.cache import cache_mix, mix_modalities
 from model.llm.model import CacheLookup
+from pipelines.apps.output import file_exists, png_bytes, write_file
 from pipelines.config import Config
 from pipelines.errors import InputError
 from pipelines.infer.inputs import PointOptions, Request, check_files, file_requests, weighted_embeddings
@@ -113,13 +112,6 @@ def with_encoder(cfg: Config, encoder: ImageBind, cache: CacheLookup | None, gen
     return Imaginer(encoder, cache, unclip, cfg, PointOptions(cfg.model.point_normalize, cfg.model.point_resample))
 
 
-def png_bytes(image: Any) -> bytes:
-    """A PIL image as PNG bytes."""
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def out_paths(out: str, line: int | None, images: int) -> list[str]:
     """Where a request's images go: `out` itself for one image of one request, else `<stem>-<i>` or
     `<stem>-<line>-<i>` beside it (the suffix kept)."""
@@ -128,13 +120,6 @@ def out_paths(out: str, line: int | None, images: int) -> list[str]:
     stem, suffix = posixpath.splitext(out)
     tag = "" if line is None else f"-{line}"
     return [f"{stem}{tag}-{i}{suffix or '.png'}" for i in range(images)]
-
-
-def _write(path: str, data: bytes, storage_options: dict[str, Any]) -> None:
-    """Write one file atomically (a rename locally, one PUT on object stores) through the workspace's storage."""
-    parent, name = posixpath.split(path)
-    ws = Workspace(parent or ".", storage_options)
-    ws.write_bytes(ws.path(name), data)
 
 
 def run(
@@ -162,7 +147,7 @@ def run(
     else:
         items = file_requests(defaults, requests_file)
     pictures = [_picture(cfg, n, r, out, s.images) for n, r in items]
-    taken = [p for pic in pictures for p in pic.paths if _exists(p, cfg.storage_options)]
+    taken = [p for pic in pictures for p in pic.paths if file_exists(p, cfg.storage_options)]
     if taken and not force:
         raise InputError(f"{taken[0]} exists ({len(taken)} of the outputs do): add --force to replace them")
     imaginer = load(cfg, cache, generator, device, dtype)
@@ -178,7 +163,7 @@ def run(
         drawn = imaginer.draw([d for _, d in chunk], s.images, s.steps, s.guidance, s.noise_level)
         for (pic, _), images in zip(chunk, drawn, strict=True):
             for path, image in zip(pic.paths, images, strict=True):
-                _write(path, png_bytes(image), cfg.storage_options)
+                write_file(path, png_bytes(image), cfg.storage_options)
     return ImagineResult(
         generator=imaginer.unclip.path, encoder_id=imaginer.encoder.encoder_id,
         cache=cfg.index.name if imaginer.cache else None, embedding_norm=imaginer.unclip.norm, steps=s.steps,
@@ -203,9 +188,3 @@ def _fail(pic: Picture, e: Exception) -> None:
     if pic.line is None:
         raise e
     pic.error, pic.paths = f"line {pic.line}: {e}", []
-
-
-def _exists(path: str, storage_options: dict[str, Any]) -> bool:
-    parent, name = posixpath.split(path)
-    ws = Workspace(parent or ".", storage_options)
-    return ws.exists(ws.path(name))

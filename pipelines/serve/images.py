@@ -17,7 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from model.apps.unclip import Drawing
 from model.errors import ModelInputError
-from pipelines.apps.imagine import Imaginer, png_bytes
+from pipelines.apps.imagine import Imaginer
+from pipelines.apps.output import png_bytes
 from pipelines.errors import InputError
 from pipelines.infer.inputs import Request as Inputs
 from pipelines.infer.inputs import check_weight
