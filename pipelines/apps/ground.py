@@ -6,17 +6,20 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from PIL import Image, ImageDraw, ImageFont
 from pydantic import BaseModel
 
-from model.apps.detect import Detector
 from model.imagebind.decode import TooManyPixels, load_image
 from model.imagebind.encoder import resolve_device
 from pipelines.apps.nouns import noun_phrases
 from pipelines.apps.output import png_bytes, write_file
 from pipelines.config import Config
 from pipelines.errors import InputError
+
+if TYPE_CHECKING:  # the detector's transformers classes load with the detector, not with every `ibllm` command
+    from model.apps.detect import Detector
 
 log = logging.getLogger(__name__)
 NO_DETECTOR = ("--ground needs an open-vocabulary detector: set model.detector to a transformers OWLv2 or Grounding "
@@ -84,6 +87,8 @@ class Grounder:
     @property
     def detector(self) -> Detector:
         if self._detector is None:
+            from model.apps.detect import Detector
+
             self._detector = Detector.load(self.cfg.model.detector or "", resolve_device(self.device))
         return self._detector
 
