@@ -9,10 +9,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pipelines.config.networks import IPNetwork, networks
+
 BLOCKED = "blocked address"  # how every refusal's message starts: the catalog's `blocked_address`
 SCHEMES = ("http", "https")
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 # The properties that make an address non-public, in the order a refusal names them.
 _KINDS = ("loopback", "unspecified", "link_local", "multicast", "private", "reserved")
 _DEFAULT_TIMEOUT: Any = socket._GLOBAL_DEFAULT_TIMEOUT  # what http.client passes when no timeout was given
@@ -20,24 +21,6 @@ _DEFAULT_TIMEOUT: Any = socket._GLOBAL_DEFAULT_TIMEOUT  # what http.client passe
 
 class BlockedAddress(OSError):
     """A connection the guard refused: its message starts with BLOCKED."""
-
-
-def networks(allow: bool | Sequence[str]) -> tuple[IPNetwork, ...]:
-    """The networks of an `allow_private_addresses` setting: everything for True, none for False, else the list's.
-
-    Raises ValueError naming an entry that is not an address or CIDR network (host bits set included).
-    """
-    if allow is True:
-        return (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
-    if allow is False:
-        return ()
-    out = []
-    for entry in allow:
-        try:
-            out.append(ipaddress.ip_network(str(entry).strip()))
-        except ValueError as e:
-            raise ValueError(f"{entry!r} is not an IP address or CIDR network ({e})") from None
-    return tuple(out)
 
 
 def non_public(ip: IPAddress) -> str | None:

@@ -7,12 +7,11 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
+from pipelines.config.names import MME_COGNITION, MME_PERCEPTION, MME_SUBTASKS
 from pipelines.errors import InputError
 
-# The folder names of MME_Benchmark_release_version, spelt as its eval_tool/calculation.py names the subtasks.
-PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork", "OCR")
-COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
-SUBTASKS = PERCEPTION + COGNITION
+# The folder names of MME_Benchmark_release_version (pipelines.config.names, where the config checks them too).
+PERCEPTION, COGNITION, SUBTASKS = MME_PERCEPTION, MME_COGNITION, MME_SUBTASKS
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 SPLIT_DIRS = ("images", "questions_answers_YN")  # the layout of artwork, celebrity, landmark, posters, scene
 RELEASE_FOLDER = "MME_Benchmark_release_version"
