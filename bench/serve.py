@@ -33,8 +33,10 @@ import uvicorn
 from bench.generate import PRESETS, build
 from model.llm.engine import Engine
 from model.llm.tokenizer import train_bpe_tokenizer
-from pipelines.infer.answerer import Answerer
-from pipelines.infer.inputs import Request
+from pipelines.config import Config
+from pipelines.runtime.answerer import Answerer
+from pipelines.runtime.inputs import Request
+from pipelines.runtime.loader import sampling_defaults
 from pipelines.serve.app import create_app
 from pipelines.serve.scheduler import Scheduler, Ticket
 
@@ -70,7 +72,8 @@ def setup(width: int, slots: int) -> Scheduler:
     tokenizer = train_bpe_tokenizer([" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))], vocab_size=300)
     config = dataclasses.replace(PRESETS["tiny"], vocab_size=tokenizer.n_words, dim=width)
     model = build(config, torch.device("cpu"), torch.float32)
-    answerer = Answerer(model, tokenizer, Engine(model, slots=slots), None, None, 20.0, 0.5)
+    defaults = sampling_defaults(Config())
+    answerer = Answerer(model, tokenizer, Engine(model, slots=slots), defaults, None, None, 20.0, 0.5)
     return Scheduler(answerer, max_queue=4 * slots)
 
 

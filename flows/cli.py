@@ -12,34 +12,18 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TextIO
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
-from flows import exits
+from flows import exits, options
 from flows.exits import BriefFormatter
-from pipelines.config import Config, load_config
+from pipelines.config import Config, load_config, with_settings
+from pipelines.config.names import ZERO_SHOT
 from pipelines.console import quiet_console
 from pipelines.errors import InputError
-from pipelines.evaluate.names import BENCHMARKS, ZERO_SHOT
 from pipelines.paths import ENCODER_PATHS, MODEL_PATHS, check_model_paths, check_workspace
 
 log = logging.getLogger("ibllm")
 Command = Callable[[Config, argparse.Namespace], BaseModel | None]
-
-
-def _stage_options() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-c", "--config", help="YAML config (default: the packaged configs/demo.yaml)")
-    common.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-        help="override one setting, e.g. --set download.timeout=5 (repeatable; values are YAML)",
-    )  # fmt: skip
-    common.add_argument("--workspace", help="workspace root: a folder or an fsspec URL such as s3://bucket/run")
-    common.add_argument("--json", action="store_true", help="print the result as one JSON document on stdout")
-    common.add_argument("--force", action="store_true", help="discard outputs made with other settings and redo")
-    common.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
-    common.add_argument("-v", "--verbose", action="store_true",
-                        help="debug logging, and everything Ray, img2dataset, autofaiss and Prefect print")  # fmt: skip
-    return common
 
 
 def cmd_config(cfg: Config, args: argparse.Namespace) -> Config:
@@ -144,23 +128,26 @@ def cmd_evaluate(cfg: Config, args: argparse.Namespace) -> BaseModel:
     if args.benchmark is None:
         if args.data:
             raise InputError("--data is the data of a --benchmark (mme, vqa, captions, zeroshot-image, ...)")
-        return evaluate.run(cfg, args.stage, checkpoint=args.checkpoint)
+        return evaluate.run(cfg, args.stage)
     if not args.data:
         raise InputError(f"--benchmark {args.benchmark} needs --data (the benchmark's folder or file)")
     subtasks = [s.strip() for s in args.subtasks.split(",") if s.strip()] if args.subtasks else None
     if args.benchmark in ZERO_SHOT:
-        return zeroshot_stage.run(cfg, ZERO_SHOT[args.benchmark], args.data, limit=args.limit,
-                                  batch=args.batch, device=args.device, dtype=args.dtype)  # fmt: skip
-    return benchmark.run(cfg, args.benchmark, args.data, checkpoint=args.checkpoint, cache=args.cache,
-                         limit=args.limit, subtasks=subtasks, images=args.images, batch=args.batch,
-                         device=args.device, dtype=args.dtype)  # fmt: skip
+        return zeroshot_stage.run(cfg, ZERO_SHOT[args.benchmark], args.data, limit=args.limit)
+    return benchmark.run(cfg, args.benchmark, args.data, limit=args.limit, subtasks=subtasks, images=args.images)
 
 
-def cmd_retrain(cfg: Config, args: argparse.Namespace) -> BaseModel:
+def cmd_retrain(cfg: Config, args: argparse.Namespace) -> BaseModel | None:
     """Retrain on the shards new since the last retrain and promote the model only when it is at least as good (the
     `retrain` flow, as the deployment runs it)."""
-    from flows.retrain import retrain_flow
+    from flows.retrain import retrain_flow, scheduled
 
+    if args.serve:
+        from prefect import serve
+
+        log.info("retraining on %r (%s) until interrupted (Ctrl-C)", cfg.retrain.cron, cfg.retrain.timezone)
+        serve(scheduled(cfg))
+        return None
     return retrain_flow(cfg, force=args.force)
 
 
@@ -179,13 +166,12 @@ def cmd_generate(cfg: Config, args: argparse.Namespace) -> BaseModel:
     """Answer a prompt about any mix of image, audio, video, point-cloud and text inputs, or every request of a
     JSONL file."""
     from pipelines.infer import stage as infer
-    from pipelines.infer.inputs import check_weighted_inputs, make_request, parse_weights, read_history
+    from pipelines.runtime.inputs import check_weighted_inputs, make_request, parse_weights, read_history
 
-    sampling = {"temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens}
     request = make_request(
         {"image": args.image, "audio": args.audio, "video": args.video, "point": args.point, "text": args.text,
          "weights": parse_weights(args.weight), "prompt": args.prompt,
-         "seed": cfg.seed if args.seed is None else args.seed} | {k: v for k, v in sampling.items() if v is not None}
+         "seed": cfg.seed if args.seed is None else args.seed}
     )  # fmt: skip
     if not args.requests:  # with a requests file the options are defaults: a line may give the input they weigh
         check_weighted_inputs(request)
@@ -196,14 +182,14 @@ def cmd_generate(cfg: Config, args: argparse.Namespace) -> BaseModel:
         request = request.model_copy(update={"history": read_history(args.history)})
     if args.output and os.path.exists(args.output) and not args.force:
         raise InputError(f"--output {args.output} exists: add --force to replace it")
-    return infer.run(cfg, request, requests_file=args.requests, checkpoint=args.checkpoint, cache=args.cache,
-                     output=args.output, device=args.device, dtype=args.dtype, batch=args.batch,
-                     ground=_ground_options(args))  # fmt: skip
+    annotate = _grounder(cfg, args)  # its settings checked before any model loads
+    return infer.run(cfg, request, requests_file=args.requests, output=args.output, annotate=annotate)
 
 
-def _ground_options(args: argparse.Namespace) -> Any:
-    """generate's --ground options (None without --ground; its other options alone are refused)."""
-    from pipelines.apps.ground import GroundOptions
+def _grounder(cfg: Config, args: argparse.Namespace) -> Any:
+    """generate's --ground: the detector's grounding of each answer (None without --ground; its other options
+    alone are refused)."""
+    from pipelines.apps.ground import Grounder, GroundOptions
 
     if not args.ground:
         if args.ground_threshold is not None or args.ground_out:
@@ -212,75 +198,45 @@ def _ground_options(args: argparse.Namespace) -> Any:
     if args.ground_out and not args.requests and os.path.exists(args.ground_out) and not args.force:
         raise InputError(f"--ground-out {args.ground_out} exists: add --force to replace it")
     threshold = 0.1 if args.ground_threshold is None else args.ground_threshold
-    return GroundOptions(threshold=threshold, out=args.ground_out)
+    return Grounder(cfg, GroundOptions(threshold=threshold, out=args.ground_out), cfg.infer.device).ground
 
 
 def cmd_imagine(cfg: Config, args: argparse.Namespace) -> BaseModel:
     """Draw images from any mix of image, audio, video, point-cloud and text inputs: their ImageBind embedding
     (mixed with the visual cache on --cache) conditions Stable unCLIP (imagine.generator)."""
     from pipelines.apps import imagine
-    from pipelines.infer.inputs import check_weighted_inputs, make_request, parse_weights
+    from pipelines.runtime.inputs import check_weighted_inputs, make_request, parse_weights
 
     request = make_request({"image": args.image, "audio": args.audio, "video": args.video, "point": args.point,
                             "text": args.text, "weights": parse_weights(args.weight), "prompt": args.prompt,
                             "seed": cfg.seed if args.seed is None else args.seed})  # fmt: skip
     if not args.requests:
         check_weighted_inputs(request)
-    options = {"steps": "steps", "guidance": "guidance", "images": "num_images", "batch": "batch",
-               "noise_level": "noise_level", "size": "size"}  # fmt: skip
-    for key, option in options.items():
-        if getattr(args, option) is not None:
-            try:
-                setattr(cfg.imagine, key, getattr(args, option))
-            except ValidationError as e:
-                raise InputError(f"--{option.replace('_', '-')}: {e.errors()[0]['msg']}") from None
-    return imagine.run(cfg, request, out=args.picture, requests_file=args.requests, cache=args.cache,
-                       generator=args.generator, device=args.device, dtype=args.dtype, force=args.force)  # fmt: skip
+    return imagine.run(cfg, request, out=args.picture, requests_file=args.requests, force=args.force)
 
 
 def cmd_chat(cfg: Config, args: argparse.Namespace) -> BaseModel:
-    """Talk with the model in the terminal: questions, /image, /audio, /video PATH, /reset, /quit."""
+    """Talk with the model in the terminal: questions, /image, /audio, /video, /point PATH, /reset, /quit."""
     from pipelines.infer import chat
-    from pipelines.infer import stage as infer
-    from pipelines.infer.inputs import make_request
 
-    sampling = {"temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens}
-    defaults = make_request({"seed": cfg.seed if args.seed is None else args.seed}
-                            | {k: v for k, v in sampling.items() if v is not None})  # fmt: skip
-    checkpoint = infer.choose_checkpoint(infer.workspace_of(cfg), args.checkpoint)
-    given = {m: getattr(args, m) for m in ("image", "audio", "video", "point")}
-    answerer, _ = infer.load_answerer(cfg, checkpoint, need_encoder=any(given.values()), use_cache=args.cache,
-                                      device=args.device, dtype=args.dtype, slots=1)  # fmt: skip
-    session = chat.Chat(answerer, defaults)
-    for modality, paths in given.items():
-        for path in paths:
-            session.add_input(modality, path)
-    log.info("chatting with %s", checkpoint)
-    return chat.run(session, sys.stdin, args.out)
+    inputs = {m: getattr(args, m) for m in ("image", "audio", "video", "point")}
+    return chat.run(chat.start(cfg, inputs, args.seed), sys.stdin, args.out)
 
 
 def cmd_serve(cfg: Config, args: argparse.Namespace) -> None:
     """Serve the model: the OpenAI-style API at /v1/chat/completions and the chat page at /, until interrupted."""
     from pipelines.serve import stage as serve
 
-    if args.host:
-        cfg.serve.host = args.host
-    if args.port is not None:
-        cfg.serve.port = args.port
-    if args.cache:
-        cfg.serve.cache = True
     if args.ray:
         from pipelines.serve import ray_app
 
-        if args.replicas:
-            cfg.serve.replicas = args.replicas
-        url = ray_app.start(cfg, checkpoint=args.checkpoint, device=args.device, dtype=args.dtype)
+        url = ray_app.start(cfg)
         try:
             _wait_for_interrupt(f"serving on Ray Serve at {url} ({cfg.serve.replicas} replica(s)); Ctrl-C stops")
         finally:
             ray_app.stop()
         return
-    serve.run(cfg, checkpoint=args.checkpoint, device=args.device, dtype=args.dtype)
+    serve.run(cfg)
 
 
 def _wait_for_interrupt(message: str) -> None:
@@ -332,170 +288,17 @@ def check_inputs(cfg: Config, command: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of `ibllm`."""
+    """The argument parser of `ibllm`, built from the table of options (flows/options.py)."""
     parser = argparse.ArgumentParser(
         prog="ibllm",
         description="ImageBind-LLM training system: curate, featurise, index, train and serve.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    common = _stage_options()
     for name, (func, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, parents=[common], help=help_text, description=func.__doc__)
+        p = sub.add_parser(name, help=help_text, description=func.__doc__)
+        options.add(p, options.flags_of(name))
         p.set_defaults(func=func)
-        if name == "catalog":
-            p.add_argument("sql", nargs="?", help="a DuckDB query over the views metadata, curated, funnel, features, "
-                           "feature_failures, evaluations, downloads, download_latest")  # fmt: skip
-        if name == "synthetic":
-            p.add_argument("--serve", action="store_true", help="keep serving until interrupted")
-        if name == "index":
-            p.add_argument("--query-image", metavar="PATH", help="an image whose nearest cached captions to print")
-            p.add_argument("-k", type=int, default=5, help="neighbours to print (default 5)")
-        if name == "train":
-            p.add_argument("--stage", type=int, choices=[1, 2], required=True, help="1: pretrain, 2: finetune")
-            p.add_argument("--resume", action="store_true", help="continue the newest run of the stage")
-            p.add_argument("--local", action="store_true", help="one worker in this process, without Ray")
-            p.add_argument("--max-steps", type=int, help="stop after this many steps (the schedule is unchanged)")
-        if name == "evaluate":
-            _evaluate_options(p)
-        if name == "generate":
-            _generate_options(p)
-        if name == "chat":
-            _chat_options(p)
-        if name == "imagine":
-            _imagine_options(p)
-        if name == "serve":
-            p.add_argument("--host", help="the address to listen on (default serve.host, 127.0.0.1)")
-            p.add_argument("--port", type=int, help="the port (default serve.port, 8000)")
-            p.add_argument("--cache", action="store_true", help="load the visual cache (serve.cache)")
-            p.add_argument("--checkpoint", help="our checkpoint folder (default: the promoted model, else the newest)")
-            p.add_argument("--ray", action="store_true", help="as a Ray Serve deployment (on ray.address, else local)")
-            p.add_argument("--replicas", type=int, help="Ray Serve replicas (default serve.replicas)")
-            _device_options(p)
-        if name == "convert":
-            p.add_argument("kind", choices=["llama", "adapter", "export"],
-                           help="llama: Meta folder -> transformers folder; adapter: 7B.pth -> our checkpoint; "
-                           "export: our checkpoint -> official .pth")  # fmt: skip
-            p.add_argument("source", help="input: Meta folder, adapter .pth, or our checkpoint folder")
-            p.add_argument("output", help="output folder (llama, adapter) or .pth file (export)")
-            p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="llama: cast the weights")
-            p.add_argument("--vocab-size", type=int, help="LLaMA's vocabulary: llama, when params.json says -1 "
-                           "(default: the embedding's rows); adapter (default 32000)")  # fmt: skip
-            p.add_argument("--overwrite", action="store_true", help="replace an existing output (folder or file)")
-        if name == "download":
-            p.add_argument(
-                "--retry-failed", action="store_true",
-                help="download again, into new shards, only the samples that failed for a retryable reason",
-            )  # fmt: skip
     return parser
-
-
-POINT_HELP = "a 3D point-cloud file: .npy, .pt, .ply, .pcd, .xyz, .pts or .obj (needs model.point_checkpoint)"
-
-
-def _evaluate_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--stage", type=int, choices=[1, 2], default=1, help="newest complete run of this stage")
-    p.add_argument("--checkpoint", help="a checkpoint folder instead (its model/ folder); with --benchmark the "
-                   "default is the promoted model, else the newest run")  # fmt: skip
-    p.add_argument("--benchmark", choices=BENCHMARKS, help="mme (MME's released folder), vqa (a JSONL of questions), "
-                   "captions (a COCO captions file), zeroshot-image|audio|point (ImageNet, ESC-50, ModelNet40 "
-                   "layouts): instead of the held-out loss")  # fmt: skip
-    p.add_argument("--data", metavar="PATH", help="the benchmark's folder or file")
-    p.add_argument("--images", metavar="DIR", help="captions: the images' folder (default: the file's folder)")
-    p.add_argument("--subtasks", metavar="A,B", help="mme: only these subtasks (e.g. existence,color)")
-    p.add_argument("--limit", type=int, help="only the first N questions (zero-shot: N samples, seeded shuffle)")
-    p.add_argument("--cache", action="store_true", help="mix in the visual cache built by `ibllm index`")
-    p.add_argument("--batch", type=int, default=16, help="questions decoded together (default 16)")
-    _device_options(p)
-
-
-def _generate_options(p: argparse.ArgumentParser) -> None:
-    _input_options(p, "a text for ImageBind's text tower (not the prompt)")
-    p.add_argument("--prompt", help="the instruction (default with inputs: 'Generate caption of this image')")
-    p.add_argument("--cache", action="store_true", help="mix in the visual cache built by `ibllm index`")
-    p.add_argument(
-        "--checkpoint", help="our checkpoint folder (default: the newest complete stage-2, else stage-1 run)"
-    )
-    p.add_argument("--temperature", type=float, help="sampling temperature, 0 = greedy (default 0.1)")
-    p.add_argument("--top-p", type=float, help="nucleus sampling mass (default 0.75)")
-    p.add_argument("--max-new-tokens", type=int, help="longest answer in tokens (default 256)")
-    p.add_argument("--seed", type=int, help="sampling seed (default: the config's seed)")
-    p.add_argument(
-        "--requests",
-        metavar="FILE.jsonl",
-        help="one JSON request per line: image/audio/video/text, weights, prompt, temperature, top_p, "
-        "max_new_tokens, seed (the options above are the defaults)",
-    )
-    p.add_argument("--output", metavar="FILE.jsonl", help="write one JSON line per request there (default: stdout)")
-    p.add_argument("--history", metavar="FILE.json", help="the conversation so far: OpenAI messages, ShareGPT turns "
-                   "or [[question, answer], ...]; the prompt is its next question")  # fmt: skip
-    p.add_argument("--batch", type=int, default=16, help="requests decoded together (default 16)")
-    p.add_argument("--ground", action="store_true", help="find the answer's noun phrases in the input image with "
-                   "the detector of model.detector (OWLv2, Grounding DINO): boxes in the result")  # fmt: skip
-    p.add_argument("--ground-threshold", type=float, metavar="T", help="lowest box score kept (default 0.1)")
-    p.add_argument("--ground-out", metavar="FILE.png", help="draw the boxes on the image there (a batch's line N: "
-                   "FILE-N.png)")  # fmt: skip
-    _device_options(p)
-
-
-def _imagine_options(p: argparse.ArgumentParser) -> None:
-    _input_options(p)
-    p.add_argument("--prompt", help="a text prompt for unCLIP's own text encoder beside the embedding (default none)")
-    p.add_argument("--cache", action="store_true", help="mix in the visual cache built by `ibllm index`")
-    p.add_argument("--out", dest="picture", default="imagined.png", metavar="FILE.png",
-                   help="the PNG (several: FILE-0.png, FILE-1.png, ...; --requests: FILE-LINE-0.png, ...)")  # fmt: skip
-    p.add_argument("--generator", metavar="DIR", help="the Stable unCLIP folder (default imagine.generator)")
-    p.add_argument("--seed", type=int, help="noise seed; image i of a request uses seed + i (default: the config's)")
-    p.add_argument("--steps", type=int, help="denoising steps (default imagine.steps, 20)")
-    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default imagine.guidance, 10)")
-    p.add_argument("--noise-level", type=int, help="noise added to the embedding, 0-999 (default 0)")
-    p.add_argument("--size", type=int, help="pixels per side, a multiple of 8 (default: the generator's)")
-    p.add_argument("--num-images", type=int, help="images per request (default imagine.images, 1)")
-    p.add_argument("--requests", metavar="FILE.jsonl", help="one JSON request per line: image/audio/video/point/"
-                   "text, weights, prompt, seed (the options above are the defaults)")  # fmt: skip
-    p.add_argument("--batch", type=int, help="requests denoised together (default imagine.batch, 4)")
-    _device_options(p)
-
-
-def _input_options(p: argparse.ArgumentParser, text: str = "a text for ImageBind's text tower") -> None:
-    """The inputs of generate and imagine: files of each modality, texts for the text tower, their weights."""
-    inputs = {"image": "an image file", "audio": "an audio file", "video": "a video file", "text": text}
-    for modality, what in inputs.items():
-        p.add_argument(f"--{modality}", action="append", default=[], metavar="STRING" if modality == "text" else "PATH",
-                       help=f"{what} (repeatable; several are averaged)")  # fmt: skip
-    p.add_argument("--point-cloud", dest="point", action="append", default=[], metavar="PATH",
-                   help=f"{POINT_HELP} (repeatable; several are averaged)")  # fmt: skip
-    _point_options(p)
-    p.add_argument("--weight", action="append", default=[], metavar="MODALITY=W",
-                   help="weight of a modality in the mix, e.g. --weight audio=0.5 (default 1 each)")  # fmt: skip
-
-
-def _chat_options(p: argparse.ArgumentParser) -> None:
-    for modality in ("image", "audio", "video"):
-        p.add_argument(f"--{modality}", action="append", default=[], metavar="PATH",
-                       help=f"an {modality} file the conversation starts about (repeatable)")  # fmt: skip
-    p.add_argument("--point-cloud", dest="point", action="append", default=[], metavar="PATH",
-                   help=f"{POINT_HELP}, the conversation starts about (repeatable)")  # fmt: skip
-    _point_options(p)
-    p.add_argument("--cache", action="store_true", help="mix in the visual cache built by `ibllm index`")
-    p.add_argument("--checkpoint", help="our checkpoint folder (default: the model in service, else the newest run)")
-    p.add_argument("--temperature", type=float, help="sampling temperature, 0 = greedy (default 0.1)")
-    p.add_argument("--top-p", type=float, help="nucleus sampling mass (default 0.75)")
-    p.add_argument("--max-new-tokens", type=int, help="longest answer in tokens (default 256)")
-    p.add_argument("--seed", type=int, help="sampling seed (default: the config's seed)")
-    _device_options(p)
-
-
-def _point_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--normalize-points", action="store_true", default=None,
-                   help="centre point clouds and scale them into the unit sphere (model.point_normalize)")  # fmt: skip
-    p.add_argument("--resample-points", type=int, metavar="N",
-                   help="resample point clouds to N points, e.g. 8192 (model.point_resample)")  # fmt: skip
-
-
-def _device_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", help="auto (a GPU when present), cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-                   help="of the language model and encoder (auto: bfloat16 on a GPU, float32 on the CPU)")  # fmt: skip
 
 
 def _configure_logging(verbose: bool, debug: bool) -> None:
@@ -524,16 +327,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `ibllm` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
     _configure_logging(args.verbose, args.debug)
-    overrides = list(args.overrides)
-    if args.workspace:
-        overrides.append(f"workspace={args.workspace}")
-    if getattr(args, "normalize_points", None):
-        overrides.append("model.point_normalize=true")
-    if getattr(args, "resample_points", None) is not None:
-        overrides.append(f"model.point_resample={args.resample_points}")
     cfg = None
     try:
-        cfg = load_config(args.config, overrides)
+        cfg = load_config(args.config, args.overrides)
+        cfg = with_settings(cfg, *_flag_settings(args))
         check_inputs(cfg, args.command)
         # stdout carries only the result: anything else printed, by any process, goes to stderr.
         with _stdout_to_stderr() as out:
@@ -553,6 +350,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ibllm: {unfinished}", file=sys.stderr)
         return exits.PARTIAL
     return exits.OK
+
+
+def _flag_settings(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    """The settings the command's flags stand for, and how they were typed (for an error naming them)."""
+    flags = options.flags_of(args.command)
+    given = options.settings_given(flags, args)
+    typed = " ".join(f"{f.names[-1]} {getattr(args, f.dest)}" for f in flags if f.setting in given)
+    return given, typed
 
 
 @contextlib.contextmanager

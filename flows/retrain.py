@@ -6,6 +6,8 @@ import time
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
+from prefect.deployments.runner import RunnerDeployment
+from prefect.schedules import Cron
 from pydantic import BaseModel
 
 from flows import artifacts
@@ -116,3 +118,11 @@ def _decision_artifact(result: RetrainResult) -> None:
 
 def _value(v: float | None) -> str:
     return "-" if v is None else f"{v:.4f}"
+
+
+def scheduled(cfg: Config, name: str = "retrain") -> RunnerDeployment:
+    """The retrain flow over `cfg` as a deployment on `retrain.cron` in `retrain.timezone`, one run at a time
+    (`ibllm retrain --serve` runs it in this process, as prefect.yaml's `retrain` does on a work pool)."""
+    schedule = Cron(cfg.retrain.cron, timezone=cfg.retrain.timezone)
+    config = cfg.model_dump(mode="json")
+    return retrain_flow.to_deployment(name, schedules=[schedule], parameters={"config": config}, concurrency_limit=1)

@@ -25,7 +25,7 @@ from flows.tasks import (
     synthetic_task,
     train_task,
 )
-from pipelines.config import Config, resolve_config
+from pipelines.config import Config, resolve_config, with_settings
 from pipelines.curate import stage as curate
 from pipelines.demo import synthetic
 from pipelines.demo.setup import prepare_training
@@ -131,12 +131,14 @@ def benchmark_flow(
     limit: int | None = None,
     subtasks: list[str] | None = None,
     images: str | None = None,
-    batch: int = 16,
+    batch: int | None = None,
 ) -> BaseModel:
     """A benchmark of a checkpoint (default: the promoted model, else the newest run) or of the encoders: its
-    results JSON and HTML report in the workspace, its rows in the catalog, its table as an artifact."""
-    result = benchmark_task(resolve_config(config, overrides), benchmark, data, checkpoint, cache, limit, subtasks,
-                            images, batch)  # fmt: skip
+    results JSON and HTML report in the workspace, its rows in the catalog, its table as an artifact. `checkpoint`,
+    `cache` and `batch` stand for `infer.checkpoint`, `infer.use_cache` and `infer.batch`."""
+    cfg = with_settings(resolve_config(config, overrides), _given(checkpoint=checkpoint, use_cache=cache or None,
+                                                                  batch=batch))  # fmt: skip
+    result = benchmark_task(cfg, benchmark, data, limit, subtasks, images)
     artifacts.benchmark(result)
     get_run_logger().info("%s", result.summary())
     return result
@@ -146,8 +148,14 @@ def benchmark_flow(
 def evaluate_flow(
     config: ConfigParam = None, overrides: list[str] | None = None, stage: int = 1, checkpoint: str | None = None
 ) -> evaluate.EvalResult:
-    """Held-out metrics of a checkpoint (default: the stage's newest complete run), into the catalog."""
-    result = evaluate_task(resolve_config(config, overrides), stage, checkpoint)
+    """Held-out metrics of a checkpoint (`infer.checkpoint`; default: the stage's newest complete run), into the
+    catalog."""
+    result = evaluate_task(with_settings(resolve_config(config, overrides), _given(checkpoint=checkpoint)), stage)
     artifacts.evaluation(result)
     get_run_logger().info("%s", result.summary())
     return result
+
+
+def _given(**infer: object) -> dict[str, object]:
+    """The `infer.*` settings a flow's parameters give (None: not given)."""
+    return {f"infer.{k}": v for k, v in infer.items() if v is not None}

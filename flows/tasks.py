@@ -9,8 +9,9 @@ from prefect import task
 from pydantic import BaseModel
 
 from pipelines.apps import imagine
-from pipelines.apps.ground import GroundOptions
+from pipelines.apps.ground import Grounder, GroundOptions
 from pipelines.config import Config, ConfigError
+from pipelines.config.names import ZERO_SHOT
 from pipelines.curate import stage as curate
 from pipelines.demo import ask as demo_ask
 from pipelines.demo import base_lm, synthetic
@@ -23,13 +24,12 @@ from pipelines.errors import InputError
 from pipelines.evaluate import benchmark as bench
 from pipelines.evaluate import stage as evaluate
 from pipelines.evaluate import zeroshot_stage
-from pipelines.evaluate.names import ZERO_SHOT
 from pipelines.extract import stage as extract
 from pipelines.index import stage as index
 from pipelines.infer import stage as infer
-from pipelines.infer.inputs import Request
 from pipelines.ingest import stage as ingest
 from pipelines.report import stage as report
+from pipelines.runtime.inputs import Request
 from pipelines.train import stage as train
 from stores.ledger import LedgerConflict
 from stores.sources import SourceFileError
@@ -117,20 +117,25 @@ def instructions_task(cfg: Config) -> demo_data.InstructionsResult:
 
 
 @stage_task(name="evaluate", task_run_name="evaluate-stage{stage}", retries=1, timeout_seconds=DAY)
-def evaluate_task(cfg: Config, stage: int, checkpoint: str | None = None) -> evaluate.EvalResult:
-    """Held-out loss, perplexity and the shuffled-feature loss of a checkpoint (default: the stage's newest)."""
-    return evaluate.run(cfg, stage, checkpoint)
+def evaluate_task(cfg: Config, stage: int) -> evaluate.EvalResult:
+    """Held-out loss, perplexity and the shuffled-feature loss of `infer.checkpoint` (default: the stage's newest)."""
+    return evaluate.run(cfg, stage)
 
 
 @stage_task(name="benchmark", task_run_name="benchmark-{benchmark}", retries=1, timeout_seconds=DAY)
-def benchmark_task(cfg: Config, benchmark: str, data: str, checkpoint: str | None = None, cache: bool = False,
-                   limit: int | None = None, subtasks: list[str] | None = None, images: str | None = None,
-                   batch: int = 16) -> BaseModel:  # fmt: skip
-    """A benchmark (mme, vqa, captions: answered by the model, resumable; zeroshot-*: the encoders) with its report."""
+def benchmark_task(
+    cfg: Config,
+    benchmark: str,
+    data: str,
+    limit: int | None = None,
+    subtasks: list[str] | None = None,
+    images: str | None = None,
+) -> BaseModel:
+    """A benchmark (mme, vqa, captions: answered by the model of `infer.*`, resumable; zeroshot-*: the encoders)
+    with its report."""
     if benchmark in ZERO_SHOT:
-        return zeroshot_stage.run(cfg, ZERO_SHOT[benchmark], data, limit=limit, batch=batch)
-    return bench.run(cfg, benchmark, data, checkpoint=checkpoint, cache=cache, limit=limit, subtasks=subtasks,
-                     images=images, batch=batch)  # fmt: skip
+        return zeroshot_stage.run(cfg, ZERO_SHOT[benchmark], data, limit=limit)
+    return bench.run(cfg, benchmark, data, limit=limit, subtasks=subtasks, images=images)
 
 
 @stage_task(name="demo-mme", timeout_seconds=2 * HOUR)
@@ -152,16 +157,23 @@ def ask_task(cfg: Config, checkpoint: str) -> demo_ask.DemoAnswers:
 
 
 @stage_task(name="imagine", retries=1, timeout_seconds=DAY)
-def imagine_task(cfg: Config, request: Request | None = None, out: str = "imagined.png",
-                 requests_file: str | None = None, cache: bool = False,
-                 force: bool = False) -> imagine.ImagineResult:  # fmt: skip
-    """Draw images from the (cache-mixed) ImageBind embedding of a request or of each line of a requests file."""
-    return imagine.run(cfg, request, out=out, requests_file=requests_file, cache=cache, force=force)
+def imagine_task(
+    cfg: Config,
+    request: Request | None = None,
+    out: str = "imagined.png",
+    requests_file: str | None = None,
+    force: bool = False,
+) -> imagine.ImagineResult:
+    """Draw images from the (cache-mixed: `infer.use_cache`) ImageBind embedding of a request or of each line of a
+    requests file."""
+    return imagine.run(cfg, request, out=out, requests_file=requests_file, force=force)
 
 
 @stage_task(name="ground", retries=1, timeout_seconds=HOUR)
-def ground_task(cfg: Config, image: str, prompt: str | None = None, checkpoint: str | None = None,
-                threshold: float = 0.1, out: str | None = None) -> infer.GenerateResult:  # fmt: skip
-    """Answer a prompt about an image and find the answer's noun phrases in it (`generate --ground`)."""
-    return infer.run(cfg, Request(image=[image], prompt=prompt), checkpoint=checkpoint,
-                     ground=GroundOptions(threshold=threshold, out=out))  # fmt: skip
+def ground_task(
+    cfg: Config, image: str, prompt: str | None = None, threshold: float = 0.1, out: str | None = None
+) -> infer.GenerateResult:
+    """Answer a prompt about an image with the model of `infer.*` and find the answer's noun phrases in it
+    (`generate --ground`)."""
+    grounder = Grounder(cfg, GroundOptions(threshold=threshold, out=out), cfg.infer.device)
+    return infer.run(cfg, Request(image=[image], prompt=prompt), annotate=grounder.ground)

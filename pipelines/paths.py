@@ -8,8 +8,6 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from pipelines.errors import STORAGE_ERRNOS, InputError
-from stores.runs import Runs
-from stores.workspace import Workspace
 
 if TYPE_CHECKING:
     from pipelines.config import Config
@@ -71,25 +69,3 @@ def check_model_paths(cfg: Config, fields: Iterable[str] = MODEL_PATHS) -> None:
             missing.append(f"model.{name}: {value} does not exist")
     if missing:
         raise InputError("; ".join(missing))
-
-
-def resolve_checkpoint(ws: Workspace, given: str) -> str:
-    """A checkpoint path a user typed: as given (an URL, or found from the current directory), else relative to the
-    workspace. A training run's folder stands for its newest checkpoint, a stage's folder (`checkpoints/stage2`) for
-    its newest complete run's. Raises InputError saying where it looked."""
-    if is_url(given):
-        return given
-    tried = [absolute(given)]
-    if ws.is_local and not os.path.isabs(os.path.expanduser(given)):
-        tried.append(ws.path(given))
-    for path in tried:
-        if os.path.isdir(path):
-            folder = Workspace(path)
-            return _run_checkpoint(path) or Runs(folder, folder.base).newest_complete() or path
-    raise InputError(f"checkpoint not found: looked for {' and '.join(tried)}")
-
-
-def _run_checkpoint(folder: str) -> str | None:
-    """The checkpoint a run folder (`checkpoints/stage<N>/<run_id>/`) records as its newest, else None."""
-    parent, run_id = os.path.split(folder.rstrip("/"))
-    return Runs(Workspace(parent), parent).checkpoint_of(run_id)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from pathlib import Path
+from typing import get_args
 
 import pytest
+from pydantic import BaseModel
 
 import configs
 from pipelines.config import Config, ConfigError, apply_override, dump_config, load_config, resolve_config
@@ -153,3 +156,36 @@ def test_resolve_config_from_object_path_or_default(tmp_path: Path) -> None:
     assert resolve_config(None) == base
     with pytest.raises(ConfigError, match=r"config with --set seed=x: seed"):
         resolve_config(base, ["seed=x"])
+
+
+# Settings read inside the config itself, and where: every other one is read by a stage.
+READ_BY_THE_CONFIG = {
+    "blr": "StageConfig.lr = blr x global_batch_size / 256, which training reads",
+    "first_turn_only": "the deprecated alias StageConfig turns into `conversation: first`",
+}
+
+
+def _settings(model: type[BaseModel], prefix: str = "") -> Iterator[str]:
+    for name, spec in model.model_fields.items():
+        sections = [a for a in (*get_args(spec.annotation), spec.annotation) if isinstance(a, type)]
+        section = next((a for a in sections if issubclass(a, BaseModel)), None)
+        yield from _settings(section, f"{prefix}{name}.") if section else [prefix + name]
+
+
+def test_every_setting_is_read_by_some_stage() -> None:
+    """Each leaf of the config is read outside pipelines/config (as an attribute, a flag's setting or a key)."""
+    root = Path(__file__).resolve().parents[1]
+    code = "\n".join(
+        p.read_text()
+        for d in ("pipelines", "flows", "stores")
+        for p in (root / d).rglob("*.py")
+        if "config" not in p.parts
+    )
+    names = {dotted: dotted.rsplit(".", 1)[-1] for dotted in _settings(Config)}
+    unread = [
+        dotted
+        for dotted, name in names.items()
+        if name not in READ_BY_THE_CONFIG and not re.search(rf"\.{name}\b|[\"']{name}[\"']", code)
+    ]
+    assert unread == []
+    assert "infer.temperature" in list(_settings(Config)) and "train.stage1.blr" in list(_settings(Config))

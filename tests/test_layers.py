@@ -59,3 +59,48 @@ def test_no_production_stage_imports_the_demo() -> None:
         if demo:
             bad[str(path.relative_to(ROOT))] = demo
     assert bad == {}
+
+
+def pipeline_imports(path: Path) -> set[str]:
+    """The `pipelines.*` modules a file imports (absolute imports, at any depth of the file)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module and n.level == 0}
+    found |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    found |= {f"{n.module}.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module
+              for a in n.names}  # fmt: skip
+    return {m for m in found if m.startswith("pipelines.")}
+
+
+def importers(package: str, banned: tuple[str, ...]) -> dict[str, list[str]]:
+    """Files of `package` importing any of the `banned` packages."""
+    bad = {}
+    for path in sorted((ROOT / package.replace(".", "/")).rglob("*.py")):
+        hits = sorted(m for m in pipeline_imports(path) if any(m == b or m.startswith(b + ".") for b in banned))
+        if hits:
+            bad[str(path.relative_to(ROOT))] = hits
+    return bad
+
+
+def test_generation_and_the_applications_do_not_import_each_other() -> None:
+    """generate/chat (pipelines/infer) and imagine/ground (pipelines/apps) meet only in the runtime."""
+    assert importers("pipelines.infer", ("pipelines.apps",)) == {}
+    assert importers("pipelines.apps", ("pipelines.infer",)) == {}
+
+
+def test_entry_points_reach_the_model_through_the_runtime() -> None:
+    """serve, evaluate and the applications load a trained model through pipelines/runtime, never through generate."""
+    for package in ("pipelines.serve", "pipelines.evaluate", "pipelines.apps", "pipelines.retrain"):
+        assert importers(package, ("pipelines.infer",)) == {}, package
+    entry_points = ("pipelines.infer", "pipelines.apps", "pipelines.serve", "pipelines.evaluate", "pipelines.demo")
+    assert importers("pipelines.runtime", entry_points) == {}
+
+
+def test_the_config_imports_no_stage() -> None:
+    """pipelines/config reads and checks settings only: from pipelines it imports itself, paths and errors."""
+    allowed = ("pipelines.config", "pipelines.paths", "pipelines.errors")
+    bad = {}
+    for path in sorted((ROOT / "pipelines" / "config").rglob("*.py")):
+        hits = sorted(m for m in pipeline_imports(path) if not any(m == a or m.startswith(a + ".") for a in allowed))
+        if hits:
+            bad[str(path.relative_to(ROOT))] = hits
+    assert bad == {}

@@ -15,7 +15,6 @@ from model.llm.model import ImageBindLLM
 from model.llm.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
-DEFAULT = Sampling()
 TokenCallback = Callable[[int, int], None]  # (request id, token) as each token is decided
 
 
@@ -97,8 +96,14 @@ class Engine:
         """Whether any request is waiting or decoding."""
         return bool(self._queue or self._active)
 
-    def submit(self, prompt: Sequence[int], visual: torch.Tensor | None = None, sampling: Sampling = DEFAULT,
-               seed: int | None = None, eos_id: int | None = None) -> int:  # fmt: skip
+    def submit(
+        self,
+        prompt: Sequence[int],
+        visual: torch.Tensor | None,
+        sampling: Sampling,
+        seed: int | None = None,
+        eos_id: int | None = None,
+    ) -> int:
         """Queue a request; returns its id.
 
         Args:
@@ -274,7 +279,7 @@ def sample_top_p(logits: torch.Tensor, temperature: float, top_p: float, generat
 
 
 def engine_texts(engine: Engine, tokenizer: TextTokenizer, prompts: Sequence[str], visual: torch.Tensor | None,
-                 sampling: Sampling = DEFAULT, seed: int | None = None) -> list[str]:  # fmt: skip
+                 sampling: Sampling, seed: int | None = None) -> list[str]:  # fmt: skip
     """`generate.generate_text` through the engine: answers to formatted prompts, (B, 1, dim) visual queries or
     None, stripped as the reference."""
     requests = [

@@ -14,11 +14,12 @@ from model.llm.tokenizer import TextTokenizer
 
 @dataclass(frozen=True)
 class Sampling:
-    """The reference's defaults: T=0.1, top_p=0.75, 256 new tokens, 512 tokens in all; T=0 is greedy."""
+    """How new tokens are drawn: at most `max_new_tokens` within `max_seq_len` in all; T=0 is greedy, `top_p` the
+    nucleus mass. The system's defaults (the reference's T=0.1, top_p=0.75, 256 tokens) are the config's `infer.*`."""
 
-    temperature: float = 0.1
-    top_p: float = 0.75
-    max_new_tokens: int = 256
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
     max_seq_len: int = 512
 
 
@@ -38,7 +39,7 @@ def generate_ids(
     model: ImageBindLLM,
     prompts: Sequence[Sequence[int]],
     visual: torch.Tensor | None,
-    sampling: Sampling = Sampling(),
+    sampling: Sampling,
     eos_id: int | None = None,
     generator_seed: int | None = None,
     use_cache: bool = True,
@@ -85,7 +86,7 @@ def generate_text(
     tokenizer: TextTokenizer,
     prompts: Sequence[str],
     visual: torch.Tensor | None,
-    sampling: Sampling = Sampling(),
+    sampling: Sampling,
     seed: int | None = None,
 ) -> list[str]:
     """Answers to `prompts` (already formatted, e.g. with `prompts.format_prompt`), stripped as the reference."""

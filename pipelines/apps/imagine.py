@@ -12,14 +12,14 @@ from pydantic import BaseModel
 
 from model.apps.unclip import Drawing, UnCLIP, check_folder
 from model.errors import ModelInputError
-from model.imagebind.encoder import DType, ImageBind, resolve_device, resolve_dtype
+from model.imagebind.encoder import ImageBind, resolve_device, resolve_dtype
 from model.llm.cache import cache_mix, mix_modalities
 from model.llm.model import CacheLookup
 from pipelines.apps.output import file_exists, png_bytes, write_file
 from pipelines.config import Config
 from pipelines.errors import InputError
-from pipelines.infer.inputs import PointOptions, Request, check_files, file_requests, weighted_embeddings
-from pipelines.infer.stage import configured_encoder, open_cache
+from pipelines.runtime.encoders import configured_encoder, open_cache
+from pipelines.runtime.inputs import PointOptions, Request, check_files, file_requests, weighted_embeddings
 from stores.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -90,25 +90,26 @@ class Imaginer:
         return self.unclip.draw(drawings, images, steps, guidance, noise_level, self.cfg.imagine.size)
 
 
-def load(cfg: Config, use_cache: bool = False, generator: str | None = None, device: str = "auto",
-         dtype: DType = "auto") -> Imaginer:  # fmt: skip
-    """The configured ImageBind (with the cache of its features when `use_cache`) and Stable unCLIP generator."""
-    path = generator or cfg.imagine.generator
+def load(cfg: Config) -> Imaginer:
+    """The configured ImageBind on `infer.device` (with the cache of its features when `infer.use_cache`) and the
+    Stable unCLIP generator of `imagine.generator`."""
+    path = cfg.imagine.generator
     if not path:
         raise InputError("no generator: set imagine.generator (or --generator) to the folder of "
                          "stabilityai/stable-diffusion-2-1-unclip")  # fmt: skip
     check_folder(path)  # before the encoder loads: a wrong folder is named at once
     ws = Workspace(cfg.workspace, cfg.storage_options)
-    encoder = configured_encoder(cfg, ws, device, dtype)
-    cache = open_cache(cfg, ws, encoder) if use_cache else None
-    return with_encoder(cfg, encoder, cache, path, str(resolve_device(device)), dtype)
+    encoder = configured_encoder(cfg, ws, cfg.infer.device, cfg.infer.dtype)
+    cache = open_cache(cfg, ws, encoder) if cfg.infer.use_cache else None
+    return with_encoder(cfg, encoder, cache)
 
 
-def with_encoder(cfg: Config, encoder: ImageBind, cache: CacheLookup | None, generator: str, device: str = "auto",
-                 dtype: DType = "auto") -> Imaginer:  # fmt: skip
-    """An Imaginer over an encoder (and cache) already loaded, e.g. the server's, and the generator in `generator`."""
-    dev = resolve_device(device)
-    unclip = UnCLIP.load(generator, encoder.dim, dev, resolve_dtype(dtype, dev), cfg.imagine.embedding_norm)
+def with_encoder(cfg: Config, encoder: ImageBind, cache: CacheLookup | None) -> Imaginer:
+    """An Imaginer over an encoder (and cache) already loaded, e.g. the server's, and the generator of
+    `imagine.generator` on `infer.device` in `infer.dtype`."""
+    dev = resolve_device(cfg.infer.device)
+    dtype = resolve_dtype(cfg.infer.dtype, dev)
+    unclip = UnCLIP.load(cfg.imagine.generator, encoder.dim, dev, dtype, cfg.imagine.embedding_norm)
     return Imaginer(encoder, cache, unclip, cfg, PointOptions(cfg.model.point_normalize, cfg.model.point_resample))
 
 
@@ -127,10 +128,6 @@ def run(
     request: Request | None = None,
     out: str = "imagined.png",
     requests_file: str | None = None,
-    cache: bool = False,
-    generator: str | None = None,
-    device: str = "auto",
-    dtype: DType = "auto",
     force: bool = False,
 ) -> ImagineResult:
     """Draw `imagine.images` images of one request (its errors raise InputError) or of every line of a JSONL file
@@ -150,7 +147,7 @@ def run(
     taken = [p for pic in pictures for p in pic.paths if file_exists(p, cfg.storage_options)]
     if taken and not force:
         raise InputError(f"{taken[0]} exists ({len(taken)} of the outputs do): add --force to replace them")
-    imaginer = load(cfg, cache, generator, device, dtype)
+    imaginer = load(cfg)
     todo: list[tuple[Picture, Drawing]] = []
     for (_, req), pic in zip(items, pictures, strict=True):
         if isinstance(req, Request) and pic.error is None:

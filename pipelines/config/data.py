@@ -64,6 +64,7 @@ class FilterConfig(Section):
     max_pwatermark: float | None = Field(None, ge=0.0, le=1.0)
     sample: int | None = Field(None, gt=0, description="deterministic sample to at most this many rows")
 
+
 SourceFormat = Literal["synthetic", "laion", "mmc4", "cc3m", "cc12m", "sbu", "coco", "coyo", "generic"]
 
 

@@ -10,12 +10,12 @@ from pydantic import BaseModel
 
 from model.imagebind.encoder import encoder_id_for
 from pipelines import assets
-from pipelines.config import Config
+from pipelines.config import Config, with_settings
 from pipelines.demo import text as demo_text
 from pipelines.demo.synthetic import SyntheticSource
 from pipelines.errors import InputError
-from pipelines.infer import stage as infer
-from pipelines.infer.inputs import Request
+from pipelines.runtime import loader
+from pipelines.runtime.inputs import Request
 from pipelines.train.data import is_heldout
 from pipelines.train.setup import stage1_features
 from stores.features import read_columns
@@ -62,8 +62,8 @@ def run(cfg: Config, checkpoint: str) -> DemoAnswers:
     (colour_q, _), (shape_q, _), caption_q = demo_text.QUESTIONS[0], demo_text.QUESTIONS[1], demo_text.QUESTIONS[-1][0]
     asked = []
     for cache in (False, True):  # one model (and encoder, cache) per setting; its questions decoded together
-        answerer, _ = infer.load_answerer(cfg, checkpoint, need_encoder=True, use_cache=cache, device="auto",
-                                          dtype="auto", slots=2)  # fmt: skip
+        settings = {"infer.checkpoint": checkpoint, "infer.use_cache": cache}
+        answerer = loader.load(with_settings(cfg, settings), need_encoder=True, slots=2).answerer
         first = [Request(image=[image], prompt=colour_q, temperature=0.0),
                  Request(audio=[audio], prompt=caption_q, temperature=0.0)]  # fmt: skip
         colour, sound = (_text(a) for a in answerer.answer_all(first))

@@ -15,11 +15,11 @@ from model.llm.generate import Sampling
 from model.llm.model import ImageBindLLM
 from model.llm.prompts import CAPTION_INSTRUCTION, format_prompt
 from model.llm.tokenizer import TextTokenizer
-from pipelines import checkpoints
 from pipelines.config import Config
 from pipelines.demo import synthetic_media as media
 from pipelines.demo import text as demo_text
 from pipelines.errors import InputError
+from pipelines.runtime import checkpoints
 from pipelines.train.data import is_heldout
 from pipelines.train.setup import stage1_features
 from stores.features import read_pairs

@@ -7,7 +7,7 @@ import tempfile
 
 import numpy as np
 
-from pipelines.config import Config
+from pipelines.config import Config, with_settings
 from pipelines.demo import synthetic_media as media
 from pipelines.demo.text import yes_no
 from pipelines.evaluate import benchmark
@@ -57,4 +57,4 @@ def run(cfg: Config, checkpoint: str) -> benchmark.BenchmarkResult:
     ws = Workspace(cfg.workspace, cfg.storage_options)
     folder = ws.synthetic("mme") if ws.is_local else os.path.join(tempfile.gettempdir(), f"ibllm-demo-mme-{cfg.seed}")
     write(folder, cfg.seed)
-    return benchmark.run(cfg, "mme", folder, checkpoint=checkpoint)
+    return benchmark.run(with_settings(cfg, {"infer.checkpoint": checkpoint}), "mme", folder)

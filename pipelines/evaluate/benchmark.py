@@ -13,12 +13,10 @@ from dataclasses import asdict
 
 from pydantic import BaseModel
 
-from model.imagebind.encoder import DType
-from pipelines import checkpoints
 from pipelines.config import Config
+from pipelines.config.names import BENCHMARKS, ZERO_SHOT
 from pipelines.errors import InputError
 from pipelines.evaluate import page
-from pipelines.evaluate.names import BENCHMARKS, ZERO_SHOT
 from pipelines.evaluate.questions import (
     Benchmark,
     Scored,
@@ -26,7 +24,7 @@ from pipelines.evaluate.questions import (
     read_mme_benchmark,
     read_vqa_benchmark,
 )
-from pipelines.infer import stage as infer
+from pipelines.runtime import checkpoints, loader
 from stores.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -132,17 +130,13 @@ def run(
     cfg: Config,
     benchmark: str,
     data: str,
-    checkpoint: str | None = None,
-    cache: bool = False,
     limit: int | None = None,
     subtasks: Sequence[str] | None = None,
     images: str | None = None,
-    batch: int = 16,
-    device: str = "auto",
-    dtype: DType = "auto",
 ) -> BenchmarkResult:
-    """Answer every question of `benchmark` (its first `limit`) with `checkpoint` (default: the promoted model, else
-    the newest run), greedily and `batch` at a time through the engine; answers are committed chunk by chunk, so a
+    """Answer every question of `benchmark` (its first `limit`) with the model of the runtime (`infer.checkpoint`,
+    default: the promoted model, else the newest run; `infer.use_cache`), greedily and `infer.batch` at a time
+    through the engine; answers are committed chunk by chunk, so a
     rerun asks only what is left. Writes the results JSON, the HTML report and the catalog record (last)."""
     start = time.perf_counter()
     if benchmark in ZERO_SHOT:
@@ -155,7 +149,8 @@ def run(
     if not questions:
         raise InputError(f"{data}: no questions")
     ws = Workspace(cfg.workspace, cfg.storage_options)
-    chosen = infer.choose_checkpoint(ws, checkpoint)
+    chosen = checkpoints.choose(ws, cfg.infer.checkpoint)
+    cache, batch = cfg.infer.use_cache, cfg.infer.batch
     folder = ws.path(EVALUATIONS, benchmark, evaluation_key(chosen, data, cache, limit, subtasks))
     spec = {"benchmark": benchmark, "data": os.path.abspath(data), "checkpoint": chosen, "cache": cache,
             "limit": limit, "subtasks": list(subtasks or []), "questions": len(questions)}  # fmt: skip
@@ -167,8 +162,8 @@ def run(
         log.info("%s: %d of %d questions answered before; asking the other %d", benchmark, resumed, len(questions),
                  len(todo))  # fmt: skip
     if todo:
-        answerer, trained = infer.load_answerer(cfg, chosen, need_encoder=True, use_cache=cache, device=device,
-                                                dtype=dtype, slots=min(batch, len(todo)))  # fmt: skip
+        loaded = loader.load(cfg, need_encoder=True, slots=min(batch, len(todo)), checkpoint=chosen)
+        answerer, trained = loaded.answerer, loaded.trained
         chunk = 4 * batch
         for at in range(0, len(todo), chunk):
             part = todo[at : at + chunk]

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from model.llm.prompts import CAPTION_INSTRUCTION
 from pipelines.errors import InputError
 from pipelines.evaluate import captions, mme, vqa
-from pipelines.infer.inputs import Request
+from pipelines.runtime.inputs import Request
 
 MME_MAX_TOKENS = 30  # LLaMA-Adapter's MME script: greedy, at most 30 new tokens
 VQA_MAX_TOKENS = 30

@@ -14,10 +14,9 @@ from pydantic import BaseModel, Field
 
 from model.imagebind.encoder import encoder_id_for
 from model.llm.model import ImageBindLLM
-from pipelines import checkpoints
 from pipelines.config import Config
 from pipelines.errors import InputError
-from pipelines.paths import resolve_checkpoint
+from pipelines.runtime import checkpoints
 from pipelines.train.data import CAPTION_PROMPT, Example, ExampleSource, FeatureCaptions, micro_batch
 from pipelines.train.setup import stage1_features
 from stores.features import read_pairs
@@ -94,16 +93,16 @@ class UidCaptions:
 def run(
     cfg: Config,
     stage: int = 1,
-    checkpoint: str | None = None,
     batch_size: int = 32,
     uids: Sequence[str] | None = None,
 ) -> EvalResult:
-    """Evaluate `checkpoint` (default: the newest complete run of `stage`) on the held-out split of stage 1's
+    """Evaluate `infer.checkpoint` (default: the newest complete run of `stage`) on the held-out split of stage 1's
     features (`train.holdout`), or on the rows of the given `uids` only, and record the metrics beside the run
     (the catalog's `evaluations` view)."""
     start = time.perf_counter()
     ws = Workspace(cfg.workspace, cfg.storage_options)
-    checkpoint = resolve_checkpoint(ws, checkpoint) if checkpoint else Runs.of_stage(ws, stage).newest_complete()
+    given = cfg.infer.checkpoint
+    checkpoint = checkpoints.resolve(ws, given) if given else Runs.of_stage(ws, stage).newest_complete()
     if checkpoint is None:
         raise InputError(f"no complete stage-{stage} run to evaluate: run `ibllm train --stage {stage}` first")
     trained = checkpoints.inspect(cfg, ws, checkpoint)

@@ -8,22 +8,22 @@ import os
 import posixpath
 import time
 
-from model.imagebind.encoder import DType, ImageBind
 from pipelines import assets
 from pipelines.config import Config
 from pipelines.errors import InputError
 from pipelines.evaluate.benchmark import EVALUATIONS, RECORD, EvalRow, evaluation_key
 from pipelines.evaluate.zeroshot import ZeroShotResult, classify, read_labelled
+from pipelines.runtime.encoders import configured_encoder
 from stores.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
 
-def run(cfg: Config, kind: str, data: str, limit: int | None = None, batch: int = 32, device: str = "auto",
-        dtype: DType = "auto") -> ZeroShotResult:  # fmt: skip
+def run(cfg: Config, kind: str, data: str, limit: int | None = None) -> ZeroShotResult:
     """Classify `data` (ImageNet layout for images, ESC-50 for audio, ModelNet40 for point clouds) with the
     configured ImageBind (`model.imagebind_checkpoint`, `model.point_checkpoint`, `model.imagebind_vocab`) by text
-    prompts; writes results.json and the catalog rows (top-1 as the score) under evaluations/zeroshot-<kind>/."""
+    prompts, `infer.batch` samples at a time on `infer.device`; writes results.json and the catalog rows (top-1 as
+    the score) under evaluations/zeroshot-<kind>/."""
     if not os.path.exists(data):
         raise InputError(f"--data {data} does not exist")
     labelled = read_labelled(kind, data)
@@ -33,8 +33,7 @@ def run(cfg: Config, kind: str, data: str, limit: int | None = None, batch: int 
         raise InputError("zero-shot checks embed class prompts: set model.imagebind_vocab "
                          "(bpe_simple_vocab_16e6.txt.gz)")  # fmt: skip
     m = cfg.model
-    encoder = ImageBind.load(m.imagebind, checkpoint=m.imagebind_checkpoint, vocab=vocab, device=device, dtype=dtype,
-                             seed=cfg.seed, point_checkpoint=m.point_checkpoint)  # fmt: skip
+    encoder = configured_encoder(cfg, ws, cfg.infer.device, cfg.infer.dtype)
     last = [time.time()]
 
     def progress(done: int, total: int) -> None:
@@ -42,6 +41,7 @@ def run(cfg: Config, kind: str, data: str, limit: int | None = None, batch: int 
             last[0] = time.time()
             log.info("zero-shot %s: %d of %d samples", kind, done, total)
 
+    batch = cfg.infer.batch
     result = classify(encoder, labelled, batch_size=batch, limit=limit, max_pixels=m.max_image_pixels, seed=cfg.seed,
                       progress=progress)  # fmt: skip
     name = f"zeroshot-{kind}"

@@ -9,9 +9,11 @@ from typing import TextIO
 
 from pydantic import BaseModel
 
+from pipelines.config import Config
 from pipelines.errors import InputError
-from pipelines.infer.answerer import Answerer
-from pipelines.infer.inputs import FILE_MODALITIES, Request, check_files
+from pipelines.runtime import loader
+from pipelines.runtime.answerer import Answerer
+from pipelines.runtime.inputs import FILE_MODALITIES, Request, check_files
 
 HELP = """commands:
   /image PATH, /audio PATH, /video PATH   add an input the conversation is about (several are mixed)
@@ -75,6 +77,17 @@ class Chat:
 
     def _about(self) -> str:
         return ", ".join(f"{len(v)} {m}" for m, v in self.inputs.items()) or "nothing (text only)"
+
+
+def start(cfg: Config, inputs: dict[str, list[str]], seed: int | None = None) -> Chat:
+    """A conversation with the model of `infer.*` about `inputs` (modality -> paths; the encoder is loaded now when
+    there are any, else on the first), sampling with `seed` (default: the config's)."""
+    loaded = loader.load(cfg, need_encoder=any(inputs.values()), slots=1)
+    chat = Chat(loaded.answerer, Request(seed=cfg.seed if seed is None else seed))
+    for modality, paths in inputs.items():
+        for path in paths:
+            chat.add_input(modality, path)
+    return chat
 
 
 def run(chat: Chat, lines: Iterable[str], out: TextIO, prompt: str = "you> ") -> ChatResult:

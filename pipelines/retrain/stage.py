@@ -9,7 +9,7 @@ import math
 from pydantic import BaseModel
 
 from model.imagebind.encoder import encoder_id_for
-from pipelines.config import Config, dump_config
+from pipelines.config import Config, dump_config, with_settings
 from pipelines.errors import InputError
 from pipelines.evaluate import benchmark
 from pipelines.evaluate import stage as evaluate
@@ -188,12 +188,13 @@ def _job(ws: Workspace, stage: int, run_id: str) -> dict:
 def _measure(cfg: Config, checkpoint: str, held: HeldOut | None) -> tuple[float, int]:
     """(the yardstick's value for `checkpoint`, the examples or questions it was measured on)."""
     r = cfg.retrain
+    cfg = with_settings(cfg, {"infer.checkpoint": checkpoint, "infer.batch": r.eval_batch_size})
     if held is not None:
-        result = evaluate.run(cfg, 2, checkpoint, batch_size=r.eval_batch_size, uids=held.uids)
+        result = evaluate.run(cfg, 2, batch_size=r.eval_batch_size, uids=held.uids)
         return result.loss, result.examples
     name, _, part = r.metric.partition(":")
     assert r.metric_data is not None  # the config requires it with a benchmark metric
-    scored = benchmark.run(cfg, name, r.metric_data, checkpoint=checkpoint, batch=r.eval_batch_size)
+    scored = benchmark.run(cfg, name, r.metric_data)
     rows = {row.subtask: row.score for row in scored.rows}
     if part:
         if part not in rows:

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from model.imagebind.point_files import FORMATS
 from pipelines.errors import InputError
-from pipelines.infer.inputs import Request, check_weight
+from pipelines.runtime.inputs import Request, check_weight
 
 # content part type -> (our modality, the key holding the reference, the media types a data: URL may carry)
 PARTS = {

@@ -20,8 +20,8 @@ from model.errors import ModelInputError
 from pipelines.apps.imagine import Imaginer
 from pipelines.apps.output import png_bytes
 from pipelines.errors import InputError
-from pipelines.infer.inputs import Request as Inputs
-from pipelines.infer.inputs import check_weight
+from pipelines.runtime.inputs import Request as Inputs
+from pipelines.runtime.inputs import check_weight
 from pipelines.serve.app import Limits, error
 from pipelines.serve.chat_format import RefusedPath, content_parts
 

@@ -11,8 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pipelines.errors import InputError
-from pipelines.infer.answerer import Answerer
-from pipelines.infer.inputs import Request
+from pipelines.runtime.answerer import Answerer
+from pipelines.runtime.inputs import Request
 
 log = logging.getLogger(__name__)
 

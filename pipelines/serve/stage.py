@@ -11,10 +11,9 @@ from dataclasses import dataclass
 import uvicorn
 from fastapi import FastAPI
 
-from model.imagebind.encoder import DType
 from pipelines.apps.ground import Grounder, GroundOptions
 from pipelines.config import Config
-from pipelines.infer import stage as infer
+from pipelines.runtime import loader
 from pipelines.serve.app import Limits, create_app
 from pipelines.serve.scheduler import Scheduler
 
@@ -42,23 +41,23 @@ def limits_of(cfg: Config) -> Limits:
                   timeout_s=s.timeout_s, media_root=root)  # fmt: skip
 
 
-def build(cfg: Config, checkpoint: str | None = None, device: str = "auto", dtype: DType = "auto") -> Served:
-    """Load the model (and the encoder, and the cache when serve.cache) and build the app over its scheduler."""
-    chosen = infer.choose_checkpoint(infer.workspace_of(cfg), checkpoint)
-    answerer, trained = infer.load_answerer(cfg, chosen, need_encoder=True, use_cache=cfg.serve.cache, device=device,
-                                      dtype=dtype, slots=cfg.serve.slots)  # fmt: skip
+def build(cfg: Config) -> Served:
+    """Load the model of `infer.*` through the runtime (with the encoder, and the cache when `infer.use_cache`) and
+    build the app over its scheduler; grounding and any-to-image beside it when a detector or generator is set."""
+    loaded = loader.load(cfg, need_encoder=True, slots=cfg.serve.slots)
+    answerer = loaded.answerer
     scheduler = Scheduler(answerer, cfg.serve.max_queue)
     scratch = tempfile.TemporaryDirectory(prefix="ibllm-serve-")
-    name = model_name(chosen, trained.made_by)
-    grounder = Grounder(cfg, GroundOptions(), device) if cfg.model.detector else None  # loaded on the first `ground`
+    name = model_name(loaded.checkpoint, loaded.trained.made_by)
+    grounder = Grounder(cfg, GroundOptions(), cfg.infer.device) if cfg.model.detector else None  # loaded on first use
     app = create_app(scheduler, name, scratch.name, limits_of(cfg), grounder)
     if cfg.imagine.generator:  # any-to-image beside the chat, on the same encoder and cache (the apps extra)
         from pipelines.apps import imagine
         from pipelines.serve.images import add_image_routes
 
-        imaginer = imagine.with_encoder(cfg, answerer.encoder, answerer.cache, cfg.imagine.generator, device, dtype)
+        imaginer = imagine.with_encoder(cfg, answerer.encoder, answerer.cache)
         add_image_routes(app, imaginer, scratch.name, limits_of(cfg))
-    return Served(app, scheduler, chosen, scratch)
+    return Served(app, scheduler, loaded.checkpoint, scratch)
 
 
 def model_name(checkpoint: str, made_by: dict) -> str:
@@ -69,10 +68,9 @@ def model_name(checkpoint: str, made_by: dict) -> str:
     return parts[-1] if parts else checkpoint
 
 
-def run(cfg: Config, checkpoint: str | None = None, device: str = "auto", dtype: DType = "auto",
-        sock: socket.socket | None = None) -> None:  # fmt: skip
+def run(cfg: Config, sock: socket.socket | None = None) -> None:
     """Serve until interrupted (Ctrl-C or SIGTERM) on serve.host:serve.port, or on an already bound `sock`."""
-    served = build(cfg, checkpoint, device, dtype)
+    served = build(cfg)
     server = uvicorn.Server(uvicorn.Config(served.app, host=cfg.serve.host, port=cfg.serve.port, log_level="warning",
                                            timeout_graceful_shutdown=5))  # fmt: skip
     where = sock.getsockname() if sock else (cfg.serve.host, cfg.serve.port)

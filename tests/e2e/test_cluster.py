@@ -69,7 +69,7 @@ def scaled_out(prefect_harness: None, cluster: Cluster, s3_endpoint: str,
         start = time.time()
         result = pipeline_flow(cfg)
         seconds = time.time() - start
-    yield {"cfg": cfg, "result": result, "cwd": cwd, "seconds": seconds, "placements": _placements()}
+    yield {"cfg": cfg, "result": result, "cwd": cwd, "seconds": seconds, "placements": _placements(cluster.address)}
 
 
 def test_the_pipeline_runs_on_two_nodes_through_s3_only(scaled_out: dict[str, Any]) -> None:
@@ -169,11 +169,12 @@ def _finish(proc: subprocess.Popen, timeout: float) -> int:
         return proc.wait()
 
 
-def _placements() -> dict[str, Counter]:
-    """Which nodes ran which actors (finished ones included), by class name."""
+def _placements(address: str) -> dict[str, Counter]:
+    """Which nodes of the cluster at `address` ran which actors (finished ones included), by class name; the address
+    is given, since another Ray instance on this machine makes the state API refuse to guess."""
     from ray.util.state import list_actors
 
     out: dict[str, Counter] = {}
-    for a in list_actors(limit=10_000, raise_on_missing_output=False):
+    for a in list_actors(address=address, limit=10_000, raise_on_missing_output=False):
         out.setdefault(a.class_name, Counter())[a.node_id[:8]] += 1
     return out

@@ -10,7 +10,7 @@ from PIL import Image
 from flows.cli import main
 from pipelines.config import Config
 from pipelines.demo import synthetic_media as media
-from pipelines.infer.inputs import Request
+from pipelines.runtime.inputs import Request
 from tests.model.tiny_unclip import unclip_folder  # noqa: F401 (a fixture)
 
 
@@ -27,8 +27,8 @@ def test_imagine_writes_a_png(tmp_path: Path, unclip_folder: Path, capsys: pytes
     assert "add --force to replace" in capsys.readouterr().err
     assert main(["imagine", *common, "--generator", str(tmp_path / "nowhere"), "--out", str(tmp_path / "b.png")]) == 4
     assert f"generator folder not found: {tmp_path / 'nowhere'}" in capsys.readouterr().err
-    assert main(["imagine", *common, "--generator", str(unclip_folder), "--steps", "0"]) == 4
-    assert "--steps: Input should be greater than 0" in capsys.readouterr().err
+    assert main(["imagine", *common, "--generator", str(unclip_folder), "--steps", "0"]) == 2  # a setting's value
+    assert "with --steps 0: imagine.steps: Input should be greater than 0" in capsys.readouterr().err
 
 
 def test_the_prefect_task_draws(tmp_path: Path, unclip_folder: Path) -> None:  # noqa: F811

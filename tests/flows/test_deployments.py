@@ -40,3 +40,15 @@ def test_the_retrain_deployment_runs_weekly_on_the_config_schedule_one_at_a_time
     names = {d["name"] for d in spec["deployments"]}
     assert {"pipeline", "curate", "extract", "index", "report", "train-stage1", "train-stage2", "evaluate",
             "retrain"} <= names  # fmt: skip
+
+
+def test_retrain_serve_schedules_the_config_cron_in_its_timezone() -> None:
+    """`ibllm retrain --serve` deploys the retrain flow on retrain.cron / retrain.timezone, over the config itself."""
+    from flows.retrain import scheduled
+
+    cfg = load_config(None, ["retrain.cron=15 4 * * 1", "retrain.timezone=Europe/Paris"])
+    deployment = scheduled(cfg)
+    (schedule,) = deployment.schedules
+    assert (schedule.schedule.cron, schedule.schedule.timezone) == ("15 4 * * 1", "Europe/Paris")
+    assert deployment.parameters["config"]["retrain"]["cron"] == "15 4 * * 1"
+    assert deployment.concurrency_limit == 1

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from pipelines.errors import InputError
-from pipelines.infer.inputs import check_weighted_inputs, make_request, parse_request
+from pipelines.runtime.inputs import check_weighted_inputs, make_request, parse_request
 from tests.flows.test_cli import run_cli
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from flows.retrain import RetrainResult, retrain_flow
-from pipelines.config import Config, SyntheticConfig, resolve_config
+from pipelines.config import Config, SyntheticConfig, resolve_config, with_settings
 from pipelines.curate import stage as curate
 from pipelines.demo import synthetic
 from pipelines.demo.synthetic_server import server_for, serving
@@ -17,9 +17,9 @@ from pipelines.download import stage as download
 from pipelines.errors import InputError
 from pipelines.evaluate import benchmark
 from pipelines.evaluate import stage as evaluate
-from pipelines.infer import stage as infer
 from pipelines.ingest import stage as ingest
 from pipelines.retrain import stage as retrain
+from pipelines.runtime import checkpoints
 from pipelines.train import stage as train
 from stores import registry
 from stores.workspace import Workspace
@@ -94,7 +94,7 @@ def test_the_first_retrain_trains_and_promotes_and_a_rerun_without_new_data_does
     assert lineage.data == {"synthetic": {s.shard: s.fingerprint for s in plan.shards}}
     assert lineage.features.parts["synthetic"] and lineage.index["version"] and lineage.instructions
     assert lineage.config_digest == registry.digest(lineage.config) and "blr: 10.0" in lineage.config
-    assert infer.choose_checkpoint(ws) == result.stage2.checkpoint
+    assert checkpoints.choose(ws) == result.stage2.checkpoint
 
     before = runs(cfg)
     again = retrain_flow(cfg)
@@ -117,7 +117,7 @@ def test_new_shards_are_extracted_alone_and_a_better_candidate_is_promoted(
     assert result.stage1.run_id != first[1].stage1.run_id
     assert decision.promoted and decision.incumbent.stage2_run_id == first[1].stage2.run_id
     assert decision.candidate.value < decision.incumbent.value
-    assert registry.promoted(ws).stage2_checkpoint == result.stage2.checkpoint == infer.choose_checkpoint(ws)
+    assert registry.promoted(ws).stage2_checkpoint == result.stage2.checkpoint == checkpoints.choose(ws)
     lineage = registry.read_lineage(ws, result.stage2.run_id)
     assert lineage.parent_checkpoint == first[1].stage1.checkpoint  # stage 1 continued from the promoted model
     assert "retry-01-00000" in lineage.data["synthetic"]
@@ -136,7 +136,7 @@ def test_a_worse_candidate_is_recorded_but_not_promoted(better: tuple[Config, Re
     assert worse.extract.sources[0].new_shards == 0 and not worse.index.built
     assert not decision.promoted and decision.candidate.value > decision.incumbent.value
     assert decision.incumbent.stage2_run_id == previous.stage2.run_id
-    assert registry.promoted(ws) == in_service and infer.choose_checkpoint(ws) == in_service.stage2_checkpoint
+    assert registry.promoted(ws) == in_service and checkpoints.choose(ws) == in_service.stage2_checkpoint
     assert registry.read_lineage(ws, worse.stage2.run_id).parent_checkpoint == in_service.stage1_checkpoint
     assert [d.promoted for d in registry.decisions(ws)] == [True, True, False]
     assert registry.frozen_heldout(ws) == held and {d.heldout_digest for d in registry.decisions(ws)} == {held.digest}
@@ -155,7 +155,7 @@ def test_a_benchmark_can_be_the_yardstick(better: tuple[Config, RetrainResult], 
         resolve_config(cfg, ["retrain.metric=zeroshot-image", f"retrain.metric_data={data}"])
     by_mme = resolve_config(cfg, ["retrain.metric=mme:color", f"retrain.metric_data={data}"])
     decision = retrain.decide(by_mme, previous.plan, previous.stage1, previous.stage2)  # the model in service again
-    scored = benchmark.run(by_mme, "mme", str(data), checkpoint=previous.stage2.checkpoint)
+    scored = benchmark.run(with_settings(by_mme, {"infer.checkpoint": previous.stage2.checkpoint}), "mme", str(data))
     assert scored.asked_now == 0  # the decision's evaluation is the benchmark's: answered once, reused
     color = next(r.score for r in scored.rows if r.subtask == "color")
     assert decision.metric == "mme:color" and decision.candidate.value == decision.incumbent.value == color
@@ -175,15 +175,15 @@ def test_the_verdict_promotes_only_a_candidate_at_least_as_good() -> None:
 
 def test_evaluate_measures_exactly_the_given_uids(tmp_path: Path) -> None:
     cfg = train_config(tmp_path, epochs=1)
-    checkpoint = train.run(cfg, 1, local=True).checkpoint
+    on = with_settings(cfg, {"infer.checkpoint": train.run(cfg, 1, local=True).checkpoint})
     uids = ["synthetic-2-0005", "synthetic-0-0000", "synthetic-1-0003"]  # rows of the training split too
-    result = evaluate.run(cfg, 1, checkpoint, uids=[*uids, "not-a-uid"])
+    result = evaluate.run(on, 1, uids=[*uids, "not-a-uid"])
     assert result.examples == 3 and result.heldout == "uids"
-    assert evaluate.run(cfg, 1, checkpoint, batch_size=3, uids=uids).loss == pytest.approx(result.loss)
+    assert evaluate.run(on, 1, batch_size=3, uids=uids).loss == pytest.approx(result.loss)
     cfg.train.holdout = 0.3
-    assert evaluate.run(cfg, 1, checkpoint).heldout == "split"  # without uids: train.holdout's split, as before
+    assert evaluate.run(on, 1).heldout == "split"  # without uids: train.holdout's split, as before
     with pytest.raises(InputError, match="1 of the 2 held-out uids"):
-        evaluate.run(cfg, 1, checkpoint, uids=["synthetic-0-0000", "not-a-uid"])
+        evaluate.run(on, 1, uids=["synthetic-0-0000", "not-a-uid"])
 
 
 def test_nothing_to_plan_without_downloaded_shards(tmp_path: Path) -> None:
@@ -198,17 +198,17 @@ def test_choose_checkpoint_prefers_the_promoted_model(tmp_path: Path) -> None:
     newest.mkdir(parents=True), served.mkdir(parents=True)
     run = Path(ws.checkpoints("stage2", "20990101-000000-ffff", "run.json"))
     run.write_text(json.dumps({"status": "complete", "checkpoint": "local/step-00000002/model"}))
-    assert infer.choose_checkpoint(ws) == str(newest)
+    assert checkpoints.choose(ws) == str(newest)
     s1 = ws.checkpoints("stage1", "a", "local", "step-00000001", "model")
     ref = {"stage1_run_id": "a", "stage1_checkpoint": s1, "stage2_run_id": "b", "stage2_checkpoint": str(served)}
     registry.promote(ws, registry.Promotion(**ref, value=1.0, promoted_at=registry.now(), decision="x"))
     assert json.loads(Path(registry.path(ws, registry.PROMOTED)).read_text())["stage2_checkpoint"].startswith("checkp")
-    assert infer.choose_checkpoint(ws) == str(served)
+    assert checkpoints.choose(ws) == str(served)
     (tmp_path / "given").mkdir()
-    assert infer.choose_checkpoint(ws, str(tmp_path / "given")) == str(tmp_path / "given")
+    assert checkpoints.choose(ws, str(tmp_path / "given")) == str(tmp_path / "given")
     # typed relative to the workspace, or a run's folder for its newest checkpoint (issue 29)
-    assert infer.choose_checkpoint(ws, "checkpoints/stage2/20990101-000000-ffff") == str(newest)
+    assert checkpoints.choose(ws, "checkpoints/stage2/20990101-000000-ffff") == str(newest)
     with pytest.raises(InputError, match=r"checkpoint not found: looked for /nope"):
-        infer.choose_checkpoint(ws, "/nope")
+        checkpoints.choose(ws, "/nope")
     served.rmdir()
-    assert infer.choose_checkpoint(ws) == str(newest)  # a promoted checkpoint that is gone is skipped
+    assert checkpoints.choose(ws) == str(newest)  # a promoted checkpoint that is gone is skipped

@@ -80,11 +80,11 @@ def test_budgets_and_limits_follow_generate_ids(model: ImageBindLLM) -> None:
         )
     engine = Engine(model, slots=2)
     with pytest.raises(ValueError, match="leaves no room under max_seq_len 9"):
-        engine.submit(RAGGED[2], sampling=dataclasses.replace(GREEDY, max_seq_len=9))
+        engine.submit(RAGGED[2], None, dataclasses.replace(GREEDY, max_seq_len=9))
     with pytest.raises(ValueError, match="at least one token"):
-        engine.submit([])
+        engine.submit([], None, GREEDY)
     with pytest.raises(ValueError, match="max_new_tokens must be at least 1, got 0"):
-        engine.submit([1, 4], sampling=dataclasses.replace(GREEDY, max_new_tokens=0))
+        engine.submit([1, 4], None, dataclasses.replace(GREEDY, max_new_tokens=0))
     with pytest.raises(ValueError, match="slots"):
         Engine(model, slots=0)
 

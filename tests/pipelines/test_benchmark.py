@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 
 from flows.cli import main
+from pipelines.config import with_settings
 from pipelines.demo import synthetic_media as media
 from pipelines.errors import InputError
 from pipelines.evaluate import benchmark
 from pipelines.infer import stage as infer
-from pipelines.infer.answerer import Answerer
-from pipelines.infer.inputs import Request
+from pipelines.runtime.answerer import Answerer
+from pipelines.runtime.inputs import Request
 from stores.catalog import Catalog
 from stores.workspace import Workspace
 from tests.pipelines.test_infer import trained  # noqa: F401 (the module's fixture)
@@ -52,6 +53,7 @@ def test_mme_answers_as_generate_resumes_after_an_interruption_and_is_recorded(
     cfg, _, checkpoint = trained
     cfg = cfg.model_copy(deep=True)
     cfg.workspace = str(tmp_path / "ws")  # a workspace of its own, the trained run borrowed by path
+    on = {"infer.checkpoint": checkpoint, "infer.device": "cpu", "infer.dtype": "float32"}
     data = mme_folder(tmp_path / "MME")
     calls = {"n": 0}
     original = Answerer.answer_all
@@ -64,11 +66,11 @@ def test_mme_answers_as_generate_resumes_after_an_interruption_and_is_recorded(
 
     monkeypatch.setattr(Answerer, "answer_all", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        benchmark.run(cfg, "mme", str(data), checkpoint=checkpoint, batch=1, device="cpu", dtype="float32")
+        benchmark.run(with_settings(cfg, on | {"infer.batch": 1}), "mme", str(data))
     monkeypatch.setattr(Answerer, "answer_all", original)
-    result = benchmark.run(cfg, "mme", str(data), checkpoint=checkpoint, batch=1, device="cpu", dtype="float32")
+    result = benchmark.run(with_settings(cfg, on | {"infer.batch": 1}), "mme", str(data))
     assert (result.questions, result.resumed, result.asked_now) == (16, 8, 8)
-    again = benchmark.run(cfg, "mme", str(data), checkpoint=checkpoint, batch=4, device="cpu", dtype="float32")
+    again = benchmark.run(with_settings(cfg, on | {"infer.batch": 4}), "mme", str(data))
     assert (again.resumed, again.asked_now) == (16, 0)
     assert [(r.subtask, r.score) for r in again.rows] == [(r.subtask, r.score) for r in result.rows]
     rows = {r.subtask: r for r in result.rows}
@@ -80,7 +82,7 @@ def test_mme_answers_as_generate_resumes_after_an_interruption_and_is_recorded(
     first = doc["answers"][0]
     single = Request(image=[str(data / "existence" / "images" / "000.png")], prompt=first["prompt"],
                      temperature=0.0, max_new_tokens=30, seed=0)  # fmt: skip
-    assert infer.run(cfg, single, checkpoint=checkpoint).answers[0].answer == first["answer"]
+    assert infer.run(with_settings(cfg, {"infer.checkpoint": checkpoint}), single).answers[0].answer == first["answer"]
     page = Path(result.report).read_text()
     assert "<svg" in page and "existence" in page and "perception" in page
     assert "data:image/jpeg;base64," in page or "<p>none</p>" in page
@@ -91,6 +93,7 @@ def test_mme_answers_as_generate_resumes_after_an_interruption_and_is_recorded(
 
 def test_vqa_and_captions_run_and_bad_layouts_name_the_path(trained, tmp_path: Path) -> None:  # noqa: F811
     cfg, _, checkpoint = trained
+    on = with_settings(cfg, {"infer.checkpoint": checkpoint, "infer.device": "cpu", "infer.dtype": "float32"})
     cfg = cfg.model_copy(deep=True)
     cfg.workspace = str(tmp_path / "ws")
     for i, (shape, colour) in enumerate(SCENES):
@@ -101,28 +104,27 @@ def test_vqa_and_captions_run_and_bad_layouts_name_the_path(trained, tmp_path: P
              {"image": "1.jpg", "question": "Is the shape blue?", "answer": "yes"},
              {"point": "cloud.npy", "question": "What is it?", "answer": "a cloud"}]  # fmt: skip
     (tmp_path / "set.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
-    vqa = benchmark.run(cfg, "vqa", str(tmp_path / "set.jsonl"), checkpoint=checkpoint, device="cpu", dtype="float32")
+    vqa = benchmark.run(on, "vqa", str(tmp_path / "set.jsonl"))
     assert {r.subtask for r in vqa.rows} == {"choice", "yes/no", "open", "all"} and vqa.questions == 3
     coco = {"images": [{"id": i, "file_name": f"{i}.jpg"} for i in range(4)],
             "annotations": [{"image_id": i, "caption": f"a {c} {s} on a grey background"}
                             for i, (s, c) in enumerate(SCENES)]}  # fmt: skip
     (tmp_path / "captions.json").write_text(json.dumps(coco))
-    caps = benchmark.run(cfg, "captions", str(tmp_path / "captions.json"), checkpoint=checkpoint, device="cpu",
-                         dtype="float32")  # fmt: skip
+    caps = benchmark.run(on, "captions", str(tmp_path / "captions.json"))
     assert caps.rows[0].subtask == "all" and caps.rows[0].bleu4 is not None and caps.questions == 4
     with pytest.raises(InputError, match="does not exist"):
-        benchmark.run(cfg, "mme", str(tmp_path / "nowhere"), checkpoint=checkpoint)
+        benchmark.run(on, "mme", str(tmp_path / "nowhere"))
     with pytest.raises(InputError, match=f"{tmp_path}: no MME subtask folder"):
-        benchmark.run(cfg, "mme", str(tmp_path), checkpoint=checkpoint)
+        benchmark.run(on, "mme", str(tmp_path))
     empty = tmp_path / "MME" / "color"
     empty.mkdir(parents=True)
     with pytest.raises(InputError, match=str(empty)):
-        benchmark.run(cfg, "mme", str(tmp_path / "MME"), checkpoint=checkpoint)
+        benchmark.run(on, "mme", str(tmp_path / "MME"))
     (empty / "0.jpg").write_bytes((tmp_path / "0.jpg").read_bytes())
     with pytest.raises(InputError, match=r"0\.jpg"):  # an image without its answer file
-        benchmark.run(cfg, "mme", str(tmp_path / "MME"), checkpoint=checkpoint)
+        benchmark.run(on, "mme", str(tmp_path / "MME"))
     with pytest.raises(InputError, match="unknown MME subtask 'colour'"):
-        benchmark.run(cfg, "mme", str(tmp_path / "MME"), checkpoint=checkpoint, subtasks=["colour"])
+        benchmark.run(on, "mme", str(tmp_path / "MME"), subtasks=["colour"])
 
 
 def test_cli_evaluate_benchmark(trained, tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:  # noqa: F811

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from model.llm.cache import cache_mix, mix_modalities
-from pipelines.infer.stage import cache_lookup
+from pipelines.runtime.encoders import cache_lookup
 from stores.index import BuildSettings, CacheIndex, build, stage_features
 from stores.workspace import Workspace
 from tests.stores.test_index import DIM, ENC, write_parts

@@ -11,11 +11,12 @@ import pytest
 from flows.cli import main
 from model.llm.chat import chat_prompt
 from model.llm.generate import Sampling, generate_ids
-from pipelines import checkpoints
+from pipelines.config import with_settings
 from pipelines.errors import InputError
 from pipelines.infer import chat
 from pipelines.infer import stage as infer
-from pipelines.infer.inputs import Request, parse_history, read_history
+from pipelines.runtime import checkpoints, loader
+from pipelines.runtime.inputs import Request, parse_history, read_history
 from stores.workspace import Workspace
 from tests.pipelines.test_infer import GREEDY, trained  # noqa: F401 (the module's fixture)
 
@@ -61,8 +62,8 @@ def test_a_batch_answers_as_one_by_one(trained, tmp_path: Path) -> None:  # noqa
              {"image": "gone.jpg"}, {"video": f["mp4"], "prompt": "What moves?"}]  # fmt: skip
     path = tmp_path / "mixed.jsonl"
     path.write_text("\n".join(json.dumps(line | GREEDY if "max_new_tokens" not in line else line) for line in lines))
-    together = infer.run(cfg, requests_file=str(path), batch=16)
-    alone = infer.run(cfg, requests_file=str(path), batch=1)
+    together = infer.run(with_settings(cfg, {"infer.batch": 16}), requests_file=str(path))
+    alone = infer.run(with_settings(cfg, {"infer.batch": 1}), requests_file=str(path))
     assert [a.answer for a in together.answers] == [a.answer for a in alone.answers]
     assert [a.error is None for a in together.answers] == [True, True, True, True, False, True]
 
@@ -86,8 +87,8 @@ def test_the_cli_takes_a_history_file(trained, tmp_path: Path, capfd: pytest.Cap
 
 def test_a_scripted_chat(trained, tmp_path: Path, capfd: pytest.CaptureFixture[str], monkeypatch) -> None:  # noqa: F811
     cfg, f, checkpoint = trained
-    answerer, _ = infer.load_answerer(cfg, checkpoint, need_encoder=False, use_cache=False, device="cpu",
-                                      dtype="float32", slots=1)  # fmt: skip
+    settings = {"infer.checkpoint": checkpoint, "infer.device": "cpu", "infer.dtype": "float32"}
+    answerer = loader.load(with_settings(cfg, settings), need_encoder=False, slots=1).answerer
     session = chat.Chat(answerer, Request(temperature=0.0, max_new_tokens=5))
     script = ["/help", f"/image {f['jpg']}", TURNS[0][0], TURNS[1][0], "/smell x", f"/audio {tmp_path}/gone.wav",
               "/reset", "Name a colour.", "/quit", "never read"]  # fmt: skip

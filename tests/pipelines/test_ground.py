@@ -13,7 +13,7 @@ from PIL import Image
 from flows.cli import main
 from pipelines.apps.ground import Grounder, GroundOptions, annotated_path
 from pipelines.apps.nouns import noun_phrases
-from pipelines.config import Config
+from pipelines.config import Config, with_settings
 from pipelines.errors import InputError
 from pipelines.serve import stage as serve
 from tests.model.tiny_detectors import owlv2_folder
@@ -94,7 +94,7 @@ def test_chat_completions_ground(trained: tuple[Config, dict[str, str], str], de
     body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": f["jpg"]}},
                                                       {"type": "text", "text": "Describe it."}]}],
             "temperature": 0, "max_tokens": 5}  # fmt: skip
-    served = serve.build(cfg, device="cpu", dtype="float32")
+    served = serve.build(with_settings(cfg, {"infer.device": "cpu", "infer.dtype": "float32"}))
     try:
         transport = httpx.ASGITransport(app=served.app)
         refused = _post(transport, body | {"ground": True})
@@ -102,7 +102,7 @@ def test_chat_completions_ground(trained: tuple[Config, dict[str, str], str], de
     finally:
         served.close()
     cfg.model.detector = detector
-    served = serve.build(cfg, device="cpu", dtype="float32")
+    served = serve.build(with_settings(cfg, {"infer.device": "cpu", "infer.dtype": "float32"}))
     try:
         transport = httpx.ASGITransport(app=served.app)
         doc = _post(transport, body | {"ground": True, "ground_threshold": 0}).json()

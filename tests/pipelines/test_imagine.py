@@ -14,10 +14,10 @@ from PIL import Image
 from model.errors import ModelInputError
 from model.llm.cache import cache_mix
 from pipelines.apps import imagine
-from pipelines.config import Config
+from pipelines.config import Config, with_settings
 from pipelines.demo import synthetic_media as media
 from pipelines.errors import InputError
-from pipelines.infer.inputs import Request
+from pipelines.runtime.inputs import Request
 from stores import features
 from stores.index import BuildSettings, build
 from stores.workspace import Workspace
@@ -53,7 +53,8 @@ def test_one_request_writes_its_png_and_again_the_same(setup: tuple[Config, dict
     cfg, f = setup
     out = str(tmp_path / "picture.png")
     mix = Request(image=[f["jpg"]], audio=[f["wav"]], weights={"audio": 0.5}, seed=3)
-    result = imagine.run(cfg, mix, out=out, cache=True)
+    cfg = with_settings(cfg, {"infer.use_cache": True})
+    result = imagine.run(cfg, mix, out=out)
     assert [p.paths for p in result.pictures] == [[out]] and result.summary() == out and result.errors == 0
     assert result.cache == "cache" and result.encoder_id == ENCODER and result.steps == 2
     assert result.pictures[0].weights == {"image": 1.0, "audio": 0.5} and result.pictures[0].seed == 3
@@ -61,16 +62,16 @@ def test_one_request_writes_its_png_and_again_the_same(setup: tuple[Config, dict
         assert im.format == "PNG" and im.size == (16, 16)
     first = Path(out).read_bytes()
     with pytest.raises(InputError, match=re.escape(f"{out} exists (1 of the outputs do): add --force")):
-        imagine.run(cfg, mix, out=out, cache=True)
-    imagine.run(cfg, mix, out=out, cache=True, force=True)
+        imagine.run(cfg, mix, out=out)
+    imagine.run(cfg, mix, out=out, force=True)
     assert Path(out).read_bytes() == first  # the same seed: the same pixels
-    imagine.run(cfg, mix.model_copy(update={"seed": 4}), out=out, cache=True, force=True)
+    imagine.run(cfg, mix.model_copy(update={"seed": 4}), out=out, force=True)
     assert Path(out).read_bytes() != first
 
 
 def test_the_embedding_is_mixed_as_generation_mixes_it(setup: tuple[Config, dict[str, str]]) -> None:
     cfg, f = setup
-    imaginer = imagine.load(cfg, use_cache=True)
+    imaginer = imagine.load(with_settings(cfg, {"infer.use_cache": True}))
     req = Request(image=[f["jpg"]], audio=[f["wav"]], weights={"audio": 0.5})
     image = imaginer.encoder.embed_images([f["jpg"]])[0]
     audio = imaginer.encoder.embed_audio([f["wav"]])[0]
@@ -116,5 +117,5 @@ def test_clear_errors_before_any_model_loads(setup: tuple[Config, dict[str, str]
     with pytest.raises(InputError, match=r"no generator: set imagine\.generator"):
         imagine.run(bare, req, out=str(tmp_path / "x.png"))
     with pytest.raises(ModelInputError, match=re.escape(f"generator folder not found: {tmp_path / 'sd'}")):
-        imagine.run(cfg, req, out=str(tmp_path / "x.png"), generator=str(tmp_path / "sd"))
+        imagine.run(with_settings(cfg, {"imagine.generator": str(tmp_path / "sd")}), req, out=str(tmp_path / "x.png"))
     assert not (tmp_path / "x.png").exists()

@@ -14,12 +14,15 @@ from PIL import Image
 from flows.cli import main
 from model.imagebind.tokenizer import learn_merges, write_vocab
 from model.llm.checkpoint import read_checkpoint, write_checkpoint
-from pipelines.config import Config
+from model.llm.tokenizer import load_tokenizer
+from pipelines.config import Config, with_settings
 from pipelines.demo import synthetic_media as media
 from pipelines.errors import InputError
 from pipelines.index import stage as index
 from pipelines.infer import stage as infer
-from pipelines.infer.inputs import Request, parse_request, parse_weights
+from pipelines.runtime import checkpoints
+from pipelines.runtime.encoders import cache_lookup
+from pipelines.runtime.inputs import Request, parse_request, parse_weights
 from pipelines.train import stage as train
 from stores.index import CacheIndex
 from stores.workspace import Workspace
@@ -82,10 +85,10 @@ def test_text_only_prompting_needs_no_encoder(trained: tuple[Config, dict[str, s
 
 def test_the_cache_mixes_in_neighbours(trained: tuple[Config, dict[str, str], str]) -> None:
     cfg, f, _ = trained
-    result = infer.run(cfg, Request(image=[f["jpg"]], **GREEDY), cache=True)
+    result = infer.run(with_settings(cfg, {"infer.use_cache": True}), Request(image=[f["jpg"]], **GREEDY))
     assert result.cache == cfg.index.name and isinstance(result.answers[0].answer, str)
     opened = CacheIndex.open(Workspace(cfg.workspace), cfg.index.name)
-    lookup = infer.cache_lookup(opened, cfg.index.cache_k)
+    lookup = cache_lookup(opened, cfg.index.cache_k)
     query = torch.from_numpy(opened.gather(np.array([3, 7]))) * 0.5  # unnormalised queries of stored features
     sims, values = lookup(query)
     assert sims.shape == (2, cfg.index.cache_k) and values.shape == (2, cfg.index.cache_k, opened.dim)
@@ -145,13 +148,13 @@ def test_bad_inputs_are_refused_with_clear_errors(trained: tuple[Config, dict[st
     with pytest.raises(InputError, match="need ImageBind's CLIP BPE vocabulary"):
         infer.run(cfg, Request(text=["a red circle"]))
     with pytest.raises(InputError, match=r"checkpoint not found: .*missing"):
-        infer.run(cfg, Request(prompt="Hi"), checkpoint=str(tmp_path / "missing"))
+        infer.run(with_settings(cfg, {"infer.checkpoint": str(tmp_path / "missing")}), Request(prompt="Hi"))
 
     config, tensors, _ = read_checkpoint(checkpoint)
     other = write_checkpoint(str(tmp_path / "other"), config, tensors, {"encoder_id": "imagebind-huge-0123456789ab"})
     with pytest.raises(InputError, match="trained on encoder imagebind-huge-0123456789ab, but the configured "
                                          "encoder is imagebind-tiny-init0"):  # fmt: skip
-        infer.run(cfg, Request(image=[f["jpg"]]), checkpoint=other)
+        infer.run(with_settings(cfg, {"infer.checkpoint": other}), Request(image=[f["jpg"]]))
     reseeded = cfg.model_copy(deep=True)
     reseeded.seed = 1  # another random tiny encoder than the run recorded in its run.json
     with pytest.raises(InputError, match=r"trained on encoder imagebind-tiny-init0, .* is imagebind-tiny-init1"):
@@ -172,13 +175,13 @@ def test_the_newest_stage2_run_is_preferred(trained: tuple[Config, dict[str, str
         shutil.copytree(trained_checkpoint, target)
     run1 = Path(ws.checkpoints("stage1", "20260101-000000-aaaa", "run.json"))
     run1.write_text(json.dumps({"status": "complete", "checkpoint": "local/step-00000001/model"}))
-    assert infer.choose_checkpoint(ws) == checkpoint
+    assert checkpoints.choose(ws) == checkpoint
     run2 = Path(ws.checkpoints("stage2", "20260102-000000-bbbb", "run.json"))
     run2.write_text(json.dumps({"status": "running", "checkpoint": "local/step-00000001/model"}))
-    assert infer.choose_checkpoint(ws) == checkpoint  # an unfinished stage-2 run is not used
+    assert checkpoints.choose(ws) == checkpoint  # an unfinished stage-2 run is not used
     run2.write_text(json.dumps({"status": "complete", "checkpoint": copy}))  # as an older ibllm wrote it: in full
-    assert infer.choose_checkpoint(ws) == copy
-    assert infer.choose_checkpoint(ws, copy) == copy
+    assert checkpoints.choose(ws) == copy
+    assert checkpoints.choose(ws, copy) == copy
 
 
 def test_cli_generate(trained: tuple[Config, dict[str, str], str], capfd: pytest.CaptureFixture[str]) -> None:
@@ -202,6 +205,30 @@ def test_cli_generate(trained: tuple[Config, dict[str, str], str], capfd: pytest
     assert main([*base, "--requests", str(batch), "--output", str(out)]) == 4  # nothing replaced without --force
     assert "add --force" in capfd.readouterr().err
     assert main([*base, "--requests", str(batch), "--output", str(out), "--force"]) == 7
+
+
+def test_infer_settings_are_the_defaults_of_generate(
+    trained: tuple[Config, dict[str, str], str], capfd: pytest.CaptureFixture[str]
+) -> None:
+    """`--set infer.temperature=...` and `infer.max_new_tokens` change what is generated; a request's own field wins."""
+    cfg, f, _ = trained
+    base = ["generate", "--workspace", cfg.workspace, "--set", f"model.tokenizer_path={cfg.model.tokenizer_path}",
+            "--image", f["jpg"], "--seed", "3", "--json"]  # fmt: skip
+
+    def answer(*args: str) -> str:
+        assert main([*base, *args]) == 0
+        return json.loads(capfd.readouterr().out)["answers"][0]["answer"]
+
+    greedy = answer("--set", "infer.temperature=0", "--set", "infer.max_new_tokens=12")
+    assert answer("--temperature", "0", "--max-new-tokens", "12") == greedy  # the flags are the same settings
+    tokenizer = load_tokenizer(cfg.model.tokenizer_path)
+    short = answer("--set", "infer.temperature=0", "--set", "infer.max_new_tokens=2")
+    assert len(tokenizer.encode(short, bos=False, eos=False)) <= 2 < len(tokenizer.encode(greedy, bos=False, eos=False))
+    assert greedy.startswith(short)
+    hot = {answer("--set", "infer.temperature=50", "--set", "infer.max_new_tokens=12", "--seed", s) for s in "123"}
+    assert hot != {greedy}  # sampling far from greedy: the setting reached the engine
+    assert main([*base, "--set", "infer.max_new_tokens=0"]) == 2
+    assert "infer.max_new_tokens: Input should be greater than 0" in capfd.readouterr().err
 
 
 def test_cli_generate_refuses_hostile_media(
@@ -243,7 +270,8 @@ def test_point_clouds_alone_mixed_and_with_the_cache(
     assert alone.answers[0].weights == {"point": 1.0} and isinstance(alone.answers[0].answer, str)
     same = infer.run(cfg, Request(point=[str(ply)], prompt="What is it?", **GREEDY)).answers[0]
     assert same.answer == alone.answers[0].answer
-    mixed = infer.run(cfg, Request(point=[str(ply)], image=[f["jpg"]], weights={"point": 0.5}, **GREEDY), cache=True)
+    cached = with_settings(cfg, {"infer.use_cache": True})
+    mixed = infer.run(cached, Request(point=[str(ply)], image=[f["jpg"]], weights={"point": 0.5}, **GREEDY))
     assert mixed.cache == cfg.index.name and mixed.answers[0].weights == {"image": 1.0, "point": 0.5}
     base = ["generate", "--workspace", cfg.workspace, "--set", f"model.tokenizer_path={cfg.model.tokenizer_path}"]
     opts = ["--temperature", "0", "--max-new-tokens", str(GREEDY["max_new_tokens"]), "--json"]

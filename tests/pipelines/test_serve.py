@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 import uvicorn
 
-from pipelines.config import Config
+from pipelines.config import Config, with_settings
 from pipelines.infer import stage as infer
-from pipelines.infer.inputs import Request
+from pipelines.runtime import loader
+from pipelines.runtime.inputs import Request
 from pipelines.serve import stage as serve
 from pipelines.serve.scheduler import QueueFull, Scheduler, Ticket
 from tests.pipelines.test_infer import trained  # noqa: F401 (the module's fixture)
@@ -42,7 +43,7 @@ def server(trained, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[
     cfg = cfg.model_copy(deep=True)
     cfg.serve.media_root = str(Path(f["jpg"]).parent)
     cfg.serve.slots, cfg.serve.max_queue, cfg.serve.max_body_mb = 2, 4, 1.0
-    served = serve.build(cfg, device="cpu", dtype="float32")
+    served = serve.build(with_settings(cfg, {"infer.device": "cpu", "infer.dtype": "float32"}))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     uv = uvicorn.Server(uvicorn.Config(served.app, log_level="warning"))
@@ -156,8 +157,8 @@ def test_the_queue_limit_answers_429_and_the_server_stays_healthy(server) -> Non
 
 def test_the_scheduler_holds_at_most_max_queue(trained) -> None:  # noqa: F811
     cfg, _, checkpoint = trained
-    answerer, _ = infer.load_answerer(cfg, checkpoint, need_encoder=False, use_cache=False, device="cpu",
-                                      dtype="float32", slots=1)  # fmt: skip
+    settings = {"infer.checkpoint": checkpoint, "infer.device": "cpu", "infer.dtype": "float32"}
+    answerer = loader.load(with_settings(cfg, settings), need_encoder=False, slots=1).answerer
     scheduler = Scheduler(answerer, max_queue=2)
     done = threading.Event()
     finished = []

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 
 from pipelines.infer import stage as infer
-from pipelines.infer.inputs import Request
+from pipelines.runtime.inputs import Request
 from tests.pipelines.test_infer import trained  # noqa: F401 (the served model's fixture)
 from tests.pipelines.test_serve import server  # noqa: F401 (the server on loopback)
 

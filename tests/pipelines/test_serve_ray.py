@@ -8,8 +8,9 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
+from pipelines.config import with_settings
 from pipelines.infer import stage as infer
-from pipelines.infer.inputs import Request
+from pipelines.runtime.inputs import Request
 from pipelines.serve import ray_app
 from tests.pipelines.test_infer import trained  # noqa: F401 (the module's fixture)
 
@@ -32,7 +33,8 @@ def test_two_replicas_answer_concurrent_requests(trained) -> None:  # noqa: F811
     prompts = ["Name a colour.", "What shape is it?", "Describe the picture.", "Name a shape."] * 2
     expected = [infer.run(cfg, Request(prompt=p, temperature=0.0, max_new_tokens=5)).answers[0].answer for p in prompts]
     try:
-        url = ray_app.start(cfg, checkpoint=checkpoint, device="cpu", dtype="float32")
+        on = {"infer.checkpoint": checkpoint, "infer.device": "cpu", "infer.dtype": "float32"}
+        url = ray_app.start(with_settings(cfg, on))
         status = serve.status().applications[ray_app.APP_NAME].deployments[ray_app.APP_NAME]
         assert status.replica_states.get("RUNNING") == 2
         body = lambda p: {"messages": [{"role": "user", "content": p}], "temperature": 0, "max_tokens": 5}  # noqa: E731

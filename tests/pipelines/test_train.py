@@ -17,6 +17,7 @@ import torch
 from model.llm.checkpoint import read_checkpoint
 from model.llm.phases import phase_parameters
 from model.llm.tokenizer import load_tokenizer
+from pipelines.config import with_settings
 from pipelines.errors import InputError
 from pipelines.train import stage as train
 from pipelines.train.data import CAPTION_PROMPT, Example, ExampleList, Plan, count_split, step_batches
@@ -80,7 +81,7 @@ KILLER = textwrap.dedent(
     import os, signal, sys
     from pipelines.train import stage as train
     from pipelines.train import loop as train_loop
-    from pipelines.config import Config
+    from pipelines.config import with_settings, Config
     cfg = Config.model_validate_json(open(sys.argv[1]).read())
     kill_at = int(sys.argv[2])
     original = train_loop.train
@@ -202,7 +203,8 @@ def test_evaluate_reports_held_out_loss_and_the_grounding_gap_into_the_catalog(t
                           cfg.train.holdout, "heldout")  # fmt: skip
     assert heldout % 5 != 0 and result.examples == heldout  # every held-out sample, the last partial batch too
     assert result.run_id == trained.run_id and result.stage == 1
-    as_stage2 = evaluate.run(cfg, 2, checkpoint=trained.checkpoint, batch_size=5)  # the checkpoint says stage 1
+    given = with_settings(cfg, {"infer.checkpoint": trained.checkpoint})
+    as_stage2 = evaluate.run(given, 2, batch_size=5)  # the checkpoint says stage 1
     assert as_stage2.stage == 1 and as_stage2.run_id == trained.run_id
     assert not (Path(cfg.workspace) / "checkpoints" / "stage2").exists()
     assert result.perplexity == pytest.approx(math.exp(result.loss))

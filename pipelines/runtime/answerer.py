@@ -16,7 +16,7 @@ from model.llm.model import CacheLookup, ImageBindLLM
 from model.llm.prompts import CAPTION_INSTRUCTION
 from model.llm.tokenizer import TextTokenizer
 from pipelines.errors import InputError
-from pipelines.infer.inputs import PointOptions, Request, check_request, weighted_embeddings
+from pipelines.runtime.inputs import PointOptions, Request, check_request, weighted_embeddings
 
 log = logging.getLogger(__name__)
 StreamCallback = Callable[[int, str], None]  # (index of the request, its answer so far)
@@ -26,12 +26,14 @@ StreamCallback = Callable[[int, str], None]  # (index of the request, its answer
 class Answerer:
     """The model's visual path, its tokenizer, the generation engine, and the encoder and cache when loaded.
 
-    `load_encoder` loads the encoder and cache on first need (a chat that starts with text only).
+    `load_encoder` loads the encoder and cache on first need (a chat that starts with text only); `defaults` is
+    the sampling of a request that gives none.
     """
 
     model: ImageBindLLM
     tokenizer: TextTokenizer
     engine: Engine
+    defaults: Sampling  # where a request gives none: the config's infer.* (runtime.loader.sampling_defaults)
     encoder: ImageBind | None
     cache: CacheLookup | None
     cache_t: float
@@ -63,8 +65,8 @@ class Answerer:
                                        cache=cache, cache_t=self.cache_t, cache_w=self.cache_w)  # fmt: skip
 
     def sampling(self, req: Request) -> Sampling:
-        """The request's sampling over the reference's defaults."""
-        base = Sampling()
+        """The request's sampling over the defaults (`infer.temperature`, `infer.top_p`, `infer.max_new_tokens`)."""
+        base = self.defaults
         return Sampling(
             temperature=base.temperature if req.temperature is None else req.temperature,
             top_p=base.top_p if req.top_p is None else req.top_p,

@@ -1,8 +1,9 @@
-"""Checkpoints loaded one way: our checkpoint on its base LLaMA (`from_pretrained`), with what its run recorded."""
+"""Which checkpoint answers, and loading it one way: our checkpoint on its base LLaMA, with what its run recorded."""
 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,9 +16,10 @@ from model.llm.tokenizer import TextTokenizer, load_tokenizer
 from pipelines import assets
 from pipelines.config import Config
 from pipelines.errors import InputError
-from pipelines.train.setup import model_folder
-from stores.runs import run_of
-from stores.workspace import Workspace
+from pipelines.paths import absolute, is_url
+from stores import registry
+from stores.runs import Runs, run_of
+from stores.workspace import OutsideWorkspace, Workspace
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,55 @@ class Trained:
     def encoder_id(self) -> str | None:
         """The ImageBind it was trained on, when recorded."""
         return self.recorded.get("encoder_id")
+
+
+def choose(ws: Workspace, given: str | None = None) -> str:
+    """The checkpoint to answer with: `given` (`infer.checkpoint`), else the registry's promoted stage-2 checkpoint
+    (the model in service), else the newest complete stage-2 run, else stage-1's."""
+    if given:
+        return resolve(ws, given)
+    try:
+        in_service = registry.promoted(ws)
+    except OutsideWorkspace as e:  # a copied workspace whose promoted model was not copied with it
+        log.warning("the promoted model is not in this workspace (%s): using the newest complete run", e)
+        in_service = None
+    if in_service is not None:
+        if "://" in in_service.stage2_checkpoint or os.path.isdir(in_service.stage2_checkpoint):
+            return in_service.stage2_checkpoint
+        log.warning("the promoted checkpoint %s is gone: using the newest complete run", in_service.stage2_checkpoint)
+    for stage in (2, 1):
+        found = Runs.of_stage(ws, stage).newest_complete()
+        if found:
+            return found
+    raise InputError(f"no trained checkpoint in {ws.url()}: run `ibllm train --stage 1` first (or give --checkpoint)")
+
+
+def resolve(ws: Workspace, given: str) -> str:
+    """A checkpoint path a user typed: as given (an URL, or found from the current directory), else relative to the
+    workspace. A training run's folder stands for its newest checkpoint, a stage's folder (`checkpoints/stage2`) for
+    its newest complete run's. Raises InputError saying where it looked."""
+    if is_url(given):
+        return given
+    tried = [absolute(given)]
+    if ws.is_local and not os.path.isabs(os.path.expanduser(given)):
+        tried.append(ws.path(given))
+    for path in tried:
+        if os.path.isdir(path):
+            folder = Workspace(path)
+            return _run_checkpoint(path) or Runs(folder, folder.base).newest_complete() or path
+    raise InputError(f"checkpoint not found: looked for {' and '.join(tried)}")
+
+
+def _run_checkpoint(folder: str) -> str | None:
+    """The checkpoint a run folder (`checkpoints/stage<N>/<run_id>/`) records as its newest, else None."""
+    parent, run_id = os.path.split(folder.rstrip("/"))
+    return Runs(Workspace(parent), parent).checkpoint_of(run_id)
+
+
+def model_folder(local: str) -> str:
+    """The folder of a checkpoint's files: the folder itself, or a run's step folder's `model/`."""
+    nested = os.path.join(local, "model")
+    return nested if not os.path.isfile(os.path.join(local, "config.json")) and os.path.isdir(nested) else local
 
 
 def inspect(cfg: Config, ws: Workspace, checkpoint: str) -> Trained:
