@@ -1,11 +1,10 @@
-"""Prefect artifacts of the stages: the curation funnel, the report summary, training metrics, held-out checks."""
+"""Prefect artifacts of the stages: the curation funnel, the report summary, training metrics, evaluations."""
 
 from __future__ import annotations
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from pipelines.curate.stage import CurateResult
-from pipelines.demo.check import DemoCheck
 from pipelines.evaluate.benchmark import BenchmarkResult
 from pipelines.evaluate.stage import EvalResult
 from pipelines.evaluate.zeroshot import ZeroShotResult
@@ -50,9 +49,3 @@ def benchmark(result: BenchmarkResult | ZeroShotResult) -> None:
     name = result.benchmark if isinstance(result, BenchmarkResult) else f"zeroshot-{result.kind}"
     create_markdown_artifact(f"# {name}\n\n```\n{result.summary()}\n```", key="benchmark",
                              description="benchmark scores; the HTML report is in the workspace")  # fmt: skip
-
-
-def demo_check(result: DemoCheck) -> None:
-    """What the model said about held-out images, as markdown."""
-    create_markdown_artifact("# Held-out images\n\n```\n" + result.summary() + "\n```", key="demo-check",
-                             description="Colour named in held-out captions, true vs shuffled features")  # fmt: skip

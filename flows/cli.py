@@ -33,13 +33,11 @@ def cmd_config(cfg: Config, args: argparse.Namespace) -> Config:
 
 def cmd_synthetic(cfg: Config, args: argparse.Namespace) -> BaseModel:
     """Write the synthetic source, check what the server answers, and optionally keep serving."""
-    from pipelines.demo import synthetic
-    from pipelines.demo.synthetic_server import server_for
+    from flows.demo_hook import prepared
 
-    with server_for(cfg) as server:
-        result = synthetic.run(cfg, server.base_url, force=args.force)
+    with prepared(cfg, "synthetic", force=args.force) as result:
         if args.serve:
-            _wait_for_interrupt(f"serving {server.base_url} until interrupted (Ctrl-C)")
+            _wait_for_interrupt(f"serving {result.base_url} until interrupted (Ctrl-C)")
     return result
 
 
@@ -59,20 +57,20 @@ def cmd_curate(cfg: Config, args: argparse.Namespace) -> BaseModel:
 
 def cmd_download(cfg: Config, args: argparse.Namespace) -> BaseModel:
     """Download the curated url lists into webdataset shards with img2dataset (resumable)."""
-    from pipelines.demo.synthetic_server import serving
+    from flows.demo_hook import prepared
     from pipelines.download import stage as download
 
-    with serving(cfg):
+    with prepared(cfg, "download"):  # the demo's synthetic source is served meanwhile
         return download.run(cfg, force=args.force, retry_failed=args.retry_failed)
 
 
 def cmd_extract(cfg: Config, args: argparse.Namespace) -> BaseModel:
     """Compute ImageBind image and text features of every downloaded shard into Parquet (Ray, resumable)."""
-    from pipelines.demo.setup import prepare_extraction
+    from flows.demo_hook import prepared
     from pipelines.extract import stage as extract
 
-    prepare_extraction(cfg)  # the demo's vocabulary, when none is configured
-    return extract.run(cfg, force=args.force)
+    with prepared(cfg, "extract"):  # the demo's vocabulary, when none is configured
+        return extract.run(cfg, force=args.force)
 
 
 def cmd_index(cfg: Config, args: argparse.Namespace) -> BaseModel:
@@ -105,18 +103,19 @@ def cmd_demo(cfg: Config, args: argparse.Namespace) -> BaseModel:
 
 def cmd_train(cfg: Config, args: argparse.Namespace) -> BaseModel:
     """Train stage 1 (bind network, gates, prefix) or stage 2 (LoRA, biases, norms) on cached features."""
-    from pipelines.demo.setup import prepare_training
+    from flows.demo_hook import prepared
     from pipelines.train import stage as train
 
-    prepare_training(cfg, args.stage)
-    return train.run(cfg, args.stage, resume=args.resume, local=args.local, max_steps=args.max_steps)
+    with prepared(cfg, "train", train_stage=args.stage):  # the demo's stage 0 and conversations, when missing
+        return train.run(cfg, args.stage, resume=args.resume, local=args.local, max_steps=args.max_steps)
 
 
 def cmd_base(cfg: Config, args: argparse.Namespace) -> BaseModel:
     """Stage 0 of the demo: train its small base LLaMA and tokenizer on the synthetic language (once)."""
-    from pipelines.demo import base_lm
+    from flows.demo_hook import prepared
 
-    return base_lm.run(cfg, force=args.force)
+    with prepared(cfg, "base", force=args.force) as result:
+        return result
 
 
 def cmd_evaluate(cfg: Config, args: argparse.Namespace) -> BaseModel:

@@ -1,18 +1,20 @@
-"""The end-to-end `pipeline` flow: every stage in order; on the demo config it ends by checking what the model sees."""
+"""The end-to-end `pipeline` flow: every stage in order; on the demo config, with the demo's own steps and checks."""
 
 from __future__ import annotations
 
 from prefect import flow
+from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel
 
 from flows import artifacts
 from flows.stages import CurationResult, curate_flow, evaluate_flow, extract_flow, index_flow, report_flow, train_flow
-from flows.tasks import ask_task, base_task, check_task, demo_mme_task, instructions_task
+from flows.tasks import HOUR, stage_task
 from pipelines.config import Config, resolve_config
 from pipelines.demo import ask as demo_ask
 from pipelines.demo import base_lm
 from pipelines.demo import check as demo_check
 from pipelines.demo import data as demo_data
+from pipelines.demo import mme as demo_mme
 from pipelines.evaluate import stage as evaluate
 from pipelines.evaluate.benchmark import BenchmarkResult
 from pipelines.extract import stage as extract
@@ -101,6 +103,45 @@ class PipelineResult(BaseModel):
         return "\n".join(f"{name:<10} {text}" for name, text in rows)
 
 
+@stage_task(name="base-llama", retries=1, timeout_seconds=6 * HOUR)
+def base_task(cfg: Config, force: bool = False) -> base_lm.BaseLMResult:
+    """Stage 0 (demo only): the base language model and tokenizer."""
+    return base_lm.run(cfg, force=force)
+
+
+@stage_task(name="instructions", timeout_seconds=2 * HOUR)
+def instructions_task(cfg: Config) -> demo_data.InstructionsResult:
+    """Generate the demo's stage-2 conversations about the training images."""
+    return demo_data.run(cfg)
+
+
+@stage_task(name="demo-mme", timeout_seconds=2 * HOUR)
+def demo_mme_task(cfg: Config, checkpoint: str) -> BenchmarkResult:
+    """The demo's small MME (synthetic pictures, yes/no questions) asked of the stage-2 model."""
+    return demo_mme.run(cfg, checkpoint)
+
+
+@stage_task(name="demo-check", timeout_seconds=2 * HOUR)
+def check_task(cfg: Config, stage1: str, stage2: str) -> demo_check.DemoCheck:
+    """Caption held-out images and answer the colour question about them."""
+    return demo_check.run(cfg, stage1, stage2)
+
+
+@stage_task(name="demo-ask", timeout_seconds=HOUR)
+def ask_task(cfg: Config, checkpoint: str) -> demo_ask.DemoAnswers:
+    """Ask about a held-out picture and an audio clip, with and without the visual cache."""
+    return demo_ask.run(cfg, checkpoint)
+
+
+def check_artifact(result: demo_check.DemoCheck) -> None:
+    """What the model said about held-out images, as markdown."""
+    create_markdown_artifact(
+        "# Held-out images\n\n```\n" + result.summary() + "\n```",
+        key="demo-check",
+        description="Colour named in held-out captions, true vs shuffled features",
+    )
+
+
 @flow(name="ibllm-pipeline", log_prints=True)
 def pipeline_flow(
     config: Config | str | None = None, overrides: list[str] | None = None, force: bool = False
@@ -113,14 +154,14 @@ def pipeline_flow(
     idx = index_flow(cfg, force=force)
     rep = report_flow(cfg)
     base = base_task(cfg, force=force) if demo else None
-    s1 = train_flow(cfg, stage=1, demo_inputs=False)
+    s1 = train_flow(cfg, stage=1)  # its demo hook finds stage 0 made above
     ins = instructions_task(cfg) if demo and not cfg.train.stage2.data else None
-    s2 = train_flow(cfg, stage=2, init=s1.checkpoint, demo_inputs=False)
+    s2 = train_flow(cfg, stage=2, init=s1.checkpoint)  # and these conversations
     ev = evaluate_flow(cfg, stage=1, checkpoint=s1.checkpoint)
     check = answers = mme = None
     if demo:
         check = check_task(cfg, s1.checkpoint, s2.checkpoint)
-        artifacts.demo_check(check)  # the check's examples and the answers: in the result (and its summary)
+        check_artifact(check)  # the check's examples and the answers: in the result (and its summary)
         answers = ask_task(cfg, s2.checkpoint)
         mme = demo_mme_task(cfg, s2.checkpoint)
         artifacts.benchmark(mme)

@@ -8,12 +8,12 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.deployments.runner import RunnerDeployment
 from prefect.schedules import Cron
-from pydantic import BaseModel
+from pydantic import BaseModel, SerializeAsAny
 
 from flows import artifacts
+from flows.demo_hook import prepared
 from flows.tasks import DAY, HOUR, extract_task, index_task, stage_task
 from pipelines.config import Config, resolve_config
-from pipelines.demo.setup import RetrainInputs, retrain_inputs
 from pipelines.extract.stage import ExtractResult
 from pipelines.index.stage import IndexResult
 from pipelines.retrain import stage as retrain
@@ -27,7 +27,7 @@ class RetrainResult(BaseModel):
     plan: retrain.RetrainPlan
     extract: ExtractResult | None = None
     index: IndexResult | None = None
-    inputs: RetrainInputs | None = None
+    inputs: SerializeAsAny[BaseModel] | None = None  # the demo's base and instructions (its RetrainInputs)
     stage1: TrainResult | None = None
     stage2: TrainResult | None = None
     decision: Decision | None = None
@@ -54,9 +54,10 @@ def plan_task(cfg: Config, force: bool = False) -> retrain.RetrainPlan:
 
 
 @stage_task(name="retrain-inputs", retries=1, timeout_seconds=6 * HOUR)
-def inputs_task(cfg: Config) -> RetrainInputs:
-    """The demo's own base model and instructions, when the config asks for them."""
-    return retrain_inputs(cfg)
+def inputs_task(cfg: Config) -> BaseModel | None:
+    """The demo's own base model and instructions, on the demo configuration (else None)."""
+    with prepared(cfg, "retrain") as made:
+        return made
 
 
 @stage_task(name="retrain-train", task_run_name="retrain-stage{stage}", retries=1, retry_delay_seconds=10,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 
@@ -10,9 +9,10 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "pipelines,stores,model")
 
 from prefect import flow, get_run_logger
-from pydantic import BaseModel
+from pydantic import BaseModel, SerializeAsAny
 
 from flows import artifacts
+from flows.demo_hook import prepared
 from flows.tasks import (
     benchmark_task,
     curate_task,
@@ -27,9 +27,6 @@ from flows.tasks import (
 )
 from pipelines.config import Config, resolve_config, with_settings
 from pipelines.curate import stage as curate
-from pipelines.demo import synthetic
-from pipelines.demo.setup import prepare_training
-from pipelines.demo.synthetic_server import server_for
 from pipelines.download import stage as download
 from pipelines.evaluate import stage as evaluate
 from pipelines.extract import stage as extract
@@ -44,7 +41,7 @@ ConfigParam = Config | str | None
 class CurationResult(BaseModel):
     """The data stages up to webdataset shards."""
 
-    synthetic: synthetic.SyntheticResult | None
+    synthetic: SerializeAsAny[BaseModel] | None  # the demo's synthetic source (its SyntheticResult)
     ingest: ingest.IngestResult
     curate: curate.CurateResult
     download: download.DownloadResult
@@ -55,8 +52,7 @@ def curate_flow(config: ConfigParam = None, overrides: list[str] | None = None, 
     """Ingest, curate and download every source (the synthetic one is generated and served on loopback first)."""
     logger = get_run_logger()
     cfg = resolve_config(config, overrides)
-    has_synthetic = any(s.format == "synthetic" for s in cfg.sources)
-    with server_for(cfg) if has_synthetic else contextlib.nullcontext() as server:
+    with prepared(cfg, "curation") as server:  # the demo's server, for the synthetic source written below
         syn = None
         if server is not None:
             syn = synthetic_task(cfg, server.base_url, force=force)
@@ -108,13 +104,11 @@ def train_flow(
     stage: int = 1,
     init: str | None = None,
     resume: bool = False,
-    demo_inputs: bool = True,
 ) -> train.TrainResult:
     """Train stage 1 or 2 (stage 2 from `init`, default the newest stage-1 run); the loss curve as an artifact."""
     cfg = resolve_config(config, overrides)
-    if demo_inputs:  # the demo's base and conversations, when nothing else is configured
-        prepare_training(cfg, stage)
-    result = train_task(cfg, stage, init=init, resume=resume)
+    with prepared(cfg, "train", train_stage=stage):  # the demo's stage 0 and conversations, when missing
+        result = train_task(cfg, stage, init=init, resume=resume)
     artifacts.training(result)
     get_run_logger().info("%s", result.summary())
     return result

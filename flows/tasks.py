@@ -8,17 +8,12 @@ from typing import Any
 from prefect import task
 from pydantic import BaseModel
 
+from flows.demo_hook import prepared
 from pipelines.apps import imagine
 from pipelines.apps.ground import Grounder, GroundOptions
 from pipelines.config import Config, ConfigError
 from pipelines.config.names import ZERO_SHOT
 from pipelines.curate import stage as curate
-from pipelines.demo import ask as demo_ask
-from pipelines.demo import base_lm, synthetic
-from pipelines.demo import check as demo_check
-from pipelines.demo import data as demo_data
-from pipelines.demo import mme as demo_mme
-from pipelines.demo.setup import prepare_extraction
 from pipelines.download import stage as download
 from pipelines.errors import InputError
 from pipelines.evaluate import benchmark as bench
@@ -53,9 +48,10 @@ stage_task = functools.partial(task, retry_condition_fn=worth_retrying)  # a tas
 
 
 @stage_task(name="synthetic", retries=1, timeout_seconds=HOUR)
-def synthetic_task(cfg: Config, base_url: str, force: bool = False) -> synthetic.SyntheticResult:
-    """Write the synthetic source for the running server and check what it serves."""
-    return synthetic.run(cfg, base_url, force=force)
+def synthetic_task(cfg: Config, base_url: str, force: bool = False) -> BaseModel:
+    """Write the demo's synthetic source for the running server and check what it serves."""
+    with prepared(cfg, "synthetic", base_url=base_url, force=force) as result:
+        return result
 
 
 @stage_task(name="ingest", retries=1, timeout_seconds=6 * HOUR)
@@ -80,8 +76,8 @@ def download_source_task(cfg: Config, source: str, force: bool = False) -> downl
 @stage_task(name="extract", retries=2, retry_delay_seconds=10, timeout_seconds=14 * DAY)
 def extract_task(cfg: Config, force: bool = False) -> extract.ExtractResult:
     """ImageBind features of every downloaded shard; a retry redoes only the shards not yet committed."""
-    prepare_extraction(cfg)
-    return extract.run(cfg, force=force)
+    with prepared(cfg, "extract"):  # the demo's vocabulary, when none is configured
+        return extract.run(cfg, force=force)
 
 
 @stage_task(name="index", retries=1, timeout_seconds=DAY)
@@ -96,24 +92,12 @@ def report_task(cfg: Config) -> report.ReportResult:
     return report.run(cfg)
 
 
-@stage_task(name="base-llama", retries=1, timeout_seconds=6 * HOUR)
-def base_task(cfg: Config, force: bool = False) -> base_lm.BaseLMResult:
-    """Stage 0 (demo only): the base language model and tokenizer."""
-    return base_lm.run(cfg, force=force)
-
-
 @stage_task(
     name="train", task_run_name="train-stage{stage}", retries=1, retry_delay_seconds=10, timeout_seconds=30 * DAY
 )
 def train_task(cfg: Config, stage: int, init: str | None = None, resume: bool = False) -> train.TrainResult:
     """Train a stage; a run of the same inputs and settings is reused when complete and continued when not."""
     return train.run(cfg, stage, resume=resume, reuse=not resume, init=init)
-
-
-@stage_task(name="instructions", timeout_seconds=2 * HOUR)
-def instructions_task(cfg: Config) -> demo_data.InstructionsResult:
-    """Generate the demo's stage-2 conversations about the training images."""
-    return demo_data.run(cfg)
 
 
 @stage_task(name="evaluate", task_run_name="evaluate-stage{stage}", retries=1, timeout_seconds=DAY)
@@ -136,24 +120,6 @@ def benchmark_task(
     if benchmark in ZERO_SHOT:
         return zeroshot_stage.run(cfg, ZERO_SHOT[benchmark], data, limit=limit)
     return bench.run(cfg, benchmark, data, limit=limit, subtasks=subtasks, images=images)
-
-
-@stage_task(name="demo-mme", timeout_seconds=2 * HOUR)
-def demo_mme_task(cfg: Config, checkpoint: str) -> bench.BenchmarkResult:
-    """The demo's small MME (synthetic pictures, yes/no questions) asked of the stage-2 model."""
-    return demo_mme.run(cfg, checkpoint)
-
-
-@stage_task(name="demo-check", timeout_seconds=2 * HOUR)
-def check_task(cfg: Config, stage1: str, stage2: str) -> demo_check.DemoCheck:
-    """Caption held-out images and answer the colour question about them."""
-    return demo_check.run(cfg, stage1, stage2)
-
-
-@stage_task(name="demo-ask", timeout_seconds=HOUR)
-def ask_task(cfg: Config, checkpoint: str) -> demo_ask.DemoAnswers:
-    """Ask about a held-out picture and an audio clip, with and without the visual cache."""
-    return demo_ask.run(cfg, checkpoint)
 
 
 @stage_task(name="imagine", retries=1, timeout_seconds=DAY)

@@ -89,7 +89,7 @@ def clip_vocab_bytes(cfg: Config, ws: Workspace) -> bytes:
     path = ws.path(*DEMO_VOCAB)
     if not ws.exists(path):
         raise InputError(f"model.imagebind_vocab is not set and the demo's vocabulary {ws.as_url(path)} is not "
-                         "there: set model.imagebind_vocab (`ibllm extract` learns one for small presets)")  # fmt: skip
+                         "there: set model.imagebind_vocab (on the demo, `ibllm extract` learns one)")  # fmt: skip
     return ws.read_bytes(path)
 
 

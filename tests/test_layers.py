@@ -46,17 +46,24 @@ def test_extraction_readers_load_no_torch() -> None:
     assert out.stdout.strip() == "False"
 
 
+DEMO_CALLERS = ("flows/demo_hook.py", "flows/pipeline.py")  # the demo hook's one call site, and the demo flow
+
+
+def demo_imports(path: Path) -> list[str]:
+    """The pipelines.demo modules a file imports (at the top or inside a function)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    found |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    return sorted(m for m in found if m == "pipelines.demo" or m.startswith("pipelines.demo."))
+
+
 def test_no_production_stage_imports_the_demo() -> None:
     """The demo's modules (pipelines/demo/) are called by flows and the CLI, never by a production stage."""
     bad = {}
     for path in sorted((ROOT / "pipelines").rglob("*.py")):
         if path.parent.name == "demo":
             continue
-        tree = ast.parse(path.read_text(), filename=str(path))
-        found = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
-        found |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-        demo = sorted(m for m in found if m == "pipelines.demo" or m.startswith("pipelines.demo."))
-        if demo:
+        if demo := demo_imports(path):
             bad[str(path.relative_to(ROOT))] = demo
     assert bad == {}
 
@@ -104,3 +111,10 @@ def test_the_config_imports_no_stage() -> None:
         if hits:
             bad[str(path.relative_to(ROOT))] = hits
     assert bad == {}
+
+
+def test_flows_reach_the_demo_from_two_places() -> None:
+    """Flows, tasks and the CLI call stages only: pipelines.demo is imported by the demo hook's one call site
+    (flows/demo_hook.py) and the demo flow (flows/pipeline.py), nowhere else in flows/."""
+    callers = {str(p.relative_to(ROOT)) for p in sorted((ROOT / "flows").rglob("*.py")) if demo_imports(p)}
+    assert callers == set(DEMO_CALLERS)

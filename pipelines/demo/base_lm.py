@@ -103,6 +103,13 @@ def run(cfg: Config, force: bool = False) -> BaseLMResult:
     return BaseLMResult(path=out, trained=True, **result)
 
 
+def up_to_date(cfg: Config) -> bool:
+    """True when the workspace holds a base made with the config's stage-0 settings (`run` would do nothing)."""
+    ws = Workspace(cfg.workspace, cfg.storage_options)
+    done = _read_record(ws, ws.checkpoints(*BASE_DIR))
+    return cfg.train.stage0 is not None and done is not None and done.get("fingerprint") == _fingerprint(cfg)
+
+
 def _train(model: LlamaForCausalLM, encoded: list[list[int]], steps: int, batch_size: int, lr: float,
            weight_decay: float, seed: int, pad_id: int) -> list[float]:  # fmt: skip
     """Next-token loss on every token, AdamW, 5% warm-up then cosine; returns the loss of every step."""

@@ -38,6 +38,27 @@ class InstructionsResult(BaseModel):
 def run(cfg: Config) -> InstructionsResult:
     """Write `instructions/synthetic.json` for the training split of stage 1's features (held-out images never)."""
     ws = Workspace(cfg.workspace, cfg.storage_options)
+    records, captions = _conversations(cfg, ws)
+    path = ws.path(*DEMO_INSTRUCTIONS)
+    data = _encode(records)
+    if not ws.exists(path) or ws.read_bytes(path) != data:
+        ws.write_bytes(path, data)
+    per = TURNS if cfg.train.stage2.conversation == "turns" else 1  # first, whole: one each
+    samples = len(records) * per
+    log.info("demo instructions: %d images, %d samples -> %s", len(records), samples, path)
+    return InstructionsResult(path=ws.as_url(path), images=len(records), samples=samples,
+                              skipped=captions - len(records))  # fmt: skip
+
+
+def up_to_date(cfg: Config) -> bool:
+    """True when `instructions/synthetic.json` holds the conversations of the current training images."""
+    ws = Workspace(cfg.workspace, cfg.storage_options)
+    path = ws.path(*DEMO_INSTRUCTIONS)
+    return ws.exists(path) and ws.read_bytes(path) == _encode(_conversations(cfg, ws)[0])
+
+
+def _conversations(cfg: Config, ws: Workspace) -> tuple[list[dict], int]:
+    """The conversations about stage 1's training images, and how many captions were read."""
     encoder_id = encoder_id_for(cfg.model.imagebind, cfg.model.imagebind_checkpoint, cfg.seed)
     rows: list[tuple[str, str]] = []
     for part in stage1_features(cfg, ws, encoder_id):
@@ -45,13 +66,8 @@ def run(cfg: Config) -> InstructionsResult:
         for uid, url, caption in zip(cols["uid"], cols["url"], cols["caption"], strict=True):
             if not is_heldout(uid, cfg.train.holdout):
                 rows.append((image_key(url), caption))
-    records = demo_text.conversations(sorted(rows))
-    path = ws.path(*DEMO_INSTRUCTIONS)
-    data = json.dumps(records, indent=0).encode()
-    if not ws.exists(path) or ws.read_bytes(path) != data:
-        ws.write_bytes(path, data)
-    per = TURNS if cfg.train.stage2.conversation == "turns" else 1  # first, whole: one each
-    samples = len(records) * per
-    log.info("demo instructions: %d images, %d samples -> %s", len(records), samples, path)
-    return InstructionsResult(path=ws.as_url(path), images=len(records), samples=samples,
-                              skipped=len(rows) - len(records))  # fmt: skip
+    return demo_text.conversations(sorted(rows)), len(rows)
+
+
+def _encode(records: list[dict]) -> bytes:
+    return json.dumps(records, indent=0).encode()

@@ -1,11 +1,11 @@
-"""The demo's own inputs of a stage, made when missing: its CLIP vocabulary, base LLaMA (stage 0) and conversations."""
+"""The demo's own inputs of training and retraining, made when missing: its base LLaMA (stage 0) and conversations."""
 
 from __future__ import annotations
 
 from pydantic import BaseModel
 
 from pipelines.config import Config
-from pipelines.demo import base_lm, vocab
+from pipelines.demo import base_lm
 from pipelines.demo import data as demo_data
 from pipelines.demo.base_lm import BaseLMResult
 from pipelines.demo.data import InstructionsResult
@@ -17,17 +17,13 @@ def needs_demo_base(cfg: Config) -> bool:
 
 
 def prepare_training(cfg: Config, stage: int) -> None:
-    """Before `train --stage N` on the demo configuration: stage 0's base (up to date: nothing to do) and, for
-    stage 2 without `train.stage2.data`, the generated conversations about the training images."""
-    if needs_demo_base(cfg):
+    """Before `train --stage N` on the demo configuration: stage 0's base and, for stage 2 without
+    `train.stage2.data`, the generated conversations about the training images, each made only when missing or out
+    of date (quietly nothing when both are current, as after the demo flow's own steps)."""
+    if needs_demo_base(cfg) and not base_lm.up_to_date(cfg):
         base_lm.run(cfg)  # logs what it did
-    if stage == 2 and cfg.train.stage0 is not None and not cfg.train.stage2.data:
+    if stage == 2 and cfg.train.stage0 is not None and not cfg.train.stage2.data and not demo_data.up_to_date(cfg):
         demo_data.run(cfg)
-
-
-def prepare_extraction(cfg: Config) -> None:
-    """Before `extract` without `model.imagebind_vocab` on a small preset: the vocabulary learned from the captions."""
-    vocab.learn(cfg)
 
 
 class RetrainInputs(BaseModel):
