@@ -20,7 +20,7 @@ from model.llm.tokenizer import load_tokenizer
 from pipelines.errors import InputError
 from pipelines.train import stage as train
 from pipelines.train.data import CAPTION_PROMPT, Example, ExampleList, Plan, count_split, step_batches
-from pipelines.train.loop import Hyper, lr_at
+from pipelines.train.schedule import Hyper, lr_at
 from pipelines.train.setup import build_model, resolve_job
 from stores.workspace import Workspace
 from tests.pipelines.train_fixture import train_config

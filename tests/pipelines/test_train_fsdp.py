@@ -21,8 +21,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from model.llm.checkpoint import from_pretrained, read_checkpoint
-from pipelines.train.loop import MODEL_DIR, STATE_FILE, Hyper, shard_model, train
+from pipelines.train.loop import train
+from pipelines.train.parallel import shard_model
+from pipelines.train.schedule import Hyper
 from pipelines.train.setup import Job, build_batches, build_model, resolve_job
+from pipelines.train.state import MODEL_DIR, STATE_FILE
 from stores.workspace import Workspace
 from tests.pipelines.train_fixture import train_config
 
