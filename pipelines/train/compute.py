@@ -9,6 +9,7 @@ import torch
 
 from model.llm.model import LOSS_CHUNK, ImageBindLLM
 from model.llm.phases import phase_parameters
+from pipelines.config import TrainConfig
 from pipelines.errors import InputError
 from pipelines.train.loss import fused_cross_entropy
 
@@ -23,6 +24,11 @@ class Compute:
     fused_kernels: str = "auto"  # auto: Liger-Kernel's fused linear cross-entropy where importable on CUDA; off
     activation_checkpointing: bool = False  # recompute each decoder layer in backward
     loss_chunk: int = LOSS_CHUNK  # rows of logits at a time in the summed loss
+
+    @classmethod
+    def of(cls, train: TrainConfig) -> Compute:
+        """The training section's settings (the loss chunk stays the model's default)."""
+        return cls(train.base_dtype, train.fused_kernels, train.activation_checkpointing)
 
 
 def base_dtype(setting: str, device: torch.device) -> torch.dtype:

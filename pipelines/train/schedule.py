@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from model.llm.phases import decay_groups
+from pipelines.config import StageConfig
 
 
 @dataclass
@@ -22,6 +23,18 @@ class Hyper:
     total_steps: int
     clip_grad: float | None = None
     betas: tuple[float, float] = (0.9, 0.95)
+
+    @classmethod
+    def of(cls, settings: StageConfig, steps_per_epoch: int) -> Hyper:
+        """A stage's settings over a run of `steps_per_epoch` steps an epoch: its warm-up and length in steps."""
+        return cls(
+            lr=settings.lr,
+            min_lr=settings.min_lr,
+            weight_decay=settings.weight_decay,
+            warmup_steps=round(settings.warmup_epochs * steps_per_epoch),
+            total_steps=max(1, math.ceil(settings.epochs * steps_per_epoch)),
+            clip_grad=settings.clip_grad,
+        )
 
 
 def lr_at(step: int, h: Hyper) -> float:

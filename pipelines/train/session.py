@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from pipelines import assets
+from pipelines.train.job import Job
 from pipelines.train.parallel import shard_model
-from pipelines.train.setup import Job
 from stores.runs import PROGRESS_FILE, Runs
 from stores.workspace import Workspace
 
@@ -65,11 +65,11 @@ class LocalSession:
 
     def __init__(self, ws: Workspace, job: Job, resume: str | None) -> None:
         self.ws, self.job, self._resume = ws, job, resume
-        self.device = torch.device("cuda" if job.use_gpu and torch.cuda.is_available() else "cpu")
+        self.device = torch.device("cuda" if job.settings.use_gpu and torch.cuda.is_available() else "cpu")
         self.pointer = _Pointer(ws, job)
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
-        if self.job.parallel == "fsdp":
+        if self.job.settings.parallel == "fsdp":
             log.info("parallel: fsdp is ignored by a local run (one worker: nothing to shard)")
         return model
 
@@ -108,10 +108,10 @@ class RaySession:
         import ray.train.torch
 
         if self.world == 1:
-            if self.job.parallel == "fsdp":
+            if self.job.settings.parallel == "fsdp":
                 log.info("parallel: fsdp is ignored with one worker (nothing to shard)")
             return model
-        if self.job.parallel == "fsdp":
+        if self.job.settings.parallel == "fsdp":
             if self.rank == 0:
                 log.info(
                     "parallel: fsdp, each decoder layer and the rest of the model sharded over %d workers", self.world

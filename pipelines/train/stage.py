@@ -8,7 +8,7 @@ import logging
 import posixpath
 import secrets
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -19,10 +19,10 @@ from pipelines.config import Config, StageConfig
 from pipelines.console import interval, polling
 from pipelines.errors import InputError
 from pipelines.train.compute import Compute
+from pipelines.train.job import Job
 from pipelines.train.loop import train
-from pipelines.train.schedule import Hyper
 from pipelines.train.session import LocalSession, RaySession
-from pipelines.train.setup import Job, build_batches, build_model, resolve_job
+from pipelines.train.setup import build_batches, build_model, resolve_job
 from pipelines.train.state import MODEL_DIR
 from stores.lease import lease
 from stores.runs import PROGRESS_FILE, RunRecord, Runs
@@ -85,7 +85,7 @@ def run(
     run_id = run_id or time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
     job = resolve_job(cfg, ws, stage, run_id, max_steps, init=init)
     if reuse and not resume:
-        same = runs.same_inputs(asdict(job))
+        same = runs.same_inputs(job.record())
         if same is not None and same[1] == "complete":
             log.info("stage %d: run %s was made from the same inputs and settings; reusing it", stage, same[0])
             return _result(ws, replace(job, run_id=same[0]), sc.workers, None, 0.0)
@@ -93,28 +93,28 @@ def run(
             log.info("stage %d: continuing the unfinished run %s of the same inputs and settings", stage, same[0])
             run_id, job = same[0], replace(job, run_id=same[0])
     with lease(ws, "train", f"stage{stage}.{run_id}"):  # a run continued by two commands at once is refused
-        return _attempt(cfg, ws, job, sc, local, start)
+        return _attempt(cfg, ws, job, local, start)
 
 
-def _attempt(cfg: Config, ws: Workspace, job: Job, sc: StageConfig, local: bool, start: float) -> TrainResult:
+def _attempt(cfg: Config, ws: Workspace, job: Job, local: bool, start: float) -> TrainResult:
     """One attempt of a run (its record says how many came before), under the run's lease."""
-    stage, run_id, runs = job.stage, job.run_id, Runs.of_stage(ws, job.stage)
+    stage, run_id, runs, sc = job.stage, job.run_id, Runs.of_stage(ws, job.stage), job.settings
     latest = runs.latest(run_id)
     resumed_from = latest.step if latest else None
     resume = latest.path if latest else None
-    attempt = runs.start(run_id, asdict(job))
+    attempt = runs.start(run_id, job.record())
     log.info("stage %d run %s (attempt %d): %d steps, %d examples per step, %d worker(s)%s", stage, run_id, attempt,
              job.total_steps, sc.global_batch_size, 1 if local else sc.workers,
              f", resuming at step {resumed_from}" if resumed_from else "")  # fmt: skip
     if local:
-        worker_main(asdict(job) | {"session": "local", "resume": resume})
+        worker_main({"job": job, "session": "local", "resume": resume})
     else:
-        _fit_with_ray(cfg, job, sc, attempt, resume)
+        _fit_with_ray(cfg, job, attempt, resume)
     result = _result(ws, job, 1 if local else sc.workers, resumed_from, time.perf_counter() - start)
     if result is None:
         raise RuntimeError(f"stage {stage} run {run_id} ended without a checkpoint")
     status = "complete" if result.steps >= min(job.total_steps, job.max_steps or job.total_steps) else "stopped"
-    runs.finish(run_id, RunRecord(status=status, attempts=attempt, job=asdict(job), steps=result.steps,
+    runs.finish(run_id, RunRecord(status=status, attempts=attempt, job=job.record(), steps=result.steps,
                                   final_loss=result.final_loss), result.checkpoint)  # fmt: skip
     return result
 
@@ -133,17 +133,17 @@ def _result(ws: Workspace, job: Job, workers: int, resumed_from: int | None, sec
     )  # fmt: skip
 
 
-def _fit_with_ray(cfg: Config, job: Job, sc: StageConfig, attempt: int, resume: str | None) -> None:
+def _fit_with_ray(cfg: Config, job: Job, attempt: int, resume: str | None) -> None:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipelines.ray_runtime import connect
 
     connect(cfg)
-    ws = Workspace(cfg.workspace, cfg.storage_options)
+    ws, sc = Workspace(cfg.workspace, cfg.storage_options), job.settings
     trainer = TorchTrainer(
         worker_main,
-        train_loop_config=asdict(job) | {"session": "ray", "resume": resume},
+        train_loop_config={"job": job, "session": "ray", "resume": resume},
         torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=sc.workers,
@@ -197,18 +197,15 @@ def relay_progress(
 
 
 def worker_main(config: dict[str, Any]) -> None:
-    """One training worker (a Ray Train worker, or this process with `session: local`)."""
-    job = Job(**{k: v for k, v in config.items() if k not in ("session", "resume")})
+    """One training worker (a Ray Train worker, or this process with `session: local`): `config` holds the `job`,
+    the `session` kind and the checkpoint to `resume` from."""
+    job: Job = config["job"]
     ws = Workspace(job.workspace, job.storage_options)
     torch.manual_seed(job.seed)
     session = (RaySession if config["session"] == "ray" else LocalSession)(ws, job, config.get("resume"))
     model = build_model(job)
-    hyper = Hyper(lr=job.lr, min_lr=job.min_lr, weight_decay=job.weight_decay, warmup_steps=job.warmup_steps,
-                  total_steps=job.total_steps, clip_grad=job.clip_grad)  # fmt: skip
     batches = build_batches(job, ws, session.rank, session.world)
-    metadata = {"stage": job.stage, "run_id": job.run_id, "encoder_id": job.encoder_id, "seed": job.seed,
-                "base_llama": job.base_llama, "tokenizer": job.tokenizer}  # fmt: skip
-    compute = Compute(base_dtype=job.base_dtype, fused_kernels=job.fused_kernels,
-                      activation_checkpointing=job.activation_checkpointing)  # fmt: skip
-    train(session, model, STAGE_PHASE[job.stage], batches, hyper, job.checkpoint_every, job.max_steps,
-          metadata=metadata, compute=compute)  # fmt: skip
+    made_by = {"encoder_id": job.encoder_id, "seed": job.seed, "base_llama": job.base_llama, "tokenizer": job.tokenizer}
+    metadata = {"stage": job.stage, "run_id": job.run_id, **made_by}
+    phase, every, compute = STAGE_PHASE[job.stage], job.settings.checkpoint_every_steps, Compute.of(job.train)
+    train(session, model, phase, batches, job.hyper, every, job.max_steps, metadata=metadata, compute=compute)
