@@ -147,21 +147,9 @@ def build_model(job: Job) -> ImageBindLLM:
     return model
 
 
-def accum_steps(settings: StageConfig, world: int) -> int:
-    """Micro-batches per worker and step: accum_iter, or what micro_batch makes of the global batch."""
-    if settings.micro_batch is None:
-        return settings.accum_iter
-    if settings.global_batch_size % (world * settings.micro_batch):
-        raise InputError(
-            f"global_batch_size {settings.global_batch_size} is not divisible by {world} worker(s) x "
-            f"micro_batch {settings.micro_batch}"
-        )
-    return settings.global_batch_size // (world * settings.micro_batch)
-
-
 def _plan(settings: StageConfig, world: int) -> Plan:
     """How a stage's global batch splits over `world` workers."""
-    return Plan(settings.global_batch_size, world, accum_steps(settings, world), settings.max_words)
+    return Plan(settings.global_batch_size, world, settings.micro_batches(world), settings.max_words)
 
 
 def build_batches(job: Job, ws: Workspace, rank: int, world: int) -> Callable[[int], Iterator]:
