@@ -103,7 +103,7 @@ def fsdp_world_one() -> None:
     from bench.train_gpu import synthetic_steps
     from model.llm.config import LLMConfig
     from model.llm.model import ImageBindLLM
-    from pipelines.train.loop import shard_model
+    from pipelines.train.parallel import shard_model
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -61,7 +61,7 @@ def write_parts(root: str, captions: Sequence[str], parts: int, rng: np.random.G
 
 
 def make_model(vocab: int) -> tuple[ImageBindLLM, torch.optim.Optimizer]:
-    """The tiny ImageBind-LLM in its stage-1 phase and the AdamW of pipelines.train.loop."""
+    """The tiny ImageBind-LLM in its stage-1 phase and the AdamW of pipelines.train.schedule."""
     torch.manual_seed(0)
     model = ImageBindLLM(LLMConfig.preset("tiny", vocab_size=vocab))
     trainable = set_phase(model, "pretrain")

@@ -24,8 +24,10 @@ import torch
 from model.llm.config import LLMConfig
 from model.llm.model import IGNORE, ImageBindLLM
 from model.llm.phases import STAGE_PHASE
+from pipelines.train.compute import Compute
 from pipelines.train.data import Micro
-from pipelines.train.loop import Compute, Hyper, StepLog, train
+from pipelines.train.loop import StepLog, train
+from pipelines.train.schedule import Hyper
 
 SHAPES = {"7b": "7B", "tiny": "tiny"}
 ANSWER_SHARE = {1: 0.25, 2: 0.5}  # labelled share of a sequence: a caption after its prompt; an instruction's answer

@@ -130,10 +130,24 @@ class StageConfig(Section):
             raise ValueError(f"warmup_epochs {self.warmup_epochs} exceeds epochs {self.epochs}")
         return self
 
+    def micro_batches(self, world: int) -> int:
+        """Micro-batches per worker and step on `world` workers: accum_iter, or what micro_batch makes of the
+        global batch (ValueError when `world` x micro_batch does not divide it)."""
+        if self.micro_batch is None:
+            return self.accum_iter
+        if self.global_batch_size % (world * self.micro_batch):
+            raise ValueError(
+                f"global_batch_size {self.global_batch_size} is not divisible by workers x micro_batch "
+                f"({world} x {self.micro_batch})"
+            )
+        return self.global_batch_size // (world * self.micro_batch)
+
     @model_validator(mode="after")
     def _micro_batch(self) -> StageConfig:
-        if self.micro_batch is None:
-            return self
+        if self.micro_batch is not None and self.accum_iter != 1:
+            raise ValueError("set accum_iter or micro_batch, not both (micro_batch decides accum_iter)")
+        self.micro_batches(self.workers)  # raises unless workers x micro_batch divides the global batch (so 1 does)
+        return self
         if self.accum_iter != 1:
             raise ValueError("set accum_iter or micro_batch, not both (micro_batch decides accum_iter)")
         if self.global_batch_size % (self.workers * self.micro_batch):

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from transformers import LlamaConfig
@@ -18,7 +15,7 @@ from model.llm.config import LLMConfig, config_from_llama
 from model.llm.model import ImageBindLLM
 from model.llm.tokenizer import load_tokenizer
 from pipelines import assets
-from pipelines.config import Config, Conversation
+from pipelines.config import Config, StageConfig
 from pipelines.errors import InputError
 from pipelines.train.data import (
     CAPTION_PROMPT,
@@ -31,53 +28,12 @@ from pipelines.train.data import (
     step_batches,
 )
 from pipelines.train.instructions import instruction_examples
+from pipelines.train.job import Job
 from stores.features import feature_files
 from stores.runs import Runs
 from stores.workspace import Workspace
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Job:
-    """Everything a worker needs, as plain data (it travels to Ray workers)."""
-
-    stage: int
-    run_id: str
-    workspace: str
-    storage_options: dict[str, Any]
-    seed: int
-    llm: dict[str, Any]
-    tokenizer: str
-    base_llama: str | None
-    init_checkpoint: str | None
-    encoder_id: str
-    feature_files: list[str]
-    instruction_files: list[str]
-    global_batch: int
-    accum: int
-    max_words: int
-    lr: float
-    min_lr: float
-    weight_decay: float
-    warmup_steps: int
-    total_steps: int
-    steps_per_epoch: int
-    examples: int
-    clip_grad: float | None
-    checkpoint_every: int
-    use_gpu: bool
-    workers: int
-    shuffle_buffer: int = 10_000
-    holdout: float = 0.0
-    conversation: Conversation = "turns"  # stage 2: StageConfig.conversation
-    max_steps: int | None = None
-    parallel: str = "ddp"  # "ddp" or "fsdp" (StageConfig.parallel)
-    micro_batch: int | None = None  # StageConfig.micro_batch: decides the micro-batches per worker (accum)
-    base_dtype: str = "auto"  # TrainConfig.base_dtype, fused_kernels, activation_checkpointing
-    fused_kernels: str = "auto"
-    activation_checkpointing: bool = False
-    notes: dict[str, Any] = field(default_factory=dict)
 
 
 def resolve_job(
@@ -113,21 +69,24 @@ def resolve_job(
         feature_parts = _all_feature_parts(ws, encoder_id)
         examples = len(instruction_examples(ws, encoder_id, instruction_files, feature_parts, sc.conversation,
                                             tokenizer, tokenizer_name(tokenizer_path, base)))  # fmt: skip
-    plan = Plan(sc.global_batch_size, sc.workers, sc.accum_iter, sc.max_words)
-    spe = plan.steps_per_epoch(examples)
-    total = max(1, math.ceil(sc.epochs * spe))
     return Job(
-        stage=stage, run_id=run_id, workspace=cfg.workspace, storage_options=dict(cfg.storage_options),
-        seed=cfg.seed, llm=llm.to_dict(), tokenizer=tokenizer_path, base_llama=base, init_checkpoint=init,
-        encoder_id=encoder_id, feature_files=feature_parts, instruction_files=instruction_files,
-        global_batch=sc.global_batch_size, accum=sc.accum_iter, max_words=sc.max_words, lr=sc.lr,
-        min_lr=sc.min_lr, weight_decay=sc.weight_decay, warmup_steps=round(sc.warmup_epochs * spe),
-        total_steps=total, steps_per_epoch=spe, examples=examples, clip_grad=sc.clip_grad,
-        checkpoint_every=sc.checkpoint_every_steps, use_gpu=sc.use_gpu, workers=sc.workers,
-        shuffle_buffer=sc.shuffle_buffer, holdout=cfg.train.holdout, conversation=sc.conversation,
-        max_steps=max_steps, parallel=sc.parallel, micro_batch=sc.micro_batch, base_dtype=cfg.train.base_dtype,
-        fused_kernels=cfg.train.fused_kernels, activation_checkpointing=cfg.train.activation_checkpointing,
-    )  # fmt: skip
+        stage=stage,
+        run_id=run_id,
+        workspace=cfg.workspace,
+        storage_options=dict(cfg.storage_options),
+        seed=cfg.seed,
+        train=cfg.train.model_copy(deep=True),
+        llm=llm.to_dict(),
+        tokenizer=tokenizer_path,
+        base_llama=base,
+        init_checkpoint=init,
+        encoder_id=encoder_id,
+        feature_files=feature_parts,
+        instruction_files=instruction_files,
+        examples=examples,
+        steps_per_epoch=_plan(sc, sc.workers).steps_per_epoch(examples),
+        max_steps=max_steps,
+    )
 
 
 def tokenizer_name(path: str, base: str | None) -> str:
@@ -169,12 +128,6 @@ def _all_feature_parts(ws: Workspace, encoder_id: str) -> list[str]:
     return [ws.as_url(f) for s in _feature_sources(ws, encoder_id) for f in feature_files(ws, encoder_id, s)[0]]
 
 
-def model_folder(local: str) -> str:
-    """The folder of a checkpoint's files: the folder itself, or a run's step folder's `model/`."""
-    nested = os.path.join(local, "model")
-    return nested if not os.path.isfile(os.path.join(local, "config.json")) and os.path.isdir(nested) else local
-
-
 def build_model(job: Job) -> ImageBindLLM:
     """The model of the run, identical on every worker: base LLaMA + adapter (+ the stage-1 checkpoint in stage 2)."""
     config = LLMConfig.from_dict(job.llm)
@@ -188,28 +141,25 @@ def build_model(job: Job) -> ImageBindLLM:
     return model
 
 
-def accum_steps(job: Job, world: int) -> int:
-    """Micro-batches per worker and step: the job's accum, or what its micro_batch makes of the global batch."""
-    if job.micro_batch is None:
-        return job.accum
-    if job.global_batch % (world * job.micro_batch):
-        raise InputError(f"global_batch_size {job.global_batch} is not divisible by {world} worker(s) x micro_batch "
-                         f"{job.micro_batch}")  # fmt: skip
-    return job.global_batch // (world * job.micro_batch)
+def _plan(settings: StageConfig, world: int) -> Plan:
+    """How a stage's global batch splits over `world` workers."""
+    return Plan(settings.global_batch_size, world, settings.micro_batches(world), settings.max_words)
 
 
 def build_batches(job: Job, ws: Workspace, rank: int, world: int) -> Callable[[int], Iterator]:
     """start step -> this worker's micro-batches of every step from there on (prefetched in a thread)."""
     tokenizer = load_tokenizer(assets.local_copy(ws, job.tokenizer))
+    s = job.settings
     source: ExampleSource
     if job.stage == 1:
         source = FeatureCaptions(
-            ws, job.feature_files, job.seed, job.shuffle_buffer, job.holdout, "train", job.examples
+            ws, job.feature_files, job.seed, s.shuffle_buffer, job.train.holdout, "train", job.examples
         )
     else:
-        examples = instruction_examples(ws, job.encoder_id, job.instruction_files, job.feature_files, job.conversation,
-                                        tokenizer, tokenizer_name(job.tokenizer, job.base_llama))  # fmt: skip
+        name = tokenizer_name(job.tokenizer, job.base_llama)
+        examples = instruction_examples(
+            ws, job.encoder_id, job.instruction_files, job.feature_files, s.conversation, tokenizer, name
+        )
         source = ExampleList(examples, job.seed)
-    plan = Plan(job.global_batch, world, accum_steps(job, world), job.max_words)
     pad = LLMConfig.from_dict(job.llm).pad_id
-    return lambda start: prefetch(step_batches(source, tokenizer, plan, rank, start, pad))
+    return lambda start: prefetch(step_batches(source, tokenizer, _plan(s, world), rank, start, pad))

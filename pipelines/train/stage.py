@@ -8,19 +8,22 @@ import logging
 import posixpath
 import secrets
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from typing import Any
 
 import torch
 from pydantic import BaseModel
 
 from model.llm.phases import STAGE_PHASE
-from pipelines import assets
 from pipelines.config import Config, StageConfig
 from pipelines.console import interval, polling
 from pipelines.errors import InputError
-from pipelines.train.loop import MODEL_DIR, Compute, Hyper, shard_model, train
-from pipelines.train.setup import Job, build_batches, build_model, resolve_job
+from pipelines.train.compute import Compute
+from pipelines.train.job import Job
+from pipelines.train.loop import train
+from pipelines.train.session import LocalSession, RaySession
+from pipelines.train.setup import build_batches, build_model, resolve_job
+from pipelines.train.state import MODEL_DIR
 from stores.lease import lease
 from stores.runs import PROGRESS_FILE, RunRecord, Runs
 from stores.workspace import Workspace
@@ -82,7 +85,7 @@ def run(
     run_id = run_id or time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
     job = resolve_job(cfg, ws, stage, run_id, max_steps, init=init)
     if reuse and not resume:
-        same = runs.same_inputs(asdict(job))
+        same = runs.same_inputs(job.record())
         if same is not None and same[1] == "complete":
             log.info("stage %d: run %s was made from the same inputs and settings; reusing it", stage, same[0])
             return _result(ws, replace(job, run_id=same[0]), sc.workers, None, 0.0)
@@ -90,28 +93,28 @@ def run(
             log.info("stage %d: continuing the unfinished run %s of the same inputs and settings", stage, same[0])
             run_id, job = same[0], replace(job, run_id=same[0])
     with lease(ws, "train", f"stage{stage}.{run_id}"):  # a run continued by two commands at once is refused
-        return _attempt(cfg, ws, job, sc, local, start)
+        return _attempt(cfg, ws, job, local, start)
 
 
-def _attempt(cfg: Config, ws: Workspace, job: Job, sc: StageConfig, local: bool, start: float) -> TrainResult:
+def _attempt(cfg: Config, ws: Workspace, job: Job, local: bool, start: float) -> TrainResult:
     """One attempt of a run (its record says how many came before), under the run's lease."""
-    stage, run_id, runs = job.stage, job.run_id, Runs.of_stage(ws, job.stage)
+    stage, run_id, runs, sc = job.stage, job.run_id, Runs.of_stage(ws, job.stage), job.settings
     latest = runs.latest(run_id)
     resumed_from = latest.step if latest else None
     resume = latest.path if latest else None
-    attempt = runs.start(run_id, asdict(job))
+    attempt = runs.start(run_id, job.record())
     log.info("stage %d run %s (attempt %d): %d steps, %d examples per step, %d worker(s)%s", stage, run_id, attempt,
              job.total_steps, sc.global_batch_size, 1 if local else sc.workers,
              f", resuming at step {resumed_from}" if resumed_from else "")  # fmt: skip
     if local:
-        worker_main(asdict(job) | {"session": "local", "resume": resume})
+        worker_main({"job": job, "session": "local", "resume": resume})
     else:
-        _fit_with_ray(cfg, job, sc, attempt, resume)
+        _fit_with_ray(cfg, job, attempt, resume)
     result = _result(ws, job, 1 if local else sc.workers, resumed_from, time.perf_counter() - start)
     if result is None:
         raise RuntimeError(f"stage {stage} run {run_id} ended without a checkpoint")
     status = "complete" if result.steps >= min(job.total_steps, job.max_steps or job.total_steps) else "stopped"
-    runs.finish(run_id, RunRecord(status=status, attempts=attempt, job=asdict(job), steps=result.steps,
+    runs.finish(run_id, RunRecord(status=status, attempts=attempt, job=job.record(), steps=result.steps,
                                   final_loss=result.final_loss), result.checkpoint)  # fmt: skip
     return result
 
@@ -130,17 +133,17 @@ def _result(ws: Workspace, job: Job, workers: int, resumed_from: int | None, sec
     )  # fmt: skip
 
 
-def _fit_with_ray(cfg: Config, job: Job, sc: StageConfig, attempt: int, resume: str | None) -> None:
+def _fit_with_ray(cfg: Config, job: Job, attempt: int, resume: str | None) -> None:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipelines.ray_runtime import connect
 
     connect(cfg)
-    ws = Workspace(cfg.workspace, cfg.storage_options)
+    ws, sc = Workspace(cfg.workspace, cfg.storage_options), job.settings
     trainer = TorchTrainer(
         worker_main,
-        train_loop_config=asdict(job) | {"session": "ray", "resume": resume},
+        train_loop_config={"job": job, "session": "ray", "resume": resume},
         torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=sc.workers,
@@ -194,119 +197,15 @@ def relay_progress(
 
 
 def worker_main(config: dict[str, Any]) -> None:
-    """One training worker (a Ray Train worker, or this process with `session: local`)."""
-    job = Job(**{k: v for k, v in config.items() if k not in ("session", "resume")})
+    """One training worker (a Ray Train worker, or this process with `session: local`): `config` holds the `job`,
+    the `session` kind and the checkpoint to `resume` from."""
+    job: Job = config["job"]
     ws = Workspace(job.workspace, job.storage_options)
     torch.manual_seed(job.seed)
     session = (RaySession if config["session"] == "ray" else LocalSession)(ws, job, config.get("resume"))
     model = build_model(job)
-    hyper = Hyper(lr=job.lr, min_lr=job.min_lr, weight_decay=job.weight_decay, warmup_steps=job.warmup_steps,
-                  total_steps=job.total_steps, clip_grad=job.clip_grad)  # fmt: skip
     batches = build_batches(job, ws, session.rank, session.world)
-    metadata = {"stage": job.stage, "run_id": job.run_id, "encoder_id": job.encoder_id, "seed": job.seed,
-                "base_llama": job.base_llama, "tokenizer": job.tokenizer}  # fmt: skip
-    compute = Compute(base_dtype=job.base_dtype, fused_kernels=job.fused_kernels,
-                      activation_checkpointing=job.activation_checkpointing)  # fmt: skip
-    train(session, model, STAGE_PHASE[job.stage], batches, hyper, job.checkpoint_every, job.max_steps,
-          metadata=metadata, compute=compute)  # fmt: skip
-
-
-class _Pointer:
-    """Writes `latest.json` (the newest committed checkpoint and the loss history) after a checkpoint lands."""
-
-    def __init__(self, ws: Workspace, job: Job) -> None:
-        self.ws, self.job = ws, job
-
-    def commit(self, path: str, step: int, history: list) -> None:
-        """Record the checkpoint at `path` (a step folder in the run's folder)."""
-        Runs.of_stage(self.ws, self.job.stage).commit_step(self.job.run_id, path, step, history)
-
-
-class LocalSession:
-    rank, world = 0, 1
-
-    def __init__(self, ws: Workspace, job: Job, resume: str | None) -> None:
-        self.ws, self.job, self._resume = ws, job, resume
-        self.device = torch.device("cuda" if job.use_gpu and torch.cuda.is_available() else "cpu")
-        self.pointer = _Pointer(ws, job)
-
-    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
-        if self.job.parallel == "fsdp":
-            log.info("parallel: fsdp is ignored by a local run (one worker: nothing to shard)")
-        return model
-
-    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        return t
-
-    def report(
-        self, metrics: dict[str, Any], checkpoint_dir: str | None, step: int, history: list | None = None
-    ) -> None:
-        if checkpoint_dir:
-            target = self.ws.checkpoints(f"stage{self.job.stage}", self.job.run_id, "local", f"step-{step:08d}")
-            self.ws.upload_dir(checkpoint_dir, target)
-            self.pointer.commit(target, step, history or [])
-
-    def resume_dir(self) -> str | None:
-        return assets.local_copy(self.ws, self._resume) if self._resume else None
-
-    def progress(self, line: str) -> None:
-        pass  # the loop's own log line is on this process's console
-
-
-class RaySession:
-    def __init__(self, ws: Workspace, job: Job, resume: str | None) -> None:
-        import ray.train
-        import ray.train.torch
-
-        ctx = ray.train.get_context()
-        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
-        self.device = ray.train.torch.get_device()
-        self.ws, self.job, self.pointer, self._resume = ws, job, _Pointer(ws, job), resume
-
-    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
-        import ray.train.torch
-
-        if self.world == 1:
-            if self.job.parallel == "fsdp":
-                log.info("parallel: fsdp is ignored with one worker (nothing to shard)")
-            return model
-        if self.job.parallel == "fsdp":
-            if self.rank == 0:
-                log.info("parallel: fsdp, each decoder layer and the rest of the model sharded over %d workers",
-                         self.world)  # fmt: skip
-            return shard_model(model, self.device, self.world)  # type: ignore[arg-type]
-        return ray.train.torch.prepare_model(model, move_to_device=True)
-
-    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
-            torch.distributed.all_reduce(t)
-        return t
-
-    def report(
-        self, metrics: dict[str, Any], checkpoint_dir: str | None, step: int, history: list | None = None
-    ) -> None:
-        import ray.train
-
-        if checkpoint_dir is None:
-            ray.train.report(metrics)
-            return
-        name = f"step-{step:08d}"
-        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if self.rank == 0 else None
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
-        if self.rank == 0:  # report returned: the checkpoint is in storage, under the Ray run of this attempt
-            attempt = ray.train.get_context().get_experiment_name()
-            target = self.ws.checkpoints(f"stage{self.job.stage}", self.job.run_id, attempt, name)
-            self.pointer.commit(target, step, history or [])
-
-    def resume_dir(self) -> str | None:
-        """A checkpoint Ray restored after a worker failure in this fit, else the one this attempt resumes from."""
-        import ray.train
-
-        checkpoint = ray.train.get_checkpoint()
-        path = checkpoint.path if checkpoint is not None else self._resume
-        return assets.local_copy(self.ws, path) if path else None
-
-    def progress(self, line: str) -> None:
-        """Ray keeps a worker's logs to itself: the line goes into the run's folder, where the driver reads it."""
-        path = self.ws.checkpoints(f"stage{self.job.stage}", self.job.run_id, PROGRESS_FILE)
-        self.ws.write_bytes(path, json.dumps({"line": line, "time": time.time()}).encode())
+    made_by = {"encoder_id": job.encoder_id, "seed": job.seed, "base_llama": job.base_llama, "tokenizer": job.tokenizer}
+    metadata = {"stage": job.stage, "run_id": job.run_id, **made_by}
+    phase, every, compute = STAGE_PHASE[job.stage], job.settings.checkpoint_every_steps, Compute.of(job.train)
+    train(session, model, phase, batches, job.hyper, every, job.max_steps, metadata=metadata, compute=compute)

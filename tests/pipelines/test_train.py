@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from pipelines.config import with_settings
 from pipelines.errors import InputError
 from pipelines.train import stage as train
 from pipelines.train.data import CAPTION_PROMPT, Example, ExampleList, Plan, count_split, step_batches
-from pipelines.train.loop import Hyper, lr_at
+from pipelines.train.schedule import Hyper, lr_at
 from pipelines.train.setup import build_model, resolve_job
 from stores.workspace import Workspace
 from tests.pipelines.train_fixture import train_config
@@ -34,6 +35,61 @@ def test_lr_warms_up_linearly_then_follows_a_half_cosine() -> None:
     assert [lr_at(s, h) for s in range(5)] == [0.0, 0.25, 0.5, 0.75, 1.0]
     assert lr_at(9, h) == pytest.approx(0.55)  # half way down the cosine
     assert lr_at(14, h) == pytest.approx(0.1)
+
+
+# run.json's job, as every earlier run recorded it: reuse (`Runs.same_inputs`) compares these fields
+RECORD_FIELDS = [
+    "stage",
+    "run_id",
+    "workspace",
+    "storage_options",
+    "seed",
+    "llm",
+    "tokenizer",
+    "base_llama",
+    "init_checkpoint",
+    "encoder_id",
+    "feature_files",
+    "instruction_files",
+    "global_batch",
+    "accum",
+    "max_words",
+    "lr",
+    "min_lr",
+    "weight_decay",
+    "warmup_steps",
+    "total_steps",
+    "steps_per_epoch",
+    "examples",
+    "clip_grad",
+    "checkpoint_every",
+    "use_gpu",
+    "workers",
+    "shuffle_buffer",
+    "holdout",
+    "conversation",
+    "max_steps",
+    "parallel",
+    "micro_batch",
+    "base_dtype",
+    "fused_kernels",
+    "activation_checkpointing",
+    "notes",
+]
+
+
+def test_the_job_travels_whole_and_records_the_fields_of_earlier_runs(tmp_path: Path) -> None:
+    cfg = train_config(tmp_path, micro_batch=4, clip_grad=0.5)
+    job = resolve_job(cfg, Workspace(cfg.workspace), 1, "r", max_steps=5)
+    record = job.record()
+    assert list(record) == RECORD_FIELDS
+    sc = cfg.train.stage1
+    assert (record["global_batch"], record["accum"], record["micro_batch"], record["lr"]) == (8, 1, 4, sc.lr)
+    assert (record["warmup_steps"], record["total_steps"], record["clip_grad"]) == (3, 24, 0.5)
+    assert (record["holdout"], record["max_steps"], record["notes"]) == (0.01, 5, {})
+    assert pickle.loads(pickle.dumps(job)).record() == record  # as Ray hands it to the workers
+    sc.blr = 0.5  # the job keeps its own copy of the settings
+    assert job.record()["lr"] == record["lr"] and job.settings.micro_batches(2) == 1
 
 
 def test_a_step_takes_the_same_examples_whatever_the_worker_count(tmp_path: Path) -> None:
@@ -127,7 +183,6 @@ class _Payload:
 
 
 def test_resume_refuses_a_pickle_in_place_of_the_training_state(tmp_path: Path) -> None:
-    import pickle
 
     from model.errors import ModelInputError
 

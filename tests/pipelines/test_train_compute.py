@@ -17,7 +17,8 @@ from model.llm.model import IGNORE, ImageBindLLM, summed_answer_loss
 from model.llm.phases import phase_parameters, set_phase
 from pipelines.config import StageConfig
 from pipelines.train import stage as train
-from pipelines.train.loop import _fused_loss_problem, base_dtype, cast_frozen_base, fused_cross_entropy
+from pipelines.train.compute import base_dtype, cast_frozen_base
+from pipelines.train.loss import _fused_loss_problem, fused_cross_entropy
 from tests.pipelines.train_fixture import train_config
 
 

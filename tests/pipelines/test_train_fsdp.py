@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -21,8 +20,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from model.llm.checkpoint import from_pretrained, read_checkpoint
-from pipelines.train.loop import MODEL_DIR, STATE_FILE, Hyper, shard_model, train
-from pipelines.train.setup import Job, build_batches, build_model, resolve_job
+from pipelines.train.job import Job
+from pipelines.train.loop import train
+from pipelines.train.parallel import shard_model
+from pipelines.train.setup import build_batches, build_model, resolve_job
+from pipelines.train.state import MODEL_DIR, STATE_FILE
 from stores.workspace import Workspace
 from tests.pipelines.train_fixture import train_config
 
@@ -62,10 +64,9 @@ def _run(job: Job, phase: str, rank: int, world: int, out: Path, resume: str | N
     """What worker_main does, with `_Session`: the losses of every step (those before a resume included)."""
     torch.manual_seed(job.seed)
     model = build_model(job)
-    hyper = Hyper(lr=job.lr, min_lr=job.min_lr, weight_decay=job.weight_decay, warmup_steps=job.warmup_steps,
-                  total_steps=job.total_steps, clip_grad=job.clip_grad)  # fmt: skip
     batches = build_batches(job, Workspace(job.workspace, job.storage_options), rank, world)
-    state = train(_Session(rank, world, out, resume), model, phase, batches, hyper, job.checkpoint_every)
+    every = job.settings.checkpoint_every_steps
+    state = train(_Session(rank, world, out, resume), model, phase, batches, job.hyper, every)
     return [h["loss"] for h in state.history]
 
 
@@ -78,14 +79,14 @@ TWO_WORKER_RUNS = [
 ]
 
 
-def _worker(rank: int, job: dict[str, Any], root: str) -> None:
+def _worker(rank: int, job: Job, root: str) -> None:
     torch.set_num_threads(1)  # 2 processes on 2 cores
     dist.init_process_group("gloo", init_method=f"file://{root}/rendezvous", rank=rank, world_size=2,
                             timeout=timedelta(seconds=120))  # fmt: skip
     try:
         losses = {}
         for name, phase, resume in TWO_WORKER_RUNS:
-            losses[name] = _run(Job(**job), phase, rank, 2, Path(root) / name, resume and f"{root}/{resume}")
+            losses[name] = _run(job, phase, rank, 2, Path(root) / name, resume and f"{root}/{resume}")
         if rank == 0:
             (Path(root) / "losses.json").write_text(json.dumps(losses))
     finally:
@@ -97,11 +98,11 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, list
     tmp = tmp_path_factory.mktemp("fsdp")
     cfg = train_config(tmp / "cfg", epochs=1, accum_iter=2, clip_grad=0.5, checkpoint_every_steps=4, parallel="fsdp")
     job = resolve_job(cfg, Workspace(cfg.workspace), 1, "fsdp")
-    assert job.total_steps == STEPS and job.parallel == "fsdp"
+    assert job.total_steps == STEPS and job.settings.parallel == "fsdp"
     root = tmp / "runs"
     root.mkdir()
     losses = {f"one-{phase}": _run(job, phase, 0, 1, root / f"one-{phase}") for phase in ("pretrain", "finetune")}
-    mp.start_processes(_worker, args=(asdict(job), str(root)), nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(_worker, args=(job, str(root)), nprocs=2, join=True, start_method="spawn")
     losses |= json.loads((root / "losses.json").read_text())
     losses["one-from-fsdp"] = _run(job, "finetune", 0, 1, root / "one-from-fsdp",
                                    str(root / "fsdp-finetune" / "step-00000008"))  # fmt: skip
