@@ -15,9 +15,15 @@ import sys
 import time
 
 FILTERS = {
-    "min_similarity": 0.28, "min_width": 128, "min_height": 128, "max_aspect_ratio": 3.0,
-    "min_caption_words": 2, "languages": ["en"], "max_punsafe": 0.5, "max_pwatermark": 0.8,
-}  # fmt: skip
+    "min_similarity": 0.28,
+    "min_width": 128,
+    "min_height": 128,
+    "max_aspect_ratio": 3.0,
+    "min_caption_words": 2,
+    "languages": ["en"],
+    "max_punsafe": 0.5,
+    "max_pwatermark": 0.8,
+}
 TOP_SHARE = 0.25  # top-K keeps a quarter of the input, like "the top 100M of LAION" keeps a share of it
 
 GENERATE = """
@@ -55,8 +61,12 @@ def generate(rows: int, root: str) -> str:
 def config(root: str, meta: str, rows: int) -> object:
     from pipelines.config import Config, CurateConfig, SourceConfig
 
-    src = SourceConfig(name="laion", format="laion", paths=[os.path.join(meta, "*.parquet")],
-                       filters={**FILTERS, "top_k": int(rows * TOP_SHARE)})  # fmt: skip
+    src = SourceConfig(
+        name="laion",
+        format="laion",
+        paths=[os.path.join(meta, "*.parquet")],
+        filters={**FILTERS, "top_k": int(rows * TOP_SHARE)},
+    )
     return Config(workspace=os.path.join(root, "ws"), sources=[src], curate=CurateConfig(memory_limit="1GB", threads=2))
 
 
@@ -105,8 +115,10 @@ def child_pandas(root: str, meta: str, rows: int) -> dict:
 def measure(engine: str, root: str, meta: str, rows: int) -> dict:
     out = subprocess.run(
         [sys.executable, __file__, "--child", engine, "--dir", root, "--meta", meta, "--rows", str(rows)],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -114,8 +126,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--rows", type=int, nargs="+", default=[5_000_000, 20_000_000])
     p.add_argument("--dir", default="/tmp/ibllm-bench-curate")
-    p.add_argument("--skip-pandas-above", type=int, default=10_000_000,
-                   help="pandas holds everything in memory (~1 KB a row): 20M rows would need ~21 GB")  # fmt: skip
+    p.add_argument(
+        "--skip-pandas-above",
+        type=int,
+        default=10_000_000,
+        help="pandas holds everything in memory (~1 KB a row): 20M rows would need ~21 GB",
+    )
     p.add_argument("--child", choices=["ibllm", "pandas"])
     p.add_argument("--meta")
     args = p.parse_args()
@@ -141,12 +157,16 @@ def main() -> None:
                 f"{rows:>12,} pandas  skipped: it holds every row in memory (~1 KB a row here); see --skip-pandas-above"
             )
         for engine, r in results.items():
-            print(f"{rows:>12,} {engine:<7} {r['seconds']:>8.1f} {rows / r['seconds']:>12,.0f} "
-                  f"{r['peak_rss_mb']:>12,.0f} {r['kept']:>10,}")  # fmt: skip
+            print(
+                f"{rows:>12,} {engine:<7} {r['seconds']:>8.1f} {rows / r['seconds']:>12,.0f} "
+                f"{r['peak_rss_mb']:>12,.0f} {r['kept']:>10,}"
+            )
         if "pandas" in results:
             speed = results["pandas"]["seconds"] / results["ibllm"]["seconds"]
-            print(f"{rows:>12,} ratio   ibllm is {speed:.1f}x the pandas rows/s; same kept rows: "
-                  f"{results['pandas']['kept'] == results['ibllm']['kept']}")  # fmt: skip
+            print(
+                f"{rows:>12,} ratio   ibllm is {speed:.1f}x the pandas rows/s; same kept rows: "
+                f"{results['pandas']['kept'] == results['ibllm']['kept']}"
+            )
 
 
 if __name__ == "__main__":

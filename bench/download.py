@@ -29,12 +29,22 @@ def bare_command(cfg: Config, url_list: str, out: str) -> list[str]:
     d = cfg.download
     return [
         os.path.join(os.path.dirname(sys.executable), "img2dataset"),
-        f"--url_list={url_list}", f"--output_folder={out}", "--input_format=parquet",
-        "--url_col=url", "--caption_col=caption", "--output_format=webdataset", f"--image_size={d.image_size}",
-        f"--resize_mode={d.resize_mode}", "--resize_only_if_bigger=True", f"--processes_count={d.processes}",
-        f"--thread_count={d.threads}", f"--number_sample_per_shard={d.samples_per_shard}", f"--timeout={d.timeout}",
-        "--enable_wandb=False", "--save_additional_columns=[uid,source,similarity]",
-    ]  # fmt: skip
+        f"--url_list={url_list}",
+        f"--output_folder={out}",
+        "--input_format=parquet",
+        "--url_col=url",
+        "--caption_col=caption",
+        "--output_format=webdataset",
+        f"--image_size={d.image_size}",
+        f"--resize_mode={d.resize_mode}",
+        "--resize_only_if_bigger=True",
+        f"--processes_count={d.processes}",
+        f"--thread_count={d.threads}",
+        f"--number_sample_per_shard={d.samples_per_shard}",
+        f"--timeout={d.timeout}",
+        "--enable_wandb=False",
+        "--save_additional_columns=[uid,source,similarity]",
+    ]
 
 
 def decoder_cost(cfg: Config) -> None:
@@ -92,12 +102,16 @@ def main() -> None:
                     ok = None
                 took = time.perf_counter() - start
                 best[name] = min(best[name], took)
-                print(f"round {r + 1} {name:<12} {took:6.1f} s  {args.images / took:6.0f} images/s"
-                      + (f"  ({ok} downloaded)" if ok is not None else ""))  # fmt: skip
+                print(
+                    f"round {r + 1} {name:<12} {took:6.1f} s  {args.images / took:6.0f} images/s"
+                    + (f"  ({ok} downloaded)" if ok is not None else "")
+                )
     shutil.rmtree(root, ignore_errors=True)
     rate = {k: args.images / v for k, v in best.items()}
-    print(f"best: ibllm {rate['ibllm']:.0f} images/s, bare img2dataset {rate['img2dataset']:.0f} images/s, "
-          f"ratio {rate['ibllm'] / rate['img2dataset']:.2f} (target >= 0.95)")  # fmt: skip
+    print(
+        f"best: ibllm {rate['ibllm']:.0f} images/s, bare img2dataset {rate['img2dataset']:.0f} images/s, "
+        f"ratio {rate['ibllm'] / rate['img2dataset']:.2f} (target >= 0.95)"
+    )
 
 
 if __name__ == "__main__":

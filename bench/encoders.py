@@ -127,18 +127,23 @@ def main() -> None:
     else:
         print("  cuda: no GPU on this machine; run this on a CUDA machine for the huge figures")
     print("point encoder (Point-Bind, released size: 512 groups of 32, 12 blocks of 384), 8,192-point clouds")
-    runs = [("cpu", torch.float32, 8)] + ([("cuda", torch.bfloat16, 64), ("cuda", torch.float32, 64)]
-                                          if torch.cuda.is_available() else [])  # fmt: skip
+    runs = [("cpu", torch.float32, 8)] + (
+        [("cuda", torch.bfloat16, 64), ("cuda", torch.float32, 64)] if torch.cuda.is_available() else []
+    )
     for device, dtype, batch in runs:
         whole, grouping = point_rates(device, dtype, batch, args.seconds / 2)
-        print(f"  {device:<4} {str(dtype).split('.')[-1]:<9} batch {batch:>3}: {whole:8.1f} clouds/s; grouping alone "
-              f"{grouping:8.1f} clouds/s ({whole / grouping:.0%} of the time)")  # fmt: skip
+        print(
+            f"  {device:<4} {str(dtype).split('.')[-1]:<9} batch {batch:>3}: {whole:8.1f} clouds/s; grouping alone "
+            f"{grouping:8.1f} clouds/s ({whole / grouping:.0%} of the time)"
+        )
     torch.set_num_threads(1)
     print("image preprocessing on one core (decode, RGB, bicubic short side 224, crop, normalise)")
     for side in (256, 512):
         ours, pillow = preprocessing_rates(side, args.seconds / 2)
-        print(f"  {side} px JPEG: ours {ours:7.1f} images/s, Pillow decode + resize alone {pillow:7.1f} images/s "
-              f"({ours / pillow:.2f}x)")  # fmt: skip
+        print(
+            f"  {side} px JPEG: ours {ours:7.1f} images/s, Pillow decode + resize alone {pillow:7.1f} images/s "
+            f"({ours / pillow:.2f}x)"
+        )
 
 
 if __name__ == "__main__":

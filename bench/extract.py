@@ -39,8 +39,23 @@ from stores.ledger import Ledger
 from stores.metadata import make_uid
 from stores.workspace import Workspace
 
-WORDS = ["red", "green", "blue", "yellow", "circle", "square", "star", "ring", "small", "large", "on", "a",
-         "background", "of", "the"]  # fmt: skip
+WORDS = [
+    "red",
+    "green",
+    "blue",
+    "yellow",
+    "circle",
+    "square",
+    "star",
+    "ring",
+    "small",
+    "large",
+    "on",
+    "a",
+    "background",
+    "of",
+    "the",
+]
 
 
 def make_shards(root: str, shards: int, per_shard: int) -> Config:
@@ -68,8 +83,11 @@ def make_shards(root: str, shards: int, per_shard: int) -> Config:
         ledger.record_existing(f"{s:05d}", [tar_path], rows=per_shard)
     vocab = os.path.join(root, "vocab.txt.gz")
     write_vocab(vocab, learn_merges([" ".join(WORDS)] * 5, 100))
-    return Config(workspace=os.path.join(root, "ws"), sources=[{"name": "s", "format": "synthetic"}],
-                  model={"imagebind": "tiny", "imagebind_vocab": vocab})  # fmt: skip
+    return Config(
+        workspace=os.path.join(root, "ws"),
+        sources=[{"name": "s", "format": "synthetic"}],
+        model={"imagebind": "tiny", "imagebind_vocab": vocab},
+    )
 
 
 def plain_loop(cfg: Config, encoder: ImageBind, out_dir: str, batch: int) -> int:
@@ -104,8 +122,10 @@ def plain_loop(cfg: Config, encoder: ImageBind, out_dir: str, batch: int) -> int
 def main() -> None:
     args = parse_args()
     gpu, cores = args.device == "cuda", os.cpu_count() or 1
-    print(f"{args.preset} encoder, {args.dtype}, on {args.device}, {args.per_shard} images a shard, "
-          f"batch {args.batch}, {cores} cores, buffer {args.buffer_mb} MB")  # fmt: skip
+    print(
+        f"{args.preset} encoder, {args.dtype}, on {args.device}, {args.per_shard} images a shard, "
+        f"batch {args.batch}, {cores} cores, buffer {args.buffer_mb} MB"
+    )
     import ray
 
     with tempfile.TemporaryDirectory() as root:
@@ -117,8 +137,10 @@ def main() -> None:
             with PeakMemory() as mem:
                 extract.run(cfg)
             ray.shutdown()
-            print(f"{shards} shards ({shards * args.per_shard} images): pipeline peak PSS {mem.peak / 2**20:,.0f} MB",
-                  flush=True)  # fmt: skip
+            print(
+                f"{shards} shards ({shards * args.per_shard} images): pipeline peak PSS {mem.peak / 2**20:,.0f} MB",
+                flush=True,
+            )
         # Then pairs on the same shards, the pipeline and the plain loop back to back: each pair's ratio is measured
         # within a minute or two, so the drift of a shared machine's speed between pairs does not enter it.
         template = make_shards(os.path.join(root, "speed"), args.speed_shards, args.per_shard)
@@ -142,19 +164,26 @@ def main() -> None:
             vs_plain.append(plain_s / ray_s)
             rates.append(total / ray_s)
             startup = ray_s - total / steady if steady else float("nan")
-            print(f"pair {i + 1}, {total} images: plain loop {total / plain_s:7.2f} images/s; ray pipeline "
-                  f"{total / ray_s:7.2f} end to end = {plain_s / ray_s:.2f}x the plain loop, "
-                  f"{rates[-1] / enc_rate:.2f}x the encoder alone; {steady:7.2f} once the first shard is back "
-                  f"({steady * plain_s / total:.2f}x; start-up {startup:.1f} s)", flush=True)  # fmt: skip
+            print(
+                f"pair {i + 1}, {total} images: plain loop {total / plain_s:7.2f} images/s; ray pipeline "
+                f"{total / ray_s:7.2f} end to end = {plain_s / ray_s:.2f}x the plain loop, "
+                f"{rates[-1] / enc_rate:.2f}x the encoder alone; {steady:7.2f} once the first shard is back "
+                f"({steady * plain_s / total:.2f}x; start-up {startup:.1f} s)",
+                flush=True,
+            )
     print(f"encoder alone (image + text, tensors {'on the GPU' if gpu else 'in memory'}): {enc_rate:7.2f} images/s")
     for name, ratios in (("plain loop", vs_plain), ("encoder alone", [r / enc_rate for r in rates])):
-        print(f"pipeline vs {name}, end to end: median {statistics.median(ratios):.2f}x over {len(ratios)} pairs "
-              f"(range {min(ratios):.2f}-{max(ratios):.2f}x)")  # fmt: skip
+        print(
+            f"pipeline vs {name}, end to end: median {statistics.median(ratios):.2f}x over {len(ratios)} pairs "
+            f"(range {min(ratios):.2f}-{max(ratios):.2f}x)"
+        )
     if gpu and args.preset == "huge" and args.dtype == "bfloat16":
         bound = H200_BF16_TFLOPS * 1e3 / HUGE_GFLOPS_PER_IMAGE
-        print(f"huge bf16 on {torch.cuda.get_device_name()}: pipeline {statistics.median(rates):,.0f} images/s, "
-              f"encoder alone {enc_rate:,.0f}, against the ~{bound:,.0f} images/s FLOP bound of an H200 (the image "
-              "tower alone)")  # fmt: skip
+        print(
+            f"huge bf16 on {torch.cuda.get_device_name()}: pipeline {statistics.median(rates):,.0f} images/s, "
+            f"encoder alone {enc_rate:,.0f}, against the ~{bound:,.0f} images/s FLOP bound of an H200 (the image "
+            "tower alone)"
+        )
     if gpu:  # the actor by itself against the towers alone, bf16 weights against autocast, FP8 where it runs
         from extract_gpu import report
 
@@ -179,8 +208,13 @@ def parse_args() -> argparse.Namespace:
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     gpu = args.device == "cuda"
-    defaults = {"preset": ("base", "huge"), "per_shard": (256, 1024), "speed_shards": (8, 32), "batch": (8, 256),
-                "buffer_mb": (192, 4096)}  # fmt: skip
+    defaults = {
+        "preset": ("base", "huge"),
+        "per_shard": (256, 1024),
+        "speed_shards": (8, 32),
+        "batch": (8, 256),
+        "buffer_mb": (192, 4096),
+    }
     for name, (cpu_value, gpu_value) in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, gpu_value if gpu else cpu_value)

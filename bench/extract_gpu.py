@@ -38,9 +38,13 @@ def host_batch(n: int, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     tokens = rng.integers(1, 40_000, (n, 77)).astype(np.int64)
     tokens[:, 20] = 49_407  # an end-of-text id, as the tokenizer writes (the text head takes the largest id)
-    return {"kind": np.array(["sample"] * n, dtype=object), "reason": np.array([""] * n, dtype=object),
-            "uid": np.array([str(i) for i in range(n)], dtype=object),
-            "pixels": rng.integers(0, 256, (n, 224, 224, 3), dtype=np.uint8), "tokens": tokens}  # fmt: skip
+    return {
+        "kind": np.array(["sample"] * n, dtype=object),
+        "reason": np.array([""] * n, dtype=object),
+        "uid": np.array([str(i) for i in range(n)], dtype=object),
+        "pixels": rng.integers(0, 256, (n, 224, 224, 3), dtype=np.uint8),
+        "tokens": tokens,
+    }
 
 
 def _sync(device: torch.device) -> None:
@@ -48,8 +52,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def towers_rate(preset: str, batch: int, seconds: float, device: str = "cuda", dtype: str = "bfloat16",
-                weights: Weights = "auto", fp8: bool = False) -> float:  # fmt: skip
+def towers_rate(
+    preset: str,
+    batch: int,
+    seconds: float,
+    device: str = "cuda",
+    dtype: str = "bfloat16",
+    weights: Weights = "auto",
+    fp8: bool = False,
+) -> float:
     """Samples/s of the image and text towers in one `encode` call per batch, inputs on the device already."""
     encoder = load(preset, device, dtype, weights, fp8)
     host = host_batch(batch)
@@ -65,8 +76,16 @@ def towers_rate(preset: str, batch: int, seconds: float, device: str = "cuda", d
     return n / (time.perf_counter() - start)
 
 
-def actor_rate(preset: str, batch: int, seconds: float, device: str = "cuda", dtype: str = "bfloat16",
-               weights: Weights = "auto", fp8: bool = False, calls: int | None = None) -> float:  # fmt: skip
+def actor_rate(
+    preset: str,
+    batch: int,
+    seconds: float,
+    device: str = "cuda",
+    dtype: str = "bfloat16",
+    weights: Weights = "auto",
+    fp8: bool = False,
+    calls: int | None = None,
+) -> float:
     """Samples/s of the extraction actor on host batches, `calls` callers at once (default: as the stage lets Ray
     Data call a GPU actor, one call at a time on the CPU); every call returns its columns, so the time is whole."""
     actor = Encoder.wrapping(load(preset, device, dtype, weights, fp8))

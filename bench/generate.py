@@ -32,12 +32,30 @@ from model.llm.generate import Sampling, generate_ids
 from model.llm.model import ImageBindLLM
 
 PRESETS = {
-    "tiny": LLMConfig(vocab_size=512, dim=64, n_layers=4, n_heads=4, intermediate_size=176, query_layer=4,
-                      feature_dim=64, max_seq_len=256, lora_rank=4, lora_alpha=4.0),
-    "small": LLMConfig(vocab_size=32000, dim=512, n_layers=8, n_heads=8, intermediate_size=1376, query_layer=8,
-                       feature_dim=1024, max_seq_len=512),
+    "tiny": LLMConfig(
+        vocab_size=512,
+        dim=64,
+        n_layers=4,
+        n_heads=4,
+        intermediate_size=176,
+        query_layer=4,
+        feature_dim=64,
+        max_seq_len=256,
+        lora_rank=4,
+        lora_alpha=4.0,
+    ),
+    "small": LLMConfig(
+        vocab_size=32000,
+        dim=512,
+        n_layers=8,
+        n_heads=8,
+        intermediate_size=1376,
+        query_layer=8,
+        feature_dim=1024,
+        max_seq_len=512,
+    ),
     "7b": LLMConfig(),  # LLaMA-7B: 4096 wide, 32 layers, 32 heads, 11008 MLP, 32 adapter layers, LoRA rank 16
-}  # fmt: skip
+}
 
 
 def build(config: LLMConfig, device: torch.device, dtype: torch.dtype, seed: int = 0) -> ImageBindLLM:
@@ -85,8 +103,16 @@ def plain_llama(config: LLMConfig, device: torch.device, dtype: torch.dtype) -> 
         torch.set_default_dtype(previous)
 
 
-def measure(model: ImageBindLLM, config: LLMConfig, batch: int, greedy: Sampling, g: torch.Generator,
-            args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> str:  # fmt: skip
+def measure(
+    model: ImageBindLLM,
+    config: LLMConfig,
+    batch: int,
+    greedy: Sampling,
+    g: torch.Generator,
+    args: argparse.Namespace,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> str:
     """One batch size: today's path, the engine, and optionally the plain LLaMA; the line to print."""
     eos = config.vocab_size + 1
     lengths = [max(2, args.prompt - 3 * i) for i in range(batch)]  # ragged
@@ -95,21 +121,29 @@ def measure(model: ImageBindLLM, config: LLMConfig, batch: int, greedy: Sampling
     with torch.no_grad():
         visual = model.visual_query(feats)  # (B, 1, dim)
     tokens = batch * args.new_tokens
-    t_today, today = timed(functools.partial(generate_ids, model, prompts, visual, greedy, eos_id=eos), device,
-                           args.repeat)  # fmt: skip
+    t_today, today = timed(
+        functools.partial(generate_ids, model, prompts, visual, greedy, eos_id=eos), device, args.repeat
+    )
     engine = Engine(model, slots=batch, compile=args.compile)
     requests = [{"prompt": p, "visual": visual[i], "sampling": greedy, "eos_id": eos} for i, p in enumerate(prompts)]
     t_engine, fast = timed(functools.partial(engine.generate, requests), device, args.repeat)
     exact = "equal" if fast == today else "differ"
-    line = (f"batch {batch:3d}: today {tokens / t_today:9.1f} tok/s | engine {tokens / t_engine:9.1f} tok/s "
-            f"({t_today / t_engine:.1f}x; tokens {exact} to today's)")  # fmt: skip
+    line = (
+        f"batch {batch:3d}: today {tokens / t_today:9.1f} tok/s | engine {tokens / t_engine:9.1f} tok/s "
+        f"({t_today / t_engine:.1f}x; tokens {exact} to today's)"
+    )
     del engine
     if args.plain:
         plain = plain_llama(config, device, dtype)
         ids = torch.tensor([[0] * (args.prompt - len(p)) + p for p in prompts], device=device)
         mask = (torch.arange(args.prompt)[None] >= torch.tensor([args.prompt - n for n in lengths])[:, None]).to(device)
-        common = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
-                      eos_token_id=eos, pad_token_id=0)  # fmt: skip
+        common = dict(
+            max_new_tokens=args.new_tokens,
+            min_new_tokens=args.new_tokens,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=0,
+        )
         for name, extra in (("dynamic", {}), ("static", {"cache_implementation": "static"})):
             gen = GenerationConfig(**common, **extra)
             run = functools.partial(plain.generate, input_ids=ids, attention_mask=mask, generation_config=gen)
@@ -134,20 +168,27 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))  # fmt: skip
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
         args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32
     )
     config = PRESETS[args.preset]
     model = build(config, device, dtype)
     weights = sum(p.numel() * p.element_size() for p in model.base.parameters())
-    print(f"preset {args.preset} on {device} in {dtype}: {weights / 1e9:.2f} GB of LLaMA weights; "
-          f"{args.new_tokens} new tokens per request, prompts up to {args.prompt} tokens")  # fmt: skip
+    print(
+        f"preset {args.preset} on {device} in {dtype}: {weights / 1e9:.2f} GB of LLaMA weights; "
+        f"{args.new_tokens} new tokens per request, prompts up to {args.prompt} tokens"
+    )
     if device.type == "cuda":
         bound = args.bandwidth_tbs * 1e12 / weights
-        print(f"bandwidth bound of one decode step at {args.bandwidth_tbs} TB/s: {bound:.0f} steps/s "
-              f"(= tokens/s at batch 1)")  # fmt: skip
+        print(
+            f"bandwidth bound of one decode step at {args.bandwidth_tbs} TB/s: {bound:.0f} steps/s "
+            f"(= tokens/s at batch 1)"
+        )
     greedy = Sampling(temperature=0.0, max_new_tokens=args.new_tokens, max_seq_len=config.max_seq_len)
     g = torch.Generator().manual_seed(0)
     for batch in args.batches:

@@ -54,8 +54,10 @@ def extraction(seconds: float) -> None:
     actor = actor_rate("huge", 256, seconds)
     print(f"  towers, fp32 weights + bf16 autocast: {autocast:8.1f} samples/s")
     print(f"  towers, bf16 weights:                 {cast:8.1f} samples/s ({cast / autocast:.2f}x autocast)")
-    print(f"  extraction actor (host batches):      {actor:8.1f} samples/s ({actor / cast:.2f}x the towers; "
-          "target >= 1,150 and 0.96x)")  # fmt: skip
+    print(
+        f"  extraction actor (host batches):      {actor:8.1f} samples/s ({actor / cast:.2f}x the towers; "
+        "target >= 1,150 and 0.96x)"
+    )
     why = fp8_ready("cuda")
     if why:
         print(f"  FP8 vision trunk: not run ({why})")
@@ -84,15 +86,19 @@ def training(steps: int, peak: float) -> None:
         r = step_rate(stage=stage, shape="7b", micro_batch=mb, seq=seq, base_dtype=base, steps=steps, device="cuda")
         losses.setdefault((stage, mb, seq), {})[base] = r["losses"]
         share = r["tokens_per_s"] * GFLOP_PER_TOKEN_7B / 1e3 / peak
-        print(f"  {label:<40} {r['ms_per_step']:7.1f} ms/step, {r['samples_per_s']:7.1f} samples/s, "
-              f"{r['tokens_per_s']:8.0f} tokens/s, {share:.0%} of the peak, {r['peak_memory_gb']:.1f} GB peak"
-              f"{', fused kernels' if r['fused'] else ''}")  # fmt: skip
+        print(
+            f"  {label:<40} {r['ms_per_step']:7.1f} ms/step, {r['samples_per_s']:7.1f} samples/s, "
+            f"{r['tokens_per_s']:8.0f} tokens/s, {share:.0%} of the peak, {r['peak_memory_gb']:.1f} GB peak"
+            f"{', fused kernels' if r['fused'] else ''}"
+        )
         torch.cuda.empty_cache()
     for (stage, mb, seq), by_base in losses.items():
         if {"float32", "bfloat16"} <= set(by_base):
             gap = max(abs(a - b) for a, b in zip(by_base["float32"], by_base["bfloat16"], strict=True))
-            print(f"  stage {stage} {mb} x {seq}: losses of the bf16 base vs the fp32 base over {steps} steps differ "
-                  f"by at most {gap:.4f}")  # fmt: skip
+            print(
+                f"  stage {stage} {mb} x {seq}: losses of the bf16 base vs the fp32 base over {steps} steps differ "
+                f"by at most {gap:.4f}"
+            )
     print("  targets: stage 1 >= 45% and stage 2 >= 40% of the measured peak")
 
 
@@ -123,8 +129,10 @@ def fsdp_world_one() -> None:
             loss = model(micro.input_ids.cuda(), micro.features.cuda(), micro.labels.cuda(), sum_loss=True).loss
             loss.backward()
             losses.append(loss.detach().item())
-        print(f"  FSDP (nccl, world size 1): loss {losses[1]:.6f}, unsharded {losses[0]:.6f}, "
-              f"difference {abs(losses[1] - losses[0]):.2e}")  # fmt: skip
+        print(
+            f"  FSDP (nccl, world size 1): loss {losses[1]:.6f}, unsharded {losses[0]:.6f}, "
+            f"difference {abs(losses[1] - losses[0]):.2e}"
+        )
     finally:
         dist.destroy_process_group()
 
@@ -137,9 +145,11 @@ def main() -> None:
     p.add_argument("--skip-train", action="store_true")
     args = p.parse_args()
     if not torch.cuda.is_available():
-        print("bench/gpu.py measures a CUDA GPU and there is none here (torch.cuda.is_available() is False); "
-              "bench/extract_gpu.py and bench/train_gpu.py run their code on the CPU at tiny shapes",
-              file=sys.stderr)  # fmt: skip
+        print(
+            "bench/gpu.py measures a CUDA GPU and there is none here (torch.cuda.is_available() is False); "
+            "bench/extract_gpu.py and bench/train_gpu.py run their code on the CPU at tiny shapes",
+            file=sys.stderr,
+        )
         sys.exit(2)
     start = time.perf_counter()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")

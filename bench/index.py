@@ -44,11 +44,20 @@ def write_feature_set(root: str, x: np.ndarray, rng: np.random.Generator, parts:
         noisy = x[idx] + 0.5 * rng.normal(size=(len(idx), DIM)).astype(np.float32) / np.sqrt(DIM)
         path = os.path.join(root, f"part-{p:05d}.parquet")
         text = noisy / np.linalg.norm(noisy, axis=1, keepdims=True)  # held-out queries near their images
-        features.write_features(path, {
-            "uid": [f"u{i}" for i in idx], "source": ["cc3m"] * len(idx), "caption": [""] * len(idx),
-            "url": [""] * len(idx), "image_emb": x[idx], "text_emb": text,
-            "clip_score": np.zeros(len(idx)), "encoder_id": ["bench"] * len(idx),
-        }, DIM)  # fmt: skip
+        features.write_features(
+            path,
+            {
+                "uid": [f"u{i}" for i in idx],
+                "source": ["cc3m"] * len(idx),
+                "caption": [""] * len(idx),
+                "url": [""] * len(idx),
+                "image_emb": x[idx],
+                "text_emb": text,
+                "clip_score": np.zeros(len(idx)),
+                "encoder_id": ["bench"] * len(idx),
+            },
+            DIM,
+        )
         paths.append(path)
     return paths
 
@@ -76,14 +85,17 @@ def main() -> None:
         x = clustered(args.n, rng)
         files = write_feature_set(root, x, rng)
         ws = Workspace(os.path.join(root, "ws"))
-        settings = BuildSettings(max_index_memory=budget, index_key=args.index_key or None, rescore=args.rescore,
-                                 holdout=500)  # fmt: skip
+        settings = BuildSettings(
+            max_index_memory=budget, index_key=args.index_key or None, rescore=args.rescore, holdout=500
+        )
         with PeakMemory() as mem:
             meta = build(ws, "cache", files, "bench", DIM, "bench", settings)
-        print(f"N={args.n:,} dim {DIM}: built {meta['index_key']} in {meta['build_seconds']:.1f} s, peak PSS "
-              f"{mem.peak / 2**30:.2f} GB; index {meta['index_bytes'] / 2**20:.1f} MB = 1/"
-              f"{flat_bytes / meta['index_bytes']:.0f} of the flat fp32 index ({flat_bytes / 2**20:.0f} MB); "
-              f"fp16 value store {meta['values_bytes'] / 2**20:.0f} MB (separate)")  # fmt: skip
+        print(
+            f"N={args.n:,} dim {DIM}: built {meta['index_key']} in {meta['build_seconds']:.1f} s, peak PSS "
+            f"{mem.peak / 2**30:.2f} GB; index {meta['index_bytes'] / 2**20:.1f} MB = 1/"
+            f"{flat_bytes / meta['index_bytes']:.0f} of the flat fp32 index ({flat_bytes / 2**20:.0f} MB); "
+            f"fp16 value store {meta['values_bytes'] / 2**20:.0f} MB (separate)"
+        )
         index = CacheIndex.open(ws, "cache")
         q = x[rng.integers(0, args.n, 64)] + 0.02 * rng.normal(size=(64, DIM)).astype(np.float32)
         q = (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
@@ -112,8 +124,10 @@ def main() -> None:
 
         ref_ms, ours_ms = percentiles(reference, 5)[0], percentiles(ours, 20)[0]
         agree = torch.nn.functional.cosine_similarity(ours(), torch.from_numpy(reference()), dim=-1).min().item()
-        print(f"cache mixing, batch 64: reference way {ref_ms:.1f} ms, ours {ours_ms:.1f} ms, "
-              f"{ref_ms / ours_ms:.1f}x faster; min cosine between the two results {agree:.4f}")  # fmt: skip
+        print(
+            f"cache mixing, batch 64: reference way {ref_ms:.1f} ms, ours {ours_ms:.1f} ms, "
+            f"{ref_ms / ours_ms:.1f}x faster; min cosine between the two results {agree:.4f}"
+        )
 
 
 if __name__ == "__main__":

@@ -40,8 +40,26 @@ from pipelines.runtime.loader import sampling_defaults
 from pipelines.serve.app import create_app
 from pipelines.serve.scheduler import Scheduler, Ticket
 
-WORDS = ["a", "red", "green", "blue", "circle", "square", "star", "on", "the", "grass", "near", "water", "in", "box",
-         "small", "large", "shape", "colour"]  # fmt: skip
+WORDS = [
+    "a",
+    "red",
+    "green",
+    "blue",
+    "circle",
+    "square",
+    "star",
+    "on",
+    "the",
+    "grass",
+    "near",
+    "water",
+    "in",
+    "box",
+    "small",
+    "large",
+    "shape",
+    "colour",
+]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -104,8 +122,9 @@ def main() -> None:
 
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    child = multiprocessing.get_context("spawn").Process(target=serve_child, args=(args.width, slots, sock),
-                                                         daemon=True)  # fmt: skip
+    child = multiprocessing.get_context("spawn").Process(
+        target=serve_child, args=(args.width, slots, sock), daemon=True
+    )
     child.start()
     port = sock.getsockname()[1]
     for _ in range(600):
@@ -127,18 +146,23 @@ def main() -> None:
             raise RuntimeError(f"HTTP {response.status}: {data[:200]!r}")
 
     run_clients(2, 2, direct), run_clients(2, 2, over_http)  # warm-up
-    print(f"tiny model ({args.width} wide, 4 layers), {args.max_tokens} tokens per answer, {args.requests} requests "
-          f"per client, {slots} engine slots; the server in its own process")  # fmt: skip
+    print(
+        f"tiny model ({args.width} wide, 4 layers), {args.max_tokens} tokens per answer, {args.requests} requests "
+        f"per client, {slots} engine slots; the server in its own process"
+    )
     for clients in args.clients:  # the arms alternate, best of --repeat each: a shared CPU's noise hurts both
         runs_d, runs_h = [], []
         for _ in range(args.repeat):
             runs_d.append(run_clients(clients, args.requests, direct))
             runs_h.append(run_clients(clients, args.requests, over_http))
         (rate_d, lat_d), (rate_h, lat_h) = max(runs_d), max(runs_h)
-        print(f"{clients:3d} clients: direct {rate_d:7.1f} req/s (p50 {statistics.median(lat_d) * 1e3:6.1f} ms, "
-              f"p99 {percentile(lat_d, 0.99) * 1e3:6.1f} ms) | http {rate_h:7.1f} req/s "
-              f"(p50 {statistics.median(lat_h) * 1e3:6.1f} ms, p99 {percentile(lat_h, 0.99) * 1e3:6.1f} ms) | "
-              f"server overhead {1 - rate_h / rate_d:+.1%}", flush=True)  # fmt: skip
+        print(
+            f"{clients:3d} clients: direct {rate_d:7.1f} req/s (p50 {statistics.median(lat_d) * 1e3:6.1f} ms, "
+            f"p99 {percentile(lat_d, 0.99) * 1e3:6.1f} ms) | http {rate_h:7.1f} req/s "
+            f"(p50 {statistics.median(lat_h) * 1e3:6.1f} ms, p99 {percentile(lat_h, 0.99) * 1e3:6.1f} ms) | "
+            f"server overhead {1 - rate_h / rate_d:+.1%}",
+            flush=True,
+        )
     child.terminate()
     scheduler.close()
 

@@ -33,10 +33,54 @@ from stores.workspace import Workspace
 
 DIM = 1024
 PROMPT = format_prompt(CAPTION_INSTRUCTION)
-WORDS = ["a", "the", "of", "on", "in", "with", "and", "man", "woman", "dog", "cat", "car", "street", "city", "beach",
-         "red", "blue", "green", "old", "young", "small", "large", "house", "tree", "sky", "water", "people",
-         "walking", "sitting", "standing", "holding", "near", "front", "background", "view", "night", "sunset",
-         "portrait", "illustration", "vector", "isolated", "white", "black", "beautiful", "road", "field"]  # fmt: skip
+WORDS = [
+    "a",
+    "the",
+    "of",
+    "on",
+    "in",
+    "with",
+    "and",
+    "man",
+    "woman",
+    "dog",
+    "cat",
+    "car",
+    "street",
+    "city",
+    "beach",
+    "red",
+    "blue",
+    "green",
+    "old",
+    "young",
+    "small",
+    "large",
+    "house",
+    "tree",
+    "sky",
+    "water",
+    "people",
+    "walking",
+    "sitting",
+    "standing",
+    "holding",
+    "near",
+    "front",
+    "background",
+    "view",
+    "night",
+    "sunset",
+    "portrait",
+    "illustration",
+    "vector",
+    "isolated",
+    "white",
+    "black",
+    "beautiful",
+    "road",
+    "field",
+]
 
 
 def make_captions(n: int, rng: np.random.Generator) -> list[str]:
@@ -51,11 +95,20 @@ def write_parts(root: str, captions: Sequence[str], parts: int, rng: np.random.G
         emb = rng.standard_normal((len(idx), DIM)).astype(np.float32)
         emb /= np.linalg.norm(emb, axis=1, keepdims=True)
         path = os.path.join(root, f"part-{p:05d}.parquet")
-        features.write_features(path, {
-            "uid": [f"u{i}" for i in idx], "source": ["bench"] * len(idx), "caption": [captions[i] for i in idx],
-            "url": [""] * len(idx), "image_emb": emb, "text_emb": emb, "clip_score": np.zeros(len(idx)),
-            "encoder_id": ["bench"] * len(idx),
-        }, DIM)  # fmt: skip
+        features.write_features(
+            path,
+            {
+                "uid": [f"u{i}" for i in idx],
+                "source": ["bench"] * len(idx),
+                "caption": [captions[i] for i in idx],
+                "url": [""] * len(idx),
+                "image_emb": emb,
+                "text_emb": emb,
+                "clip_score": np.zeros(len(idx)),
+                "encoder_id": ["bench"] * len(idx),
+            },
+            DIM,
+        )
         paths.append(path)
     return paths
 
@@ -68,15 +121,17 @@ def make_model(vocab: int) -> tuple[ImageBindLLM, torch.optim.Optimizer]:
     return model, torch.optim.AdamW(decay_groups(trainable, 0.05), lr=1e-4, betas=(0.9, 0.95))
 
 
-def train_step(model: ImageBindLLM, opt: torch.optim.Optimizer, ids: torch.Tensor, labels: torch.Tensor,
-               feats: torch.Tensor) -> None:  # fmt: skip
+def train_step(
+    model: ImageBindLLM, opt: torch.optim.Optimizer, ids: torch.Tensor, labels: torch.Tensor, feats: torch.Tensor
+) -> None:
     model(ids, feats, labels=labels).loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
 
 
-def paired_s(a: Callable[[int], object], b: Callable[[int], object], steps: int, warmup: int,
-             seconds: float) -> tuple[float, float]:  # fmt: skip
+def paired_s(
+    a: Callable[[int], object], b: Callable[[int], object], steps: int, warmup: int, seconds: float
+) -> tuple[float, float]:
     """Fastest seconds of a(i) and of b(i): at least `steps` timed calls each and `seconds` in all, after `warmup`.
 
     The two are called in turn, so that both see the same load; the fastest call, as other work on a shared
@@ -96,8 +151,16 @@ def paired_s(a: Callable[[int], object], b: Callable[[int], object], steps: int,
     return min(times[0]), min(times[1])
 
 
-def loader_vs_model(files: list[str], n: int, tok: BPETokenizer, batch: int, max_words: int, model: ImageBindLLM,
-                    opt: torch.optim.Optimizer, warmup: int = 2) -> tuple[float, float, list[Micro]]:  # fmt: skip
+def loader_vs_model(
+    files: list[str],
+    n: int,
+    tok: BPETokenizer,
+    batch: int,
+    max_words: int,
+    model: ImageBindLLM,
+    opt: torch.optim.Optimizer,
+    warmup: int = 2,
+) -> tuple[float, float, list[Micro]]:
     """Samples/s of the loader and of the model step, taking turns over one epoch; and the epoch's batches.
 
     The loader's rate counts all its time: reading the parts, shuffling, tokenising, collating. The model's is its
@@ -120,12 +183,18 @@ def loader_vs_model(files: list[str], n: int, tok: BPETokenizer, batch: int, max
 def jpegs(n: int) -> list[bytes]:
     """Photo-sized (384 x 288) JPEGs of drawn shapes with sensor noise."""
     colours, backs = sorted(COLORS), sorted(BACKGROUNDS)
-    return [encode_image(draw_shape((384, 288), SHAPES[i % len(SHAPES)], colours[i % len(colours)],
-                                    backs[i % len(backs)], 0.5, i), "jpg") for i in range(n)]  # fmt: skip
+    return [
+        encode_image(
+            draw_shape((384, 288), SHAPES[i % len(SHAPES)], colours[i % len(colours)], backs[i % len(backs)], 0.5, i),
+            "jpg",
+        )
+        for i in range(n)
+    ]
 
 
-def encoder_steps(preset: str, model: ImageBindLLM, opt: torch.optim.Optimizer, micro: Micro, steps: int,
-                  seconds: float) -> tuple[float, float]:  # fmt: skip
+def encoder_steps(
+    preset: str, model: ImageBindLLM, opt: torch.optim.Optimizer, micro: Micro, steps: int, seconds: float
+) -> tuple[float, float]:
     """Seconds per stage-1 step with cached features and with decode + preprocess + ImageBind in the loop."""
     encoder = ImageBind.load(preset, seed=0, device="cpu", dtype="float32")
     images = jpegs(len(micro.input_ids))
@@ -141,15 +210,28 @@ def encoder_steps(preset: str, model: ImageBindLLM, opt: torch.optim.Optimizer, 
     return paired_s(cached, in_loop, steps, 1, seconds)
 
 
-def padding(model: ImageBindLLM, opt: torch.optim.Optimizer, tok: BPETokenizer, captions: Sequence[str],
-            max_words: int, batch: int, steps: int, seconds: float) -> tuple[float, float, int, float]:  # fmt: skip
+def padding(
+    model: ImageBindLLM,
+    opt: torch.optim.Optimizer,
+    tok: BPETokenizer,
+    captions: Sequence[str],
+    max_words: int,
+    batch: int,
+    steps: int,
+    seconds: float,
+) -> tuple[float, float, int, float]:
     """Real tokens/s padding one batch to its longest and to max_words, its padded length and mean real length."""
     examples = [encode_example(tok, PROMPT, c, max_words) for c in captions[:batch]]
     feats = torch.nn.functional.normalize(torch.randn(batch, DIM), dim=-1)
     real = sum(len(t) for t, _ in examples)
     (ids, labels), (padded_ids, padded_labels) = (collate(examples, 0, pad_to) for pad_to in (None, max_words))
-    secs = paired_s(lambda _: train_step(model, opt, ids, labels, feats),
-                    lambda _: train_step(model, opt, padded_ids, padded_labels, feats), steps, 2, seconds)  # fmt: skip
+    secs = paired_s(
+        lambda _: train_step(model, opt, ids, labels, feats),
+        lambda _: train_step(model, opt, padded_ids, padded_labels, feats),
+        steps,
+        2,
+        seconds,
+    )
     return real / secs[0], real / secs[1], ids.shape[1], real / batch
 
 
@@ -173,13 +255,16 @@ def main() -> None:
     captions = make_captions(args.rows, rng)
     tok = train_bpe_tokenizer([PROMPT] * 4 + captions[:2000], vocab_size=1000)
     model, opt = make_model(tok.n_words)
-    print(f"{os.cpu_count()} cores (load average {os.getloadavg()[0]:.1f}), {args.threads} torch threads; tiny LLM "
-          f"(vocab {tok.n_words}), stage 1, batch {args.batch}, {args.rows} feature rows")  # fmt: skip
+    print(
+        f"{os.cpu_count()} cores (load average {os.getloadavg()[0]:.1f}), {args.threads} torch threads; tiny LLM "
+        f"(vocab {tok.n_words}), stage 1, batch {args.batch}, {args.rows} feature rows"
+    )
     table: list[tuple[str, str]] = []
     with tempfile.TemporaryDirectory() as root:
         files = write_parts(root, captions, 8, rng)
-        load_rate, model_rate, micros = loader_vs_model(files, args.rows, tok, args.batch, args.max_words[0],
-                                                        model, opt)  # fmt: skip
+        load_rate, model_rate, micros = loader_vs_model(
+            files, args.rows, tok, args.batch, args.max_words[0], model, opt
+        )
     ratio = load_rate / model_rate
     print(
         f"loader {load_rate:,.0f} samples/s (one epoch, tokenising included); model step {model_rate:,.0f} "
@@ -198,8 +283,9 @@ def main() -> None:
         )
         table.append((f"encoder in loop / cached, ImageBind {preset}", f"{in_loop / cached:.1f}x"))
     for max_words in args.max_words:
-        longest, padded, length, mean = padding(model, opt, tok, captions, max_words, args.batch, args.steps,
-                                                args.seconds)  # fmt: skip
+        longest, padded, length, mean = padding(
+            model, opt, tok, captions, max_words, args.batch, args.steps, args.seconds
+        )
         print(
             f"max_words {max_words}: pad to longest ({length}) {longest:,.0f} real tokens/s, pad to {max_words} "
             f"{padded:,.0f}; {longest / padded:.1f}x (mean real length {mean:.0f})"

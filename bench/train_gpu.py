@@ -48,8 +48,9 @@ class _Session:
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         return t
 
-    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None, step: int, history: list | None = None
-               ) -> None:  # fmt: skip
+    def report(
+        self, metrics: dict[str, Any], checkpoint_dir: str | None, step: int, history: list | None = None
+    ) -> None:
         pass
 
     def resume_dir(self) -> str | None:
@@ -59,8 +60,9 @@ class _Session:
         pass
 
 
-def synthetic_steps(config: LLMConfig, micro_batch: int, seq: int, answer_share: float, seed: int = 0
-                    ) -> Iterator[list[Micro]]:  # fmt: skip
+def synthetic_steps(
+    config: LLMConfig, micro_batch: int, seq: int, answer_share: float, seed: int = 0
+) -> Iterator[list[Micro]]:
     """One micro-batch a step: random tokens, unit features, the last `answer_share` of every sequence labelled."""
     g = torch.Generator().manual_seed(seed)
     answer = max(1, round(seq * answer_share))
@@ -110,8 +112,17 @@ def step_rate(
     if cuda:
         torch.cuda.synchronize(device)
     stream = synthetic_steps(config, micro_batch, seq, share)
-    state = train(_Session(device), model, STAGE_PHASE[stage], lambda start: stream, hyper, checkpoint_every=steps,
-                  on_step=on_step, compute=compute, save=False)  # fmt: skip
+    state = train(
+        _Session(device),
+        model,
+        STAGE_PHASE[stage],
+        lambda start: stream,
+        hyper,
+        checkpoint_every=steps,
+        on_step=on_step,
+        compute=compute,
+        save=False,
+    )
     seconds = [h["seconds"] for h in state.history]
     timed = seconds[WARMUP:] or seconds
     step_s = statistics.median(timed)
@@ -120,13 +131,22 @@ def step_rate(
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
     return {
-        "stage": stage, "shape": shape, "micro_batch": micro_batch, "seq": seq, "device": str(device),
+        "stage": stage,
+        "shape": shape,
+        "micro_batch": micro_batch,
+        "seq": seq,
+        "device": str(device),
         "base_dtype": str(model.base.lm_head.weight.dtype).removeprefix("torch."),
-        "fused": model.fused_loss is not None, "checkpointing": checkpointing, "steps": steps,
-        "ms_per_step": step_s * 1e3, "samples_per_s": micro_batch / step_s, "tokens_per_s": micro_batch * seq / step_s,
-        "answer_tokens_per_s": state.history[-1]["tokens"] / step_s, "peak_memory_gb": peak,
+        "fused": model.fused_loss is not None,
+        "checkpointing": checkpointing,
+        "steps": steps,
+        "ms_per_step": step_s * 1e3,
+        "samples_per_s": micro_batch / step_s,
+        "tokens_per_s": micro_batch * seq / step_s,
+        "answer_tokens_per_s": state.history[-1]["tokens"] / step_s,
+        "peak_memory_gb": peak,
         "losses": [h["loss"] for h in state.history],
-    }  # fmt: skip
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -141,8 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args(argv)
-    out = step_rate(a.stage, a.shape, a.micro_batch, a.seq, a.base_dtype, a.fused, a.checkpointing, a.steps,
-                    a.device)  # fmt: skip
+    out = step_rate(a.stage, a.shape, a.micro_batch, a.seq, a.base_dtype, a.fused, a.checkpointing, a.steps, a.device)
     json.dump(out, sys.stdout, indent=1)
     print()
 

@@ -22,11 +22,18 @@ def funnel(result: CurateResult) -> None:
 
 def report(result: ReportResult) -> None:
     """The report's totals as markdown, with the path of the HTML report."""
-    lines = ["# Curation report", "", f"HTML report: `{result.html}`", "",
-             "| source | metadata rows | curated | attempted | downloaded |", "|---|---:|---:|---:|---:|"]  # fmt: skip
+    lines = [
+        "# Curation report",
+        "",
+        f"HTML report: `{result.html}`",
+        "",
+        "| source | metadata rows | curated | attempted | downloaded |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for t in result.totals:
-        lines.append(f"| {t['source']} | {t['metadata_rows']} | {t['curated_rows']} | {t['attempted']} | "
-                     f"{t['downloaded']} |")  # fmt: skip
+        lines.append(
+            f"| {t['source']} | {t['metadata_rows']} | {t['curated_rows']} | {t['attempted']} | {t['downloaded']} |"
+        )
     create_markdown_artifact("\n".join(lines), key="curation-report", description="Curation report summary")
 
 
@@ -40,12 +47,16 @@ def training(result: TrainResult) -> None:
 
 def evaluation(result: EvalResult) -> None:
     """Held-out loss, perplexity and the shuffled-feature loss of a checkpoint."""
-    create_table_artifact([result.model_dump(exclude={"checkpoint"})], key=f"evaluation-stage{result.stage}",
-                          description=result.summary())  # fmt: skip
+    create_table_artifact(
+        [result.model_dump(exclude={"checkpoint"})], key=f"evaluation-stage{result.stage}", description=result.summary()
+    )
 
 
 def benchmark(result: BenchmarkResult | ZeroShotResult) -> None:
     """A benchmark's table (MME: a row per subtask and the totals), and where its report is."""
     name = result.benchmark if isinstance(result, BenchmarkResult) else f"zeroshot-{result.kind}"
-    create_markdown_artifact(f"# {name}\n\n```\n{result.summary()}\n```", key="benchmark",
-                             description="benchmark scores; the HTML report is in the workspace")  # fmt: skip
+    create_markdown_artifact(
+        f"# {name}\n\n```\n{result.summary()}\n```",
+        key="benchmark",
+        description="benchmark scores; the HTML report is in the workspace",
+    )

@@ -168,16 +168,24 @@ def cmd_generate(cfg: Config, args: argparse.Namespace) -> BaseModel:
     from pipelines.runtime.inputs import check_weighted_inputs, make_request, parse_weights, read_history
 
     request = make_request(
-        {"image": args.image, "audio": args.audio, "video": args.video, "point": args.point, "text": args.text,
-         "weights": parse_weights(args.weight), "prompt": args.prompt,
-         "seed": cfg.seed if args.seed is None else args.seed}
-    )  # fmt: skip
+        {
+            "image": args.image,
+            "audio": args.audio,
+            "video": args.video,
+            "point": args.point,
+            "text": args.text,
+            "weights": parse_weights(args.weight),
+            "prompt": args.prompt,
+            "seed": cfg.seed if args.seed is None else args.seed,
+        }
+    )
     if not args.requests:  # with a requests file the options are defaults: a line may give the input they weigh
         check_weighted_inputs(request)
     if args.history:
         if args.requests:
-            raise InputError("--history is the conversation of one request: with --requests give each line its "
-                             "own history field")  # fmt: skip
+            raise InputError(
+                "--history is the conversation of one request: with --requests give each line its own history field"
+            )
         request = request.model_copy(update={"history": read_history(args.history)})
     if args.output and os.path.exists(args.output) and not args.force:
         raise InputError(f"--output {args.output} exists: add --force to replace it")
@@ -206,9 +214,18 @@ def cmd_imagine(cfg: Config, args: argparse.Namespace) -> BaseModel:
     from pipelines.apps import imagine
     from pipelines.runtime.inputs import check_weighted_inputs, make_request, parse_weights
 
-    request = make_request({"image": args.image, "audio": args.audio, "video": args.video, "point": args.point,
-                            "text": args.text, "weights": parse_weights(args.weight), "prompt": args.prompt,
-                            "seed": cfg.seed if args.seed is None else args.seed})  # fmt: skip
+    request = make_request(
+        {
+            "image": args.image,
+            "audio": args.audio,
+            "video": args.video,
+            "point": args.point,
+            "text": args.text,
+            "weights": parse_weights(args.weight),
+            "prompt": args.prompt,
+            "seed": cfg.seed if args.seed is None else args.seed,
+        }
+    )
     if not args.requests:
         check_weighted_inputs(request)
     return imagine.run(cfg, request, out=args.picture, requests_file=args.requests, force=args.force)
@@ -271,11 +288,17 @@ COMMANDS: dict[str, tuple[Command, str]] = {
 
 # The model settings each command loads (checked before it starts); commands absent here load no model.
 MODEL_INPUTS: dict[str, tuple[str, ...]] = {
-    "extract": ENCODER_PATHS, "index": ENCODER_PATHS, "train": MODEL_PATHS, "evaluate": MODEL_PATHS,
+    "extract": ENCODER_PATHS,
+    "index": ENCODER_PATHS,
+    "train": MODEL_PATHS,
+    "evaluate": MODEL_PATHS,
     "imagine": (*ENCODER_PATHS, "point_checkpoint"),
-    "retrain": MODEL_PATHS, "generate": MODEL_PATHS, "chat": MODEL_PATHS, "serve": MODEL_PATHS,
+    "retrain": MODEL_PATHS,
+    "generate": MODEL_PATHS,
+    "chat": MODEL_PATHS,
+    "serve": MODEL_PATHS,
     "demo": MODEL_PATHS,
-}  # fmt: skip
+}
 NO_WORKSPACE = ("config", "convert")
 
 
@@ -302,8 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _configure_logging(verbose: bool, debug: bool) -> None:
     fmt, datefmt = "%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr, format=fmt,
-                        datefmt=datefmt)  # fmt: skip
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr, format=fmt, datefmt=datefmt
+    )
     if not debug:  # a failure is one line; --debug shows where it came from
         for handler in logging.getLogger().handlers:
             handler.setFormatter(BriefFormatter(fmt, datefmt))

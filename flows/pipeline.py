@@ -166,6 +166,17 @@ def pipeline_flow(
         mme = demo_mme_task(cfg, s2.checkpoint)
         artifacts.benchmark(mme)
     return PipelineResult(
-        workspace=cfg.workspace, curation=cur, extract=ext, index=idx, report=rep, base=base, stage1=s1,
-        instructions=ins, stage2=s2, evaluation=ev, check=check, answers=answers, mme=mme,
-    )  # fmt: skip
+        workspace=cfg.workspace,
+        curation=cur,
+        extract=ext,
+        index=idx,
+        report=rep,
+        base=base,
+        stage1=s1,
+        instructions=ins,
+        stage2=s2,
+        evaluation=ev,
+        check=check,
+        answers=answers,
+        mme=mme,
+    )

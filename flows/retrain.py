@@ -60,8 +60,13 @@ def inputs_task(cfg: Config) -> BaseModel | None:
         return made
 
 
-@stage_task(name="retrain-train", task_run_name="retrain-stage{stage}", retries=1, retry_delay_seconds=10,
-      timeout_seconds=30 * DAY)  # fmt: skip
+@stage_task(
+    name="retrain-train",
+    task_run_name="retrain-stage{stage}",
+    retries=1,
+    retry_delay_seconds=10,
+    timeout_seconds=30 * DAY,
+)
 def candidate_task(cfg: Config, stage: int, init: str | None) -> TrainResult:
     """Train a stage of the candidate (a retry continues the same run)."""
     return retrain.train_candidate(cfg, stage, init)
@@ -95,8 +100,16 @@ def retrain_flow(
     s2 = candidate_task(cfg, 2, s1.checkpoint)
     artifacts.training(s2)
     decision = decide_task(cfg, plan, s1, s2)
-    result = RetrainResult(plan=plan, extract=ext, index=idx, inputs=inputs, stage1=s1, stage2=s2,
-                                   decision=decision, seconds=round(time.perf_counter() - start, 3))  # fmt: skip
+    result = RetrainResult(
+        plan=plan,
+        extract=ext,
+        index=idx,
+        inputs=inputs,
+        stage1=s1,
+        stage2=s2,
+        decision=decision,
+        seconds=round(time.perf_counter() - start, 3),
+    )
     _decision_artifact(result)
     logger.info("%s", decision.summary())
     return result
@@ -108,9 +121,13 @@ def _decision_artifact(result: RetrainResult) -> None:
     lines = ["# Retrain", "", result.plan.summary(), ""]
     if d is not None:
         inc = d.incumbent
-        lines += [f"**{'Promoted' if d.promoted else 'Not promoted'}**: {d.reason}", "",
-                  f"| model | stage-2 run | {d.metric} |", "|---|---|---:|",
-                  f"| candidate | {d.candidate.stage2_run_id} | {_value(d.candidate.value)} |"]  # fmt: skip
+        lines += [
+            f"**{'Promoted' if d.promoted else 'Not promoted'}**: {d.reason}",
+            "",
+            f"| model | stage-2 run | {d.metric} |",
+            "|---|---|---:|",
+            f"| candidate | {d.candidate.stage2_run_id} | {_value(d.candidate.value)} |",
+        ]
         if inc is not None:
             lines.append(f"| in service | {inc.stage2_run_id} | {_value(inc.value)} |")
         lines += ["", f"Lineage: `{d.lineage}`"]

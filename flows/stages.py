@@ -130,8 +130,9 @@ def benchmark_flow(
     """A benchmark of a checkpoint (default: the promoted model, else the newest run) or of the encoders: its
     results JSON and HTML report in the workspace, its rows in the catalog, its table as an artifact. `checkpoint`,
     `cache` and `batch` stand for `infer.checkpoint`, `infer.use_cache` and `infer.batch`."""
-    cfg = with_settings(resolve_config(config, overrides), _given(checkpoint=checkpoint, use_cache=cache or None,
-                                                                  batch=batch))  # fmt: skip
+    cfg = with_settings(
+        resolve_config(config, overrides), _given(checkpoint=checkpoint, use_cache=cache or None, batch=batch)
+    )
     result = benchmark_task(cfg, benchmark, data, limit, subtasks, images)
     artifacts.benchmark(result)
     get_run_logger().info("%s", result.summary())

@@ -66,8 +66,13 @@ def curate_task(cfg: Config, force: bool = False) -> curate.CurateResult:
     return curate.run(cfg, force=force)
 
 
-@stage_task(name="download-source", task_run_name="download-{source}", retries=2, retry_delay_seconds=10,
-      timeout_seconds=7 * DAY)  # fmt: skip
+@stage_task(
+    name="download-source",
+    task_run_name="download-{source}",
+    retries=2,
+    retry_delay_seconds=10,
+    timeout_seconds=7 * DAY,
+)
 def download_source_task(cfg: Config, source: str, force: bool = False) -> download.SourceDownload:
     """Download one source's url lists; a retry resumes from its committed shards."""
     return download.download_source(cfg, Workspace(cfg.workspace, cfg.storage_options), source, force)

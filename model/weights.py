@@ -79,8 +79,15 @@ def check_state(
         if tuple(state[k].shape) != tuple(expected[k])
     )
     if missing or unexpected or shapes:
-        parts = [_listing(lbl, ks) for lbl, ks in (("missing", missing), ("unexpected", unexpected),
-                                                   ("with other shapes (file vs model)", shapes)) if ks]  # fmt: skip
+        parts = [
+            _listing(lbl, ks)
+            for lbl, ks in (
+                ("missing", missing),
+                ("unexpected", unexpected),
+                ("with other shapes (file vs model)", shapes),
+            )
+            if ks
+        ]
         raise CheckpointMismatch(f"{origin} does not fit {what}: " + "; ".join(parts))
 
 

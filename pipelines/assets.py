@@ -88,8 +88,10 @@ def clip_vocab_bytes(cfg: Config, ws: Workspace) -> bytes:
         raise ConfigError("model.imagebind_vocab is required with the huge encoder (bpe_simple_vocab_16e6.txt.gz)")
     path = ws.path(*DEMO_VOCAB)
     if not ws.exists(path):
-        raise InputError(f"model.imagebind_vocab is not set and the demo's vocabulary {ws.as_url(path)} is not "
-                         "there: set model.imagebind_vocab (on the demo, `ibllm extract` learns one)")  # fmt: skip
+        raise InputError(
+            f"model.imagebind_vocab is not set and the demo's vocabulary {ws.as_url(path)} is not "
+            "there: set model.imagebind_vocab (on the demo, `ibllm extract` learns one)"
+        )
     return ws.read_bytes(path)
 
 

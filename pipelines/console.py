@@ -20,9 +20,13 @@ INTERVAL_ENV = "IBLLM_PROGRESS_SECONDS"  # seconds between progress lines (defau
 # shard, and its bar of shards (the download stage prints its own progress line per interval instead).
 _NUMBERS = re.compile(r"0x[0-9a-fA-F]+|\d+")  # what differs between repeats of one message
 IMG2DATASET_CHATTER = (
-    r"^Starting the downloading of this file", r"^Sharding file number \d+ of \d+", r"^File sharded in \d+ shards",
-    r"^Downloading starting now, check your bandwidth", r"^(worker|total)\s+- success:", r"^\s*\d+it \[",
-)  # fmt: skip
+    r"^Starting the downloading of this file",
+    r"^Sharding file number \d+ of \d+",
+    r"^File sharded in \d+ shards",
+    r"^Downloading starting now, check your bandwidth",
+    r"^(worker|total)\s+- success:",
+    r"^\s*\d+it \[",
+)
 # What other libraries log at INFO that says nothing to a user: Prefect's lines at each flow or task run's start and
 # end (a stage's own result line says it ran; failures are warnings and errors, and stay).
 LOG_CHATTER = (r"^Finished in state Completed\(\)$", r"^Beginning (sub)?flow run ", *IMG2DATASET_CHATTER)

@@ -13,8 +13,14 @@ if TYPE_CHECKING:
     from pipelines.config import Config
 
 # The model settings that name files or folders loaded by a stage.
-MODEL_PATHS = ("imagebind_checkpoint", "imagebind_vocab", "point_checkpoint", "llama_path", "tokenizer_path",
-               "adapter_checkpoint")  # fmt: skip
+MODEL_PATHS = (
+    "imagebind_checkpoint",
+    "imagebind_vocab",
+    "point_checkpoint",
+    "llama_path",
+    "tokenizer_path",
+    "adapter_checkpoint",
+)
 ENCODER_PATHS = ("imagebind_checkpoint", "imagebind_vocab")
 
 

@@ -48,8 +48,7 @@ RETRYABLE_SQL = "reason IN ('timeout', 'connection', 'http_429') OR regexp_match
 DOWNLOAD_COLUMNS = (
     "uid, source, similarity, caption, url, key, status, error_message, width, height, original_width, original_height"
 )
-VIEWS = ("metadata", "curated", "funnel", "features", "feature_failures", "evaluations", "downloads",
-         "download_latest")  # fmt: skip
+VIEWS = ("metadata", "curated", "funnel", "features", "feature_failures", "evaluations", "downloads", "download_latest")
 EMPTY = {
     "metadata": "SELECT NULL::VARCHAR AS uid, NULL::VARCHAR AS source, NULL::VARCHAR AS url, NULL::VARCHAR AS caption, "
     "NULL::DOUBLE AS similarity, NULL::BIGINT AS width, NULL::BIGINT AS height, NULL::DOUBLE AS punsafe, "
@@ -148,10 +147,11 @@ class Catalog:
         failed = [f for f in extracted if os.path.basename(f).startswith("failures-")]
         self._view("features", parts, "SELECT * FROM read_parquet($files, union_by_name = true)")
         self._view(
-            "feature_failures", failed,
+            "feature_failures",
+            failed,
             "SELECT *, regexp_extract(filename, 'features/([^/]+)/', 1) AS encoder_id "
             "FROM read_parquet($files, filename = true) ",
-        )  # fmt: skip
+        )
         held_out = self.ws.glob(self.ws.path("checkpoints", "*", "*", "evaluations", "*.json"))
         benchmarks = self.ws.glob(self.ws.path("evaluations", "*", "*", "record.json"))  # arrays of rows
         evaluations = sorted(self._ref(f) for f in held_out + benchmarks)

@@ -16,9 +16,14 @@ from stores.ledger import Ledger
 from stores.workspace import Workspace
 
 FAILURE_SCHEMA = pa.schema(
-    [("uid", pa.string()), ("source", pa.string()), ("url", pa.string()), ("caption", pa.string()),
-     ("reason", pa.string())]
-)  # fmt: skip
+    [
+        ("uid", pa.string()),
+        ("source", pa.string()),
+        ("url", pa.string()),
+        ("caption", pa.string()),
+        ("reason", pa.string()),
+    ]
+)
 META = "meta.json"
 
 
@@ -26,9 +31,17 @@ def feature_schema(dim: int) -> pa.Schema:
     """uid, source, caption, url, image_emb and text_emb (fp16, `dim` wide), clip_score, encoder_id."""
     emb = pa.list_(pa.float16(), dim)
     return pa.schema(
-        [("uid", pa.string()), ("source", pa.string()), ("caption", pa.string()), ("url", pa.string()),
-         ("image_emb", emb), ("text_emb", emb), ("clip_score", pa.float32()), ("encoder_id", pa.string())]
-    )  # fmt: skip
+        [
+            ("uid", pa.string()),
+            ("source", pa.string()),
+            ("caption", pa.string()),
+            ("url", pa.string()),
+            ("image_emb", emb),
+            ("text_emb", emb),
+            ("clip_score", pa.float32()),
+            ("encoder_id", pa.string()),
+        ]
+    )
 
 
 def _fixed(values: np.ndarray, dim: int) -> pa.FixedSizeListArray:

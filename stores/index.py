@@ -119,23 +119,33 @@ def build(
             key, param = choose_key(n, dim, cast_memory_to_bytes(settings.max_index_memory))
         metric = metric_for(key, dim)
         index, infos = build_index(
-            embeddings=os.path.join(scratch, "emb"), index_path=os.path.join(scratch, INDEX_FILE),
-            index_infos_path=os.path.join(scratch, "infos.json"), index_key=key, index_param=param,
-            max_index_memory_usage=settings.max_index_memory, current_memory_available="8G",
-            max_index_query_time_ms=settings.max_query_ms, metric_type=metric,
+            embeddings=os.path.join(scratch, "emb"),
+            index_path=os.path.join(scratch, INDEX_FILE),
+            index_infos_path=os.path.join(scratch, "infos.json"),
+            index_key=key,
+            index_param=param,
+            max_index_memory_usage=settings.max_index_memory,
+            current_memory_available="8G",
+            max_index_query_time_ms=settings.max_query_ms,
+            metric_type=metric,
             verbose=logging.WARNING,
-        )  # fmt: skip
+        )
         if index is None:
             raise RuntimeError(f"autofaiss could not build an index within {settings.max_index_memory}")
         meta = {
-            "name": name, "encoder_id": encoder_id, "fingerprint": fingerprint, "dim": dim, "count": n,
+            "name": name,
+            "encoder_id": encoder_id,
+            "fingerprint": fingerprint,
+            "dim": dim,
+            "count": n,
             "index_key": (infos or {}).get("index_key") or key,
             "index_param": (infos or {}).get("index_param") or param,
-            "metric": metric, "settings": settings.__dict__,
+            "metric": metric,
+            "settings": settings.__dict__,
             "index_bytes": os.path.getsize(os.path.join(scratch, INDEX_FILE)),
             "values": settings.values,
             "values_bytes": os.path.getsize(os.path.join(scratch, VALUE_FILES[settings.values])),
-        }  # fmt: skip
+        }
         opened = CacheIndex(scratch, meta)
         truth = exact_top_k(opened.values, queries, 10)
         nprobe, meta["rescore"], meta["recall_at_10"] = tune_search(
@@ -204,8 +214,12 @@ class CacheIndex:
             try:
                 self.index = faiss.index_cpu_to_all_gpus(self.index)
             except RuntimeError as e:  # faiss-gpu has no fast-scan PQ, for one: the CPU index serves instead
-                log.warning("index %s (%s) stays on the CPU: faiss-gpu cannot hold it: %s",
-                            meta.get("name"), meta.get("index_key"), e)  # fmt: skip
+                log.warning(
+                    "index %s (%s) stays on the CPU: faiss-gpu cannot hold it: %s",
+                    meta.get("name"),
+                    meta.get("index_key"),
+                    e,
+                )
         values = value_type(meta)
         self.values = np.memmap(os.path.join(folder, VALUE_FILES[values]), values, "r", shape=(self.count, self.dim))
         self.rows = pq.read_table(os.path.join(folder, ROWS))

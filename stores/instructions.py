@@ -216,8 +216,13 @@ def _pairs(record: dict[str, Any]) -> list[tuple[str, str]]:
 def _samples(record: Any, layout: str, keep_image_token: bool, counts: dict[str, int]) -> list[tuple[str, str, str]]:
     """(instruction, input, answer) per turn of one record; empty turns are skipped (and counted)."""
     if layout in ("alpaca", "gpt4tools"):
-        out = [(_text(record, "instruction", nonempty=True), _text(record, "input", optional=True),
-                _text(record, "output", nonempty=True))]  # fmt: skip
+        out = [
+            (
+                _text(record, "instruction", nonempty=True),
+                _text(record, "input", optional=True),
+                _text(record, "output", nonempty=True),
+            )
+        ]
     elif layout == "cc_sbu_align":
         image_id, caption = _text(record, "image_id", nonempty=True), _text(record, "caption", nonempty=True)
         out = [(DESCRIBE_PROMPTS[zlib.crc32(image_id.encode()) % len(DESCRIBE_PROMPTS)], "", caption)]

@@ -90,8 +90,9 @@ class Runs:
     def commit_step(self, run_id: str, step_folder: str, step: int, history: list[dict[str, Any]]) -> None:
         """Point the run at a checkpoint that has landed (a step folder of `ws` inside the run's folder)."""
         rel = run_relative(self.ws, self.run_folder(run_id), step_folder)
-        self._write(posixpath.join(self.run_folder(run_id), LATEST_FILE), StepPointer(step=step, path=rel,
-                                                                                       history=history))  # fmt: skip
+        self._write(
+            posixpath.join(self.run_folder(run_id), LATEST_FILE), StepPointer(step=step, path=rel, history=history)
+        )
 
     def checkpoint_of(self, run_id: str, model_dir: str = "model") -> str | None:
         """A run's checkpoint: its final one when it ended, else its newest step's `model_dir`; None before any."""
@@ -103,8 +104,9 @@ class Runs:
 
     def run_ids(self) -> list[str]:
         """Every run that has a record, oldest first (run ids start with their start time)."""
-        return [posixpath.basename(posixpath.dirname(p)) for p in self.ws.glob(posixpath.join(self.folder, "*",
-                                                                                                RUN_FILE))]  # fmt: skip
+        return [
+            posixpath.basename(posixpath.dirname(p)) for p in self.ws.glob(posixpath.join(self.folder, "*", RUN_FILE))
+        ]
 
     def newest_complete(self) -> str | None:
         """The checkpoint of the newest complete run, a location of `ws`; None when no run completed."""

@@ -245,9 +245,20 @@ def _extra_sql(adapter: Adapter, mapping: Mapping[str, str | None], available: S
 
 def _is_numeric(dtype: str) -> bool:
     return dtype.upper().split("(")[0] in {
-        "TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "UTINYINT", "USMALLINT", "UINTEGER", "UBIGINT",
-        "FLOAT", "DOUBLE", "DECIMAL", "REAL",
-    }  # fmt: skip
+        "TINYINT",
+        "SMALLINT",
+        "INTEGER",
+        "BIGINT",
+        "HUGEINT",
+        "UTINYINT",
+        "USMALLINT",
+        "UINTEGER",
+        "UBIGINT",
+        "FLOAT",
+        "DOUBLE",
+        "DECIMAL",
+        "REAL",
+    }
 
 
 def _first_line(e: BaseException) -> str:

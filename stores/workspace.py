@@ -19,8 +19,19 @@ from stores.errors import StoreInputError
 
 # The top-level folders of the layout: where a path recorded by an older ibllm (absolute, under the root the
 # workspace had then) is found again in a copied or moved workspace.
-LAYOUT = ("synthetic", "sources", "curated", "shards", "features", "index", "checkpoints", "reports", "ledger",
-          "models", "registry")  # fmt: skip
+LAYOUT = (
+    "synthetic",
+    "sources",
+    "curated",
+    "shards",
+    "features",
+    "index",
+    "checkpoints",
+    "reports",
+    "ledger",
+    "models",
+    "registry",
+)
 
 
 class OutsideWorkspace(StoreInputError):

@@ -73,8 +73,9 @@ def pipeline_imports(path: Path) -> set[str]:
     tree = ast.parse(path.read_text(), filename=str(path))
     found = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module and n.level == 0}
     found |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    found |= {f"{n.module}.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module
-              for a in n.names}  # fmt: skip
+    found |= {
+        f"{n.module}.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module for a in n.names
+    }
     return {m for m in found if m.startswith("pipelines.")}
 
 

@@ -74,8 +74,9 @@ def detector_type(path: str) -> str:
     except (OSError, ValueError, AttributeError) as e:
         raise DetectorError(f"{config} is not a transformers config: {e}") from None
     if model_type not in KINDS:
-        raise DetectorError(f"{path} holds a {model_type!r} model, not a supported detector "
-                            f"({', '.join(KINDS)}): e.g. {RELEASED}")  # fmt: skip
+        raise DetectorError(
+            f"{path} holds a {model_type!r} model, not a supported detector ({', '.join(KINDS)}): e.g. {RELEASED}"
+        )
     return model_type
 
 
@@ -106,8 +107,9 @@ class Detector:
         return next(self.model.parameters()).device
 
     @torch.no_grad()
-    def detect(self, image: Image.Image, phrases: Sequence[str], threshold: float = 0.1,
-               nms_iou: float = 0.5) -> list[Detection]:  # fmt: skip
+    def detect(
+        self, image: Image.Image, phrases: Sequence[str], threshold: float = 0.1, nms_iou: float = 0.5
+    ) -> list[Detection]:
         """Boxes of `phrases` in `image` scoring at least `threshold`, best first: each box is given to the phrase
         it scores highest on, and of a phrase's boxes overlapping by more than `nms_iou` only the best is kept."""
         if not phrases:

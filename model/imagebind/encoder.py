@@ -21,11 +21,22 @@ from model.imagebind.tokenizer import Tokenizer
 from model.weights import check_state, file_digest, read_state_dict
 
 log = logging.getLogger(__name__)
-ALIASES = {"image": "vision", "video": "vision", "vision": "vision", "text": "text", "audio": "audio",
-           "depth": "depth", "thermal": "thermal", "imu": "imu", "point": "point"}  # fmt: skip
+ALIASES = {
+    "image": "vision",
+    "video": "vision",
+    "vision": "vision",
+    "text": "text",
+    "audio": "audio",
+    "depth": "depth",
+    "thermal": "thermal",
+    "imu": "imu",
+    "point": "point",
+}
 POINT_KEYS = ("point_trunk.", "modality_heads.point.", "modality_postprocessors.point.")  # imagebind_w3D.pth's
-NO_POINT_WEIGHTS = ("this ImageBind has no point branch: its checkpoint holds no Point-Bind weights; set "
-                    "model.point_checkpoint to imagebind_w3D.pth")  # fmt: skip
+NO_POINT_WEIGHTS = (
+    "this ImageBind has no point branch: its checkpoint holds no Point-Bind weights; set "
+    "model.point_checkpoint to imagebind_w3D.pth"
+)
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 Weights = Literal["auto", "float32", "cast"]
 

@@ -41,16 +41,22 @@ def require_fp8(device: torch.device, weights: torch.dtype) -> None:
     """Refuses, with the reason, unless FP8 can run here: a CUDA GPU of compute capability >= 8.9, torchao, and
     bfloat16 weights (torchao's float8 linear layers take bfloat16 activations)."""
     if device.type != "cuda":
-        raise FP8Unavailable(f"FP8 needs a CUDA GPU of compute capability >= 8.9 (Ada or Hopper); this encoder runs "
-                             f"on {device.type}: set extract.fp8 false, or run on such a GPU")  # fmt: skip
+        raise FP8Unavailable(
+            f"FP8 needs a CUDA GPU of compute capability >= 8.9 (Ada or Hopper); this encoder runs "
+            f"on {device.type}: set extract.fp8 false, or run on such a GPU"
+        )
     capability = torch.cuda.get_device_capability(device)
     if capability < MIN_CAPABILITY:
         name = torch.cuda.get_device_name(device)
-        raise FP8Unavailable(f"FP8 needs compute capability >= 8.9 (Ada or Hopper); {name} has "
-                             f"{capability[0]}.{capability[1]}: set extract.fp8 false")  # fmt: skip
+        raise FP8Unavailable(
+            f"FP8 needs compute capability >= 8.9 (Ada or Hopper); {name} has "
+            f"{capability[0]}.{capability[1]}: set extract.fp8 false"
+        )
     if weights != torch.bfloat16:
-        raise FP8Unavailable(f"FP8 runs over bfloat16 weights, not {str(weights).removeprefix('torch.')}: use dtype "
-                             "bfloat16 (or auto) with the weights cast")  # fmt: skip
+        raise FP8Unavailable(
+            f"FP8 runs over bfloat16 weights, not {str(weights).removeprefix('torch.')}: use dtype "
+            "bfloat16 (or auto) with the weights cast"
+        )
     _torchao()
 
 
@@ -110,11 +116,14 @@ def check_fp8(encoder: ImageBind, images: torch.Tensor | Sequence, batch_size: i
     cos = F.cosine_similarity(embed(fast), embed(reference), dim=-1)
     lowest = float(cos.min())
     if lowest < MIN_COSINE:
-        raise FP8Inexact(f"FP8 image embeddings reach cosine {lowest:.5f} with float32 on {len(cos)} images "
-                         f"(mean {float(cos.mean()):.5f}), below {MIN_COSINE}: keep extract.fp8 false")  # fmt: skip
+        raise FP8Inexact(
+            f"FP8 image embeddings reach cosine {lowest:.5f} with float32 on {len(cos)} images "
+            f"(mean {float(cos.mean()):.5f}), below {MIN_COSINE}: keep extract.fp8 false"
+        )
     return lowest
 
 
 def _embed_tensor(encoder: ImageBind, images: torch.Tensor, batch_size: int) -> torch.Tensor:
-    return torch.cat([encoder.encode({"vision": images[i : i + batch_size]})["vision"]
-                      for i in range(0, len(images), batch_size)])  # fmt: skip
+    return torch.cat(
+        [encoder.encode({"vision": images[i : i + batch_size]})["vision"] for i in range(0, len(images), batch_size)]
+    )

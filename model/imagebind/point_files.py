@@ -14,11 +14,23 @@ DEFAULT_POINTS = 8192  # Point-BERT's cloud size
 ARRAY_COLUMNS = (3, 6)  # xyz, or xyz + normals (ModelNet's layout)
 
 _PLY_TYPES = {
-    "char": "i1", "int8": "i1", "uchar": "u1", "uint8": "u1",
-    "short": "i2", "int16": "i2", "ushort": "u2", "uint16": "u2",
-    "int": "i4", "int32": "i4", "uint": "u4", "uint32": "u4",
-    "float": "f4", "float32": "f4", "double": "f8", "float64": "f8",
-}  # fmt: skip
+    "char": "i1",
+    "int8": "i1",
+    "uchar": "u1",
+    "uint8": "u1",
+    "short": "i2",
+    "int16": "i2",
+    "ushort": "u2",
+    "uint16": "u2",
+    "int": "i4",
+    "int32": "i4",
+    "uint": "u4",
+    "uint32": "u4",
+    "float": "f4",
+    "float32": "f4",
+    "double": "f8",
+    "float64": "f8",
+}
 _PLY_FORMATS = {"ascii": None, "binary_little_endian": "<", "binary_big_endian": ">"}
 _PCD_TYPES = {("F", 4): "f4", ("F", 8): "f8"} | {
     (kind, size): f"{kind.lower()}{size}" for kind in "IU" for size in (1, 2, 4, 8)

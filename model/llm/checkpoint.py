@@ -58,8 +58,13 @@ def write_checkpoint(
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
     try:
-        doc = {"format": FORMAT, "version": VERSION, "config": config.to_dict(), "lora": bool(lora),
-               "metadata": dict(metadata or {})}  # fmt: skip
+        doc = {
+            "format": FORMAT,
+            "version": VERSION,
+            "config": config.to_dict(),
+            "lora": bool(lora),
+            "metadata": dict(metadata or {}),
+        }
         with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
             json.dump(doc, f, indent=2, sort_keys=True)
         save_file(plain, os.path.join(tmp, ADAPTER_FILE), metadata={"format": FORMAT})
@@ -151,8 +156,11 @@ def load_llama(path: str, dtype: torch.dtype | None = None) -> LlamaForCausalLM:
     finally:
         hf_logging.set_verbosity(verbosity)
     missing = [k for k in info.get("missing_keys", []) if not k.endswith(".bias")]
-    bad = {"missing": missing, "unexpected": list(info.get("unexpected_keys", [])),
-           "mismatched": [str(m) for m in info.get("mismatched_keys", [])]}  # fmt: skip
+    bad = {
+        "missing": missing,
+        "unexpected": list(info.get("unexpected_keys", [])),
+        "mismatched": [str(m) for m in info.get("mismatched_keys", [])],
+    }
     if any(bad.values()):
         detail = "; ".join(f"{len(v)} {k}: {', '.join(map(str, v[:6]))}" for k, v in bad.items() if v)
         raise CheckpointMismatch(f"{path}: weights do not fit its config.json: {detail}")

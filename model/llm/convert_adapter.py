@@ -29,9 +29,14 @@ _LAYER = {
     "ffn_norm.weight": "post_attention_layernorm.weight",
 }
 _LORA_TARGET = {
-    "wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj", "wo": "self_attn.o_proj",
-    "w1": "mlp.gate_proj", "w2": "mlp.down_proj", "w3": "mlp.up_proj",
-}  # fmt: skip
+    "wq": "self_attn.q_proj",
+    "wk": "self_attn.k_proj",
+    "wv": "self_attn.v_proj",
+    "wo": "self_attn.o_proj",
+    "w1": "mlp.gate_proj",
+    "w2": "mlp.down_proj",
+    "w3": "mlp.up_proj",
+}
 for _w, _ours in _LORA_TARGET.items():
     _group = "attention" if _w in ("wq", "wk", "wv", "wo") else "feed_forward"
     _LAYER[f"{_group}.lora_{_w}_l1.weight"] = f"{_ours}.lora_A.weight"
@@ -123,9 +128,18 @@ def infer_config(state: Mapping[str, torch.Tensor], vocab_size: int = 32000, ori
     except (KeyError, ValueError) as e:
         raise CheckpointMismatch(f"{origin}: not an ImageBind-LLM adapter checkpoint (no {e})") from None
     blocks = sum(1 for k in state if k.startswith("image_bind_norm_"))
-    return LLMConfig(vocab_size=vocab_size, dim=prefix.shape[1], n_layers=n_layers, n_heads=gate.numel(),
-                     intermediate_size=w1_bias.shape[0], query_layer=prefix.shape[0], feature_dim=feature_dim,
-                     bind_blocks=blocks, lora_rank=rank, lora_alpha=float(rank))  # fmt: skip
+    return LLMConfig(
+        vocab_size=vocab_size,
+        dim=prefix.shape[1],
+        n_layers=n_layers,
+        n_heads=gate.numel(),
+        intermediate_size=w1_bias.shape[0],
+        query_layer=prefix.shape[0],
+        feature_dim=feature_dim,
+        bind_blocks=blocks,
+        lora_rank=rank,
+        lora_alpha=float(rank),
+    )
 
 
 def official_to_ours(

@@ -46,8 +46,14 @@ class Decoder:
       at their positions 0..n-1, so ragged requests need no padding in the cache.
     """
 
-    def __init__(self, model: ImageBindLLM, slots: int, max_len: int, dtype: torch.dtype | None = None,
-                 device: torch.device | str | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        model: ImageBindLLM,
+        slots: int,
+        max_len: int,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
         cfg = model.config
         base = model.base
         device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -69,16 +75,25 @@ class Decoder:
             qkv = [effective_weight(p) for p in (attn.q_proj, attn.k_proj, attn.v_proj)]
             gate_up = [effective_weight(p) for p in (mlp.gate_proj, mlp.up_proj)]
             o, down = effective_weight(attn.o_proj), effective_weight(mlp.down_proj)
-            self.layers.append({
-                "ln1": keep(layer.input_layernorm.weight), "ln2": keep(layer.post_attention_layernorm.weight),
-                "wqkv": keep(torch.cat([w for w, _ in qkv])), "bqkv": _cat_bias(qkv, keep),
-                "wo": keep(o[0]), "bo": keep(o[1]),
-                "wgu": keep(torch.cat([w for w, _ in gate_up])), "bgu": _cat_bias(gate_up, keep),
-                "wd": keep(down[0]), "bd": keep(down[1]),
-            })  # fmt: skip
+            self.layers.append(
+                {
+                    "ln1": keep(layer.input_layernorm.weight),
+                    "ln2": keep(layer.post_attention_layernorm.weight),
+                    "wqkv": keep(torch.cat([w for w, _ in qkv])),
+                    "bqkv": _cat_bias(qkv, keep),
+                    "wo": keep(o[0]),
+                    "bo": keep(o[1]),
+                    "wgu": keep(torch.cat([w for w, _ in gate_up])),
+                    "bgu": _cat_bias(gate_up, keep),
+                    "wd": keep(down[0]),
+                    "bd": keep(down[1]),
+                }
+            )
         # the visual path: the unmerged base v_proj of each adapter layer, the prefix queries and the gates
-        v_base = [getattr(base.model.layers[i].self_attn.v_proj, "base_layer", base.model.layers[i].self_attn.v_proj)
-                  for i in cfg.adapter_layers]  # fmt: skip
+        v_base = [
+            getattr(base.model.layers[i].self_attn.v_proj, "base_layer", base.model.layers[i].self_attn.v_proj)
+            for i in cfg.adapter_layers
+        ]
         self.v_weight = torch.stack([keep(v.weight) for v in v_base])  # (Lq, dim, dim)
         self.v_bias = None if v_base[0].bias is None else torch.stack([keep(v.bias) for v in v_base])
         self.prefix = model.prefix_query.weight.detach().to(device)  # (Lq, dim) kept in the model's dtype
@@ -127,8 +142,9 @@ class Decoder:
         cos, sin = cos[:, None], sin[:, None]  # (b, 1, t, hd)
         return _rotate(q, cos, sin), _rotate(k, cos, sin), v
 
-    def _attend_out(self, layer: dict, index: int, x: torch.Tensor, attn: torch.Tensor, slots: torch.Tensor
-                    ) -> torch.Tensor:  # fmt: skip
+    def _attend_out(
+        self, layer: dict, index: int, x: torch.Tensor, attn: torch.Tensor, slots: torch.Tensor
+    ) -> torch.Tensor:
         b, _, t, _ = attn.shape
         attn = attn.transpose(1, 2).reshape(b, t, self.dim)
         if index >= self.first_adapter:
@@ -161,8 +177,10 @@ class Decoder:
         mask = (torch.arange(span, device=self.device)[None, :] <= positions[:, None])[:, None, None, :]
         x = F.embedding(tokens[:, None], self.embed)
         # row of each (slot, head) at its position in a layer's cache viewed as (slots * heads * max_len, head_dim)
-        rows = ((slots[:, None] * self.heads + torch.arange(self.heads, device=self.device)) * self.max_len
-                + positions[:, None]).reshape(-1)  # fmt: skip
+        rows = (
+            (slots[:, None] * self.heads + torch.arange(self.heads, device=self.device)) * self.max_len
+            + positions[:, None]
+        ).reshape(-1)
         for index, layer in enumerate(self.layers):
             q, k, v = self._qkv(layer, x, cos, sin)
             self.k_cache[index].view(-1, self.head_dim).index_copy_(0, rows, k.reshape(-1, self.head_dim))

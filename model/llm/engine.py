@@ -60,9 +60,15 @@ class Engine:
         compile: `torch.compile` the decode step first (default off).
     """
 
-    def __init__(self, model: ImageBindLLM, slots: int = 8, device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None, cuda_graphs: bool | None = None,
-                 compile: bool = False) -> None:  # fmt: skip
+    def __init__(
+        self,
+        model: ImageBindLLM,
+        slots: int = 8,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        cuda_graphs: bool | None = None,
+        compile: bool = False,
+    ) -> None:
         if slots < 1:
             raise ValueError(f"slots must be at least 1, got {slots}")
         cfg = model.config
@@ -244,8 +250,9 @@ class Engine:
         out = []
         for row, job in enumerate(jobs):
             s = job.sampling
-            out.append(greedy[row] if s.temperature <= 0 else sample_top_p(logits[row], s.temperature, s.top_p,
-                                                                          job.generator))  # fmt: skip
+            out.append(
+                greedy[row] if s.temperature <= 0 else sample_top_p(logits[row], s.temperature, s.top_p, job.generator)
+            )
         return out
 
     def _take(self, job: Job, token: int) -> Event:
@@ -278,13 +285,24 @@ def sample_top_p(logits: torch.Tensor, temperature: float, top_p: float, generat
     return int(torch.multinomial(scores.softmax(dim=-1), 1, generator=generator).item())
 
 
-def engine_texts(engine: Engine, tokenizer: TextTokenizer, prompts: Sequence[str], visual: torch.Tensor | None,
-                 sampling: Sampling, seed: int | None = None) -> list[str]:  # fmt: skip
+def engine_texts(
+    engine: Engine,
+    tokenizer: TextTokenizer,
+    prompts: Sequence[str],
+    visual: torch.Tensor | None,
+    sampling: Sampling,
+    seed: int | None = None,
+) -> list[str]:
     """`generate.generate_text` through the engine: answers to formatted prompts, (B, 1, dim) visual queries or
     None, stripped as the reference."""
     requests = [
-        {"prompt": tokenizer.encode(p, bos=True, eos=False), "visual": None if visual is None else visual[i],
-         "sampling": sampling, "seed": None if seed is None else seed + i, "eos_id": tokenizer.eos_id}
+        {
+            "prompt": tokenizer.encode(p, bos=True, eos=False),
+            "visual": None if visual is None else visual[i],
+            "sampling": sampling,
+            "seed": None if seed is None else seed + i,
+            "eos_id": tokenizer.eos_id,
+        }
         for i, p in enumerate(prompts)
-    ]  # fmt: skip
+    ]
     return [tokenizer.decode(ids).strip() for ids in engine.generate(requests)]

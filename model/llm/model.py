@@ -189,8 +189,9 @@ class ImageBindLLM(nn.Module):
             if labels is None:
                 raise ValueError("sum_loss needs labels")
             with self.injecting(visual):
-                hidden = self.base.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                                         **llama_kwargs).last_hidden_state  # fmt: skip
+                hidden = self.base.model(
+                    input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **llama_kwargs
+                ).last_hidden_state
             loss = summed_answer_loss(hidden, labels, self.base.lm_head, self.loss_chunk, self.fused_loss)
             return CausalLMOutputWithPast(loss=loss)
         with self.injecting(visual):

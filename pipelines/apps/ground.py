@@ -22,9 +22,11 @@ if TYPE_CHECKING:  # the detector's transformers classes load with the detector,
     from model.apps.detect import Detector
 
 log = logging.getLogger(__name__)
-NO_DETECTOR = ("--ground needs an open-vocabulary detector: set model.detector to a transformers OWLv2 or Grounding "
-               "DINO folder (e.g. google/owlv2-base-patch16-ensemble or IDEA-Research/grounding-dino-tiny, downloaded "
-               "beforehand)")  # fmt: skip
+NO_DETECTOR = (
+    "--ground needs an open-vocabulary detector: set model.detector to a transformers OWLv2 or Grounding "
+    "DINO folder (e.g. google/owlv2-base-patch16-ensemble or IDEA-Research/grounding-dino-tiny, downloaded "
+    "beforehand)"
+)
 COLOURS = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45")
 
 
@@ -92,8 +94,9 @@ class Grounder:
             self._detector = Detector.load(self.cfg.model.detector or "", resolve_device(self.device))
         return self._detector
 
-    def ground(self, answer: str | None, images: Sequence[str], line: int | None = None,
-               threshold: float | None = None) -> Grounding:  # fmt: skip
+    def ground(
+        self, answer: str | None, images: Sequence[str], line: int | None = None, threshold: float | None = None
+    ) -> Grounding:
         """The answer's phrases found in the first image (the only one, as a rule), drawn into the annotated PNG
         (for line `line` of a batch); `threshold` overrides the options'."""
         if answer is None:

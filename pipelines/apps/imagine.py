@@ -81,8 +81,13 @@ class Imaginer:
         mixed = mix_modalities(embeddings, weights)  # (1, D)
         if self.cache is not None and use_cache is not False:
             sims, values = self.cache(mixed)
-            mixed = cache_mix(mixed, sims.to(mixed.device), values.to(mixed.device), self.cfg.index.cache_t,
-                              self.cfg.index.cache_weight)  # fmt: skip
+            mixed = cache_mix(
+                mixed,
+                sims.to(mixed.device),
+                values.to(mixed.device),
+                self.cfg.index.cache_t,
+                self.cfg.index.cache_weight,
+            )
         return mixed[0]
 
     def draw(self, drawings: list[Drawing], images: int, steps: int, guidance: float, noise_level: int) -> list[list]:
@@ -95,8 +100,10 @@ def load(cfg: Config) -> Imaginer:
     Stable unCLIP generator of `imagine.generator`."""
     path = cfg.imagine.generator
     if not path:
-        raise InputError("no generator: set imagine.generator (or --generator) to the folder of "
-                         "stabilityai/stable-diffusion-2-1-unclip")  # fmt: skip
+        raise InputError(
+            "no generator: set imagine.generator (or --generator) to the folder of "
+            "stabilityai/stable-diffusion-2-1-unclip"
+        )
     check_folder(path)  # before the encoder loads: a wrong folder is named at once
     ws = Workspace(cfg.workspace, cfg.storage_options)
     encoder = configured_encoder(cfg, ws, cfg.infer.device, cfg.infer.dtype)
@@ -162,20 +169,32 @@ def run(
             for path, image in zip(pic.paths, images, strict=True):
                 write_file(path, png_bytes(image), cfg.storage_options)
     return ImagineResult(
-        generator=imaginer.unclip.path, encoder_id=imaginer.encoder.encoder_id,
-        cache=cfg.index.name if imaginer.cache else None, embedding_norm=imaginer.unclip.norm, steps=s.steps,
-        guidance=s.guidance, noise_level=s.noise_level, images=s.images, pictures=pictures,
-        errors=sum(p.error is not None for p in pictures), seconds=round(time.perf_counter() - start, 3),
-    )  # fmt: skip
+        generator=imaginer.unclip.path,
+        encoder_id=imaginer.encoder.encoder_id,
+        cache=cfg.index.name if imaginer.cache else None,
+        embedding_norm=imaginer.unclip.norm,
+        steps=s.steps,
+        guidance=s.guidance,
+        noise_level=s.noise_level,
+        images=s.images,
+        pictures=pictures,
+        errors=sum(p.error is not None for p in pictures),
+        seconds=round(time.perf_counter() - start, 3),
+    )
 
 
 def _picture(cfg: Config, line: int | None, req: Request | InputError, out: str, images: int) -> Picture:
     if isinstance(req, InputError):
         return Picture(line=line, error=str(req))
     given = req.inputs()
-    pic = Picture(line=line, inputs=given, weights={m: req.weights.get(m, 1.0) for m in given},
-                  prompt=req.prompt or "", seed=cfg.seed if req.seed is None else req.seed,
-                  paths=out_paths(out, line, images))  # fmt: skip
+    pic = Picture(
+        line=line,
+        inputs=given,
+        weights={m: req.weights.get(m, 1.0) for m in given},
+        prompt=req.prompt or "",
+        seed=cfg.seed if req.seed is None else req.seed,
+        paths=out_paths(out, line, images),
+    )
     if line is not None and not given:
         _fail(pic, InputError(NOTHING))
     return pic

@@ -60,9 +60,21 @@ ABSTRACT = _words(
     "details rest number pair group setting environment atmosphere day night daytime morning evening"
 )
 STOP = DETERMINERS | PRONOUNS | PREPOSITIONS | CONJUNCTIONS | VERBS | ADVERBS
-IRREGULAR_PLURALS = {"children": "child", "men": "man", "women": "woman", "people": "person", "feet": "foot",
-                     "teeth": "tooth", "mice": "mouse", "geese": "goose", "leaves": "leaf", "knives": "knife",
-                     "wolves": "wolf", "shelves": "shelf", "loaves": "loaf"}  # fmt: skip
+IRREGULAR_PLURALS = {
+    "children": "child",
+    "men": "man",
+    "women": "woman",
+    "people": "person",
+    "feet": "foot",
+    "teeth": "tooth",
+    "mice": "mouse",
+    "geese": "goose",
+    "leaves": "leaf",
+    "knives": "knife",
+    "wolves": "wolf",
+    "shelves": "shelf",
+    "loaves": "loaf",
+}
 WORD = re.compile(r"[a-z0-9]+(?:[-'][a-z0-9]+)*")
 BREAK = re.compile(r"[.,;:!?()\[\]\"]+|'s\b|\s+")  # punctuation and possessives end a phrase
 
@@ -108,8 +120,12 @@ def chunks(text: str) -> list[list[str]]:
             current, before = [], None
             continue
         for word in words:
-            if word in STOP or word.isdigit() or _is_verb_form(word, before) or (word.endswith("ly") and
-                                                                                 word not in ADJECTIVES):  # fmt: skip
+            if (
+                word in STOP
+                or word.isdigit()
+                or _is_verb_form(word, before)
+                or (word.endswith("ly") and word not in ADJECTIVES)
+            ):
                 out.append(current)
                 current = []
             else:
@@ -157,8 +173,10 @@ def noun_phrases(text: str, spacy_model: str | None = None) -> list[str]:
 def spacy_chunks(text: str, model: str) -> list[str]:
     """spaCy's noun chunks of `text` with the installed pipeline `model`; InputError when it is not installed."""
     if importlib.util.find_spec("spacy") is None:
-        raise InputError(f"model.noun_parser {model!r}: spaCy is not installed (pip install spacy, then install the "
-                         "pipeline), or unset model.noun_parser to use the built-in rules")  # fmt: skip
+        raise InputError(
+            f"model.noun_parser {model!r}: spaCy is not installed (pip install spacy, then install the "
+            "pipeline), or unset model.noun_parser to use the built-in rules"
+        )
     import spacy
 
     try:

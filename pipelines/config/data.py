@@ -87,9 +87,11 @@ class CurateConfig(Section):
     threads: int | None = Field(None, gt=0)
     rows_per_file: int = Field(1_000_000, gt=0, description="rows per curated url-list file")
     caption_max_chars: int = Field(
-        CAPTION_MAX_CHARS, gt=0, description="captions are cut to this many characters (control characters become "
-        "spaces) at ingest and when extraction reads a shard"
-    )  # fmt: skip
+        CAPTION_MAX_CHARS,
+        gt=0,
+        description="captions are cut to this many characters (control characters become "
+        "spaces) at ingest and when extraction reads a shard",
+    )
 
 
 DEADLINE_FACTOR = 3  # download.deadline, when unset, is this many timeouts
@@ -104,9 +106,11 @@ class DownloadConfig(Section):
     threads: int = Field(16, gt=0)
     timeout: float = Field(2.0, gt=0, description="seconds per connect and per read")
     deadline: float | None = Field(
-        None, gt=0, description="seconds per sample from its first byte asked to its last, retries included; a "
-        "slower answer (a drip) is cut off as a timeout. Default (null): 3 x timeout"
-    )  # fmt: skip
+        None,
+        gt=0,
+        description="seconds per sample from its first byte asked to its last, retries included; a "
+        "slower answer (a drip) is cut off as a timeout. Default (null): 3 x timeout",
+    )
     retries: int = Field(1, ge=0)
     samples_per_shard: int = Field(10_000, gt=0)
     min_image_size: int = Field(0, ge=0, description="refuse images whose short side is smaller")
@@ -118,11 +122,12 @@ class DownloadConfig(Section):
         default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"]
     )
     allow_private_addresses: bool | list[str] = Field(
-        False, description="fetch from non-public addresses (loopback, private, link-local, multicast, reserved, "
+        False,
+        description="fetch from non-public addresses (loopback, private, link-local, multicast, reserved, "
         "unspecified; IPv4 and IPv6): false refuses them as `blocked_address` (the default: a URL list cannot make "
         "the downloader reach the local network), true allows them all (the demo's loopback server), a list of CIDR "
-        "networks allows those only, e.g. [10.1.0.0/16]; checked on every connection, redirects included"
-    )  # fmt: skip
+        "networks allows those only, e.g. [10.1.0.0/16]; checked on every connection, redirects included",
+    )
 
     @field_validator("allow_private_addresses")
     @classmethod
@@ -145,26 +150,33 @@ class ExtractConfig(Section):
     actor_cpus: float = Field(1.0, gt=0, description="CPUs reserved per encoder actor (also its torch threads)")
     task_cpus: float = Field(0.5, gt=0, description="CPUs reserved per read/decode/preprocess task")
     actor_resources: dict[str, float] = Field(
-        default_factory=dict, description="custom Ray resources each encoder actor also needs: a node label such "
-        "as {encoder_node: 1} keeps the actors on the nodes that offer it (one per unit offered)"
-    )  # fmt: skip
+        default_factory=dict,
+        description="custom Ray resources each encoder actor also needs: a node label such "
+        "as {encoder_node: 1} keeps the actors on the nodes that offer it (one per unit offered)",
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="bf16 on GPU when auto; on a GPU a half dtype casts the frozen weights to it, on the CPU "
-        "it runs as autocast over float32 weights"
-    )  # fmt: skip
+        "auto",
+        description="bf16 on GPU when auto; on a GPU a half dtype casts the frozen weights to it, on the CPU "
+        "it runs as autocast over float32 weights",
+    )
     fp8: bool = Field(
-        False, description="FP8 linear layers in the vision trunk (GPUs of compute capability >= 8.9, bfloat16, the "
-        "fp8 extra: torchao); it changes the features, so it is one of the feature set's settings"
-    )  # fmt: skip
+        False,
+        description="FP8 linear layers in the vision trunk (GPUs of compute capability >= 8.9, bfloat16, the "
+        "fp8 extra: torchao); it changes the features, so it is one of the feature set's settings",
+    )
     buffer_mb: int | None = Field(
-        512, gt=0, description="object store memory Ray Data may fill with decoded samples waiting for the encoder "
-        "(a soft limit across the cluster; null: Ray's default share of the object store)"
-    )  # fmt: skip
+        512,
+        gt=0,
+        description="object store memory Ray Data may fill with decoded samples waiting for the encoder "
+        "(a soft limit across the cluster; null: Ray's default share of the object store)",
+    )
     prefetch_batches: int = Field(
-        0, ge=0, description="encoded blocks the driver fetches ahead; each one delays its shard's commit, so the "
-        "default 0 commits a shard as soon as it is encoded (the actors never wait on the driver)"
-    )  # fmt: skip
+        0,
+        ge=0,
+        description="encoded blocks the driver fetches ahead; each one delays its shard's commit, so the "
+        "default 0 commits a shard as soon as it is encoded (the actors never wait on the driver)",
+    )
 
 
 class IndexConfig(Section):
@@ -175,18 +187,20 @@ class IndexConfig(Section):
     max_index_memory: str = Field("4G", pattern=r"^\d+(\.\d+)?[KMG]$", description="autofaiss's index budget")
     max_query_ms: float = Field(10.0, gt=0)
     index_key: str | None = Field(
-        None, description="a fixed faiss index key; default: IVF + 4-bit fast-scan PQ sized to the budget, or "
-        "autofaiss's choice for sets up to 100k vectors whose flat index fits"
-    )  # fmt: skip
+        None,
+        description="a fixed faiss index key; default: IVF + 4-bit fast-scan PQ sized to the budget, or "
+        "autofaiss's choice for sets up to 100k vectors whose flat index fits",
+    )
     index_param: str | None = Field(None, description="first search parameters of index_key (e.g. nprobe=16)")
     rescore: int = Field(8, ge=1, description="candidates per neighbour re-scored exactly (tuning may raise it)")
     holdout: int = Field(500, gt=0, description="held-out queries for the recall@10 in meta.json")
     target_recall: float = Field(0.95, gt=0, le=1, description="nprobe and re-scoring rise until recall@10 is this")
     use_gpu: bool = Field(False, description="search with faiss-gpu (the gpu extra) when a GPU is present")
     values: Literal["float16", "float32"] = Field(
-        "float16", description="the value store of the cached features: float32 keeps them exactly (as the reference's "
-        "index holds them), at twice the disk: 13.5 GB against 6.7 GB for the ~3.3M ImageBind-Huge features of CC3M"
-    )  # fmt: skip
+        "float16",
+        description="the value store of the cached features: float32 keeps them exactly (as the reference's "
+        "index holds them), at twice the disk: 13.5 GB against 6.7 GB for the ~3.3M ImageBind-Huge features of CC3M",
+    )
     cache_k: int = Field(10, gt=0)
     cache_t: float = Field(20.0, gt=0)
     cache_weight: float = Field(0.5, ge=0.0, le=1.0)

@@ -63,8 +63,10 @@ def _find_config(path: Path) -> tuple[str, str]:
     name = path.name.removesuffix(".yaml").removesuffix(".yml")
     if (len(path.parts) == 1 or path.parent.name == "configs") and name in packaged_configs():
         return resources.files("configs").joinpath(f"{name}.yaml").read_text(), f"configs/{name}.yaml (packaged)"
-    raise ConfigError(f"{path}: config file not found (looked for {path.absolute()}, and among the packaged "
-                      f"configs: {', '.join(packaged_configs())})")  # fmt: skip
+    raise ConfigError(
+        f"{path}: config file not found (looked for {path.absolute()}, and among the packaged "
+        f"configs: {', '.join(packaged_configs())})"
+    )
 
 
 def apply_override(data: dict[str, Any], override: str) -> None:

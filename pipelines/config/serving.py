@@ -22,10 +22,11 @@ class InferConfig(Section):
     device, with or without the visual cache, and the sampling of a request that sets none (the reference's)."""
 
     checkpoint: str | None = Field(
-        None, description="our checkpoint folder (a run's folder stands for its newest checkpoint, a stage's for "
+        None,
+        description="our checkpoint folder (a run's folder stands for its newest checkpoint, a stage's for "
         "its newest complete run's), looked for from the current folder, then inside the workspace; null: the "
-        "promoted model, else the newest complete stage-2 run, else stage-1's (evaluate: the --stage's newest)"
-    )  # fmt: skip
+        "promoted model, else the newest complete stage-2 run, else stage-1's (evaluate: the --stage's newest)",
+    )
     use_cache: bool = Field(False, description="mix in the visual cache built by `ibllm index` (index.name)")
     device: str = Field("auto", description="auto (a GPU when present), cpu, cuda, cuda:1, ...")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
@@ -56,13 +57,16 @@ class ImagineConfig(Section):
     """`ibllm imagine`: Stable unCLIP drawing images from (cache-mixed) ImageBind embeddings (the apps extra)."""
 
     generator: str | None = Field(
-        None, description="a local diffusers folder of stabilityai/stable-diffusion-2-1-unclip (ViT-H: the 1024-d "
-        "embeddings of ImageBind-Huge), downloaded beforehand: nothing is downloaded at run time"
-    )  # fmt: skip
+        None,
+        description="a local diffusers folder of stabilityai/stable-diffusion-2-1-unclip (ViT-H: the 1024-d "
+        "embeddings of ImageBind-Huge), downloaded beforehand: nothing is downloaded at run time",
+    )
     embedding_norm: float | None = Field(
-        None, gt=0, description="the length the unit ImageBind embedding is scaled to for unCLIP (whose OpenCLIP "
-        "embeddings are not normalised); null: sqrt(sum(mean^2 + std^2)) of the generator's image_normalizer"
-    )  # fmt: skip
+        None,
+        gt=0,
+        description="the length the unit ImageBind embedding is scaled to for unCLIP (whose OpenCLIP "
+        "embeddings are not normalised); null: sqrt(sum(mean^2 + std^2)) of the generator's image_normalizer",
+    )
     steps: int = Field(20, gt=0, description="denoising steps")
     guidance: float = Field(10.0, ge=0, description="classifier-free guidance scale (on above 1); diffusers' default")
     noise_level: int = Field(0, ge=0, le=999, description="noise added to the embedding first (more: more variety)")

@@ -20,25 +20,30 @@ class ModelConfig(Section):
     imagebind_checkpoint: str | None = Field(None, description="imagebind_huge.pth (or .safetensors) as released")
     imagebind_vocab: str | None = Field(None, description="CLIP BPE vocabulary, bpe_simple_vocab_16e6.txt.gz")
     point_checkpoint: str | None = Field(
-        None, description="imagebind_w3D.pth (Point-Bind): its 3D point branch is loaded beside imagebind_checkpoint "
-        "for point-cloud inputs"
-    )  # fmt: skip
+        None,
+        description="imagebind_w3D.pth (Point-Bind): its 3D point branch is loaded beside imagebind_checkpoint "
+        "for point-cloud inputs",
+    )
     point_normalize: bool = Field(
-        False, description="centre each point cloud and scale it into the unit sphere (Point-Bind's training data; "
-        "ImageBind-LLM's inference does not)"
-    )  # fmt: skip
+        False,
+        description="centre each point cloud and scale it into the unit sphere (Point-Bind's training data; "
+        "ImageBind-LLM's inference does not)",
+    )
     point_resample: int | None = Field(
-        None, gt=0, description="resample each point cloud to this many points (Point-BERT's clouds have 8192); "
-        "none: as given"
-    )  # fmt: skip
+        None,
+        gt=0,
+        description="resample each point cloud to this many points (Point-BERT's clouds have 8192); none: as given",
+    )
     detector: str | None = Field(
-        None, description="`generate --ground`: a transformers OWLv2 or Grounding DINO folder (e.g. "
-        "google/owlv2-base-patch16-ensemble, downloaded beforehand)"
-    )  # fmt: skip
+        None,
+        description="`generate --ground`: a transformers OWLv2 or Grounding DINO folder (e.g. "
+        "google/owlv2-base-patch16-ensemble, downloaded beforehand)",
+    )
     noun_parser: str | None = Field(
-        None, description="`generate --ground`: an installed spaCy pipeline (e.g. en_core_web_sm) whose noun chunks "
-        "are the phrases to find; none: the built-in rules"
-    )  # fmt: skip
+        None,
+        description="`generate --ground`: an installed spaCy pipeline (e.g. en_core_web_sm) whose noun chunks "
+        "are the phrases to find; none: the built-in rules",
+    )
     llama: Literal["7B", "tiny"] = "tiny"
     llama_path: str | None = None
     tokenizer_path: str | None = None
@@ -47,13 +52,22 @@ class ModelConfig(Section):
     lora_alpha: float = Field(16.0, gt=0)
     max_seq_len: int = Field(512, gt=0)
     max_image_pixels: int = Field(
-        89_478_485, gt=0, description="extraction and generate refuse an image (or video frames) with more pixels, "
+        89_478_485,
+        gt=0,
+        description="extraction and generate refuse an image (or video frames) with more pixels, "
         "from its header, before decoding it; PIL's decompression-bomb limit by default (PIL itself refuses above "
-        "twice that)"
-    )  # fmt: skip
+        "twice that)",
+    )
 
-    @field_validator("imagebind_checkpoint", "imagebind_vocab", "point_checkpoint", "detector", "llama_path",
-                     "tokenizer_path", "adapter_checkpoint")  # fmt: skip
+    @field_validator(
+        "imagebind_checkpoint",
+        "imagebind_vocab",
+        "point_checkpoint",
+        "detector",
+        "llama_path",
+        "tokenizer_path",
+        "adapter_checkpoint",
+    )
     @classmethod
     def _absolute(cls, value: str | None) -> str | None:
         return absolute(value) if value else value
@@ -84,9 +98,10 @@ class StageConfig(Section):
         default_factory=dict, description="custom Ray resources each training worker also needs (a node label)"
     )
     placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
-        "PACK", description="Ray Train's placement of the workers: PACK fills a node first; STRICT_SPREAD puts each "
-        "worker on a node of its own"
-    )  # fmt: skip
+        "PACK",
+        description="Ray Train's placement of the workers: PACK fills a node first; STRICT_SPREAD puts each "
+        "worker on a node of its own",
+    )
     parallel: Literal["ddp", "fsdp"] = Field(
         "ddp",
         description="how 2+ workers split the work: ddp replicates the model on every worker; fsdp shards the "
@@ -119,8 +134,10 @@ class StageConfig(Section):
         # The deprecated flag is an alias of `conversation: first`; a dumped config spells out `turns`, the default.
         if isinstance(data, dict) and data.get("first_turn_only"):
             if data.get("conversation") == "whole":
-                raise ValueError("first_turn_only: true (deprecated: it means conversation: first) conflicts with "
-                                 "conversation: whole; keep one of them")  # fmt: skip
+                raise ValueError(
+                    "first_turn_only: true (deprecated: it means conversation: first) conflicts with "
+                    "conversation: whole; keep one of them"
+                )
             data = {**data, "conversation": "first"}
         return data
 
@@ -151,8 +168,10 @@ class StageConfig(Section):
         if self.accum_iter != 1:
             raise ValueError("set accum_iter or micro_batch, not both (micro_batch decides accum_iter)")
         if self.global_batch_size % (self.workers * self.micro_batch):
-            raise ValueError(f"global_batch_size {self.global_batch_size} is not divisible by workers x micro_batch "
-                             f"({self.workers} x {self.micro_batch})")  # fmt: skip
+            raise ValueError(
+                f"global_batch_size {self.global_batch_size} is not divisible by workers x micro_batch "
+                f"({self.workers} x {self.micro_batch})"
+            )
         return self
 
 
@@ -216,10 +235,11 @@ class RetrainConfig(Section):
     )
     eval_batch_size: int = Field(32, gt=0, description="held-out captions (or benchmark questions) per batch")
     metric: str = Field(
-        HELD_OUT_METRIC, description="the yardstick: heldout_caption_loss (the frozen held-out captions' "
+        HELD_OUT_METRIC,
+        description="the yardstick: heldout_caption_loss (the frozen held-out captions' "
         "loss, lower is better) or a benchmark's score on metric_data (higher is better): mme (perception + "
-        "cognition), mme:<subtask|perception|cognition>, vqa (accuracy), captions (CIDEr-D)"
-    )  # fmt: skip
+        "cognition), mme:<subtask|perception|cognition>, vqa (accuracy), captions (CIDEr-D)",
+    )
     metric_data: str | None = Field(None, description="the benchmark's folder or file, for a benchmark metric")
     local: bool = Field(False, description="train in this process with one worker instead of Ray Train (small runs)")
 
@@ -232,10 +252,12 @@ class RetrainConfig(Section):
         if name == "mme" and part in (*MME_SUBTASKS, "perception", "cognition"):
             return metric
         if name in ZERO_SHOT:
-            raise ValueError(f"{metric} checks the frozen encoder, the same for every candidate: it cannot choose "
-                             "between models")  # fmt: skip
-        raise ValueError(f"unknown metric {metric!r}: heldout_caption_loss, mme[:<subtask|perception|cognition>], "
-                         "vqa or captions")  # fmt: skip
+            raise ValueError(
+                f"{metric} checks the frozen encoder, the same for every candidate: it cannot choose between models"
+            )
+        raise ValueError(
+            f"unknown metric {metric!r}: heldout_caption_loss, mme[:<subtask|perception|cognition>], vqa or captions"
+        )
 
     @field_validator("metric_data")
     @classmethod

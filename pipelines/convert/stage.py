@@ -36,8 +36,10 @@ class ConvertResult(BaseModel):
     warnings: list[str] = []
 
     def summary(self) -> str:
-        done = (f"convert {self.kind}: {self.source} -> {self.output} "
-                f"({self.tensors} tensors, {self.parameters:,} numbers, {self.seconds:.1f}s)")  # fmt: skip
+        done = (
+            f"convert {self.kind}: {self.source} -> {self.output} "
+            f"({self.tensors} tensors, {self.parameters:,} numbers, {self.seconds:.1f}s)"
+        )
         return "\n".join([done, *(f"warning: {w}" for w in self.warnings)])
 
 
@@ -60,26 +62,35 @@ def _count_safetensors(directory: str) -> tuple[int, int]:
     return tensors, numbers
 
 
-def llama(source: str, output: str, dtype: str | None = None, vocab_size: int | None = None,
-          overwrite: bool = False) -> ConvertResult:  # fmt: skip
+def llama(
+    source: str, output: str, dtype: str | None = None, vocab_size: int | None = None, overwrite: bool = False
+) -> ConvertResult:
     """Meta-format LLaMA (`params.json` + `consolidated.*.pth`) -> a transformers LLaMA directory."""
     start = time.perf_counter()
     if dtype is not None and dtype not in DTYPES:
         raise ConvertError(f"--dtype {dtype!r}: choose one of {sorted(DTYPES)}")
     _refuse_existing(output, overwrite)
     try:
-        convert_meta_llama(source, output, vocab_size=vocab_size, dtype=DTYPES.get(dtype or ""),
-                           overwrite=overwrite)  # fmt: skip
+        convert_meta_llama(source, output, vocab_size=vocab_size, dtype=DTYPES.get(dtype or ""), overwrite=overwrite)
     except (ValueError, FileExistsError) as e:
         raise ConvertError(str(e)) from None
     tensors, numbers = _count_safetensors(output)
     warnings = []
     if not os.path.isfile(os.path.join(output, "tokenizer.model")):
-        warnings.append(f"no tokenizer.model in {source} or its parent folder, so none in {output}: copy LLaMA's "
-                        "tokenizer.model there, or set model.tokenizer_path to it")  # fmt: skip
+        warnings.append(
+            f"no tokenizer.model in {source} or its parent folder, so none in {output}: copy LLaMA's "
+            "tokenizer.model there, or set model.tokenizer_path to it"
+        )
         log.warning("%s", warnings[-1])
-    return ConvertResult(kind="llama", source=source, output=output, tensors=tensors, parameters=numbers,
-                         seconds=time.perf_counter() - start, warnings=warnings)  # fmt: skip
+    return ConvertResult(
+        kind="llama",
+        source=source,
+        output=output,
+        tensors=tensors,
+        parameters=numbers,
+        seconds=time.perf_counter() - start,
+        warnings=warnings,
+    )
 
 
 def adapter(source: str, output: str, vocab_size: int = 32000, overwrite: bool = False) -> ConvertResult:
@@ -91,9 +102,14 @@ def adapter(source: str, output: str, vocab_size: int = 32000, overwrite: bool =
     except ValueError as e:
         raise ConvertError(str(e)) from None
     _, tensors, _ = read_checkpoint(output)
-    return ConvertResult(kind="adapter", source=source, output=output, tensors=len(tensors),
-                         parameters=sum(t.numel() for t in tensors.values()),
-                         seconds=time.perf_counter() - start)  # fmt: skip
+    return ConvertResult(
+        kind="adapter",
+        source=source,
+        output=output,
+        tensors=len(tensors),
+        parameters=sum(t.numel() for t in tensors.values()),
+        seconds=time.perf_counter() - start,
+    )
 
 
 def export(source: str, output: str, overwrite: bool = False) -> ConvertResult:
@@ -105,6 +121,11 @@ def export(source: str, output: str, overwrite: bool = False) -> ConvertResult:
     except ValueError as e:
         raise ConvertError(str(e)) from None
     state = torch.load(output, map_location="cpu", weights_only=True, mmap=True)["model"]
-    return ConvertResult(kind="export", source=source, output=output, tensors=len(state),
-                         parameters=sum(t.numel() for t in state.values()),
-                         seconds=time.perf_counter() - start)  # fmt: skip
+    return ConvertResult(
+        kind="export",
+        source=source,
+        output=output,
+        tensors=len(state),
+        parameters=sum(t.numel() for t in state.values()),
+        seconds=time.perf_counter() - start,
+    )

@@ -45,8 +45,10 @@ class DemoAnswers(BaseModel):
         lines = [f"{'input':<28} {'cache':<6} {'turn':<5} answer"]
         for a in self.asked:
             truth = f"  (shows: {a.truth})" if a.truth else ""
-            lines.append(f"{os.path.basename(a.input):<28} {'yes' if a.cache else 'no':<6} {a.turn:<5} "
-                         f"{a.question!r} -> {a.answer!r}{truth}")  # fmt: skip
+            lines.append(
+                f"{os.path.basename(a.input):<28} {'yes' if a.cache else 'no':<6} {a.turn:<5} "
+                f"{a.question!r} -> {a.answer!r}{truth}"
+            )
         return "\n".join(lines)
 
 
@@ -64,17 +66,20 @@ def run(cfg: Config, checkpoint: str) -> DemoAnswers:
     for cache in (False, True):  # one model (and encoder, cache) per setting; its questions decoded together
         settings = {"infer.checkpoint": checkpoint, "infer.use_cache": cache}
         answerer = loader.load(with_settings(cfg, settings), need_encoder=True, slots=2).answerer
-        first = [Request(image=[image], prompt=colour_q, temperature=0.0),
-                 Request(audio=[audio], prompt=caption_q, temperature=0.0)]  # fmt: skip
+        first = [
+            Request(image=[image], prompt=colour_q, temperature=0.0),
+            Request(audio=[audio], prompt=caption_q, temperature=0.0),
+        ]
         colour, sound = (_text(a) for a in answerer.answer_all(first))
         follow = Request(image=[image], prompt=shape_q, temperature=0.0, history=[(colour_q, colour)])
         shape = answerer.answer(follow)  # the second turn of the conversation about the image
         asked += [
             Asked(input=image, cache=cache, question=colour_q, answer=colour, truth=scene.color if scene else None),
-            Asked(input=image, cache=cache, question=shape_q, answer=shape, truth=scene.shape if scene else None,
-                  turn=2),
+            Asked(
+                input=image, cache=cache, question=shape_q, answer=shape, truth=scene.shape if scene else None, turn=2
+            ),
             Asked(input=audio, cache=cache, question=caption_q, answer=sound, truth=None),
-        ]  # fmt: skip
+        ]
     return DemoAnswers(checkpoint=checkpoint, asked=asked)
 
 

@@ -47,8 +47,10 @@ class BaseLMResult(BaseModel):
 
     def summary(self) -> str:
         what = "trained" if self.trained else "up to date"
-        return (f"base LLaMA ({what}): {self.parameters / 1e6:.2f}M parameters, vocabulary {self.vocab_size}, "
-                f"{self.steps} steps, loss {self.first_loss:.3f} -> {self.last_loss:.3f} -> {self.path}")  # fmt: skip
+        return (
+            f"base LLaMA ({what}): {self.parameters / 1e6:.2f}M parameters, vocabulary {self.vocab_size}, "
+            f"{self.steps} steps, loss {self.first_loss:.3f} -> {self.last_loss:.3f} -> {self.path}"
+        )
 
 
 def run(cfg: Config, force: bool = False) -> BaseLMResult:
@@ -86,8 +88,9 @@ def run(cfg: Config, force: bool = False) -> BaseLMResult:
     torch.manual_seed(cfg.seed)
     model = LlamaForCausalLM(llama_config)
     encoded = [tokenizer.encode(t, bos=True, eos=True)[: config.max_seq_len] for t in texts]
-    losses = _train(model, encoded, settings.steps, settings.batch_size, settings.lr, settings.weight_decay,
-                    cfg.seed, config.pad_id)  # fmt: skip
+    losses = _train(
+        model, encoded, settings.steps, settings.batch_size, settings.lr, settings.weight_decay, cfg.seed, config.pad_id
+    )
     result = {
         "steps": settings.steps,
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -96,8 +99,13 @@ def run(cfg: Config, force: bool = False) -> BaseLMResult:
         "last_loss": float(np.mean(losses[-10:])),
         "seconds": round(time.perf_counter() - start, 2),
     }
-    record = {"version": VERSION, "fingerprint": fingerprint, "result": result, "losses": losses,
-              "config": config.to_dict()}  # fmt: skip
+    record = {
+        "version": VERSION,
+        "fingerprint": fingerprint,
+        "result": result,
+        "losses": losses,
+        "config": config.to_dict(),
+    }
     _write(ws, out, model, tokenizer, record)
     log.info("stage 0: base LLaMA trained in %.1f s, loss %.3f -> %.3f", result["seconds"], losses[0], losses[-1])
     return BaseLMResult(path=out, trained=True, **result)
@@ -110,8 +118,16 @@ def up_to_date(cfg: Config) -> bool:
     return cfg.train.stage0 is not None and done is not None and done.get("fingerprint") == _fingerprint(cfg)
 
 
-def _train(model: LlamaForCausalLM, encoded: list[list[int]], steps: int, batch_size: int, lr: float,
-           weight_decay: float, seed: int, pad_id: int) -> list[float]:  # fmt: skip
+def _train(
+    model: LlamaForCausalLM,
+    encoded: list[list[int]],
+    steps: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+    seed: int,
+    pad_id: int,
+) -> list[float]:
     """Next-token loss on every token, AdamW, 5% warm-up then cosine; returns the loss of every step."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
     gen = torch.Generator().manual_seed(seed)
@@ -136,8 +152,12 @@ def _train(model: LlamaForCausalLM, encoded: list[list[int]], steps: int, batch_
 
 
 def _fingerprint(cfg: Config) -> str:
-    doc = {"version": VERSION, "seed": cfg.seed, "stage0": cfg.train.stage0.model_dump(),
-           "max_seq_len": cfg.model.max_seq_len}  # fmt: skip
+    doc = {
+        "version": VERSION,
+        "seed": cfg.seed,
+        "stage0": cfg.train.stage0.model_dump(),
+        "max_seq_len": cfg.model.max_seq_len,
+    }
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 

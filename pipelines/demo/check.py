@@ -81,8 +81,9 @@ def named_colour(text: str) -> str | None:
     return m.group(1) if m else None
 
 
-def run(cfg: Config, stage1: str | None = None, stage2: str | None = None, batch_size: int = 64,
-        examples: int = 3) -> DemoCheck:  # fmt: skip
+def run(
+    cfg: Config, stage1: str | None = None, stage2: str | None = None, batch_size: int = 64, examples: int = 3
+) -> DemoCheck:
     """Caption every held-out image with the stage-1 model and ask the stage-2 model the colour question."""
     ws = Workspace(cfg.workspace, cfg.storage_options)
     stage1 = stage1 or Runs.of_stage(ws, 1).newest_complete()
@@ -127,8 +128,12 @@ def run(cfg: Config, stage1: str | None = None, stage2: str | None = None, batch
         captions=[Said(image=images[i], truth=truths[i].caption, text=true_caps[i]) for i in range(shown)],
         answers=[Said(image=images[i], truth=truths[i].color, text=answers[i]) for i in range(shown)],
     )
-    log.info("demo check: colour accuracy %.3f (shuffled %.3f) over %d held-out images", result.colour_accuracy,
-             result.shuffled_accuracy, result.heldout)  # fmt: skip
+    log.info(
+        "demo check: colour accuracy %.3f (shuffled %.3f) over %d held-out images",
+        result.colour_accuracy,
+        result.shuffled_accuracy,
+        result.heldout,
+    )
     return result
 
 
@@ -140,13 +145,27 @@ def _say(model: ImageBindLLM, tokenizer: TextTokenizer, prompt: str, feats: torc
 
 
 @torch.no_grad()
-def _follow_up(model: ImageBindLLM, tokenizer: TextTokenizer, question: str, answers: list[str], followup: str,
-               feats: torch.Tensor, batch: int) -> list[str]:  # fmt: skip
+def _follow_up(
+    model: ImageBindLLM,
+    tokenizer: TextTokenizer,
+    question: str,
+    answers: list[str],
+    followup: str,
+    feats: torch.Tensor,
+    batch: int,
+) -> list[str]:
     """Greedy answers to `followup` as the second turn of each image's conversation (its first answer kept)."""
     engine = Engine(model, slots=min(batch, len(feats)))
     visual = model.visual_query(feats)
-    requests = [{"prompt": chat_prompt(tokenizer, [(question, a)], followup), "visual": visual[i], "sampling": GREEDY,
-                 "eos_id": tokenizer.eos_id} for i, a in enumerate(answers)]  # fmt: skip
+    requests = [
+        {
+            "prompt": chat_prompt(tokenizer, [(question, a)], followup),
+            "visual": visual[i],
+            "sampling": GREEDY,
+            "eos_id": tokenizer.eos_id,
+        }
+        for i, a in enumerate(answers)
+    ]
     return [tokenizer.decode(ids).strip() for ids in engine.generate(requests)]
 
 

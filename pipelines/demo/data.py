@@ -30,9 +30,11 @@ class InstructionsResult(BaseModel):
     skipped: int
 
     def summary(self) -> str:
-        return (f"instructions: {self.images} training images, a conversation of {TURNS} "
-                f"questions about each = {self.samples} samples ({self.skipped} captions not understood) -> "
-                f"{self.path}")  # fmt: skip
+        return (
+            f"instructions: {self.images} training images, a conversation of {TURNS} "
+            f"questions about each = {self.samples} samples ({self.skipped} captions not understood) -> "
+            f"{self.path}"
+        )
 
 
 def run(cfg: Config) -> InstructionsResult:
@@ -46,8 +48,9 @@ def run(cfg: Config) -> InstructionsResult:
     per = TURNS if cfg.train.stage2.conversation == "turns" else 1  # first, whole: one each
     samples = len(records) * per
     log.info("demo instructions: %d images, %d samples -> %s", len(records), samples, path)
-    return InstructionsResult(path=ws.as_url(path), images=len(records), samples=samples,
-                              skipped=captions - len(records))  # fmt: skip
+    return InstructionsResult(
+        path=ws.as_url(path), images=len(records), samples=samples, skipped=captions - len(records)
+    )
 
 
 def up_to_date(cfg: Config) -> bool:

@@ -20,8 +20,17 @@ from stores.workspace import Workspace
 
 Kind = Literal["good", "404", "500", "slow", "truncated", "html", "huge", "loop", "noai", "duplicate"]
 BAD_KINDS: tuple[Kind, ...] = ("404", "500", "slow", "truncated", "html", "huge", "loop", "noai", "duplicate")
-_ROUTE = {"good": "img", "404": "missing", "500": "error", "slow": "slow", "truncated": "truncated",
-          "html": "html", "huge": "huge", "loop": "loop", "noai": "noai"}  # fmt: skip
+_ROUTE = {
+    "good": "img",
+    "404": "missing",
+    "500": "error",
+    "slow": "slow",
+    "truncated": "truncated",
+    "html": "html",
+    "huge": "huge",
+    "loop": "loop",
+    "noai": "noai",
+}
 _ASPECTS = (1.0, 1.0, 4 / 3, 3 / 4, 16 / 9, 9 / 16, 2.0, 0.5, 4.0)  # 4:1 is there for the aspect-ratio filter
 _LANGUAGES = ("en",) * 9 + ("de", "fr", "es")
 PHOTO = "photo.jpg"  # a large red circle on grey, in synthetic/media/ (the README asks about it)
@@ -79,9 +88,13 @@ class Item:
     def render(self, seed: int) -> bytes:
         """The encoded image of this row (deterministic)."""
         img = media.draw_shape(
-            (self.width, self.height), self.shape, self.color, self.background,
-            media.SCALES["large" if self.large else "small"], seed * 1_000_003 + self.index,
-        )  # fmt: skip
+            (self.width, self.height),
+            self.shape,
+            self.color,
+            self.background,
+            media.SCALES["large" if self.large else "small"],
+            seed * 1_000_003 + self.index,
+        )
         return media.encode_image(img, self.fmt)
 
 

@@ -55,8 +55,10 @@ def _engine(decoder: ImageDecoder, deadline: float, allow: bool | Sequence[str])
     """img2dataset's `download` builds our downloader instead of its own while inside."""
     for module, name in ((i2d_downloader, _FETCH_NAME), (i2d_main, _DOWNLOADER_NAME)):
         if not hasattr(module, name):
-            raise RuntimeError(f"img2dataset changed: {module.__name__}.{name} is gone, and the ibllm decoder and "
-                               "deadline are plugged in there (pipelines/download/engine.py)")  # fmt: skip
+            raise RuntimeError(
+                f"img2dataset changed: {module.__name__}.{name} is gone, and the ibllm decoder and "
+                "deadline are plugged in there (pipelines/download/engine.py)"
+            )
     original = getattr(i2d_main, _DOWNLOADER_NAME)
     setattr(i2d_main, _DOWNLOADER_NAME, functools.partial(DeadlineDownloader, decoder, deadline, allow))
     try:

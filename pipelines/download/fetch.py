@@ -172,9 +172,14 @@ def _opener(allow: bool | tuple[str, ...]) -> urllib.request.OpenerDirector:
     guard = AddressGuard.of(allow)
     opener = urllib.request.OpenerDirector()
     for handler in (
-        urllib.request.ProxyHandler(), urllib.request.UnknownHandler(), _HTTPHandler(guard), _HTTPSHandler(guard),
-        urllib.request.HTTPDefaultErrorHandler(), _RedirectHandler(), urllib.request.HTTPErrorProcessor(),
-    ):  # fmt: skip
+        urllib.request.ProxyHandler(),
+        urllib.request.UnknownHandler(),
+        _HTTPHandler(guard),
+        _HTTPSHandler(guard),
+        urllib.request.HTTPDefaultErrorHandler(),
+        _RedirectHandler(),
+        urllib.request.HTTPErrorProcessor(),
+    ):
         opener.add_handler(handler)
     return opener
 

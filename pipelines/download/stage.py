@@ -178,9 +178,16 @@ def retry_source(cfg: Config, ws: Workspace, source: str, force: bool) -> Source
 
 def _nothing_to_do(ws: Workspace, source: str, output: str) -> SourceDownload:
     return SourceDownload(
-        source=source, output=ws.as_url(shard_folder(ws, output)), shards=0, new_shards=0, failed_shards=[],
-        attempted=0, succeeded=0, failed=0, images_per_second=None,
-    )  # fmt: skip
+        source=source,
+        output=ws.as_url(shard_folder(ws, output)),
+        shards=0,
+        new_shards=0,
+        failed_shards=[],
+        attempted=0,
+        succeeded=0,
+        failed=0,
+        images_per_second=None,
+    )
 
 
 def _checksum(ws: Workspace, path: str) -> str:

@@ -75,8 +75,10 @@ class BenchmarkResult(BaseModel):
         for r in self.rows:
             acc, plus = _num(r.accuracy, 9), _num(r.accuracy_plus, 7)
             lines.append(f"{r.subtask:<24} {r.score:9.2f} {r.questions:9d} {acc} {plus} {_num(r.unparseable, 8)}")
-        lines.append(f"({self.score_name}; {self.asked_now} asked now, {self.resumed} resumed, {self.errors} "
-                     f"unreadable; report {self.report})")  # fmt: skip
+        lines.append(
+            f"({self.score_name}; {self.asked_now} asked now, {self.resumed} resumed, {self.errors} "
+            f"unreadable; report {self.report})"
+        )
         return "\n".join(lines)
 
 
@@ -140,8 +142,10 @@ def run(
     rerun asks only what is left. Writes the results JSON, the HTML report and the catalog record (last)."""
     start = time.perf_counter()
     if benchmark in ZERO_SHOT:
-        raise InputError(f"{benchmark} checks the encoder: run it with `ibllm evaluate --benchmark {benchmark}` "
-                         "(pipelines.evaluate.zeroshot)")  # fmt: skip
+        raise InputError(
+            f"{benchmark} checks the encoder: run it with `ibllm evaluate --benchmark {benchmark}` "
+            "(pipelines.evaluate.zeroshot)"
+        )
     if not os.path.exists(data):
         raise InputError(f"--data {data} does not exist")
     bench = read_benchmark(benchmark, data, images, subtasks)
@@ -152,15 +156,23 @@ def run(
     chosen = checkpoints.choose(ws, cfg.infer.checkpoint)
     cache, batch = cfg.infer.use_cache, cfg.infer.batch
     folder = ws.path(EVALUATIONS, benchmark, evaluation_key(chosen, data, cache, limit, subtasks))
-    spec = {"benchmark": benchmark, "data": os.path.abspath(data), "checkpoint": chosen, "cache": cache,
-            "limit": limit, "subtasks": list(subtasks or []), "questions": len(questions)}  # fmt: skip
+    spec = {
+        "benchmark": benchmark,
+        "data": os.path.abspath(data),
+        "checkpoint": chosen,
+        "cache": cache,
+        "limit": limit,
+        "subtasks": list(subtasks or []),
+        "questions": len(questions),
+    }
     ws.write_bytes(posixpath.join(folder, "spec.json"), json.dumps(spec, indent=1).encode())
     answers = Answers(ws, folder)
     todo = [q for q in questions if q.qid not in answers.given]
     resumed = len(questions) - len(todo)
     if resumed:
-        log.info("%s: %d of %d questions answered before; asking the other %d", benchmark, resumed, len(questions),
-                 len(todo))  # fmt: skip
+        log.info(
+            "%s: %d of %d questions answered before; asking the other %d", benchmark, resumed, len(questions), len(todo)
+        )
     if todo:
         loaded = loader.load(cfg, need_encoder=True, slots=min(batch, len(todo)), checkpoint=chosen)
         answerer, trained = loaded.answerer, loaded.trained
@@ -168,30 +180,69 @@ def run(
         for at in range(0, len(todo), chunk):
             part = todo[at : at + chunk]
             given = answerer.answer_all([q.request for q in part])
-            answers.add([{"qid": q.qid, "error": str(a)} if isinstance(a, InputError) else {"qid": q.qid, "answer": a}
-                         for q, a in zip(part, given, strict=True)])  # fmt: skip
+            answers.add(
+                [
+                    {"qid": q.qid, "error": str(a)} if isinstance(a, InputError) else {"qid": q.qid, "answer": a}
+                    for q, a in zip(part, given, strict=True)
+                ]
+            )
             log.info("%s: %d of %d questions answered", benchmark, resumed + at + len(part), len(questions))
     given = {q.qid: answers.given[q.qid].get("answer") for q in questions}
     errors = sum("error" in answers.given[q.qid] for q in questions)
     scored = bench.score(given)
     made_by = (trained if todo else checkpoints.inspect(cfg, ws, chosen)).made_by
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
-    rows = [EvalRow(**asdict(r), benchmark=benchmark, checkpoint=chosen, stage=made_by.get("stage"),
-                    run_id=made_by.get("run_id"), data=os.path.abspath(data), cache=cache, evaluated_at=stamp)
-            for r in scored.rows]  # fmt: skip
+    rows = [
+        EvalRow(
+            **asdict(r),
+            benchmark=benchmark,
+            checkpoint=chosen,
+            stage=made_by.get("stage"),
+            run_id=made_by.get("run_id"),
+            data=os.path.abspath(data),
+            cache=cache,
+            evaluated_at=stamp,
+        )
+        for r in scored.rows
+    ]
     results, report = _write(ws, folder, bench, questions, answers.given, scored, rows)
     return BenchmarkResult(
-        benchmark=benchmark, data=data, checkpoint=chosen, questions=len(questions), asked_now=len(todo),
-        resumed=resumed, errors=errors, score_name=scored.score_name, headline=scored.summary, rows=rows,
-        results=results, report=report, seconds=round(time.perf_counter() - start, 3),
-    )  # fmt: skip
+        benchmark=benchmark,
+        data=data,
+        checkpoint=chosen,
+        questions=len(questions),
+        asked_now=len(todo),
+        resumed=resumed,
+        errors=errors,
+        score_name=scored.score_name,
+        headline=scored.summary,
+        rows=rows,
+        results=results,
+        report=report,
+        seconds=round(time.perf_counter() - start, 3),
+    )
 
 
-def _write(ws: Workspace, folder: str, bench: Benchmark, questions: list, given: dict[str, dict], scored: Scored,
-           rows: list[EvalRow]) -> tuple[str, str]:  # fmt: skip
+def _write(
+    ws: Workspace,
+    folder: str,
+    bench: Benchmark,
+    questions: list,
+    given: dict[str, dict],
+    scored: Scored,
+    rows: list[EvalRow],
+) -> tuple[str, str]:
     """results.json (rows and every answer), report.html, then the catalog record, last."""
-    answers = [{"qid": q.qid, "subtask": q.subtask, "prompt": q.request.prompt, "expected": q.expected,
-                **{k: v for k, v in given[q.qid].items() if k != "qid"}} for q in questions]  # fmt: skip
+    answers = [
+        {
+            "qid": q.qid,
+            "subtask": q.subtask,
+            "prompt": q.request.prompt,
+            "expected": q.expected,
+            **{k: v for k, v in given[q.qid].items() if k != "qid"},
+        }
+        for q in questions
+    ]
     doc = {"rows": [r.model_dump() for r in rows], "summary": scored.summary, "answers": answers}
     results = posixpath.join(folder, "results.json")
     ws.write_bytes(results, json.dumps(doc, indent=1).encode())

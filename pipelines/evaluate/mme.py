@@ -96,8 +96,9 @@ def _read_subtask(folder: str, subtask: str) -> list[Question]:
 
 
 def _files(folder: str, suffixes: tuple[str, ...]) -> list[str]:
-    return sorted(n for n in os.listdir(folder)
-                  if n.lower().endswith(suffixes) and os.path.isfile(os.path.join(folder, n)))  # fmt: skip
+    return sorted(
+        n for n in os.listdir(folder) if n.lower().endswith(suffixes) and os.path.isfile(os.path.join(folder, n))
+    )
 
 
 def _read_answers(path: str) -> list[tuple[str, str]]:
@@ -182,8 +183,10 @@ class MMEScore:
         return asdict(self)
 
     def summary(self) -> str:
-        return (f"MME perception {self.perception:.2f} ({self.perception_subtasks} of {len(PERCEPTION)} subtasks), "
-                f"cognition {self.cognition:.2f} ({self.cognition_subtasks} of {len(COGNITION)} subtasks)")  # fmt: skip
+        return (
+            f"MME perception {self.perception:.2f} ({self.perception_subtasks} of {len(PERCEPTION)} subtasks), "
+            f"cognition {self.cognition:.2f} ({self.cognition_subtasks} of {len(COGNITION)} subtasks)"
+        )
 
 
 def score_mme(records: Iterable[tuple[Question, str | None]]) -> MMEScore:
@@ -208,9 +211,16 @@ def score_mme(records: Iterable[tuple[Question, str | None]]) -> MMEScore:
         images_correct = sum(all(r) for r in images)
         accuracy, accuracy_plus = 100.0 * correct / n_questions, 100.0 * images_correct / len(images)
         scores[subtask] = SubtaskScore(
-            subtask, n_questions, len(images), correct, images_correct, unparseable[subtask],
-            accuracy, accuracy_plus, accuracy + accuracy_plus,
-        )  # fmt: skip
+            subtask,
+            n_questions,
+            len(images),
+            correct,
+            images_correct,
+            unparseable[subtask],
+            accuracy,
+            accuracy_plus,
+            accuracy + accuracy_plus,
+        )
     perception = [s.score for name, s in scores.items() if name in PERCEPTION]
     cognition = [s.score for name, s in scores.items() if name in COGNITION]
     return MMEScore(scores, sum(perception), len(perception), sum(cognition), len(cognition))

@@ -42,9 +42,11 @@ def _bars(rows: list[EvalRow], top: float) -> str:
     for i, r in enumerate(shown):
         y = gap + i * (bar + gap)
         w = max(0.0, min(1.0, r.score / top)) * (width - label - 60)
-        parts.append(f"<text x='{label - 6}' y='{y + 13}' text-anchor='end'>{html.escape(r.subtask)}</text>"
-                     f"<rect x='{label}' y='{y}' width='{w:.1f}' height='{bar}' fill='#4a7bd0'></rect>"
-                     f"<text x='{label + w + 4:.1f}' y='{y + 13}'>{r.score:.1f}</text>")  # fmt: skip
+        parts.append(
+            f"<text x='{label - 6}' y='{y + 13}' text-anchor='end'>{html.escape(r.subtask)}</text>"
+            f"<rect x='{label}' y='{y}' width='{w:.1f}' height='{bar}' fill='#4a7bd0'></rect>"
+            f"<text x='{label + w + 4:.1f}' y='{y + 13}'>{r.score:.1f}</text>"
+        )
     return "".join(parts) + "</svg>"
 
 
@@ -52,16 +54,21 @@ def render(name: str, scored: Scored, rows: list[EvalRow], wrong: list[tuple[Ask
     """The report page of one benchmark evaluation."""
     floor = {"mme": 200.0, "captions": 1.0}.get(name, 100.0)  # MME's maximum; CIDEr-D has none
     top = floor if name == "mme" else max([floor] + [r.score for r in rows])
-    head = ("<tr><th>subtask</th><th>score</th><th>questions</th><th>accuracy</th><th>accuracy+</th>"
-            "<th>unparseable</th><th>BLEU-4</th></tr>")  # fmt: skip
+    head = (
+        "<tr><th>subtask</th><th>score</th><th>questions</th><th>accuracy</th><th>accuracy+</th>"
+        "<th>unparseable</th><th>BLEU-4</th></tr>"
+    )
 
     def cell(value: float | int | None) -> str:
         if value is None:
             return "<td>-</td>"
         return f"<td>{value}</td>" if isinstance(value, int) else f"<td>{value:.2f}</td>"
 
-    table = "".join(f"<tr><td>{html.escape(r.subtask)}</td>{cell(r.score)}{cell(r.questions)}{cell(r.accuracy)}"
-                    f"{cell(r.accuracy_plus)}{cell(r.unparseable)}{cell(r.bleu4)}</tr>" for r in rows)  # fmt: skip
+    table = "".join(
+        f"<tr><td>{html.escape(r.subtask)}</td>{cell(r.score)}{cell(r.questions)}{cell(r.accuracy)}"
+        f"{cell(r.accuracy_plus)}{cell(r.unparseable)}{cell(r.bleu4)}</tr>"
+        for r in rows
+    )
     examples = "".join(
         f"<div class='ex'>{_thumbnail(asked.picture)}<div><b>{html.escape(asked.subtask)}</b> "
         f"<code>{html.escape(asked.qid)}</code><br>Q: {html.escape(asked.request.prompt or '')}<br>"

@@ -67,16 +67,28 @@ def read_mme_benchmark(data: str, subtasks: Sequence[str] | None = None) -> Benc
     """MME's released folder: every question asked greedily with its image (`mme.mme_prompt`)."""
     questions = mme.read_mme(data, subtasks)
     by_id = {q.qid: q for q in questions}
-    asked = [Asked(q.qid, _greedy(image=[q.image], prompt=mme.mme_prompt(q.question), max_new_tokens=MME_MAX_TOKENS),
-                   q.subtask, q.answer, q.image) for q in questions]  # fmt: skip
+    asked = [
+        Asked(
+            q.qid,
+            _greedy(image=[q.image], prompt=mme.mme_prompt(q.question), max_new_tokens=MME_MAX_TOKENS),
+            q.subtask,
+            q.answer,
+            q.image,
+        )
+        for q in questions
+    ]
 
     def score(answers: dict[str, str | None]) -> Scored:
         parsed = {qid: mme.parse_yes_no(a) if a is not None else None for qid, a in answers.items()}
         result = mme.score_mme((by_id[qid], parsed[qid]) for qid in by_id if qid in answers)
-        rows = [Row(s.subtask, s.score, s.questions, s.accuracy, s.accuracy_plus, s.unparseable)
-                for s in result.subtasks.values()]  # fmt: skip
-        totals = [("perception", result.perception, result.perception_subtasks, mme.PERCEPTION),
-                  ("cognition", result.cognition, result.cognition_subtasks, mme.COGNITION)]  # fmt: skip
+        rows = [
+            Row(s.subtask, s.score, s.questions, s.accuracy, s.accuracy_plus, s.unparseable)
+            for s in result.subtasks.values()
+        ]
+        totals = [
+            ("perception", result.perception, result.perception_subtasks, mme.PERCEPTION),
+            ("cognition", result.cognition, result.cognition_subtasks, mme.COGNITION),
+        ]
         for name, value, covered, names in totals:
             if covered:
                 n = sum(s.questions for s in result.subtasks.values() if s.subtask in names)
@@ -95,14 +107,23 @@ def read_vqa_benchmark(data: str) -> Benchmark:
     for item in items:
         prompt = vqa.choice_prompt(item) if item.choices else item.question
         picture = (item.inputs.get("image") or [None])[0]
-        asked.append(Asked(item.qid, _greedy(prompt=prompt, max_new_tokens=VQA_MAX_TOKENS, **item.inputs), item.kind,
-                           item.answer, picture))  # fmt: skip
+        asked.append(
+            Asked(
+                item.qid,
+                _greedy(prompt=prompt, max_new_tokens=VQA_MAX_TOKENS, **item.inputs),
+                item.kind,
+                item.answer,
+                picture,
+            )
+        )
 
     def score(answers: dict[str, str | None]) -> Scored:
         records = [(by_id[qid], answers[qid] or "") for qid in by_id if qid in answers]
         result = vqa.score_vqa(records)
-        rows = [Row(kind, r["accuracy"], r["questions"], r["accuracy"], None, r["unparseable"])
-                for kind, r in result["by_kind"].items()]  # fmt: skip
+        rows = [
+            Row(kind, r["accuracy"], r["questions"], r["accuracy"], None, r["unparseable"])
+            for kind, r in result["by_kind"].items()
+        ]
         total = Row("all", result["accuracy"], result["questions"], result["accuracy"], None, result["unparseable"])
         rows.append(total)
         wrong = [item.qid for item, answer in records if not vqa.judge(item, answer)[0]]

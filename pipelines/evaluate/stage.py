@@ -44,9 +44,11 @@ class EvalResult(BaseModel):
     heldout: str = Field("split", description="'split' (train.holdout's uid hash) or 'uids' (a given uid list)")
 
     def summary(self) -> str:
-        return (f"evaluate stage {self.stage} run {self.run_id}: {self.examples} held-out captions, loss "
-                f"{self.loss:.4f} (perplexity {self.perplexity:.2f}), with shuffled features {self.shuffled_loss:.4f} "
-                f"(gap {self.grounding_gap:+.4f})")  # fmt: skip
+        return (
+            f"evaluate stage {self.stage} run {self.run_id}: {self.examples} held-out captions, loss "
+            f"{self.loss:.4f} (perplexity {self.perplexity:.2f}), with shuffled features {self.shuffled_loss:.4f} "
+            f"(gap {self.grounding_gap:+.4f})"
+        )
 
 
 @torch.no_grad()
@@ -81,8 +83,12 @@ class UidCaptions:
                 if uid in wanted and uid not in found:
                     found[uid] = Example(feature, CAPTION_PROMPT, str(caption), uid)
         if len(found) < len(wanted):
-            log.warning("%d of %d held-out uids are not in the features: evaluating on the other %d",
-                        len(wanted) - len(found), len(wanted), len(found))  # fmt: skip
+            log.warning(
+                "%d of %d held-out uids are not in the features: evaluating on the other %d",
+                len(wanted) - len(found),
+                len(wanted),
+                len(found),
+            )
         self.examples = sorted(found.values(), key=lambda e: wanted[e.key])
         self.size = len(self.examples)
 
@@ -123,17 +129,27 @@ def run(
             raise InputError(f"{source.size} held-out captions: raise train.holdout ({holdout}) to evaluate")
     examples = list(source.iterate(0))  # every held-out sample, the last partial batch too
     pad = model.config.pad_id
-    batches = [micro_batch(examples[i : i + batch_size], tokenizer, max_words, pad)
-               for i in range(0, len(examples), batch_size)]  # fmt: skip
+    batches = [
+        micro_batch(examples[i : i + batch_size], tokenizer, max_words, pad)
+        for i in range(0, len(examples), batch_size)
+    ]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     loss, shuffled, tokens = held_out_losses(model, batches, device)
     run_id = str(made_by.get("run_id") or os.path.basename(checkpoint.rstrip("/")))
     result = EvalResult(
-        stage=stage, run_id=run_id, checkpoint=checkpoint, examples=sum(len(m.input_ids) for m in batches),
-        tokens=tokens, loss=loss, perplexity=math.exp(min(loss, 50.0)), shuffled_loss=shuffled,
-        grounding_gap=shuffled - loss, evaluated_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
-        seconds=time.perf_counter() - start, heldout="split" if uids is None else "uids",
-    )  # fmt: skip
+        stage=stage,
+        run_id=run_id,
+        checkpoint=checkpoint,
+        examples=sum(len(m.input_ids) for m in batches),
+        tokens=tokens,
+        loss=loss,
+        perplexity=math.exp(min(loss, 50.0)),
+        shuffled_loss=shuffled,
+        grounding_gap=shuffled - loss,
+        evaluated_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
+        seconds=time.perf_counter() - start,
+        heldout="split" if uids is None else "uids",
+    )
     stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"  # two evaluations in a second: two records
     runs = Runs.of_stage(ws, stage if made_by.get("run_id") else EXTERNAL)  # external: no run of this workspace
     runs.record_evaluation(run_id, stamp, result.model_dump_json(indent=1).encode())

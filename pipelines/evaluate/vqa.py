@@ -181,8 +181,11 @@ def parse_choice(answer: str, choices: Sequence[str]) -> int | None:
         return None  # "A or B"
     if m := _LEADING_LETTER.match(text):
         return letter(m.group(1))
-    named = {m.group(1).upper() for m in _ANSWER_LETTER.finditer(text)
-             if m.group(1).isupper() or _ENDS_PHRASE.match(text, m.end())}  # fmt: skip
+    named = {
+        m.group(1).upper()
+        for m in _ANSWER_LETTER.finditer(text)
+        if m.group(1).isupper() or _ENDS_PHRASE.match(text, m.end())
+    }
     if named:
         return letter(named.pop()) if len(named) == 1 else None
     inside = [c for c in lowered if re.search(rf"(?<!\w){re.escape(c)}(?!\w)", text.lower())]

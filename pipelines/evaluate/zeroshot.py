@@ -57,48 +57,155 @@ POINT_EVAL_NORMALIZE = True
 #   final full stop; its labels are ModelNet40's shape names with "_" -> " " (ULIP's data/labels.json).
 TEMPLATES: dict[str, tuple[str, ...]] = {
     "image": (
-        "a bad photo of a {}.", "a photo of many {}.", "a sculpture of a {}.", "a photo of the hard to see {}.",
-        "a low resolution photo of the {}.", "a rendering of a {}.", "graffiti of a {}.", "a bad photo of the {}.",
-        "a cropped photo of the {}.", "a tattoo of a {}.", "the embroidered {}.", "a photo of a hard to see {}.",
-        "a bright photo of a {}.", "a photo of a clean {}.", "a photo of a dirty {}.", "a dark photo of the {}.",
-        "a drawing of a {}.", "a photo of my {}.", "the plastic {}.", "a photo of the cool {}.",
-        "a close-up photo of a {}.", "a black and white photo of the {}.", "a painting of the {}.",
-        "a painting of a {}.", "a pixelated photo of the {}.", "a sculpture of the {}.", "a bright photo of the {}.",
-        "a cropped photo of a {}.", "a plastic {}.", "a photo of the dirty {}.", "a jpeg corrupted photo of a {}.",
-        "a blurry photo of the {}.", "a photo of the {}.", "a good photo of the {}.", "a rendering of the {}.",
-        "a {} in a video game.", "a photo of one {}.", "a doodle of a {}.", "a close-up photo of the {}.",
-        "a photo of a {}.", "the origami {}.", "the {} in a video game.", "a sketch of a {}.", "a doodle of the {}.",
-        "a origami {}.", "a low resolution photo of a {}.", "the toy {}.", "a rendition of the {}.",
-        "a photo of the clean {}.", "a photo of a large {}.", "a rendition of a {}.", "a photo of a nice {}.",
-        "a photo of a weird {}.", "a blurry photo of a {}.", "a cartoon {}.", "art of a {}.", "a sketch of the {}.",
-        "a embroidered {}.", "a pixelated photo of a {}.", "itap of the {}.", "a jpeg corrupted photo of the {}.",
-        "a good photo of a {}.", "a plushie {}.", "a photo of the nice {}.", "a photo of the small {}.",
-        "a photo of the weird {}.", "the cartoon {}.", "art of the {}.", "a drawing of the {}.",
-        "a photo of the large {}.", "a black and white photo of a {}.", "the plushie {}.", "a dark photo of a {}.",
-        "itap of a {}.", "graffiti of the {}.", "a toy {}.", "itap of my {}.", "a photo of a cool {}.",
-        "a photo of a small {}.", "a tattoo of the {}.",
+        "a bad photo of a {}.",
+        "a photo of many {}.",
+        "a sculpture of a {}.",
+        "a photo of the hard to see {}.",
+        "a low resolution photo of the {}.",
+        "a rendering of a {}.",
+        "graffiti of a {}.",
+        "a bad photo of the {}.",
+        "a cropped photo of the {}.",
+        "a tattoo of a {}.",
+        "the embroidered {}.",
+        "a photo of a hard to see {}.",
+        "a bright photo of a {}.",
+        "a photo of a clean {}.",
+        "a photo of a dirty {}.",
+        "a dark photo of the {}.",
+        "a drawing of a {}.",
+        "a photo of my {}.",
+        "the plastic {}.",
+        "a photo of the cool {}.",
+        "a close-up photo of a {}.",
+        "a black and white photo of the {}.",
+        "a painting of the {}.",
+        "a painting of a {}.",
+        "a pixelated photo of the {}.",
+        "a sculpture of the {}.",
+        "a bright photo of the {}.",
+        "a cropped photo of a {}.",
+        "a plastic {}.",
+        "a photo of the dirty {}.",
+        "a jpeg corrupted photo of a {}.",
+        "a blurry photo of the {}.",
+        "a photo of the {}.",
+        "a good photo of the {}.",
+        "a rendering of the {}.",
+        "a {} in a video game.",
+        "a photo of one {}.",
+        "a doodle of a {}.",
+        "a close-up photo of the {}.",
+        "a photo of a {}.",
+        "the origami {}.",
+        "the {} in a video game.",
+        "a sketch of a {}.",
+        "a doodle of the {}.",
+        "a origami {}.",
+        "a low resolution photo of a {}.",
+        "the toy {}.",
+        "a rendition of the {}.",
+        "a photo of the clean {}.",
+        "a photo of a large {}.",
+        "a rendition of a {}.",
+        "a photo of a nice {}.",
+        "a photo of a weird {}.",
+        "a blurry photo of a {}.",
+        "a cartoon {}.",
+        "art of a {}.",
+        "a sketch of the {}.",
+        "a embroidered {}.",
+        "a pixelated photo of a {}.",
+        "itap of the {}.",
+        "a jpeg corrupted photo of the {}.",
+        "a good photo of a {}.",
+        "a plushie {}.",
+        "a photo of the nice {}.",
+        "a photo of the small {}.",
+        "a photo of the weird {}.",
+        "the cartoon {}.",
+        "art of the {}.",
+        "a drawing of the {}.",
+        "a photo of the large {}.",
+        "a black and white photo of a {}.",
+        "the plushie {}.",
+        "a dark photo of a {}.",
+        "itap of a {}.",
+        "graffiti of the {}.",
+        "a toy {}.",
+        "itap of my {}.",
+        "a photo of a cool {}.",
+        "a photo of a small {}.",
+        "a tattoo of the {}.",
     ),
     "audio": ("This is a sound of {}",),
     "point": (
-        "a point cloud model of {}.", "There is a {} in the scene.", "There is the {} in the scene.",
-        "a photo of a {} in the scene.", "a photo of the {} in the scene.", "a photo of one {} in the scene.",
-        "itap of a {}.", "itap of my {}.", "itap of the {}.", "a photo of a {}.", "a photo of my {}.",
-        "a photo of the {}.", "a photo of one {}.", "a photo of many {}.", "a good photo of a {}.",
-        "a good photo of the {}.", "a bad photo of a {}.", "a bad photo of the {}.", "a photo of a nice {}.",
-        "a photo of the nice {}.", "a photo of a cool {}.", "a photo of the cool {}.", "a photo of a weird {}.",
-        "a photo of the weird {}.", "a photo of a small {}.", "a photo of the small {}.", "a photo of a large {}.",
-        "a photo of the large {}.", "a photo of a clean {}.", "a photo of the clean {}.", "a photo of a dirty {}.",
-        "a photo of the dirty {}.", "a bright photo of a {}.", "a bright photo of the {}.", "a dark photo of a {}.",
-        "a dark photo of the {}.", "a photo of a hard to see {}.", "a photo of the hard to see {}.",
-        "a low resolution photo of a {}.", "a low resolution photo of the {}.", "a cropped photo of a {}.",
-        "a cropped photo of the {}.", "a close-up photo of a {}.", "a close-up photo of the {}.",
-        "a jpeg corrupted photo of a {}.", "a jpeg corrupted photo of the {}.", "a blurry photo of a {}.",
-        "a blurry photo of the {}.", "a pixelated photo of a {}.", "a pixelated photo of the {}.",
-        "a black and white photo of the {}.", "a black and white photo of a {}", "a plastic {}.", "the plastic {}.",
-        "a toy {}.", "the toy {}.", "a plushie {}.", "the plushie {}.", "a cartoon {}.", "the cartoon {}.",
-        "an embroidered {}.", "the embroidered {}.", "a painting of the {}.", "a painting of a {}.",
+        "a point cloud model of {}.",
+        "There is a {} in the scene.",
+        "There is the {} in the scene.",
+        "a photo of a {} in the scene.",
+        "a photo of the {} in the scene.",
+        "a photo of one {} in the scene.",
+        "itap of a {}.",
+        "itap of my {}.",
+        "itap of the {}.",
+        "a photo of a {}.",
+        "a photo of my {}.",
+        "a photo of the {}.",
+        "a photo of one {}.",
+        "a photo of many {}.",
+        "a good photo of a {}.",
+        "a good photo of the {}.",
+        "a bad photo of a {}.",
+        "a bad photo of the {}.",
+        "a photo of a nice {}.",
+        "a photo of the nice {}.",
+        "a photo of a cool {}.",
+        "a photo of the cool {}.",
+        "a photo of a weird {}.",
+        "a photo of the weird {}.",
+        "a photo of a small {}.",
+        "a photo of the small {}.",
+        "a photo of a large {}.",
+        "a photo of the large {}.",
+        "a photo of a clean {}.",
+        "a photo of the clean {}.",
+        "a photo of a dirty {}.",
+        "a photo of the dirty {}.",
+        "a bright photo of a {}.",
+        "a bright photo of the {}.",
+        "a dark photo of a {}.",
+        "a dark photo of the {}.",
+        "a photo of a hard to see {}.",
+        "a photo of the hard to see {}.",
+        "a low resolution photo of a {}.",
+        "a low resolution photo of the {}.",
+        "a cropped photo of a {}.",
+        "a cropped photo of the {}.",
+        "a close-up photo of a {}.",
+        "a close-up photo of the {}.",
+        "a jpeg corrupted photo of a {}.",
+        "a jpeg corrupted photo of the {}.",
+        "a blurry photo of a {}.",
+        "a blurry photo of the {}.",
+        "a pixelated photo of a {}.",
+        "a pixelated photo of the {}.",
+        "a black and white photo of the {}.",
+        "a black and white photo of a {}",
+        "a plastic {}.",
+        "the plastic {}.",
+        "a toy {}.",
+        "the toy {}.",
+        "a plushie {}.",
+        "the plushie {}.",
+        "a cartoon {}.",
+        "the cartoon {}.",
+        "an embroidered {}.",
+        "the embroidered {}.",
+        "a painting of the {}.",
+        "a painting of a {}.",
     ),
-}  # fmt: skip
+}
 
 
 @dataclass(frozen=True)
@@ -166,8 +273,12 @@ def read_imagenet(root: str) -> LabelledSet:
         classes = tuple(names)
     else:
         if all(_WNID.match(f) for f in folders):
-            log.warning("%s: class folders are WordNet ids and there is no %s: prompts will name the ids, so the "
-                        "accuracy says little; add one readable name per line", root, CLASSNAMES_FILE)  # fmt: skip
+            log.warning(
+                "%s: class folders are WordNet ids and there is no %s: prompts will name the ids, so the "
+                "accuracy says little; add one readable name per line",
+                root,
+                CLASSNAMES_FILE,
+            )
         classes = tuple(_readable(f) for f in folders)
     return LabelledSet("image", root, classes, tuple(samples), "imagenet")
 
@@ -204,14 +315,16 @@ def read_esc50(root: str, folds: Sequence[int] | None = None) -> LabelledSet:
         try:
             target, fold = int(row["target"]), int(row["fold"])
         except (TypeError, ValueError):
-            raise InputError(f"{table} line {number}: target and fold must be integers, got "
-                             f"{row['target']!r} and {row['fold']!r}") from None  # fmt: skip
+            raise InputError(
+                f"{table} line {number}: target and fold must be integers, got {row['target']!r} and {row['fold']!r}"
+            ) from None
         category = (row["category"] or "").strip()
         if target < 0 or not category:
             raise InputError(f"{table} line {number}: a negative target or an empty category")
         if categories.setdefault(target, category) != category:
-            raise InputError(f"{table} line {number}: target {target} is {category!r} here and "
-                             f"{categories[target]!r} above")  # fmt: skip
+            raise InputError(
+                f"{table} line {number}: target {target} is {category!r} here and {categories[target]!r} above"
+            )
         parsed.append((number, (row["filename"] or "").strip(), fold, target))
     if not parsed:
         raise InputError(f"{table}: no clips listed")
@@ -224,8 +337,9 @@ def read_esc50(root: str, folds: Sequence[int] | None = None) -> LabelledSet:
             raise InputError(f"{table}: no fold chosen; give some of {', '.join(map(str, present))} or none for all")
         unknown = [f for f in folds if f not in present]
         if unknown:
-            raise InputError(f"{table}: no fold {', '.join(map(str, unknown))}; its folds are "
-                             f"{', '.join(map(str, present))}")  # fmt: skip
+            raise InputError(
+                f"{table}: no fold {', '.join(map(str, unknown))}; its folds are {', '.join(map(str, present))}"
+            )
     samples = []
     for number, name, fold, target in parsed:
         if folds is not None and fold not in folds:
@@ -360,8 +474,10 @@ class ZeroShotResult(BaseModel):
         k = min(5, self.classes)
         skipped = f", {self.unreadable} unreadable skipped" if self.unreadable else ""
         layout = LAYOUT_NAMES.get(self.layout, self.layout)
-        return (f"zero-shot {self.kind} on {layout} layout ({self.classes} classes, {self.samples} samples{skipped}): "
-                f"top-1 {self.top1:.2f}%, top-{k} {self.top5:.2f}%")  # fmt: skip
+        return (
+            f"zero-shot {self.kind} on {layout} layout ({self.classes} classes, {self.samples} samples{skipped}): "
+            f"top-1 {self.top1:.2f}%, top-{k} {self.top5:.2f}%"
+        )
 
 
 def read_cloud(path: str) -> torch.Tensor:
@@ -475,11 +591,14 @@ def classify(
     if point_resample is not None and point_resample < 0:
         raise InputError(f"point_resample must be 0 (every point) or more, got {point_resample}")
     if encoder.tokenizer is None:
-        raise InputError("the encoder has no CLIP BPE vocabulary (model.imagebind_vocab), so the class prompts "
-                         "cannot be embedded")  # fmt: skip
+        raise InputError(
+            "the encoder has no CLIP BPE vocabulary (model.imagebind_vocab), so the class prompts cannot be embedded"
+        )
     if data.kind == "point" and not encoder.has_points:
-        raise InputError(f"{data.root}: a point set needs Point-Bind's weights, and this ImageBind has no point "
-                         "branch: set model.point_checkpoint to imagebind_w3D.pth")  # fmt: skip
+        raise InputError(
+            f"{data.root}: a point set needs Point-Bind's weights, and this ImageBind has no point "
+            "branch: set model.point_checkpoint to imagebind_w3D.pth"
+        )
     if not data.samples or not data.classes:
         raise InputError(f"{data.root}: no samples or no classes")
     samples = list(data.samples)
@@ -526,11 +645,23 @@ def classify(
         mask = labels == c
         per_class[keys[c]] = 100.0 * float(hits[mask].float().mean())
     wrong = (~hits).nonzero().flatten()[:MAX_FAILURES].tolist()
-    failures = [Failure(path=kept[j].path, label=data.classes[kept[j].label],
-                        predicted=data.classes[int(predicted[j])]) for j in wrong]  # fmt: skip
+    failures = [
+        Failure(path=kept[j].path, label=data.classes[kept[j].label], predicted=data.classes[int(predicted[j])])
+        for j in wrong
+    ]
     return ZeroShotResult(
-        kind=data.kind, layout=data.layout, root=data.root, classes=len(data.classes), samples=len(kept),
-        templates=len(templates), top1=accuracy[1], top5=accuracy[5], per_class_top1=per_class, failures=failures,
-        unreadable=unreadable, unreadable_reasons=reasons, encoder_id=encoder.encoder_id,
+        kind=data.kind,
+        layout=data.layout,
+        root=data.root,
+        classes=len(data.classes),
+        samples=len(kept),
+        templates=len(templates),
+        top1=accuracy[1],
+        top5=accuracy[5],
+        per_class_top1=per_class,
+        failures=failures,
+        unreadable=unreadable,
+        unreadable_reasons=reasons,
+        encoder_id=encoder.encoder_id,
         seconds=time.perf_counter() - start,
-    )  # fmt: skip
+    )

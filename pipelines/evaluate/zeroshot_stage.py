@@ -30,8 +30,9 @@ def run(cfg: Config, kind: str, data: str, limit: int | None = None) -> ZeroShot
     ws = Workspace(cfg.workspace, cfg.storage_options)
     vocab = assets.clip_vocab_file(cfg, ws)
     if vocab is None:
-        raise InputError("zero-shot checks embed class prompts: set model.imagebind_vocab "
-                         "(bpe_simple_vocab_16e6.txt.gz)")  # fmt: skip
+        raise InputError(
+            "zero-shot checks embed class prompts: set model.imagebind_vocab (bpe_simple_vocab_16e6.txt.gz)"
+        )
     m = cfg.model
     encoder = configured_encoder(cfg, ws, cfg.infer.device, cfg.infer.dtype)
     last = [time.time()]
@@ -42,13 +43,28 @@ def run(cfg: Config, kind: str, data: str, limit: int | None = None) -> ZeroShot
             log.info("zero-shot %s: %d of %d samples", kind, done, total)
 
     batch = cfg.infer.batch
-    result = classify(encoder, labelled, batch_size=batch, limit=limit, max_pixels=m.max_image_pixels, seed=cfg.seed,
-                      progress=progress)  # fmt: skip
+    result = classify(
+        encoder,
+        labelled,
+        batch_size=batch,
+        limit=limit,
+        max_pixels=m.max_image_pixels,
+        seed=cfg.seed,
+        progress=progress,
+    )
     name = f"zeroshot-{kind}"
     folder = ws.path(EVALUATIONS, name, evaluation_key(encoder.encoder_id, data, False, limit, None))
     ws.write_bytes(posixpath.join(folder, "results.json"), result.model_dump_json(indent=1).encode())
-    row = EvalRow(benchmark=name, subtask="all", checkpoint=encoder.encoder_id, score=result.top1,
-                  questions=result.samples, accuracy=result.top1, top5=result.top5, data=os.path.abspath(data),
-                  evaluated_at=time.strftime("%Y-%m-%dT%H:%M:%S"))  # fmt: skip
+    row = EvalRow(
+        benchmark=name,
+        subtask="all",
+        checkpoint=encoder.encoder_id,
+        score=result.top1,
+        questions=result.samples,
+        accuracy=result.top1,
+        top5=result.top5,
+        data=os.path.abspath(data),
+        evaluated_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
+    )
     ws.write_bytes(posixpath.join(folder, RECORD), json.dumps([row.model_dump()], indent=1).encode())
     return result

@@ -43,8 +43,9 @@ class Encoder:
     computes batch i+1: the GPU does not wait for Ray between batches. On the CPU nothing is pinned or overlapped.
     """
 
-    def __init__(self, preset: str, checkpoint: str | None, seed: int, device: str, dtype: str, threads: int,
-                 fp8: bool = False) -> None:  # fmt: skip
+    def __init__(
+        self, preset: str, checkpoint: str | None, seed: int, device: str, dtype: str, threads: int, fp8: bool = False
+    ) -> None:
         self.torch_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encoder")
         loading = self.torch_thread.submit(self._load, preset, checkpoint, seed, device, dtype, threads, fp8)
         self._use(loading.result())
@@ -64,8 +65,9 @@ class Encoder:
         self.copy_stream = torch.cuda.Stream(encoder.device) if self.gpu else None
 
     @staticmethod
-    def _load(preset: str, checkpoint: str | None, seed: int, device: str, dtype: str, threads: int,
-              fp8: bool) -> ImageBind:  # fmt: skip
+    def _load(
+        preset: str, checkpoint: str | None, seed: int, device: str, dtype: str, threads: int, fp8: bool
+    ) -> ImageBind:
         torch.set_num_threads(max(1, threads))
         return ImageBind.load(preset, checkpoint=checkpoint, device=device, dtype=dtype, seed=seed, fp8=fp8)
 
@@ -90,8 +92,9 @@ class Encoder:
         both = torch.cat([emb["vision"], emb["text"]], dim=1).numpy().astype(np.float16)
         return Pending(rows, ok, torch.from_numpy(both), (emb["vision"] * emb["text"]).sum(-1))
 
-    def _submit_cuda(self, rows: dict[str, np.ndarray], ok: np.ndarray, pixels: np.ndarray,
-                     tokens: np.ndarray) -> Pending:  # fmt: skip
+    def _submit_cuda(
+        self, rows: dict[str, np.ndarray], ok: np.ndarray, pixels: np.ndarray, tokens: np.ndarray
+    ) -> Pending:
         device, k = self.encoder.device, int(ok.sum())
         # the accepted rows go straight into pinned memory (one host copy); torch's pinned allocator caches the
         # buffers and keeps each one until the copies that read it are done
@@ -132,8 +135,9 @@ class Encoder:
         return {**pending.rows, "image_emb": image_emb, "text_emb": text_emb, "clip_score": score}
 
 
-def placeholder_feature(preset: str, checkpoint: str | None, seed: int, device: str, dtype: str,
-                        fp8: bool = False) -> np.ndarray:  # fmt: skip
+def placeholder_feature(
+    preset: str, checkpoint: str | None, seed: int, device: str, dtype: str, fp8: bool = False
+) -> np.ndarray:
     """The paper's "fake image" feature, what text-only samples stand on: the embedding of the all-zero preprocessed
     image, stored as the features are (float16 values, as float32)."""
     encoder = ImageBind.load(preset, checkpoint=checkpoint, device=device, dtype=dtype, seed=seed, fp8=fp8)

@@ -27,8 +27,18 @@ def _text(value: object) -> str:
 
 
 def _shard_error(base: dict[str, str], message: str) -> list[dict[str, Any]]:
-    return [{**base, "kind": "shard_error", "uid": "", "url": "", "caption": "", "image": b"", "reason": "",
-             "error": message}]  # fmt: skip
+    return [
+        {
+            **base,
+            "kind": "shard_error",
+            "uid": "",
+            "url": "",
+            "caption": "",
+            "image": b"",
+            "reason": "",
+            "error": message,
+        }
+    ]
 
 
 def _changed(base: dict[str, str], expected: str, data: bytes) -> str | None:
@@ -36,13 +46,16 @@ def _changed(base: dict[str, str], expected: str, data: bytes) -> str | None:
     actual = hashlib.sha256(data).hexdigest()
     if not expected or actual == expected:
         return None
-    return (f"{base['tar']} changed after its download was committed (sha256 {actual[:16]}, the download ledger "
-            f"recorded {expected[:16]}), so it is not read: restore the file, or download the shard again (remove "
-            "its record from the download ledger, then `ibllm download`)")  # fmt: skip
+    return (
+        f"{base['tar']} changed after its download was committed (sha256 {actual[:16]}, the download ledger "
+        f"recorded {expected[:16]}), so it is not read: restore the file, or download the shard again (remove "
+        "its record from the download ledger, then `ibllm download`)"
+    )
 
 
-def _sample(base: dict[str, str], key: str, parts: dict[str, bytes], refused: str | None,
-            caption_max_chars: int) -> dict[str, Any]:  # fmt: skip
+def _sample(
+    base: dict[str, str], key: str, parts: dict[str, bytes], refused: str | None, caption_max_chars: int
+) -> dict[str, Any]:
     """One sample's raw row; metadata that is not a JSON object, or a refused member, fails it with a reason."""
     reason = refused or ""
     try:
@@ -55,8 +68,16 @@ def _sample(base: dict[str, str], key: str, parts: dict[str, bytes], refused: st
     text = parts["txt"].decode("utf-8", "replace") if "txt" in parts else _text(meta.get("caption"))
     img = next((parts[e] for e in IMAGE_EXTS if e in parts), b"")
     uid = _text(meta.get("uid")) or make_uid(base["source"], f"{base['shard']}.tar#{key}")  # unique per member
-    return {**base, "kind": "sample", "uid": uid, "url": url, "caption": clean_caption(text, caption_max_chars),
-            "image": img, "reason": reason, "error": ""}  # fmt: skip
+    return {
+        **base,
+        "kind": "sample",
+        "uid": uid,
+        "url": url,
+        "caption": clean_caption(text, caption_max_chars),
+        "image": img,
+        "reason": reason,
+        "error": "",
+    }
 
 
 def shard_rows(
@@ -80,8 +101,9 @@ def shard_rows(
         _sample(base, key, samples.parts.get(key, {}), samples.refused.get(key), caption_max_chars)
         for key in samples.sample_keys()
     ]
-    return rows or [{**base, "kind": "empty", "uid": "", "url": "", "caption": "", "image": b"", "reason": "",
-                     "error": ""}]  # fmt: skip
+    return rows or [
+        {**base, "kind": "empty", "uid": "", "url": "", "caption": "", "image": b"", "reason": "", "error": ""}
+    ]
 
 
 @functools.lru_cache(maxsize=4)
@@ -123,8 +145,14 @@ def prepare(rows: list[dict[str, Any]], vocab: bytes, max_pixels: int | None = N
     return {**columns, "shard_rows": np.full(n, samples, np.int64), "pixels": pixels, "tokens": tokens}
 
 
-def read_shards(items: dict[str, np.ndarray], root: str, storage_options: dict[str, Any], vocab: bytes,
-                caption_max_chars: int = CAPTION_MAX_CHARS, max_pixels: int | None = None) -> dict:  # fmt: skip
+def read_shards(
+    items: dict[str, np.ndarray],
+    root: str,
+    storage_options: dict[str, Any],
+    vocab: bytes,
+    caption_max_chars: int = CAPTION_MAX_CHARS,
+    max_pixels: int | None = None,
+) -> dict:
     """A Ray Data batch of shard work items (one, as extraction runs it) -> every sample of those shards, as columns."""
     parts = [
         prepare(

@@ -56,8 +56,10 @@ class ExtractResult(BaseModel):
         rate = f" at {self.images_per_second:.1f} images/s" if self.images_per_second else ""
         lines = [f"feature set {self.encoder_id}{rate}"]
         for s in self.sources:
-            lines.append(f"{s.source}: {s.rows} features, {s.failures} failed samples in {s.shards} shard(s) "
-                         f"({s.new_shards} new) -> {s.output}")  # fmt: skip
+            lines.append(
+                f"{s.source}: {s.rows} features, {s.failures} failed samples in {s.shards} shard(s) "
+                f"({s.new_shards} new) -> {s.output}"
+            )
             lines += [f"  shard {sid} failed: {err}" for sid, err in s.failed_shards.items()]
         return "\n".join(lines)
 
@@ -72,8 +74,15 @@ def shard_items(ws: Workspace, source: str) -> list[dict[str, Any]]:
         prefix = f"retry-{out.partition('.retry-')[2]}-" if ".retry-" in out else ""
         for rec in sorted(Ledger.reader(ws, "download", out).committed().values(), key=lambda r: r.shard_id):
             tar = next(f for f in rec.files if f.path.endswith(".tar"))
-            items.append({"source": source, "shard": prefix + rec.shard_id, "tar": tar.path, "sha256": tar.sha256,
-                          "input": rec.fingerprint})  # fmt: skip
+            items.append(
+                {
+                    "source": source,
+                    "shard": prefix + rec.shard_id,
+                    "tar": tar.path,
+                    "sha256": tar.sha256,
+                    "input": rec.fingerprint,
+                }
+            )
     return items
 
 
@@ -92,14 +101,19 @@ def feature_settings(encoder_id: str, vocab: bytes, device: str, dtype: str, fp8
     quantises the vision trunk: both change the features, so each is named, but only when it is on, so that the
     feature sets made before either existed keep their settings.
     """
-    settings: dict[str, Any] = {"encoder_id": encoder_id, "vocab": hashlib.sha256(vocab).hexdigest()[:16],
-                                "dtype": dtype}  # fmt: skip
+    settings: dict[str, Any] = {
+        "encoder_id": encoder_id,
+        "vocab": hashlib.sha256(vocab).hexdigest()[:16],
+        "dtype": dtype,
+    }
     if device == "cuda" and dtype != "float32":
         settings["weights"] = dtype
     if fp8:
         if device != "cuda" or dtype != "bfloat16":
-            raise InputError(f"extract.fp8 needs a CUDA GPU (compute capability >= 8.9) and bfloat16; this run is "
-                             f"{dtype} on {device}: set extract.fp8 false")  # fmt: skip
+            raise InputError(
+                f"extract.fp8 needs a CUDA GPU (compute capability >= 8.9) and bfloat16; this run is "
+                f"{dtype} on {device}: set extract.fp8 false"
+            )
         settings["fp8"] = True
     return settings
 
@@ -122,8 +136,13 @@ def build_dataset(cfg: Config, ws: Workspace, items: list[dict], vocab: bytes, e
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     # One CPU task per shard reads, decodes, crops and tokenizes it into columns (no torch in these workers); its CPU
     # share differs from the actor's, so Ray keeps it a separate task beside the encoder instead of fusing them.
-    reader = {"root": ws.root, "storage_options": dict(ws.storage_options), "vocab": vocab,
-              "caption_max_chars": cfg.curate.caption_max_chars, "max_pixels": cfg.model.max_image_pixels}  # fmt: skip
+    reader = {
+        "root": ws.root,
+        "storage_options": dict(ws.storage_options),
+        "vocab": vocab,
+        "caption_max_chars": cfg.curate.caption_max_chars,
+        "max_pixels": cfg.model.max_image_pixels,
+    }
     ds = ds.map_batches(
         extract_read.read_shards, fn_kwargs=reader, batch_size=1, batch_format="numpy", num_cpus=cfg.extract.task_cpus
     )
@@ -145,8 +164,9 @@ def _placeholder(cfg: Config, encoder_args: dict[str, Any]) -> np.ndarray:
     return ray.get(task.remote(**encoder_args))
 
 
-def _encoder_stage(cfg: Config, ds: Any, encoder_args: dict[str, Any], actors: int, gpu: bool,
-                   remote: dict[str, Any]) -> Any:  # fmt: skip
+def _encoder_stage(
+    cfg: Config, ds: Any, encoder_args: dict[str, Any], actors: int, gpu: bool, remote: dict[str, Any]
+) -> Any:
     """The encoder actors. On one machine a crashed actor is not restarted (`remote`: max_restarts 0): a crash would
     only repeat, and a restartable actor makes Ray log an error line about its constructor arguments."""
     import ray
@@ -204,11 +224,20 @@ class ShardCollector:
         ok = samples & (rows["reason"] == "")
         with self.ws.scratch() as scratch, self.ledgers[source].shard(shard) as pending:
             part, fails = os.path.join(scratch, "part.parquet"), os.path.join(scratch, "failures.parquet")
-            n = features.write_features(part, {
-                "uid": rows["uid"][ok], "source": rows["source"][ok], "caption": rows["caption"][ok],
-                "url": rows["url"][ok], "image_emb": rows["image_emb"][ok], "text_emb": rows["text_emb"][ok],
-                "clip_score": rows["clip_score"][ok], "encoder_id": [self.encoder_id] * int(ok.sum()),
-            }, rows["image_emb"].shape[1])  # fmt: skip
+            n = features.write_features(
+                part,
+                {
+                    "uid": rows["uid"][ok],
+                    "source": rows["source"][ok],
+                    "caption": rows["caption"][ok],
+                    "url": rows["url"][ok],
+                    "image_emb": rows["image_emb"][ok],
+                    "text_emb": rows["text_emb"][ok],
+                    "clip_score": rows["clip_score"][ok],
+                    "encoder_id": [self.encoder_id] * int(ok.sum()),
+                },
+                rows["image_emb"].shape[1],
+            )
             bad = samples & ~ok
             features.write_failures(
                 fails, {k: rows[k][bad].tolist() for k in ("uid", "source", "url", "caption", "reason")}
@@ -238,8 +267,9 @@ def _extract(cfg: Config, ws: Workspace, encoder_id: str, names: list[str], forc
     m = cfg.model
     downloaded = {s: shard_items(ws, s) for s in names}  # the download ledgers, read once
     if not any(downloaded.values()):  # before the demo's vocabulary is learned from the captions
-        raise InputError(f"no downloaded shards of {', '.join(names) or 'any source'} in {ws.url()}: "
-                         "run `ibllm download` first")  # fmt: skip
+        raise InputError(
+            f"no downloaded shards of {', '.join(names) or 'any source'} in {ws.url()}: run `ibllm download` first"
+        )
     vocab = assets.clip_vocab_bytes(cfg, ws)
     ray_runtime.connect(cfg)
     device = _device(cfg)
@@ -254,14 +284,29 @@ def _extract(cfg: Config, ws: Workspace, encoder_id: str, names: list[str], forc
         for it in downloaded[s]
         if not ledgers[s].is_current(it["shard"], it["input"])
     ]
-    encoder_args = {"preset": m.imagebind, "checkpoint": m.imagebind_checkpoint, "seed": cfg.seed,
-                    "device": device, "dtype": dtype, "fp8": cfg.extract.fp8}  # fmt: skip
+    encoder_args = {
+        "preset": m.imagebind,
+        "checkpoint": m.imagebind_checkpoint,
+        "seed": cfg.seed,
+        "device": device,
+        "dtype": dtype,
+        "fp8": cfg.extract.fp8,
+    }
     meta = features.read_meta(ws, encoder_id)
     if meta is None or meta.get("settings") != settings:  # once per feature set, before its first shard
         emb = _placeholder(cfg, encoder_args)
-        features.write_meta(ws, encoder_id, {"encoder_id": encoder_id, "settings": settings, "preset": m.imagebind,
-                                             "checkpoint": m.imagebind_checkpoint, "dim": len(emb),
-                                             "placeholder": [float(v) for v in emb]})  # fmt: skip
+        features.write_meta(
+            ws,
+            encoder_id,
+            {
+                "encoder_id": encoder_id,
+                "settings": settings,
+                "preset": m.imagebind,
+                "checkpoint": m.imagebind_checkpoint,
+                "dim": len(emb),
+                "placeholder": [float(v) for v in emb],
+            },
+        )
     collector = ShardCollector(ws, ledgers, encoder_id)
     images, enc_start, first = 0, time.perf_counter(), None
     if items:
@@ -280,12 +325,17 @@ def _extract(cfg: Config, ws: Workspace, encoder_id: str, names: list[str], forc
     results = []
     for s in names:
         committed = ledgers[s].committed()
-        results.append(SourceExtract(
-            source=s, shards=len(committed), new_shards=collector.committed[s], failed_shards=collector.failed[s],
-            rows=sum(r.rows for r in committed.values()),
-            failures=sum(int(r.extra.get("failures", 0)) for r in committed.values()),
-            output=ws.as_url(ws.features(encoder_id, s)),
-        ))  # fmt: skip
+        results.append(
+            SourceExtract(
+                source=s,
+                shards=len(committed),
+                new_shards=collector.committed[s],
+                failed_shards=collector.failed[s],
+                rows=sum(r.rows for r in committed.values()),
+                failures=sum(int(r.extra.get("failures", 0)) for r in committed.values()),
+                output=ws.as_url(ws.features(encoder_id, s)),
+            )
+        )
     return ExtractResult(
         encoder_id=encoder_id,
         sources=results,

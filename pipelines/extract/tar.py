@@ -7,8 +7,13 @@ import tarfile
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-KINDS = {tarfile.SYMTYPE: "a symbolic link", tarfile.LNKTYPE: "a hard link", tarfile.CHRTYPE: "a character device",
-         tarfile.BLKTYPE: "a block device", tarfile.FIFOTYPE: "a fifo"}  # fmt: skip
+KINDS = {
+    tarfile.SYMTYPE: "a symbolic link",
+    tarfile.LNKTYPE: "a hard link",
+    tarfile.CHRTYPE: "a character device",
+    tarfile.BLKTYPE: "a block device",
+    tarfile.FIFOTYPE: "a fifo",
+}
 
 
 @dataclass

@@ -66,10 +66,16 @@ def run(cfg: Config, force: bool = False, query_image: str | None = None, k: int
     meta = features.read_meta(ws, encoder_id) or {}
     dim = int(meta.get("dim") or len(features.placeholder(ws, encoder_id)))
     settings = BuildSettings(
-        max_index_memory=ix.max_index_memory, max_query_ms=ix.max_query_ms, index_key=ix.index_key,
-        index_param=ix.index_param, rescore=ix.rescore, holdout=ix.holdout, seed=cfg.seed,
-        target_recall=ix.target_recall, values=ix.values,
-    )  # fmt: skip
+        max_index_memory=ix.max_index_memory,
+        max_query_ms=ix.max_query_ms,
+        index_key=ix.index_key,
+        index_param=ix.index_param,
+        rescore=ix.rescore,
+        holdout=ix.holdout,
+        seed=cfg.seed,
+        target_recall=ix.target_recall,
+        values=ix.values,
+    )
     built = False
     if force or _stale(ws, ix.name, fingerprint, settings):
         with lease(ws, "index", ix.name):  # one build at a time; a concurrent run may have built it meanwhile
@@ -91,11 +97,19 @@ def run(cfg: Config, force: bool = False, query_image: str | None = None, k: int
         neighbours = [Neighbour(similarity=float(s), **r) for s, r in zip(sims[0], rows, strict=False)]
     info = index.meta
     return IndexResult(
-        name=ix.name, encoder_id=encoder_id, source=ix.source, built=built, count=info["count"],
-        index_key=info.get("index_key"), recall_at_10=info["recall_at_10"], index_bytes=info["index_bytes"],
-        values_bytes=info["values_bytes"], build_seconds=info["build_seconds"], neighbours=neighbours,
+        name=ix.name,
+        encoder_id=encoder_id,
+        source=ix.source,
+        built=built,
+        count=info["count"],
+        index_key=info.get("index_key"),
+        recall_at_10=info["recall_at_10"],
+        index_bytes=info["index_bytes"],
+        values_bytes=info["values_bytes"],
+        build_seconds=info["build_seconds"],
+        neighbours=neighbours,
         seconds=round(time.perf_counter() - start, 3),
-    )  # fmt: skip
+    )
 
 
 def _stale(ws: Workspace, name: str, fingerprint: str, settings: BuildSettings) -> bool:

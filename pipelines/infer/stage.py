@@ -53,8 +53,10 @@ class GenerateResult(BaseModel):
     def summary(self) -> str:
         """The answer alone for one request; else one JSON line per request, or where they were written."""
         if self.output:
-            return (f"{len(self.answers)} request(s), {self.errors} error(s) -> {self.output} "
-                    f"(checkpoint {self.checkpoint})")  # fmt: skip
+            return (
+                f"{len(self.answers)} request(s), {self.errors} error(s) -> {self.output} "
+                f"(checkpoint {self.checkpoint})"
+            )
         if len(self.answers) == 1 and self.answers[0].line is None:
             one = self.answers[0]
             found = getattr(one.grounding, "summary", None)
@@ -123,8 +125,13 @@ def _answer_chunk(answerer: Answerer, items: list[tuple[int | None, Request | In
             continue
         result = next(results)
         given = req.inputs()
-        entry = Answer(line=number, inputs=given, weights={m: req.weights.get(m, 1.0) for m in given},
-                       prompt=req.prompt or (CAPTION_INSTRUCTION if given else None), seconds=seconds)  # fmt: skip
+        entry = Answer(
+            line=number,
+            inputs=given,
+            weights={m: req.weights.get(m, 1.0) for m in given},
+            prompt=req.prompt or (CAPTION_INSTRUCTION if given else None),
+            seconds=seconds,
+        )
         if isinstance(result, InputError):
             if number is None:
                 raise result

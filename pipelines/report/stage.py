@@ -124,8 +124,15 @@ class Page:
         self.parts: list[str] = []
         self.figures: dict[str, Callable[[str], None]] = {}
 
-    def section(self, title: str, empty: str, rows: list[dict[str, Any]] | None = None, level: int = 2,
-                figure: tuple[str, Callable[[str], None]] | None = None, note: str = "") -> None:  # fmt: skip
+    def section(
+        self,
+        title: str,
+        empty: str,
+        rows: list[dict[str, Any]] | None = None,
+        level: int = 2,
+        figure: tuple[str, Callable[[str], None]] | None = None,
+        note: str = "",
+    ) -> None:
         """A heading, then the figure and the table, or one line (`empty`) when there is no data."""
         self.parts.append(f"<h{level}>{html.escape(title)}</h{level}>")
         if not rows and figure is None:
@@ -192,37 +199,56 @@ def build(cat: Catalog, examples: int) -> tuple[Page, dict[str, Any]]:
         "Funnel", NOT_CURATED, funnel, figure=("funnel.png", lambda p: plot_funnel(p, funnel)) if funnel else None
     )
     page.section(
-        "Download outcomes", NOT_DOWNLOADED, reasons,
+        "Download outcomes",
+        NOT_DOWNLOADED,
+        reasons,
         figure=("download_reasons.png", lambda p: plot_outcomes(p, reasons)) if reasons else None,
         note="The last attempt of every sample. retryable: `--retry-failed` would try it again; retried: samples "
         "that went through a retry round already.",
-    )  # fmt: skip
+    )
     page.section(
-        "Failed URLs, examples per reason", "No download failed." if reasons else NOT_DOWNLOADED,
+        "Failed URLs, examples per reason",
+        "No download failed." if reasons else NOT_DOWNLOADED,
         data["failure_examples"],
         note=f"Up to {examples} samples per source and reason (of any attempt), with the error text, the attempts "
         "made and how the sample ended.",
-    )  # fmt: skip
+    )
     retried = any(r["round"] > 0 for r in data["retry_rounds"])
     waiting = sum(r["samples"] for r in reasons if r["retryable"])
-    no_round = (f"No retry round yet: `ibllm download --retry-failed` would retry {waiting:,} sample(s)." if waiting
-                else "No retry round: no sample failed for a retryable reason.")  # fmt: skip
-    page.section("Retry rounds", no_round if reasons else NOT_DOWNLOADED, data["retry_rounds"] if retried else None,
-                 note="Round 0 is the first download.")  # fmt: skip
+    no_round = (
+        f"No retry round yet: `ibllm download --retry-failed` would retry {waiting:,} sample(s)."
+        if waiting
+        else "No retry round: no sample failed for a retryable reason."
+    )
+    page.section(
+        "Retry rounds",
+        no_round if reasons else NOT_DOWNLOADED,
+        data["retry_rounds"] if retried else None,
+        note="Round 0 is the first download.",
+    )
     if retried:
         page.section("Retries per reason of the first failure", "", data["retries_by_reason"], level=3)
-    page.histogram("CLIP score, before and after filtering", "No CLIP scores in the metadata.", "clip_score",
-                   hists["clip_score"])  # fmt: skip
+    page.histogram(
+        "CLIP score, before and after filtering", "No CLIP scores in the metadata.", "clip_score", hists["clip_score"]
+    )
     page.histogram("Caption length, before and after filtering", NOT_INGESTED, "caption_words", hists["caption_words"])
     page.histogram("Downloaded images: short side", NOT_DOWNLOADED, "image_short_side", hists["image_short_side"])
     page.histogram("Downloaded images: aspect ratio", NOT_DOWNLOADED, "image_aspect", hists["image_aspect"])
     spec = hists["feature_clip_score"]
     figure = ("feature_clip_score.png", lambda p: plot_histogram(p, "feature clip score", spec))
     page.section("Features", NOT_EXTRACTED, data["features"], figure=figure if has_data(spec) else None)
-    page.section("Pairs kept by a clip_score threshold (the post-extraction CLIP filter)", NOT_EXTRACTED,
-                 data["clip_thresholds"], level=3)  # fmt: skip
-    page.section("Samples that could not be featurised", "None." if data["features"] else NOT_EXTRACTED,
-                 data["feature_failures"], level=3)  # fmt: skip
+    page.section(
+        "Pairs kept by a clip_score threshold (the post-extraction CLIP filter)",
+        NOT_EXTRACTED,
+        data["clip_thresholds"],
+        level=3,
+    )
+    page.section(
+        "Samples that could not be featurised",
+        "None." if data["features"] else NOT_EXTRACTED,
+        data["feature_failures"],
+        level=3,
+    )
     page.section("Duplicates removed", NOT_CURATED, data["duplicates_removed"])
     page.section("Shards", NOT_DOWNLOADED, data["shards"])
     return page, data

@@ -53,8 +53,10 @@ class RetrainPlan(BaseModel):
 
     def summary(self) -> str:
         since = f"since decision {self.since}" if self.since else "(no earlier retrain)"
-        return (f"retrain plan: {len(self.shards)} downloaded shard(s), {len(self.new)} new and {len(self.removed)} "
-                f"gone {since}: {'work to do' if self.has_work else 'nothing to do'} ({self.reason})")  # fmt: skip
+        return (
+            f"retrain plan: {len(self.shards)} downloaded shard(s), {len(self.new)} new and {len(self.removed)} "
+            f"gone {since}: {'work to do' if self.has_work else 'nothing to do'} ({self.reason})"
+        )
 
 
 def current_shards(cfg: Config, ws: Workspace) -> list[DataShard]:
@@ -97,9 +99,16 @@ def plan(cfg: Config, force: bool = False) -> RetrainPlan:
     else:
         has_work, reason = False, f"no new shards; stage-2 run {incumbent.stage2_run_id} stays in service"
     return RetrainPlan(
-        encoder_id=encoder_id, shards=shards, new=new, removed=removed, since=last.stamp if last else None,
-        promoted=incumbent, force=force, has_work=has_work, reason=reason,
-    )  # fmt: skip
+        encoder_id=encoder_id,
+        shards=shards,
+        new=new,
+        removed=removed,
+        since=last.stamp if last else None,
+        promoted=incumbent,
+        force=force,
+        has_work=has_work,
+        reason=reason,
+    )
 
 
 def stage1_init(cfg: Config) -> str | None:
@@ -121,8 +130,11 @@ def heldout_set(cfg: Config) -> HeldOut:
     held = registry.frozen_heldout(ws)
     if held is not None:
         if held.holdout != cfg.train.holdout:
-            log.warning("train.holdout is %s but the held-out set was frozen at %s: some of its rows may be trained "
-                        "on", cfg.train.holdout, held.holdout)  # fmt: skip
+            log.warning(
+                "train.holdout is %s but the held-out set was frozen at %s: some of its rows may be trained on",
+                cfg.train.holdout,
+                held.holdout,
+            )
         return held
     encoder_id = encoder_id_for(cfg.model.imagebind, cfg.model.imagebind_checkpoint, cfg.seed)
     uids = {
@@ -134,8 +146,9 @@ def heldout_set(cfg: Config) -> HeldOut:
     return registry.freeze_heldout(ws, chosen, cfg.train.holdout, encoder_id)
 
 
-def verdict(candidate: float, incumbent: float | None, incumbent_run: str | None = None,
-            metric: str = HELD_OUT) -> tuple[bool, str]:  # fmt: skip
+def verdict(
+    candidate: float, incumbent: float | None, incumbent_run: str | None = None, metric: str = HELD_OUT
+) -> tuple[bool, str]:
     """(promote, why): the candidate goes into service when it is at least as good as the incumbent: a held-out
     loss at most the incumbent's, a benchmark score at least the incumbent's."""
     what, lower = ("held-out loss", True) if metric == HELD_OUT else (f"{metric} score", False)
@@ -166,18 +179,33 @@ def lineage(cfg: Config, plan: RetrainPlan, stage1: TrainResult, stage2: TrainRe
         if files:
             parts[src.name], fingerprints[src.name] = [ws.as_url(f) for f in files], fingerprint
     meta = read_meta(ws, cfg.index.name)
-    built = {"name": cfg.index.name, "version": current_version(ws, cfg.index.name),
-             "fingerprint": meta.get("fingerprint"), "count": meta.get("count")} if meta else None  # fmt: skip
+    built = (
+        {
+            "name": cfg.index.name,
+            "version": current_version(ws, cfg.index.name),
+            "fingerprint": meta.get("fingerprint"),
+            "count": meta.get("count"),
+        }
+        if meta
+        else None
+    )
     job1 = _job(ws, 1, stage1.run_id)
     job2 = _job(ws, 2, stage2.run_id)
     text = dump_config(cfg)
     return Lineage(
-        stage2_run_id=stage2.run_id, stage1_run_id=stage1.run_id, created_at=registry.now(), data=data,
-        features=registry.FeatureLineage(encoder_id=enc, parts=parts, fingerprints=fingerprints), index=built,
-        instructions=list(job2.get("instruction_files") or []), parent_checkpoint=job1.get("init_checkpoint"),
-        stage1_checkpoint=stage1.checkpoint, stage2_checkpoint=stage2.checkpoint, config=text,
+        stage2_run_id=stage2.run_id,
+        stage1_run_id=stage1.run_id,
+        created_at=registry.now(),
+        data=data,
+        features=registry.FeatureLineage(encoder_id=enc, parts=parts, fingerprints=fingerprints),
+        index=built,
+        instructions=list(job2.get("instruction_files") or []),
+        parent_checkpoint=job1.get("init_checkpoint"),
+        stage1_checkpoint=stage1.checkpoint,
+        stage2_checkpoint=stage2.checkpoint,
+        config=text,
         config_digest=registry.digest(text),
-    )  # fmt: skip
+    )
 
 
 def _job(ws: Workspace, stage: int, run_id: str) -> dict:
@@ -213,8 +241,13 @@ def decide(cfg: Config, plan: RetrainPlan, stage1: TrainResult, stage2: TrainRes
     metric = cfg.retrain.metric
     held = heldout_set(cfg) if metric == HELD_OUT else None
     value, examples = _measure(cfg, stage2.checkpoint, held)
-    candidate = ModelRef(stage1_run_id=stage1.run_id, stage1_checkpoint=stage1.checkpoint,
-                         stage2_run_id=stage2.run_id, stage2_checkpoint=stage2.checkpoint, value=value)  # fmt: skip
+    candidate = ModelRef(
+        stage1_run_id=stage1.run_id,
+        stage1_checkpoint=stage1.checkpoint,
+        stage2_run_id=stage2.run_id,
+        stage2_checkpoint=stage2.checkpoint,
+        value=value,
+    )
     log.info("candidate stage-2 run %s: %s %.4f on %d examples", stage2.run_id, metric, value, examples)
     promoted = registry.promoted(ws)
     incumbent = None
@@ -223,18 +256,27 @@ def decide(cfg: Config, plan: RetrainPlan, stage1: TrainResult, stage2: TrainRes
         served = value if same else _measure(cfg, promoted.stage2_checkpoint, held)[0]
         incumbent = ModelRef(**promoted.model_dump(include=set(ModelRef.model_fields)) | {"value": served})
         log.info("promoted stage-2 run %s: %s %.4f", promoted.stage2_run_id, metric, served)
-    promote, reason = verdict(value, incumbent.value if incumbent else None,
-                              incumbent.stage2_run_id if incumbent else None, metric)  # fmt: skip
+    promote, reason = verdict(
+        value, incumbent.value if incumbent else None, incumbent.stage2_run_id if incumbent else None, metric
+    )
     yardstick = held.digest if held else hashlib.sha256(f"{metric} {cfg.retrain.metric_data}".encode()).hexdigest()
     stamp = registry.new_stamp()
     where = registry.write_lineage(ws, lineage(cfg, plan, stage1, stage2))
     if promote:
         registry.promote(ws, Promotion(**candidate.model_dump(), promoted_at=registry.now(), decision=stamp))
     decision = Decision(
-        stamp=stamp, decided_at=registry.now(), promoted=promote, reason=reason, candidate=candidate,
-        metric=metric, incumbent=incumbent, heldout_digest=yardstick, heldout_examples=examples,
-        new_shards=len(plan.new), lineage=ws.as_url(where),
-    )  # fmt: skip
+        stamp=stamp,
+        decided_at=registry.now(),
+        promoted=promote,
+        reason=reason,
+        candidate=candidate,
+        metric=metric,
+        incumbent=incumbent,
+        heldout_digest=yardstick,
+        heldout_examples=examples,
+        new_shards=len(plan.new),
+        lineage=ws.as_url(where),
+    )
     registry.record_decision(ws, decision)
     log.info("%s", decision.summary())
     return decision

@@ -61,8 +61,13 @@ class Answerer:
         cache = None if use_cache is False else self.cache
         embeddings, weights = weighted_embeddings(self.encoder, req, self.max_image_pixels, self.points)
         device = next(self.model.parameters()).device
-        return self.model.visual_query({m: e.to(device) for m, e in embeddings.items()}, weights,
-                                       cache=cache, cache_t=self.cache_t, cache_w=self.cache_w)  # fmt: skip
+        return self.model.visual_query(
+            {m: e.to(device) for m, e in embeddings.items()},
+            weights,
+            cache=cache,
+            cache_t=self.cache_t,
+            cache_w=self.cache_w,
+        )
 
     def sampling(self, req: Request) -> Sampling:
         """The request's sampling over the defaults (`infer.temperature`, `infer.top_p`, `infer.max_new_tokens`)."""
@@ -84,8 +89,11 @@ class Answerer:
         except ConversationTooLong as e:
             raise InputError(f"prompt: {e} (max_seq_len {self.max_seq_len})") from None
         if dropped:
-            log.warning("the conversation is longer than max_seq_len %d: its %d oldest turn(s) are left out",
-                        self.max_seq_len, dropped)  # fmt: skip
+            log.warning(
+                "the conversation is longer than max_seq_len %d: its %d oldest turn(s) are left out",
+                self.max_seq_len,
+                dropped,
+            )
         return ids
 
     def submit(self, req: Request, use_cache: bool | None = None) -> tuple[int, int]:
@@ -96,8 +104,9 @@ class Answerer:
         visual = self.visual(req, use_cache)
         ids = self.prompt_ids(req, sampling)
         try:
-            job = self.engine.submit(ids, None if visual is None else visual[0, 0], sampling, req.seed,
-                                     self.tokenizer.eos_id)  # fmt: skip
+            job = self.engine.submit(
+                ids, None if visual is None else visual[0, 0], sampling, req.seed, self.tokenizer.eos_id
+            )
         except ValueError as e:  # the engine's prompt checks
             raise InputError(f"prompt: {e}") from None
         return job, len(ids)

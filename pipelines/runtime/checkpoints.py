@@ -109,8 +109,9 @@ def inspect(cfg: Config, ws: Workspace, checkpoint: str) -> Trained:
     return Trained(folder=folder, config=config, made_by=made_by, recorded=recorded)
 
 
-def load(cfg: Config, ws: Workspace, trained: Trained, dtype: torch.dtype | None = None
-         ) -> tuple[ImageBindLLM, TextTokenizer]:  # fmt: skip
+def load(
+    cfg: Config, ws: Workspace, trained: Trained, dtype: torch.dtype | None = None
+) -> tuple[ImageBindLLM, TextTokenizer]:
     """The model on its base LLaMA (the configured one, else the demo's, else the run's) and its tokenizer."""
     base = assets.base_llama(cfg, ws, trained.recorded.get("base_llama"))
     base = assets.local_copy(ws, base) if base else None

@@ -181,8 +181,10 @@ def make_request(fields: dict[str, Any]) -> Request:
     """A Request from plain fields, or an InputError naming each bad field and why."""
     for name in fields:
         if name in NO_READER:
-            raise InputError(f"{name}: generate takes {', '.join(MODALITIES)} inputs; ImageBind encodes depth, "
-                             "thermal and IMU (model.imagebind), but generate has no file reader for them")  # fmt: skip
+            raise InputError(
+                f"{name}: generate takes {', '.join(MODALITIES)} inputs; ImageBind encodes depth, "
+                "thermal and IMU (model.imagebind), but generate has no file reader for them"
+            )
         if name not in Request.model_fields:
             raise InputError(f"{name}: unknown field; a request has {', '.join(Request.model_fields)}")
     try:
@@ -233,8 +235,9 @@ def merge(defaults: Request, line: Request) -> Request:
 def file_requests(defaults: Request, path: str) -> list[tuple[int, Request | InputError]]:
     """The lines of a `--requests` file over the command line's values; its inputs come from the file only."""
     if defaults.inputs():
-        raise InputError("--requests reads the inputs from the file: drop --image, --audio, --video, "
-                         "--point-cloud and --text")  # fmt: skip
+        raise InputError(
+            "--requests reads the inputs from the file: drop --image, --audio, --video, --point-cloud and --text"
+        )
     return [(n, r if isinstance(r, InputError) else merge(defaults, r)) for n, r in read_requests(path)]
 
 
@@ -264,11 +267,14 @@ def embed_request(
     check_files(request)
     points = points or PointOptions()
     embedders: dict[str, Callable] = {
-        "image": functools.partial(encoder.embed_images, max_pixels=max_pixels), "audio": encoder.embed_audio,
-        "video": functools.partial(encoder.embed_video, max_pixels=max_pixels), "text": encoder.embed_texts,
-        "point": functools.partial(encoder.embed_points, normalize=points.normalize, points=points.resample,
-                                   seed=request.seed or 0),
-    }  # fmt: skip
+        "image": functools.partial(encoder.embed_images, max_pixels=max_pixels),
+        "audio": encoder.embed_audio,
+        "video": functools.partial(encoder.embed_video, max_pixels=max_pixels),
+        "text": encoder.embed_texts,
+        "point": functools.partial(
+            encoder.embed_points, normalize=points.normalize, points=points.resample, seed=request.seed or 0
+        ),
+    }
     out = {}
     for modality, items in request.inputs().items():
         if modality == "text" and encoder.tokenizer is None:

@@ -47,8 +47,9 @@ class _Pending:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
 
-def create_app(scheduler: Scheduler, model_name: str, scratch: str, limits: Limits = Limits(),
-               grounder: Grounder | None = None) -> FastAPI:  # fmt: skip
+def create_app(
+    scheduler: Scheduler, model_name: str, scratch: str, limits: Limits = Limits(), grounder: Grounder | None = None
+) -> FastAPI:
     """The app over a running scheduler; data: URL media are written under `scratch` and removed after use; a
     request with `ground` has its answer grounded by `grounder` (model.detector)."""
     app = FastAPI(title="ibllm", version="1")
@@ -73,7 +74,7 @@ def create_app(scheduler: Scheduler, model_name: str, scratch: str, limits: Limi
             "ibllm_active_requests": ("gauge", "Requests decoding.", engine.active),
             "ibllm_held_requests": ("gauge", "Requests accepted and not finished.", scheduler.held),
             "ibllm_tokens_per_second": ("gauge", "Tokens/s over the last 10 s.", scheduler.tokens_per_second()),
-        }  # fmt: skip
+        }
         for name, (kind, text, value) in gauges.items():
             lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}", f"{name} {value:g}"]
         return "\n".join(lines) + "\n"
@@ -105,9 +106,13 @@ def create_app(scheduler: Scheduler, model_name: str, scratch: str, limits: Limi
             return error(400, f"ground: {NO_DETECTOR}")
         pending = _Pending(asyncio.get_running_loop())
         stream = (lambda text: pending.put("text", text)) if parsed.stream else None  # whole answers: no per-token
-        ticket = Ticket(parsed.request, parsed.cache, on_text=stream,
-                        on_done=lambda finish, e: pending.put("done", finish, e),
-                        on_start=lambda: pending.put("start"))  # fmt: skip
+        ticket = Ticket(
+            parsed.request,
+            parsed.cache,
+            on_text=stream,
+            on_done=lambda finish, e: pending.put("done", finish, e),
+            on_start=lambda: pending.put("start"),
+        )
         try:
             scheduler.submit(ticket)
         except QueueFull as e:
@@ -122,8 +127,9 @@ def create_app(scheduler: Scheduler, model_name: str, scratch: str, limits: Limi
             parsed.cleanup()
             return _failure(first[2])
         if parsed.stream:
-            return StreamingResponse(_stream(scheduler, ticket, parsed, pending, model_name, limits),
-                                     media_type="text/event-stream")  # fmt: skip
+            return StreamingResponse(
+                _stream(scheduler, ticket, parsed, pending, model_name, limits), media_type="text/event-stream"
+            )
         return await _whole(scheduler, ticket, parsed, pending, model_name, limits, grounder)
 
     return app
@@ -141,8 +147,15 @@ def _timed_out(scheduler: Scheduler, ticket: Ticket, parsed: Parsed, limits: Lim
     return error(504, f"no answer within serve.timeout_s ({limits.timeout_s:g} s)")
 
 
-async def _whole(scheduler: Scheduler, ticket: Ticket, parsed: Parsed, pending: _Pending, model: str,
-                 limits: Limits, grounder: Grounder | None = None) -> JSONResponse:  # fmt: skip
+async def _whole(
+    scheduler: Scheduler,
+    ticket: Ticket,
+    parsed: Parsed,
+    pending: _Pending,
+    model: str,
+    limits: Limits,
+    grounder: Grounder | None = None,
+) -> JSONResponse:
     try:
         while True:
             async with asyncio.timeout(limits.timeout_s):
@@ -154,8 +167,9 @@ async def _whole(scheduler: Scheduler, ticket: Ticket, parsed: Parsed, pending: 
                 doc = completion(answer, model, ticket.prompt_tokens, len(ticket.tokens), event[1])
                 if grounder is not None and parsed.ground is not None:  # before cleanup: data: URL images
                     try:
-                        found = await asyncio.to_thread(grounder.ground, answer, parsed.request.image, None,
-                                                        parsed.ground)  # fmt: skip
+                        found = await asyncio.to_thread(
+                            grounder.ground, answer, parsed.request.image, None, parsed.ground
+                        )
                     except InputError as e:
                         return error(400, str(e))
                     doc["grounding"] = found.model_dump(exclude_none=True)
@@ -167,8 +181,9 @@ async def _whole(scheduler: Scheduler, ticket: Ticket, parsed: Parsed, pending: 
         parsed.cleanup()
 
 
-async def _stream(scheduler: Scheduler, ticket: Ticket, parsed: Parsed, pending: _Pending, model: str,
-                  limits: Limits) -> AsyncIterator[str]:  # fmt: skip
+async def _stream(
+    scheduler: Scheduler, ticket: Ticket, parsed: Parsed, pending: _Pending, model: str, limits: Limits
+) -> AsyncIterator[str]:
     """Server-sent events: the role, then each new piece of text, then the finish reason and [DONE]."""
     ident = f"chatcmpl-{id(ticket):x}"
     sent, finished = "", False
@@ -192,8 +207,15 @@ async def _stream(scheduler: Scheduler, ticket: Ticket, parsed: Parsed, pending:
                 yield "data: [DONE]\n\n"
                 return
     except TimeoutError:
-        yield _sse({"error": {"message": f"no answer within serve.timeout_s ({limits.timeout_s:g} s)",
-                              "type": "server_error", "code": 504}})  # fmt: skip
+        yield _sse(
+            {
+                "error": {
+                    "message": f"no answer within serve.timeout_s ({limits.timeout_s:g} s)",
+                    "type": "server_error",
+                    "code": 504,
+                }
+            }
+        )
     finally:
         if not finished:  # a client gone, or a timeout: free the slot
             scheduler.cancel(ticket)

@@ -30,9 +30,20 @@ PARTS = {
 AUDIO_FORMATS = {"wav": ".wav", "mp3": ".mp3", "flac": ".flac", "ogg": ".ogg"}
 POINT_FORMATS = {f.lstrip("."): f for f in FORMATS}
 INLINE = {"input_audio": ("wav", AUDIO_FORMATS), "point_cloud": ("ply", POINT_FORMATS)}  # {data, format} parts
-SUFFIXES = {"image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp", "image/gif": ".gif",
-            "audio/wav": ".wav", "audio/x-wav": ".wav", "audio/mpeg": ".mp3", "audio/flac": ".flac",
-            "audio/ogg": ".ogg", "video/mp4": ".mp4", "video/webm": ".webm", "video/quicktime": ".mov"}  # fmt: skip
+SUFFIXES = {
+    "image/png": ".png",
+    "image/jpeg": ".jpg",
+    "image/webp": ".webp",
+    "image/gif": ".gif",
+    "audio/wav": ".wav",
+    "audio/x-wav": ".wav",
+    "audio/mpeg": ".mp3",
+    "audio/flac": ".flac",
+    "audio/ogg": ".ogg",
+    "video/mp4": ".mp4",
+    "video/webm": ".webm",
+    "video/quicktime": ".mov",
+}
 
 
 class RefusedPath(InputError):
@@ -103,17 +114,25 @@ def parse_body(doc: Any, media_root: str | None, scratch: str, max_media_bytes: 
         missing = [m for m in body.weights if m not in inputs]
         if missing:
             raise InputError(f"weights: {', '.join(missing)} given, but the messages have no such input")
-        parsed.request = Request(prompt=question or None, history=history, weights=body.weights, seed=body.seed,
-                                 temperature=body.temperature, top_p=body.top_p,
-                                 max_new_tokens=body.max_completion_tokens or body.max_tokens, **inputs)  # fmt: skip
+        parsed.request = Request(
+            prompt=question or None,
+            history=history,
+            weights=body.weights,
+            seed=body.seed,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            max_new_tokens=body.max_completion_tokens or body.max_tokens,
+            **inputs,
+        )
     except BaseException:
         parsed.cleanup()
         raise
     return parsed
 
 
-def _dialogue(messages: list[dict[str, Any]], media_root: str | None, scratch: str, max_bytes: int,
-              files: list[str]) -> tuple[list[tuple[str, str | None]], dict[str, list[str]]]:  # fmt: skip
+def _dialogue(
+    messages: list[dict[str, Any]], media_root: str | None, scratch: str, max_bytes: int, files: list[str]
+) -> tuple[list[tuple[str, str | None]], dict[str, list[str]]]:
     """(question, answer) pairs (the last unanswered) and the media files of the user messages."""
     said: list[tuple[str, str]] = []
     inputs: dict[str, list[str]] = {}
@@ -125,10 +144,13 @@ def _dialogue(messages: list[dict[str, Any]], media_root: str | None, scratch: s
             raise InputError(f"messages[{i}].role: {role!r}; expected system, user or assistant")
         expected = "user" if not said or said[-1][0] == "assistant" else "assistant"
         if role != expected:
-            raise InputError(f"messages[{i}].role: {role!r} where a {expected} message is expected (they alternate, "
-                             "from a user message, and end with one)")  # fmt: skip
-        text = content_parts(message.get("content"), f"messages[{i}].content", role, media_root, scratch, max_bytes,
-                        files, inputs)  # fmt: skip
+            raise InputError(
+                f"messages[{i}].role: {role!r} where a {expected} message is expected (they alternate, "
+                "from a user message, and end with one)"
+            )
+        text = content_parts(
+            message.get("content"), f"messages[{i}].content", role, media_root, scratch, max_bytes, files, inputs
+        )
         said.append((role, text))
     if not said or said[-1][0] != "user":
         raise InputError("messages: the last message must be the user's question")
@@ -136,8 +158,16 @@ def _dialogue(messages: list[dict[str, Any]], media_root: str | None, scratch: s
     return [(q, a) for q, a in zip(texts[::2], texts[1::2], strict=False)] + [(texts[-1], None)], inputs
 
 
-def content_parts(content: Any, where: str, role: str, media_root: str | None, scratch: str, max_bytes: int,
-             files: list[str], inputs: dict[str, list[str]]) -> str:  # fmt: skip
+def content_parts(
+    content: Any,
+    where: str,
+    role: str,
+    media_root: str | None,
+    scratch: str,
+    max_bytes: int,
+    files: list[str],
+    inputs: dict[str, list[str]],
+) -> str:
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
@@ -161,8 +191,16 @@ def content_parts(content: Any, where: str, role: str, media_root: str | None, s
     return "\n".join(texts)
 
 
-def _media(ref: Any, kind: str, where: str, mimes: tuple[str, ...], media_root: str | None, scratch: str,
-           max_bytes: int, files: list[str]) -> str:  # fmt: skip
+def _media(
+    ref: Any,
+    kind: str,
+    where: str,
+    mimes: tuple[str, ...],
+    media_root: str | None,
+    scratch: str,
+    max_bytes: int,
+    files: list[str],
+) -> str:
     """A local file holding the part's media: a data: URL written to `scratch`, or a path under `media_root`."""
     if kind in INLINE:  # OpenAI's audio part, and ours for point clouds: {"data": base64, "format": ...}
         default, formats = INLINE[kind]
@@ -176,8 +214,10 @@ def _media(ref: Any, kind: str, where: str, mimes: tuple[str, ...], media_root: 
     if not isinstance(url, str) or not url:
         raise InputError(f"{where}.url: a data: URL or a path under the server's media root is expected")
     if url.startswith("data:") and not mimes:
-        raise InputError(f"{where}.url: a {kind} part names a file under the server's media root; send the data "
-                         "itself as a point_cloud part {'data': base64, 'format': 'ply'}")  # fmt: skip
+        raise InputError(
+            f"{where}.url: a {kind} part names a file under the server's media root; send the data "
+            "itself as a point_cloud part {'data': base64, 'format': 'ply'}"
+        )
     if url.startswith("data:"):
         header, sep, payload = url[5:].partition(",")
         mime = header.split(";")[0].lower()
@@ -222,15 +262,25 @@ def _under_root(path: str, where: str, media_root: str | None) -> str:
 def completion(answer: str, model: str, prompt_tokens: int, completion_tokens: int, finish: str) -> dict[str, Any]:
     """A chat.completion response."""
     return {
-        "id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
+        "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
+        "object": "chat.completion",
+        "created": int(time.time()),
         "model": model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": finish}],
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                  "total_tokens": prompt_tokens + completion_tokens},
-    }  # fmt: skip
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
+    }
 
 
 def chunk(ident: str, model: str, delta: dict[str, str], finish: str | None = None) -> dict[str, Any]:
     """One chat.completion.chunk of a stream."""
-    return {"id": ident, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}  # fmt: skip
+    return {
+        "id": ident,
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    }

@@ -44,8 +44,9 @@ class ImagesBody(BaseModel):
     response_format: str = Field("b64_json", pattern="^b64_json$")
 
 
-def parse_images_body(doc: Any, media_root: str | None, scratch: str, max_bytes: int) -> tuple[ImagesBody, Inputs,
-                                                                                               list[str]]:  # fmt: skip
+def parse_images_body(
+    doc: Any, media_root: str | None, scratch: str, max_bytes: int
+) -> tuple[ImagesBody, Inputs, list[str]]:
     """The body, its inputs as a Request, and the files its data: URLs were written to (the caller removes them)."""
     try:
         body = ImagesBody.model_validate(doc)

@@ -29,8 +29,13 @@ def application(cfg: Config) -> Any:
         return stage.build(Config.model_validate(settings)).app
 
     options = {"num_cpus": 0 if cfg.serve.gpus_per_replica else 1, "num_gpus": cfg.serve.gpus_per_replica}
-    deployment = serve.deployment(serve.ingress(build_app)(), name=APP_NAME, num_replicas=cfg.serve.replicas,
-                                  ray_actor_options=options, max_ongoing_requests=cfg.serve.max_queue)  # fmt: skip
+    deployment = serve.deployment(
+        serve.ingress(build_app)(),
+        name=APP_NAME,
+        num_replicas=cfg.serve.replicas,
+        ray_actor_options=options,
+        max_ongoing_requests=cfg.serve.max_queue,
+    )
     return deployment.bind()
 
 

@@ -37,8 +37,12 @@ class Served:
 def limits_of(cfg: Config) -> Limits:
     s = cfg.serve
     root = os.path.abspath(s.media_root) if s.media_root else None
-    return Limits(max_body_bytes=int(s.max_body_mb * 2**20), max_media_bytes=int(s.max_media_mb * 2**20),
-                  timeout_s=s.timeout_s, media_root=root)  # fmt: skip
+    return Limits(
+        max_body_bytes=int(s.max_body_mb * 2**20),
+        max_media_bytes=int(s.max_media_mb * 2**20),
+        timeout_s=s.timeout_s,
+        media_root=root,
+    )
 
 
 def build(cfg: Config) -> Served:
@@ -71,11 +75,17 @@ def model_name(checkpoint: str, made_by: dict) -> str:
 def run(cfg: Config, sock: socket.socket | None = None) -> None:
     """Serve until interrupted (Ctrl-C or SIGTERM) on serve.host:serve.port, or on an already bound `sock`."""
     served = build(cfg)
-    server = uvicorn.Server(uvicorn.Config(served.app, host=cfg.serve.host, port=cfg.serve.port, log_level="warning",
-                                           timeout_graceful_shutdown=5))  # fmt: skip
+    server = uvicorn.Server(
+        uvicorn.Config(
+            served.app, host=cfg.serve.host, port=cfg.serve.port, log_level="warning", timeout_graceful_shutdown=5
+        )
+    )
     where = sock.getsockname() if sock else (cfg.serve.host, cfg.serve.port)
-    log.info("serving %s on http://%s:%d (the chat page at /, the API at /v1/chat/completions)", served.checkpoint,
-             *where[:2])  # fmt: skip
+    log.info(
+        "serving %s on http://%s:%d (the chat page at /, the API at /v1/chat/completions)",
+        served.checkpoint,
+        *where[:2],
+    )
     try:
         server.run(sockets=[sock] if sock else None)
     finally:

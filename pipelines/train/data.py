@@ -60,8 +60,16 @@ class FeatureCaptions:
     the training rows ("train"), the held-out rows ("heldout", see `is_heldout`) or all of them.
     """
 
-    def __init__(self, ws: Workspace, files: Sequence[str], seed: int, buffer: int = 10_000,
-                 holdout: float = 0.0, split: str = "all", size: int | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        ws: Workspace,
+        files: Sequence[str],
+        seed: int,
+        buffer: int = 10_000,
+        holdout: float = 0.0,
+        split: str = "all",
+        size: int | None = None,
+    ) -> None:
         if not files:
             raise InputError("stage 1 has no feature parts to read: run `ibllm extract` for train.stage1.data")
         self.ws, self.files, self.seed, self.buffer = ws, list(files), seed, max(1, buffer)
@@ -182,8 +190,9 @@ def micro_batch(examples: Sequence[Example], tokenizer: TextTokenizer, max_words
     if len(single) < len(examples):  # whole conversations among them: each takes its place in the batch
         whole = [i for i, e in enumerate(examples) if e.turns]
         by_row = dict(zip(single, encoded, strict=True))
-        by_row.update(zip(whole, encode_conversations(tokenizer, [examples[i].turns for i in whole], max_words),
-                          strict=True))  # fmt: skip
+        by_row.update(
+            zip(whole, encode_conversations(tokenizer, [examples[i].turns for i in whole], max_words), strict=True)
+        )
         encoded = [by_row[i] for i in range(len(examples))]
     ids, labels = collate(encoded, pad_id)
     features = torch.from_numpy(np.stack([e.feature for e in examples]).astype(np.float32))

@@ -51,8 +51,12 @@ def instruction_examples(
     fake: np.ndarray | None = None
     for path in files:
         try:
-            data = read_instructions(path, first_turn_only=conversation == "first", whole=conversation == "whole",
-                                     open_fn=lambda p: fsspec.open(p, "rb", **ws.options_for(p)).open())  # fmt: skip
+            data = read_instructions(
+                path,
+                first_turn_only=conversation == "first",
+                whole=conversation == "whole",
+                open_fn=lambda p: fsspec.open(p, "rb", **ws.options_for(p)).open(),
+            )
         except FileNotFoundError:
             raise InputError(f"{path}: no such instruction file (train.stage2.data)") from None
         except InstructionFileError as e:
@@ -64,8 +68,10 @@ def instruction_examples(
         features: dict[int, np.ndarray] = {}
         if visual:
             if not feature_parts:
-                raise InputError(f"{path}: {len(visual)} samples need image features, and the feature set "
-                                 f"{encoder_id} has none; run `ibllm extract` on their images")  # fmt: skip
+                raise InputError(
+                    f"{path}: {len(visual)} samples need image features, and the feature set "
+                    f"{encoder_id} has none; run `ibllm extract` on their images"
+                )
             found, emb = join_features(
                 [image_key(r.image) for r in visual], feature_parts, filesystem=None if ws.is_local else ws.fs
             )
@@ -78,11 +84,19 @@ def instruction_examples(
             try:
                 fake = placeholder(ws, encoder_id)
             except FileNotFoundError:
-                raise InputError(f"{path}: text-only samples need the placeholder feature of {encoder_id}, which "
-                                 "the feature set lacks; run `ibllm extract`") from None  # fmt: skip
+                raise InputError(
+                    f"{path}: text-only samples need the placeholder feature of {encoder_id}, which "
+                    "the feature set lacks; run `ibllm extract`"
+                ) from None
         examples += [_example(r, features.get(id(r), fake)) for r in records]
-        log.info("%s: %s layout%s, %d samples (%d with an image)", path, data.layout,
-                 f" ({data.language})" if data.language else "", len(records), len(visual))  # fmt: skip
+        log.info(
+            "%s: %s layout%s, %d samples (%d with an image)",
+            path,
+            data.layout,
+            f" ({data.language})" if data.language else "",
+            len(records),
+            len(visual),
+        )
     return examples
 
 

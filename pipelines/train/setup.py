@@ -57,8 +57,10 @@ def resolve_job(
         examples = count_split(ws, feature_parts, cfg.train.holdout, "train")
         prompt = len(tokenizer.encode(CAPTION_PROMPT, bos=True, eos=False))
         if prompt >= sc.max_words:
-            raise InputError(f"the stage-1 prompt is {prompt} tokens with {tokenizer_path}: train.stage1.max_words "
-                             f"{sc.max_words} leaves no room for the caption")  # fmt: skip
+            raise InputError(
+                f"the stage-1 prompt is {prompt} tokens with {tokenizer_path}: train.stage1.max_words "
+                f"{sc.max_words} leaves no room for the caption"
+            )
     else:
         instruction_files = assets.stage2_data(cfg, ws)
         if not instruction_files:
@@ -67,8 +69,17 @@ def resolve_job(
         if init is None:
             raise InputError("stage 2 starts from a stage-1 checkpoint: run `ibllm train --stage 1` first")
         feature_parts = _all_feature_parts(ws, encoder_id)
-        examples = len(instruction_examples(ws, encoder_id, instruction_files, feature_parts, sc.conversation,
-                                            tokenizer, tokenizer_name(tokenizer_path, base)))  # fmt: skip
+        examples = len(
+            instruction_examples(
+                ws,
+                encoder_id,
+                instruction_files,
+                feature_parts,
+                sc.conversation,
+                tokenizer,
+                tokenizer_name(tokenizer_path, base),
+            )
+        )
     return Job(
         stage=stage,
         run_id=run_id,
@@ -100,8 +111,10 @@ def _llm_config(cfg: Config, ws: Workspace, base: str | None, vocab: int, bos: i
     if base:
         return config_from_llama(LlamaConfig.from_pretrained(assets.local_copy(ws, base)), **lora)
     if m.llama != "tiny":
-        raise InputError(f"model.llama is {m.llama!r}: give model.llama_path (a transformers LLaMA folder, see "
-                         "`ibllm convert llama`)")  # fmt: skip
+        raise InputError(
+            f"model.llama is {m.llama!r}: give model.llama_path (a transformers LLaMA folder, see "
+            "`ibllm convert llama`)"
+        )
     log.warning("no base LLaMA (model.llama_path): a randomly initialised tiny LLaMA, good for tests only")
     return LLMConfig.preset("tiny", vocab_size=vocab, bos_id=bos, eos_id=eos, **lora)
 
@@ -112,8 +125,9 @@ def stage1_features(cfg: Config, ws: Workspace, encoder_id: str) -> list[str]:
     for source in cfg.train.stage1.data or _feature_sources(ws, encoder_id):
         files, _ = feature_files(ws, encoder_id, source)
         if not files:
-            raise InputError(f"train.stage1.data: no features of source {source!r} for {encoder_id}; "
-                             "run `ibllm extract` first")  # fmt: skip
+            raise InputError(
+                f"train.stage1.data: no features of source {source!r} for {encoder_id}; run `ibllm extract` first"
+            )
         parts += [ws.as_url(f) for f in files]
     if not parts:
         raise InputError(f"stage 1 needs features: none under {ws.as_url(ws.features(encoder_id, ''))}")

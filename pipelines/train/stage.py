@@ -48,9 +48,11 @@ class TrainResult(BaseModel):
 
     def summary(self) -> str:
         resumed = f", resumed at step {self.resumed_from}" if self.resumed_from else ""
-        return (f"stage {self.stage} run {self.run_id}: {self.steps}/{self.total_steps} steps on {self.workers} "
-                f"worker(s){resumed}, loss {self.first_loss:.4f} -> {self.final_loss:.4f}; checkpoint "
-                f"{self.checkpoint}")  # fmt: skip
+        return (
+            f"stage {self.stage} run {self.run_id}: {self.steps}/{self.total_steps} steps on {self.workers} "
+            f"worker(s){resumed}, loss {self.first_loss:.4f} -> {self.final_loss:.4f}; checkpoint "
+            f"{self.checkpoint}"
+        )
 
 
 def stage_config(cfg: Config, stage: int) -> StageConfig:
@@ -103,9 +105,16 @@ def _attempt(cfg: Config, ws: Workspace, job: Job, local: bool, start: float) ->
     resumed_from = latest.step if latest else None
     resume = latest.path if latest else None
     attempt = runs.start(run_id, job.record())
-    log.info("stage %d run %s (attempt %d): %d steps, %d examples per step, %d worker(s)%s", stage, run_id, attempt,
-             job.total_steps, sc.global_batch_size, 1 if local else sc.workers,
-             f", resuming at step {resumed_from}" if resumed_from else "")  # fmt: skip
+    log.info(
+        "stage %d run %s (attempt %d): %d steps, %d examples per step, %d worker(s)%s",
+        stage,
+        run_id,
+        attempt,
+        job.total_steps,
+        sc.global_batch_size,
+        1 if local else sc.workers,
+        f", resuming at step {resumed_from}" if resumed_from else "",
+    )
     if local:
         worker_main({"job": job, "session": "local", "resume": resume})
     else:
@@ -114,8 +123,11 @@ def _attempt(cfg: Config, ws: Workspace, job: Job, local: bool, start: float) ->
     if result is None:
         raise RuntimeError(f"stage {stage} run {run_id} ended without a checkpoint")
     status = "complete" if result.steps >= min(job.total_steps, job.max_steps or job.total_steps) else "stopped"
-    runs.finish(run_id, RunRecord(status=status, attempts=attempt, job=job.record(), steps=result.steps,
-                                  final_loss=result.final_loss), result.checkpoint)  # fmt: skip
+    runs.finish(
+        run_id,
+        RunRecord(status=status, attempts=attempt, job=job.record(), steps=result.steps, final_loss=result.final_loss),
+        result.checkpoint,
+    )
     return result
 
 
@@ -126,11 +138,18 @@ def _result(ws: Workspace, job: Job, workers: int, resumed_from: int | None, sec
         return None
     losses = [h["loss"] for h in latest.history]
     return TrainResult(
-        stage=job.stage, run_id=job.run_id, steps=latest.step, total_steps=job.total_steps,
-        first_loss=losses[0] if losses else None, final_loss=losses[-1] if losses else None,
-        checkpoint=posixpath.join(latest.path, MODEL_DIR), workers=workers, resumed_from=resumed_from,
-        losses=losses, seconds=seconds,
-    )  # fmt: skip
+        stage=job.stage,
+        run_id=job.run_id,
+        steps=latest.step,
+        total_steps=job.total_steps,
+        first_loss=losses[0] if losses else None,
+        final_loss=losses[-1] if losses else None,
+        checkpoint=posixpath.join(latest.path, MODEL_DIR),
+        workers=workers,
+        resumed_from=resumed_from,
+        losses=losses,
+        seconds=seconds,
+    )
 
 
 def _fit_with_ray(cfg: Config, job: Job, attempt: int, resume: str | None) -> None:

@@ -69,9 +69,20 @@ def _ray(*args: str) -> list[str]:
 def _start(name: str, args: list[str], temp_dir: str, cpus: int, env: dict[str, str]) -> Node:
     log = Path(temp_dir) / f"start-{name}.log"
     resources = f'{{"{SLOT}": 1, "ibllm_node_{name}": 1}}'
-    cmd = _ray("start", "--block", *args, "--num-cpus", str(cpus), "--resources", resources,
-               "--object-store-memory", str(256 * 2**20), "--node-ip-address", "127.0.0.1",
-               "--disable-usage-stats")  # fmt: skip
+    cmd = _ray(
+        "start",
+        "--block",
+        *args,
+        "--num-cpus",
+        str(cpus),
+        "--resources",
+        resources,
+        "--object-store-memory",
+        str(256 * 2**20),
+        "--node-ip-address",
+        "127.0.0.1",
+        "--disable-usage-stats",
+    )
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     return Node(name, proc, log)
@@ -119,8 +130,19 @@ def two_nodes(cpus: int = 2) -> Iterator[Cluster]:
     address = f"127.0.0.1:{port}"
     cluster = Cluster(address, temp_dir, cpus)
     try:
-        head = ["--head", "--port", str(port), "--temp-dir", temp_dir, "--dashboard-host", "127.0.0.1",
-                "--dashboard-port", str(free_port()), "--ray-client-server-port", str(free_port())]  # fmt: skip
+        head = [
+            "--head",
+            "--port",
+            str(port),
+            "--temp-dir",
+            temp_dir,
+            "--dashboard-host",
+            "127.0.0.1",
+            "--dashboard-port",
+            str(free_port()),
+            "--ray-client-server-port",
+            str(free_port()),
+        ]
         cluster.nodes["a"] = _start("a", head, temp_dir, cpus, env)
         _wait_for_port(address, cluster.nodes["a"])
         cluster.join("b")

@@ -27,11 +27,17 @@ pytestmark = pytest.mark.slow
 
 SCALE_OUT = [
     "download.samples_per_shard=8",  # 4-5 shards: work for both nodes, and a kill that lands between shards
-    "extract.actors=2", f"extract.actor_resources={{{SLOT}: 1}}",  # each node offers one slot: an actor per node
-    "extract.batch_size=4", "extract.buffer_mb=64",
-    "train.stage1.workers=2", f"train.stage1.worker_resources={{{SLOT}: 1}}", "train.stage1.placement=STRICT_SPREAD",
-    "train.stage2.workers=2", f"train.stage2.worker_resources={{{SLOT}: 1}}", "train.stage2.placement=STRICT_SPREAD",
-]  # fmt: skip
+    "extract.actors=2",
+    f"extract.actor_resources={{{SLOT}: 1}}",  # each node offers one slot: an actor per node
+    "extract.batch_size=4",
+    "extract.buffer_mb=64",
+    "train.stage1.workers=2",
+    f"train.stage1.worker_resources={{{SLOT}: 1}}",
+    "train.stage1.placement=STRICT_SPREAD",
+    "train.stage2.workers=2",
+    f"train.stage2.worker_resources={{{SLOT}: 1}}",
+    "train.stage2.placement=STRICT_SPREAD",
+]
 
 
 @pytest.fixture(scope="module")
@@ -50,19 +56,27 @@ def cluster() -> Iterator[Cluster]:
 
 
 @pytest.fixture(scope="module")
-def scaled_out(prefect_harness: None, cluster: Cluster, s3_endpoint: str,
-               tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:  # fmt: skip
+def scaled_out(
+    prefect_harness: None, cluster: Cluster, s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, Any]]:
     """The pipeline flow, once, on the cluster and a fresh bucket, from a working directory that must stay empty."""
     from flows.pipeline import pipeline_flow
 
     cwd = tmp_path_factory.mktemp("cwd")
     bucket = f"ibllm-{uuid.uuid4().hex[:8]}"
     options = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": s3_endpoint}}
-    overrides = [f"workspace=s3://{bucket}/run", f"storage_options={options}", f"ray.address={cluster.address}",
-                 "download.timeout=1.5", *SCALE_OUT, *SMALL_TRAINING]  # fmt: skip
+    overrides = [
+        f"workspace=s3://{bucket}/run",
+        f"storage_options={options}",
+        f"ray.address={cluster.address}",
+        "download.timeout=1.5",
+        *SCALE_OUT,
+        *SMALL_TRAINING,
+    ]
     cfg = Config.from_yaml(None, overrides)
-    cfg.synthetic = SyntheticConfig(count=40, seed=3, bad_fraction=0.25, slow_seconds=3.0, audio_clips=3,
-                                    video_seconds=1.0)  # fmt: skip
+    cfg.synthetic = SyntheticConfig(
+        count=40, seed=3, bad_fraction=0.25, slow_seconds=3.0, audio_clips=3, video_seconds=1.0
+    )
     Workspace(cfg.workspace, cfg.storage_options).fs.mkdir(bucket)
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(cwd)  # the demo's relative `workspace` folder would appear here: nothing may
@@ -116,14 +130,21 @@ def test_a_node_lost_during_extraction_then_the_rerun_gives_one_row_per_sample(
     log = tmp_path / "extract.log"
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")}
     with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "extract", "-c", str(config)], stdout=out,
-                                stderr=subprocess.STDOUT, env=env, cwd=scaled_out["cwd"])  # fmt: skip
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", "extract", "-c", str(config)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=scaled_out["cwd"],
+        )
     committed = _wait_for(lambda: len(ws.glob(posixpath.join(features, "part-*.parquet"))), proc, timeout=240)
     cluster.nodes["b"].raylet().kill()
     cluster.join("b")  # a replacement node with the same labels
     code = _finish(proc, timeout=180)
-    print(f"\nnode b killed after {committed} committed shard(s) of {result.extract.sources[0].shards}; the killed "
-          f"run exited {code}:\n{log.read_text()[-1500:]}")  # fmt: skip
+    print(
+        f"\nnode b killed after {committed} committed shard(s) of {result.extract.sources[0].shards}; the killed "
+        f"run exited {code}:\n{log.read_text()[-1500:]}"
+    )
     assert committed < result.extract.sources[0].shards  # the kill landed while shards were in flight
     rerun = extract.run(cfg)
     (src,) = rerun.sources

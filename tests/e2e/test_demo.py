@@ -22,11 +22,19 @@ from pipelines.config import Config
 # A held-out share of 0.4: which images download depends on the machine's load, and with 0.2 one set of 27 features
 # held out a single caption (by uid hash), too few to evaluate.
 SMALL_TRAINING = [
-    "train.holdout=0.4", "train.stage0.dim=32", "train.stage0.n_layers=2", "train.stage0.intermediate_size=64",
-    "train.stage0.steps=30", "train.stage0.texts=300", "train.stage1.global_batch_size=4", "train.stage1.epochs=2",
-    "train.stage1.warmup_epochs=0", "train.stage2.global_batch_size=4", "train.stage2.epochs=1",
+    "train.holdout=0.4",
+    "train.stage0.dim=32",
+    "train.stage0.n_layers=2",
+    "train.stage0.intermediate_size=64",
+    "train.stage0.steps=30",
+    "train.stage0.texts=300",
+    "train.stage1.global_batch_size=4",
+    "train.stage1.epochs=2",
+    "train.stage1.warmup_epochs=0",
+    "train.stage2.global_batch_size=4",
+    "train.stage2.epochs=1",
     "train.stage2.warmup_epochs=0",
-]  # fmt: skip
+]
 
 
 def test_demo_flow_runs_every_stage(prefect_harness: None, config: Config) -> None:
@@ -74,8 +82,15 @@ def test_demo_flow_runs_every_stage(prefect_harness: None, config: Config) -> No
     idle = retrain_flow(config, SMALL_TRAINING)  # no new shards: no work, nothing promoted
     assert not idle.plan.has_work and idle.decision is None
     keys = {a.key for a in asyncio.run(_artifacts())}
-    assert {"curation-funnel", "curation-report", "training-stage1", "training-stage2", "evaluation-stage1",
-            "demo-check", "retrain-decision"} <= keys  # fmt: skip
+    assert {
+        "curation-funnel",
+        "curation-report",
+        "training-stage1",
+        "training-stage2",
+        "evaluation-stage1",
+        "demo-check",
+        "retrain-decision",
+    } <= keys
 
 
 async def _artifacts() -> list:
@@ -89,8 +104,11 @@ def test_ibllm_demo_learns_to_see_the_colour(tmp_path: Path) -> None:
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")}
     proc = subprocess.run(
         [sys.executable, "-m", "flows.cli", "demo", "--json", "--workspace", str(tmp_path / "ws")],
-        capture_output=True, text=True, env=env, timeout=1200,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=1200,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout)
     # the console: a short log with a progress line at least every 30 s (third-party chatter filtered; --verbose
@@ -115,8 +133,13 @@ def test_ibllm_demo_learns_to_see_the_colour(tmp_path: Path) -> None:
     assert result["evaluation"]["grounding_gap"] > 0.1
     asked = result["answers"]["asked"]  # a held-out picture (two turns) and an audio clip, without and with cache
     assert [(a["cache"], a["input"].endswith(".wav"), a["turn"]) for a in asked] == [
-        (False, False, 1), (False, False, 2), (False, True, 1), (True, False, 1), (True, False, 2), (True, True, 1)
-    ]  # fmt: skip
+        (False, False, 1),
+        (False, False, 2),
+        (False, True, 1),
+        (True, False, 1),
+        (True, False, 2),
+        (True, True, 1),
+    ]
     assert all(a["answer"] for a in asked)
     # the demo's small MME: 16 yes/no questions in each of two subtasks, every one asked and scored. How many answers
     # read as yes or no varies with the run's training data (0 and 21 of 32 unparseable measured): the tiny model

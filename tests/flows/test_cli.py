@@ -78,8 +78,10 @@ def test_serve_until_terminated(tmp_path: Path) -> None:
 
     proc = subprocess.Popen(
         [sys.executable, "-m", "flows.cli", "synthetic", "--serve", "--workspace", str(tmp_path / "ws"), *SMALL],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline, url = time.time() + 60, None
         while url is None and time.time() < deadline:

@@ -32,9 +32,14 @@ def test_convert_llama_adapter_export_round_trip(tmp_path: Path, capsys: pytest.
     model = from_pretrained(str(tmp_path / "ours"), str(tmp_path / "hf")).eval()
     ids, feats = torch.randint(3, TINY.vocab_size, (2, 7)), torch.randn(2, TINY.feature_dim)
     with torch.no_grad():
-        ref = meta_forward(reference_state(llama, adapter), ids, n_heads=TINY.n_heads,
-                           visual_query=meta_visual(adapter, feats), prefix=adapter["prefix_query.weight"],
-                           query_layer=TINY.query_layer)  # fmt: skip
+        ref = meta_forward(
+            reference_state(llama, adapter),
+            ids,
+            n_heads=TINY.n_heads,
+            visual_query=meta_visual(adapter, feats),
+            prefix=adapter["prefix_query.weight"],
+            query_layer=TINY.query_layer,
+        )
         assert (model(ids, feats).logits - ref).abs().max() < 1e-5
 
 

@@ -37,8 +37,10 @@ def test_the_prefect_task_draws(tmp_path: Path, unclip_folder: Path) -> None:  #
 
     image = tmp_path / "shape.jpg"
     media.draw_shape((80, 64), "circle", "red", "grey", 0.6, 0).save(image)
-    cfg = Config.from_yaml(None, [f"workspace={tmp_path / 'ws'}", f"imagine.generator={unclip_folder}",
-                                  "imagine.steps=1", "imagine.images=2"])  # fmt: skip
+    cfg = Config.from_yaml(
+        None,
+        [f"workspace={tmp_path / 'ws'}", f"imagine.generator={unclip_folder}", "imagine.steps=1", "imagine.images=2"],
+    )
     result = imagine_task.fn(cfg, Request(image=[str(image)]), out=str(tmp_path / "t.png"))
     assert result.pictures[0].paths == [str(tmp_path / "t-0.png"), str(tmp_path / "t-1.png")]
     assert all(Path(p).is_file() for p in result.pictures[0].paths)

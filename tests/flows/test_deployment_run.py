@@ -34,8 +34,9 @@ def _free_port() -> int:
 
 
 def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen(args, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)  # fmt: skip
+    return subprocess.Popen(
+        args, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True
+    )
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -52,10 +53,16 @@ def _stop(proc: subprocess.Popen) -> None:
 def server(tmp_path: Path) -> Iterator[dict[str, str]]:
     """A Prefect server on a loopback port, in its own PREFECT_HOME; yields the environment to talk to it."""
     port = _free_port()
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "IBLLM_HOME": str(ROOT)}  # fmt: skip
-    proc = _start([*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env,
-                  tmp_path / "server.log")  # fmt: skip
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(tmp_path / "prefect"),
+        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "IBLLM_HOME": str(ROOT),
+    }
+    proc = _start(
+        [*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env, tmp_path / "server.log"
+    )
     try:
         deadline = time.monotonic() + 120
         while True:

@@ -13,9 +13,10 @@ from pipelines.config import load_config
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize(("file", "pool", "config"), [("prefect.yaml", "ibllm", None),
-                                                      ("deploy/prefect-cluster.yaml", "ibllm-cluster",
-                                                       "configs/cluster.yaml")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("file", "pool", "config"),
+    [("prefect.yaml", "ibllm", None), ("deploy/prefect-cluster.yaml", "ibllm-cluster", "configs/cluster.yaml")],
+)
 def test_every_deployment_loads(file: str, pool: str, config: str | None) -> None:
     """Each file's deployments target one pool (`prefect deploy --all` refuses a pool that does not exist)."""
     spec = yaml.safe_load((ROOT / file).read_text())
@@ -38,8 +39,17 @@ def test_the_retrain_deployment_runs_weekly_on_the_config_schedule_one_at_a_time
     assert dep["schedules"] == [{"cron": cfg.retrain.cron, "timezone": cfg.retrain.timezone}]
     assert dep["concurrency_limit"] == 1
     names = {d["name"] for d in spec["deployments"]}
-    assert {"pipeline", "curate", "extract", "index", "report", "train-stage1", "train-stage2", "evaluate",
-            "retrain"} <= names  # fmt: skip
+    assert {
+        "pipeline",
+        "curate",
+        "extract",
+        "index",
+        "report",
+        "train-stage1",
+        "train-stage2",
+        "evaluate",
+        "retrain",
+    } <= names
 
 
 def test_retrain_serve_schedules_the_config_cron_in_its_timezone() -> None:

@@ -20,12 +20,18 @@ from stores.workspace import OutsideWorkspace
 @pytest.mark.parametrize(
     ("error", "code"),
     [
-        (ConfigError("x"), 2), (LedgerConflict("x"), 3), (InputError("x"), 4), (FileNotFoundError("x"), 4),
+        (ConfigError("x"), 2),
+        (LedgerConflict("x"), 3),
+        (InputError("x"), 4),
+        (FileNotFoundError("x"), 4),
         (OSError(errno.ENOSPC, "No space left on device", "/ws/shards/00001.tar"), 5),
-        (OSError(errno.EROFS, "Read-only file system"), 5), (RuntimeError("boom"), 1), (KeyError("k"), 1),
-        (LeaseHeld("x"), 6), (OutsideWorkspace("x"), 4),
+        (OSError(errno.EROFS, "Read-only file system"), 5),
+        (RuntimeError("boom"), 1),
+        (KeyError("k"), 1),
+        (LeaseHeld("x"), 6),
+        (OutsideWorkspace("x"), 4),
     ],
-)  # fmt: skip
+)
 def test_exit_codes(error: Exception, code: int) -> None:
     assert exits.exit_code(error) == code
     assert "\n" not in exits.message(error)
@@ -39,8 +45,17 @@ def test_storage_and_unexpected_messages_say_what_to_do() -> None:
 
 def test_partial_results() -> None:
     def source(failed: list[str]) -> SourceDownload:
-        return SourceDownload(source="s", output="o", shards=2, new_shards=2, failed_shards=failed, attempted=4,
-                              succeeded=3, failed=1, images_per_second=None)  # fmt: skip
+        return SourceDownload(
+            source="s",
+            output="o",
+            shards=2,
+            new_shards=2,
+            failed_shards=failed,
+            attempted=4,
+            succeeded=3,
+            failed=1,
+            images_per_second=None,
+        )
 
     assert exits.partial(DownloadResult(sources=[source([])], seconds=1.0)) is None
     assert "s" in exits.partial(DownloadResult(sources=[source(["00001"])], seconds=1.0))

@@ -63,8 +63,13 @@ def test_a_killed_extraction_flow_resumes_where_it_stopped(prefect_harness: None
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "RAY_AUTH_MODE": "disabled"}
     env.pop("PREFECT_API_URL", None)  # its own ephemeral server, as a flow run started by hand
     script = f"from flows.stages import extract_flow; extract_flow({str(path)!r})"
-    proc = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 300
     while not ledger.committed() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)

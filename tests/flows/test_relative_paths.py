@@ -36,8 +36,15 @@ def test_ray_train_with_a_relative_workspace_and_tokenizer(tmp_path: Path) -> No
 
 def test_local_paths_are_absolute_once_loaded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    cfg = load_config(None, ["workspace=ws", "model.llama_path=m/llama", "train.stage2.data=[i.json, s3://b/i.json]",
-                             "sources=[{name: g, format: generic, paths: ['meta/*.csv']}]"])  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            "workspace=ws",
+            "model.llama_path=m/llama",
+            "train.stage2.data=[i.json, s3://b/i.json]",
+            "sources=[{name: g, format: generic, paths: ['meta/*.csv']}]",
+        ],
+    )
     assert cfg.workspace == str(tmp_path / "ws")
     assert cfg.model.llama_path == str(tmp_path / "m" / "llama")
     assert cfg.train.stage2.data == [str(tmp_path / "i.json"), "s3://b/i.json"]

@@ -28,12 +28,25 @@ from tests.pipelines.train_fixture import train_config
 
 # a tiny stage-0 base of the synthetic language, a few steps per stage, trained in this process (no Ray Train);
 # uids hash the URL, whose port changes per run: 40% held out makes fewer than 2 held-out images of ~27 unlikely (1e-5)
-TRAINING = ["train.stage0.dim=32", "train.stage0.n_layers=2", "train.stage0.intermediate_size=64",
-            "train.stage0.steps=80", "train.stage0.texts=300", "train.stage0.batch_size=8", "train.stage0.lr=0.01",
-            "train.stage1.global_batch_size=4", "train.stage1.epochs=2", "train.stage1.warmup_epochs=0",
-            "train.stage1.blr=0.32", "train.stage2.global_batch_size=4", "train.stage2.epochs=0.5",
-            "train.stage2.warmup_epochs=0", "train.stage2.blr=0.16", "retrain.local=true",
-            "train.holdout=0.4"]  # fmt: skip
+TRAINING = [
+    "train.stage0.dim=32",
+    "train.stage0.n_layers=2",
+    "train.stage0.intermediate_size=64",
+    "train.stage0.steps=80",
+    "train.stage0.texts=300",
+    "train.stage0.batch_size=8",
+    "train.stage0.lr=0.01",
+    "train.stage1.global_batch_size=4",
+    "train.stage1.epochs=2",
+    "train.stage1.warmup_epochs=0",
+    "train.stage1.blr=0.32",
+    "train.stage2.global_batch_size=4",
+    "train.stage2.epochs=0.5",
+    "train.stage2.warmup_epochs=0",
+    "train.stage2.blr=0.16",
+    "retrain.local=true",
+    "train.holdout=0.4",
+]
 # stage-2 steps far too large for the norms and biases: a model worse for real (held-out loss ~4 instead of ~0.7)
 WRECKED = ["train.stage2.blr=10"]
 

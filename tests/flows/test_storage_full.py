@@ -49,10 +49,20 @@ def _namespaces_work() -> bool:
 def test_disk_full_and_read_only_workspaces_exit_5_and_a_rerun_completes(tmp_path: Path) -> None:
     root = Path(__file__).resolve().parents[2]
     proc = subprocess.run(
-        ["unshare", "-rm", "bash", "-c", SCRIPT], capture_output=True, text=True, cwd=root, timeout=300,
-        env={"PATH": "/usr/bin:/bin", "PY": sys.executable, "HOME": str(tmp_path), "NO_ALBUMENTATIONS_UPDATE": "1",
-             "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "RAY_AUTH_MODE": "disabled"},
-    )  # fmt: skip
+        ["unshare", "-rm", "bash", "-c", SCRIPT],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        timeout=300,
+        env={
+            "PATH": "/usr/bin:/bin",
+            "PY": sys.executable,
+            "HOME": str(tmp_path),
+            "NO_ALBUMENTATIONS_UPDATE": "1",
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "RAY_AUTH_MODE": "disabled",
+        },
+    )
     lines = proc.stdout.splitlines()
     assert len(lines) == 7, proc.stdout + proc.stderr
     full, rerun, read_only, again, download_full, download_again, leases = lines

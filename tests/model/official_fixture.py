@@ -13,8 +13,18 @@ from model.llm.convert_adapter import official_shapes
 from model.llm.convert_llama import meta_llama_shapes
 
 # 3 layers with the adapter on the last 2: exercises the layer offset of gates and prefix
-TINY = LLMConfig(vocab_size=96, dim=32, n_layers=3, n_heads=4, intermediate_size=96, query_layer=2,
-                 feature_dim=24, max_seq_len=64, lora_rank=4, lora_alpha=4.0)  # fmt: skip
+TINY = LLMConfig(
+    vocab_size=96,
+    dim=32,
+    n_layers=3,
+    n_heads=4,
+    intermediate_size=96,
+    query_layer=2,
+    feature_dim=24,
+    max_seq_len=64,
+    lora_rank=4,
+    lora_alpha=4.0,
+)
 PARAMS = {"dim": 32, "multiple_of": 32, "n_heads": 4, "n_layers": 3, "norm_eps": 1e-6, "vocab_size": -1}
 
 

@@ -23,8 +23,10 @@ def test_cache_mix_matches_numpy() -> None:
     expected = mixed / np.linalg.norm(mixed, axis=1, keepdims=True)
     got = cache_mix(torch.from_numpy(q), torch.from_numpy(sims), torch.from_numpy(vals), t, w)
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5, atol=1e-6)
-    assert torch.allclose(cache_mix(torch.from_numpy(q), torch.from_numpy(sims), torch.from_numpy(vals), w=0.0),
-                          torch.nn.functional.normalize(torch.from_numpy(q), dim=-1))  # fmt: skip
+    assert torch.allclose(
+        cache_mix(torch.from_numpy(q), torch.from_numpy(sims), torch.from_numpy(vals), w=0.0),
+        torch.nn.functional.normalize(torch.from_numpy(q), dim=-1),
+    )
 
 
 def test_mix_modalities_is_weighted_and_not_renormalised() -> None:

@@ -54,8 +54,10 @@ def test_owlv2_boxes_are_in_the_original_images_pixels(folders: dict[str, Path])
     step = side / n
     expected = sorted(
         (step * (j + 0.5), step * (i + 0.5), min(step * (j + 1.5), 60), min(step * (i + 1.5), 30))
-        for i in range(n) for j in range(n) if step * (i + 0.5) < 30
-    )  # fmt: skip
+        for i in range(n)
+        for j in range(n)
+        if step * (i + 0.5) < 30
+    )
     found = Detector.load(str(folders["owlv2"])).detect(noise(60, 30), PHRASES, threshold=0.0)
     assert len(expected) == 8 and len(found) == len(expected)
     got = sorted(d.box for d in found)

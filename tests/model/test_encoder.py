@@ -134,10 +134,12 @@ def test_bf16_weights_match_fp32(media: dict, encoder: ImageBind) -> None:
     low = ImageBind.load("tiny", vocab=media["vocab"], device="cpu", dtype="bfloat16", weights="cast", seed=0)
     assert low.weight_dtype == torch.bfloat16 and low.dtype == torch.bfloat16
     assert all(p.dtype == torch.bfloat16 for p in low.model.parameters())
-    pairs = {"images": (low.embed_images(media["images"]), encoder.embed_images(media["images"])),
-             "audio": (low.embed_audio(media["wavs"]), encoder.embed_audio(media["wavs"])),
-             "video": (low.embed_video([media["video"]]), encoder.embed_video([media["video"]])),
-             "text": (low.embed_texts(CAPTIONS), encoder.embed_texts(CAPTIONS))}  # fmt: skip
+    pairs = {
+        "images": (low.embed_images(media["images"]), encoder.embed_images(media["images"])),
+        "audio": (low.embed_audio(media["wavs"]), encoder.embed_audio(media["wavs"])),
+        "video": (low.embed_video([media["video"]]), encoder.embed_video([media["video"]])),
+        "text": (low.embed_texts(CAPTIONS), encoder.embed_texts(CAPTIONS)),
+    }
     gen = torch.Generator().manual_seed(0)
     for key, shape in (("depth", (2, 1, 224, 224)), ("thermal", (2, 1, 224, 224)), ("imu", (2, 6, 2000))):
         x = torch.randn(shape, generator=gen)

@@ -22,16 +22,21 @@ def model() -> ImageBindLLM:
     return random_model()
 
 
-def _reference(model: ImageBindLLM, prompts: list[list[int]], vq: torch.Tensor | None, sampling: Sampling,
-               eos: int) -> list[list[int]]:  # fmt: skip
+def _reference(
+    model: ImageBindLLM, prompts: list[list[int]], vq: torch.Tensor | None, sampling: Sampling, eos: int
+) -> list[list[int]]:
     """Today's path, one prompt at a time (so no batch-wide token budget couples the rows)."""
-    return [generate_ids(model, [p], None if vq is None else vq[i : i + 1], sampling, eos_id=eos)[0]
-            for i, p in enumerate(prompts)]  # fmt: skip
+    return [
+        generate_ids(model, [p], None if vq is None else vq[i : i + 1], sampling, eos_id=eos)[0]
+        for i, p in enumerate(prompts)
+    ]
 
 
 def _requests(prompts: list[list[int]], vq: torch.Tensor | None, sampling: Sampling, eos: int) -> list[dict]:
-    return [{"prompt": p, "visual": None if vq is None else vq[i], "sampling": sampling, "eos_id": eos}
-            for i, p in enumerate(prompts)]  # fmt: skip
+    return [
+        {"prompt": p, "visual": None if vq is None else vq[i], "sampling": sampling, "eos_id": eos}
+        for i, p in enumerate(prompts)
+    ]
 
 
 def _eos_inside(rows: list[list[int]]) -> int:

@@ -149,8 +149,9 @@ def test_images_above_the_pixel_limit_are_refused_before_decoding(
     (tmp_path / "small.png").write_bytes(png_claiming(10_000, 10_000))  # a few dozen bytes on disk
     with pytest.warns(Image.DecompressionBombWarning), pytest.raises(TooManyPixels) as caught:
         load_image(tmp_path / "small.png", max_pixels=89_478_485)
-    assert str(caught.value) == (f"image {tmp_path / 'small.png'} is 10000x10000 (100,000,000 pixels), above the "
-                                 "limit of 89,478,485 pixels")  # fmt: skip
+    assert str(caught.value) == (
+        f"image {tmp_path / 'small.png'} is 10000x10000 (100,000,000 pixels), above the limit of 89,478,485 pixels"
+    )
     assert isinstance(caught.value, ModelInputError)
     with pytest.raises(TooManyPixels, match=r"image <\d+ bytes> is too large to decode: .*400000000 pixels"):
         load_image(png_claiming(20_000, 20_000))  # above PIL's own limit, whatever ours is

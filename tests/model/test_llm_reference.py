@@ -41,8 +41,15 @@ def _ours(released: tuple) -> ImageBindLLM:
 def _reference(released: tuple, ids: torch.Tensor, feats: torch.Tensor, **kw) -> torch.Tensor:
     llama, adapter, _, _ = released
     vq = meta_visual(adapter, feats)
-    return meta_forward(reference_state(llama, adapter), ids, n_heads=TINY.n_heads, visual_query=vq,
-                        prefix=adapter["prefix_query.weight"], query_layer=TINY.query_layer, **kw)  # fmt: skip
+    return meta_forward(
+        reference_state(llama, adapter),
+        ids,
+        n_heads=TINY.n_heads,
+        visual_query=vq,
+        prefix=adapter["prefix_query.weight"],
+        query_layer=TINY.query_layer,
+        **kw,
+    )
 
 
 @torch.no_grad()

@@ -255,8 +255,11 @@ def test_batched_encoding_equals_one_by_one(kind: str, sp_dir: Path) -> None:
     tok = load_tokenizer(sp_dir) if kind == "sentencepiece" else train_bpe_tokenizer(texts * 3, vocab_size=300)
     for bos, eos in [(True, True), (True, False), (False, False)]:
         assert tok.encode_batch(texts, bos, eos) == [tok.encode(t, bos, eos) for t in texts]
-    pairs = [(format_prompt(CAPTION_INSTRUCTION), "a red dog"), (format_prompt("Where is the cat?"), "in a box"),
-             (format_prompt(CAPTION_INSTRUCTION), "a small bird near the water")]  # fmt: skip
+    pairs = [
+        (format_prompt(CAPTION_INSTRUCTION), "a red dog"),
+        (format_prompt("Where is the cat?"), "in a box"),
+        (format_prompt(CAPTION_INSTRUCTION), "a small bird near the water"),
+    ]
     for max_words in (512, 30, 5):
         assert encode_examples(tok, pairs, max_words) == [encode_example(tok, p, a, max_words) for p, a in pairs]
 
@@ -264,8 +267,35 @@ def test_batched_encoding_equals_one_by_one(kind: str, sp_dir: Path) -> None:
 def _joins(seed: int, n: int) -> list[tuple[str, str]]:
     """(prefix, text) pairs whose join is likely to be tricky: contractions, punctuation, whitespace runs, digits."""
     rng = random.Random(seed)
-    alphabet = ["'", "re", "s", "ll", "ve", "d", "m", "t", ":", ".", "!", " ", "  ", "\n", "\t", "a", "Response",
-                "42", "3", "<s>", "<", "s>", "é", "日本", "#", "-", "x"]  # fmt: skip
+    alphabet = [
+        "'",
+        "re",
+        "s",
+        "ll",
+        "ve",
+        "d",
+        "m",
+        "t",
+        ":",
+        ".",
+        "!",
+        " ",
+        "  ",
+        "\n",
+        "\t",
+        "a",
+        "Response",
+        "42",
+        "3",
+        "<s>",
+        "<",
+        "s>",
+        "é",
+        "日本",
+        "#",
+        "-",
+        "x",
+    ]
     prefixes = [PROMPT, PROMPT + " ", PROMPT + "'", "a", "don", "don'", "we'", "x ", "12", "<", "### Response:\n", ""]
 
     def text() -> str:

@@ -102,8 +102,13 @@ def reference_embed(state: Tensors, cfg: ImageBindConfig, xyz: torch.Tensor, sta
         x = x + F.linear(h, b("mlp.fc2.weight"), b("mlp.fc2.bias"))
     x = F.layer_norm(x, (dim,), state[f"{p}norm.weight"], state[f"{p}norm.bias"], eps=1e-5)
     pooled = torch.cat([x[0], x[1:].max(dim=0).values]) @ state["point_trunk.pc_projection"]
-    h = F.layer_norm(pooled, (cfg.point_proj_dim,), state["modality_heads.point.0.weight"],
-                     state["modality_heads.point.0.bias"], eps=1e-6)  # fmt: skip
+    h = F.layer_norm(
+        pooled,
+        (cfg.point_proj_dim,),
+        state["modality_heads.point.0.weight"],
+        state["modality_heads.point.0.bias"],
+        eps=1e-6,
+    )
     return F.normalize(h @ state["modality_heads.point.2.weight"].T, dim=-1)
 
 
@@ -209,8 +214,11 @@ def test_encoder_loads_point_weights_from_the_w3d_file_or_beside_another(tmp_pat
     expected = seeded.embed_points(paths, seed=5)
     assert expected.shape == (3, 1024)
     torch.testing.assert_close(seeded.embed_points([torch.from_numpy(c) for c in clouds], seed=5), expected)
-    for kwargs in ({"checkpoint": str(w3d)}, {"checkpoint": str(huge), "point_checkpoint": str(w3d)},
-                   {"seed": 9, "point_checkpoint": str(w3d)}):  # fmt: skip
+    for kwargs in (
+        {"checkpoint": str(w3d)},
+        {"checkpoint": str(huge), "point_checkpoint": str(w3d)},
+        {"seed": 9, "point_checkpoint": str(w3d)},
+    ):
         loaded = ImageBind.load("tiny", device="cpu", dtype="float32", **kwargs)
         torch.testing.assert_close(loaded.embed_points(paths, seed=5), expected)
     no_point = ImageBind.load("tiny", checkpoint=str(huge), device="cpu", dtype="float32")

@@ -84,8 +84,10 @@ def test_the_image_encoder_is_never_loaded(unclip_folder: Path, tmp_path: Path) 
     folder = tmp_path / "released-like"
     shutil.copytree(unclip_folder, folder)
     index = json.loads((folder / "model_index.json").read_text())
-    index |= {"image_encoder": ["transformers", "CLIPVisionModelWithProjection"],
-              "feature_extractor": ["transformers", "CLIPImageProcessor"]}  # fmt: skip
+    index |= {
+        "image_encoder": ["transformers", "CLIPVisionModelWithProjection"],
+        "feature_extractor": ["transformers", "CLIPImageProcessor"],
+    }
     (folder / "model_index.json").write_text(json.dumps(index))
     loaded = UnCLIP.load(str(folder), DIM, CPU, torch.float32)
     assert loaded.pipe.image_encoder is None and loaded.dim == DIM
@@ -101,8 +103,10 @@ def test_bad_folders_are_named(unclip_folder: Path, tmp_path: Path) -> None:  # 
     (other / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     with pytest.raises(ModelInputError, match="holds a StableDiffusionPipeline pipeline, not a Stable unCLIP"):
         check_folder(str(other))
-    with pytest.raises(ModelInputError, match=re.escape(f"generator {unclip_folder} takes 1024-d image embeddings, "
-                                                        "ImageBind gives 768-d")):  # fmt: skip
+    with pytest.raises(
+        ModelInputError,
+        match=re.escape(f"generator {unclip_folder} takes 1024-d image embeddings, ImageBind gives 768-d"),
+    ):
         UnCLIP.load(str(unclip_folder), 768, CPU, torch.float32)
     pickled = tmp_path / "pickled"
     shutil.copytree(unclip_folder, pickled)

@@ -48,11 +48,17 @@ def owlv2_folder(path: Path, seed: int = 0) -> Path:
     tokenizer = clip_tokenizer()
     small = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}
     config = Owlv2Config(
-        text_config={**small, "vocab_size": len(tokenizer), "max_position_embeddings": 16,
-                     "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-                     "pad_token_id": tokenizer.pad_token_id},
-        vision_config={**small, "image_size": OWL_SIDE, "patch_size": OWL_PATCH}, projection_dim=16,
-    )  # fmt: skip
+        text_config={
+            **small,
+            "vocab_size": len(tokenizer),
+            "max_position_embeddings": 16,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+        },
+        vision_config={**small, "image_size": OWL_SIDE, "patch_size": OWL_PATCH},
+        projection_dim=16,
+    )
     torch.manual_seed(seed)
     model = Owlv2ForObjectDetection(config)
     with torch.no_grad():  # boxes = the patch grid (the box bias alone); scores = sigmoid of cosines, in [0.27, 0.73]
@@ -70,14 +76,30 @@ def grounding_dino_folder(path: Path, seed: int = 0) -> Path:
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", *WORDS]
     tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(words)})
     config = GroundingDinoConfig(
-        backbone_config=SwinConfig(image_size=64, patch_size=4, embed_dim=8, depths=[1, 1, 1, 1],
-                                   num_heads=[1, 1, 1, 1], window_size=2, out_indices=[2, 3, 4]),
-        text_config=BertConfig(vocab_size=len(words), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                               intermediate_size=32),
-        d_model=32, encoder_layers=1, decoder_layers=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
-        encoder_attention_heads=2, decoder_attention_heads=2, num_queries=12, max_text_len=32, encoder_n_points=2,
+        backbone_config=SwinConfig(
+            image_size=64,
+            patch_size=4,
+            embed_dim=8,
+            depths=[1, 1, 1, 1],
+            num_heads=[1, 1, 1, 1],
+            window_size=2,
+            out_indices=[2, 3, 4],
+        ),
+        text_config=BertConfig(
+            vocab_size=len(words), hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+        ),
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=2,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        num_queries=12,
+        max_text_len=32,
+        encoder_n_points=2,
         decoder_n_points=2,
-    )  # fmt: skip
+    )
     torch.manual_seed(seed)
     GroundingDinoForObjectDetection(config).save_pretrained(path)
     image_processor = GroundingDinoImageProcessorPil(size={"shortest_edge": 128, "longest_edge": 256})

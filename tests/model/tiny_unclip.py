@@ -34,29 +34,60 @@ def build_tiny_unclip(folder: Path, embedding_dim: int = 1024, seed: int = 0) ->
     torch.manual_seed(seed)
     write_clip_tokenizer(folder / "tokenizer")
     tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
-    text = CLIPTextModel(CLIPTextConfig(hidden_size=16, intermediate_size=32, num_attention_heads=2,
-                                        num_hidden_layers=1, vocab_size=len(tokenizer), max_position_embeddings=16,
-                                        bos_token_id=0, eos_token_id=1, pad_token_id=1))  # fmt: skip
+    text = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=16,
+            intermediate_size=32,
+            num_attention_heads=2,
+            num_hidden_layers=1,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=16,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+    )
     unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16, attention_head_dim=2, norm_num_groups=4, class_embed_type="projection",
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16,
+        attention_head_dim=2,
+        norm_num_groups=4,
+        class_embed_type="projection",
         projection_class_embeddings_input_dim=2 * embedding_dim,
-    )  # fmt: skip
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        norm_num_groups=4, sample_size=16)  # fmt: skip
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 8),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=4,
+        sample_size=16,
+    )
     normalizer = StableUnCLIPImageNormalizer(embedding_dim=embedding_dim)
     with torch.no_grad():
         normalizer.mean.normal_(0.0, 0.2)
         normalizer.std.uniform_(0.5, 1.5)
     pipe = StableUnCLIPImg2ImgPipeline(
-        feature_extractor=None, image_encoder=None, image_normalizer=normalizer,
-        image_noising_scheduler=DDPMScheduler(beta_schedule="squaredcos_cap_v2"), tokenizer=tokenizer,
-        text_encoder=text, unet=unet, scheduler=DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
-                                                              beta_end=0.012, prediction_type="v_prediction"),
+        feature_extractor=None,
+        image_encoder=None,
+        image_normalizer=normalizer,
+        image_noising_scheduler=DDPMScheduler(beta_schedule="squaredcos_cap_v2"),
+        tokenizer=tokenizer,
+        text_encoder=text,
+        unet=unet,
+        scheduler=DDIMScheduler(
+            beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type="v_prediction"
+        ),
         vae=vae,
-    )  # fmt: skip
+    )
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
 

@@ -34,8 +34,10 @@ def mme_folder(root: Path) -> Path:
         img = media.draw_shape((96, 80), shape, colour, "grey", 0.6, i)
         img.save(color / f"{i:03d}.jpg")
         other = SCENES[(i + 1) % len(SCENES)][1]
-        (color / f"{i:03d}.txt").write_text(f"Is the shape {colour}? Please answer yes or no.\tYes\n"
-                                            f"Is the shape {other}? Please answer yes or no.\tNo\n")  # fmt: skip
+        (color / f"{i:03d}.txt").write_text(
+            f"Is the shape {colour}? Please answer yes or no.\tYes\n"
+            f"Is the shape {other}? Please answer yes or no.\tNo\n"
+        )
         img.save(existence / "images" / f"{i:03d}.png")
         other_shape = SCENES[(i + 1) % len(SCENES)][0]
         (existence / "questions_answers_YN" / f"{i:03d}.txt").write_text(
@@ -80,8 +82,13 @@ def test_mme_answers_as_generate_resumes_after_an_interruption_and_is_recorded(
     # every answer is the one `ibllm generate` gives the same request, one at a time
     doc = json.loads(Path(result.results).read_text())
     first = doc["answers"][0]
-    single = Request(image=[str(data / "existence" / "images" / "000.png")], prompt=first["prompt"],
-                     temperature=0.0, max_new_tokens=30, seed=0)  # fmt: skip
+    single = Request(
+        image=[str(data / "existence" / "images" / "000.png")],
+        prompt=first["prompt"],
+        temperature=0.0,
+        max_new_tokens=30,
+        seed=0,
+    )
     assert infer.run(with_settings(cfg, {"infer.checkpoint": checkpoint}), single).answers[0].answer == first["answer"]
     page = Path(result.report).read_text()
     assert "<svg" in page and "existence" in page and "perception" in page
@@ -99,16 +106,20 @@ def test_vqa_and_captions_run_and_bad_layouts_name_the_path(trained, tmp_path: P
     for i, (shape, colour) in enumerate(SCENES):
         media.draw_shape((96, 80), shape, colour, "grey", 0.6, i).save(tmp_path / f"{i}.jpg")
     np.save(tmp_path / "cloud.npy", np.random.default_rng(0).normal(size=(64, 3)).astype(np.float32))
-    lines = [{"image": "0.jpg", "question": "What colour is the shape?", "answer": "red",
-              "choices": ["red", "blue"]},
-             {"image": "1.jpg", "question": "Is the shape blue?", "answer": "yes"},
-             {"point": "cloud.npy", "question": "What is it?", "answer": "a cloud"}]  # fmt: skip
+    lines = [
+        {"image": "0.jpg", "question": "What colour is the shape?", "answer": "red", "choices": ["red", "blue"]},
+        {"image": "1.jpg", "question": "Is the shape blue?", "answer": "yes"},
+        {"point": "cloud.npy", "question": "What is it?", "answer": "a cloud"},
+    ]
     (tmp_path / "set.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
     vqa = benchmark.run(on, "vqa", str(tmp_path / "set.jsonl"))
     assert {r.subtask for r in vqa.rows} == {"choice", "yes/no", "open", "all"} and vqa.questions == 3
-    coco = {"images": [{"id": i, "file_name": f"{i}.jpg"} for i in range(4)],
-            "annotations": [{"image_id": i, "caption": f"a {c} {s} on a grey background"}
-                            for i, (s, c) in enumerate(SCENES)]}  # fmt: skip
+    coco = {
+        "images": [{"id": i, "file_name": f"{i}.jpg"} for i in range(4)],
+        "annotations": [
+            {"image_id": i, "caption": f"a {c} {s} on a grey background"} for i, (s, c) in enumerate(SCENES)
+        ],
+    }
     (tmp_path / "captions.json").write_text(json.dumps(coco))
     caps = benchmark.run(on, "captions", str(tmp_path / "captions.json"))
     assert caps.rows[0].subtask == "all" and caps.rows[0].bleu4 is not None and caps.questions == 4
@@ -152,8 +163,9 @@ def test_the_benchmark_flow_reports_as_an_artifact(trained, tmp_path: Path, pref
     cfg = cfg.model_copy(deep=True)
     cfg.workspace = str(tmp_path / "ws")
     data = mme_folder(tmp_path / "MME")
-    state = benchmark_flow(cfg, benchmark="mme", data=str(data), checkpoint=checkpoint, limit=4, batch=2,
-                           return_state=True)  # fmt: skip
+    state = benchmark_flow(
+        cfg, benchmark="mme", data=str(data), checkpoint=checkpoint, limit=4, batch=2, return_state=True
+    )
     result = state.result()
     assert [r.subtask for r in result.rows] == ["existence", "perception"] and result.questions == 4
 

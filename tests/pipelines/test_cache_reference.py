@@ -15,8 +15,14 @@ from tests.stores.test_index import DIM, ENC, write_parts
 WEIGHTS = {"vision": 1.0, "audio": 3.0}
 
 
-def reference(embeddings: dict[str, np.ndarray], weights: dict[str, float], stored: np.ndarray, k: int = 10,
-              t: float = 20.0, w: float = 0.5) -> np.ndarray:  # fmt: skip
+def reference(
+    embeddings: dict[str, np.ndarray],
+    weights: dict[str, float],
+    stored: np.ndarray,
+    k: int = 10,
+    t: float = 20.0,
+    w: float = 0.5,
+) -> np.ndarray:
     """forward_visual of the official code in float64: an exact inner-product search with the unnormalised mix."""
     total = sum(weights[m] for m in embeddings) + 1e-6
     v = sum(weights[m] / total * x / np.linalg.norm(x, axis=1, keepdims=True) for m, x in embeddings.items())
@@ -60,8 +66,9 @@ def test_image_and_audio_with_the_cache_equal_the_reference(
     mixed = mix_modalities({m: torch.from_numpy(x).float() for m, x in embeddings.items()}, WEIGHTS)
     assert 0.3 < float(mixed.norm(dim=-1).max()) < 0.95  # two modalities that disagree: the mix is not a unit vector
     sims, neighbours = cache_lookup(index, 10)(mixed)
-    np.testing.assert_allclose(sims.numpy(), np.sort(stored @ mixed.double().numpy().T, axis=0)[::-1][:10].T,
-                               atol=tol)  # the reference's inner products, not cosines  # fmt: skip
+    np.testing.assert_allclose(
+        sims.numpy(), np.sort(stored @ mixed.double().numpy().T, axis=0)[::-1][:10].T, atol=tol
+    )  # the reference's inner products, not cosines
     got = cache_mix(mixed, sims, neighbours).numpy()
     want = reference(embeddings, WEIGHTS, stored)
     assert np.abs(got - want).max() < tol
@@ -73,8 +80,10 @@ def test_image_and_audio_with_the_cache_equal_the_reference(
 
 def test_the_float32_store_is_exact_and_twice_the_size(features: tuple[Workspace, list[str], np.ndarray]) -> None:
     ws, parts, stored = features
-    metas = {v: build(ws, f"s-{v}", parts, ENC, DIM, "fp", BuildSettings(index_key="Flat", values=v, holdout=50))
-             for v in ("float16", "float32")}  # fmt: skip
+    metas = {
+        v: build(ws, f"s-{v}", parts, ENC, DIM, "fp", BuildSettings(index_key="Flat", values=v, holdout=50))
+        for v in ("float16", "float32")
+    }
     assert metas["float32"]["values_bytes"] == 2 * metas["float16"]["values_bytes"] == 600 * DIM * 4
     exact = CacheIndex.open(ws, "s-float32").gather(np.arange(600))
     assert np.array_equal(exact, stored.astype(np.float32))

@@ -57,9 +57,14 @@ def test_an_answer_with_history_is_generate_ids_on_the_chat_prompt(trained) -> N
 
 def test_a_batch_answers_as_one_by_one(trained, tmp_path: Path) -> None:  # noqa: F811
     cfg, f, _ = trained
-    lines = [{"image": f["jpg"], "prompt": "Describe it."}, {"prompt": "Name a colour."},
-             {"audio": f["wav"], "max_new_tokens": 3}, {"image": f["png"], "history": [list(TURNS[0])]},
-             {"image": "gone.jpg"}, {"video": f["mp4"], "prompt": "What moves?"}]  # fmt: skip
+    lines = [
+        {"image": f["jpg"], "prompt": "Describe it."},
+        {"prompt": "Name a colour."},
+        {"audio": f["wav"], "max_new_tokens": 3},
+        {"image": f["png"], "history": [list(TURNS[0])]},
+        {"image": "gone.jpg"},
+        {"video": f["mp4"], "prompt": "What moves?"},
+    ]
     path = tmp_path / "mixed.jsonl"
     path.write_text("\n".join(json.dumps(line | GREEDY if "max_new_tokens" not in line else line) for line in lines))
     together = infer.run(with_settings(cfg, {"infer.batch": 16}), requests_file=str(path))
@@ -70,15 +75,38 @@ def test_a_batch_answers_as_one_by_one(trained, tmp_path: Path) -> None:  # noqa
 
 def test_the_cli_takes_a_history_file(trained, tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:  # noqa: F811
     cfg, f, _ = trained
-    base = ["generate", "--workspace", cfg.workspace, "--set", f"model.tokenizer_path={cfg.model.tokenizer_path}",
-            "--temperature", "0", "--max-new-tokens", "5"]  # fmt: skip
+    base = [
+        "generate",
+        "--workspace",
+        cfg.workspace,
+        "--set",
+        f"model.tokenizer_path={cfg.model.tokenizer_path}",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "5",
+    ]
     history = tmp_path / "so-far.json"
-    history.write_text(json.dumps([{"role": "user", "content": TURNS[0][0]},
-                                   {"role": "assistant", "content": TURNS[0][1]}]))  # fmt: skip
+    history.write_text(
+        json.dumps([{"role": "user", "content": TURNS[0][0]}, {"role": "assistant", "content": TURNS[0][1]}])
+    )
     assert main([*base, "--image", f["jpg"], "--prompt", TURNS[1][0], "--history", str(history)]) == 0
     said = capfd.readouterr().out.strip()
-    expected = infer.run(cfg, Request(image=[f["jpg"]], prompt=TURNS[1][0], history=TURNS[:1], temperature=0.0,
-                                      max_new_tokens=5, seed=cfg.seed)).answers[0].answer  # fmt: skip
+    expected = (
+        infer.run(
+            cfg,
+            Request(
+                image=[f["jpg"]],
+                prompt=TURNS[1][0],
+                history=TURNS[:1],
+                temperature=0.0,
+                max_new_tokens=5,
+                seed=cfg.seed,
+            ),
+        )
+        .answers[0]
+        .answer
+    )
     assert said == expected
     history.write_text(json.dumps([{"role": "assistant", "content": "hello"}]))
     assert main([*base, "--prompt", "hi", "--history", str(history)]) == 4
@@ -90,8 +118,18 @@ def test_a_scripted_chat(trained, tmp_path: Path, capfd: pytest.CaptureFixture[s
     settings = {"infer.checkpoint": checkpoint, "infer.device": "cpu", "infer.dtype": "float32"}
     answerer = loader.load(with_settings(cfg, settings), need_encoder=False, slots=1).answerer
     session = chat.Chat(answerer, Request(temperature=0.0, max_new_tokens=5))
-    script = ["/help", f"/image {f['jpg']}", TURNS[0][0], TURNS[1][0], "/smell x", f"/audio {tmp_path}/gone.wav",
-              "/reset", "Name a colour.", "/quit", "never read"]  # fmt: skip
+    script = [
+        "/help",
+        f"/image {f['jpg']}",
+        TURNS[0][0],
+        TURNS[1][0],
+        "/smell x",
+        f"/audio {tmp_path}/gone.wav",
+        "/reset",
+        "Name a colour.",
+        "/quit",
+        "never read",
+    ]
     out = io.StringIO()
     result = chat.run(session, script, out)
     text = out.getvalue()
@@ -99,12 +137,31 @@ def test_a_scripted_chat(trained, tmp_path: Path, capfd: pytest.CaptureFixture[s
     assert "audio file not found" in text and "forgotten" in text
     assert len(result.turns) == 1 and result.turns[0][0] == "Name a colour." and result.inputs == {}
     first = infer.run(cfg, Request(image=[f["jpg"]], prompt=TURNS[0][0], temperature=0.0, max_new_tokens=5))
-    second = infer.run(cfg, Request(image=[f["jpg"]], prompt=TURNS[1][0], temperature=0.0, max_new_tokens=5,
-                                    history=[(TURNS[0][0], first.answers[0].answer)]))  # fmt: skip
+    second = infer.run(
+        cfg,
+        Request(
+            image=[f["jpg"]],
+            prompt=TURNS[1][0],
+            temperature=0.0,
+            max_new_tokens=5,
+            history=[(TURNS[0][0], first.answers[0].answer)],
+        ),
+    )
     assert f"ibllm> {first.answers[0].answer}\n" in text and f"ibllm> {second.answers[0].answer}\n" in text
     # the command itself: questions on stdin, answers on stdout
     monkeypatch.setattr("sys.stdin", io.StringIO(f"{TURNS[0][0]}\n/quit\n"))
-    args = ["chat", "--workspace", cfg.workspace, "--set", f"model.tokenizer_path={cfg.model.tokenizer_path}",
-            "--image", f["jpg"], "--temperature", "0", "--max-new-tokens", "5"]  # fmt: skip
+    args = [
+        "chat",
+        "--workspace",
+        cfg.workspace,
+        "--set",
+        f"model.tokenizer_path={cfg.model.tokenizer_path}",
+        "--image",
+        f["jpg"],
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "5",
+    ]
     assert main(args) == 0
     assert f"ibllm> {first.answers[0].answer}\n" in capfd.readouterr().out

@@ -45,8 +45,10 @@ def test_chatter_filter_keeps_warnings_and_real_messages() -> None:
 
 
 def test_filtered_output_drops_chatter_of_child_processes(capfd: pytest.CaptureFixture[str]) -> None:
-    script = ("import sys; print('Sharding file number 1 of 1 called x'); print('a real problem', file=sys.stderr); "
-              "print('worker  - success: 0.9 - count: 64'); print('total   - success: 0.9 - count: 64')")  # fmt: skip
+    script = (
+        "import sys; print('Sharding file number 1 of 1 called x'); print('a real problem', file=sys.stderr); "
+        "print('worker  - success: 0.9 - count: 64'); print('total   - success: 0.9 - count: 64')"
+    )
     with filtered_output(IMG2DATASET_CHATTER):
         subprocess.run([sys.executable, "-c", script], check=True)
         print("ours", file=sys.stderr, flush=True)

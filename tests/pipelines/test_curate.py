@@ -14,8 +14,16 @@ from pipelines.curate import stage as curate
 from pipelines.ingest import stage as ingest
 from stores.ledger import LedgerConflict
 
-BASE = {"url": "http://h/{i}.jpg", "caption": "a red circle on blue", "similarity": 0.3, "width": 400, "height": 300,
-        "punsafe": 0.01, "pwatermark": 0.1, "language": "en"}  # fmt: skip
+BASE = {
+    "url": "http://h/{i}.jpg",
+    "caption": "a red circle on blue",
+    "similarity": 0.3,
+    "width": 400,
+    "height": 300,
+    "punsafe": 0.01,
+    "pwatermark": 0.1,
+    "language": "en",
+}
 
 
 def write_laion(path: Path, rows: list[dict]) -> None:

@@ -23,9 +23,15 @@ from stores.instructions import read_instructions
 from stores.workspace import Workspace
 from tests.pipelines.train_fixture import train_config
 
-TINY_STAGE0 = ["train.stage0.dim=32", "train.stage0.n_layers=2", "train.stage0.intermediate_size=64",
-               "train.stage0.steps=80", "train.stage0.texts=300", "train.stage0.batch_size=8",
-               "train.stage0.lr=0.01"]  # fmt: skip
+TINY_STAGE0 = [
+    "train.stage0.dim=32",
+    "train.stage0.n_layers=2",
+    "train.stage0.intermediate_size=64",
+    "train.stage0.steps=80",
+    "train.stage0.texts=300",
+    "train.stage0.batch_size=8",
+    "train.stage0.lr=0.01",
+]
 
 
 def test_every_synthetic_caption_parses_back_to_its_scene() -> None:

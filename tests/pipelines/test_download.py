@@ -26,20 +26,41 @@ from stores.workspace import Workspace
 
 # What each bad kind of the synthetic source must end as.
 EXPECTED_REASON = {
-    "good": "success", "duplicate": "success", "404": "http_404", "500": "http_500", "slow": "timeout",
-    "html": "decode", "huge": "too_large", "loop": "redirect_loop", "noai": "opt_out", "truncated": "decode",
-}  # fmt: skip
+    "good": "success",
+    "duplicate": "success",
+    "404": "http_404",
+    "500": "http_500",
+    "slow": "timeout",
+    "html": "decode",
+    "huge": "too_large",
+    "loop": "redirect_loop",
+    "noai": "opt_out",
+    "truncated": "decode",
+}
 
 
 def write_config(tmp_path: Path) -> Path:
     data = {
         "workspace": str(tmp_path / "ws"),
-        "synthetic": {"count": 48, "seed": 5, "bad_fraction": 0.25, "slow_seconds": 3.0, "audio_clips": 0,
-                      "video_seconds": 0.5},
+        "synthetic": {
+            "count": 48,
+            "seed": 5,
+            "bad_fraction": 0.25,
+            "slow_seconds": 3.0,
+            "audio_clips": 0,
+            "video_seconds": 0.5,
+        },
         "sources": [{"name": "synthetic", "format": "synthetic"}],
-        "download": {"image_size": 64, "processes": 1, "threads": 4, "timeout": 1.0, "retries": 0,
-                     "samples_per_shard": 6, "allow_private_addresses": True},
-    }  # fmt: skip
+        "download": {
+            "image_size": 64,
+            "processes": 1,
+            "threads": 4,
+            "timeout": 1.0,
+            "retries": 0,
+            "samples_per_shard": 6,
+            "allow_private_addresses": True,
+        },
+    }
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
@@ -67,8 +88,10 @@ def test_killed_download_resumes_and_every_outcome_has_its_reason(tmp_path: Path
     staging = tmp_path / "ws" / ".staging" / "download" / "synthetic"
     proc = subprocess.Popen(
         [sys.executable, "-m", "flows.cli", "download", "-c", str(path)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.time() + 120
     while time.time() < deadline and not list(staging.glob("*/*_stats.json")):
         time.sleep(0.05)
@@ -135,8 +158,11 @@ def test_ray_distributor_on_a_local_instance(tmp_path: Path) -> None:
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     proc = subprocess.run(
         [sys.executable, "-c", code, str(path), *overrides],
-        capture_output=True, text=True, env=env, timeout=300,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     succeeded, attempted = map(int, proc.stdout.split()[-2:])
     assert succeeded == attempted == 48

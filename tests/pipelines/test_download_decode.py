@@ -13,8 +13,12 @@ from tests.pipelines.hostile_server import cases, check_picture, png_header_only
 IMAGE_SIZE = 64
 DECODER = ImageDecoder(image_size=IMAGE_SIZE, min_image_size=24, min_width=40, max_aspect_ratio=3.0)
 # The decoder's messages -> the catalog's reasons (stores/catalog.py), for the cases the decoder sees.
-REASONS = {None: "success", "image too small": "too_small", "image area too large": "too_large",
-           "aspect ratio too large": "aspect_ratio"}  # fmt: skip
+REASONS = {
+    None: "success",
+    "image too small": "too_small",
+    "image area too large": "too_large",
+    "aspect ratio too large": "aspect_ratio",
+}
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -61,8 +65,10 @@ def test_refusals_are_read_from_the_header_before_any_pixel_is_decoded() -> None
     exif = Image.Exif()
     exif[0x0112] = 6
     upright = ImageDecoder(image_size=64, min_width=60)(io.BytesIO(_jpeg(turned, exif=exif.tobytes())))
-    assert upright[-1] == "image too small" and ImageDecoder(image_size=64, min_height=60)(io.BytesIO(
-        _jpeg(turned, exif=exif.tobytes())))[-1] is None  # fmt: skip
+    assert (
+        upright[-1] == "image too small"
+        and ImageDecoder(image_size=64, min_height=60)(io.BytesIO(_jpeg(turned, exif=exif.tobytes())))[-1] is None
+    )
 
 
 def _jpeg(img: Image.Image, **options: object) -> bytes:

@@ -17,10 +17,29 @@ from stores.catalog import REASON_SQL, RETRYABLE_SQL
 from tests.pipelines.hostile_server import HostileServer
 
 BLOCKED_IPS = [
-    "127.0.0.1", "127.0.0.2", "0.0.0.0", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "100.64.0.1",
-    "224.0.0.1", "240.0.0.1", "255.255.255.255", "::1", "::", "fe80::1", "fc00::1", "fd12:3456::1", "ff02::1",
-    "::ffff:127.0.0.1", "::ffff:10.0.0.1", "::ffff:169.254.169.254", "::127.0.0.1", "2001:db8::1",
-]  # fmt: skip
+    "127.0.0.1",
+    "127.0.0.2",
+    "0.0.0.0",
+    "10.1.2.3",
+    "172.16.0.1",
+    "192.168.1.1",
+    "169.254.169.254",
+    "100.64.0.1",
+    "224.0.0.1",
+    "240.0.0.1",
+    "255.255.255.255",
+    "::1",
+    "::",
+    "fe80::1",
+    "fc00::1",
+    "fd12:3456::1",
+    "ff02::1",
+    "::ffff:127.0.0.1",
+    "::ffff:10.0.0.1",
+    "::ffff:169.254.169.254",
+    "::127.0.0.1",
+    "2001:db8::1",
+]
 PUBLIC_IPS = ["8.8.8.8", "93.184.216.34", "2606:4700:4700::1111", "::ffff:8.8.8.8"]
 
 
@@ -94,8 +113,14 @@ def test_schemes_are_case_insensitive_and_only_http_is_fetched(servers: tuple) -
     body = next(c.body for c in server.cases if c.name == "jpeg")
     for scheme in ("HTTP", "Http"):
         assert get(server.url("jpeg").replace("http:", f"{scheme}:"), allow=True) == (body, None)
-    refused = ["ftp://127.0.0.1/x.jpg", "FTP://example.com/x.jpg", "file:///etc/passwd", "data:image/png;base64,AA==",
-               "example.com/x.jpg", "javascript:alert(1)"]  # fmt: skip
+    refused = [
+        "ftp://127.0.0.1/x.jpg",
+        "FTP://example.com/x.jpg",
+        "file:///etc/passwd",
+        "data:image/png;base64,AA==",
+        "example.com/x.jpg",
+        "javascript:alert(1)",
+    ]
     refused += [server.redirect(u) for u in ("ftp://127.0.0.1/x.jpg", "file:///etc/passwd", "data:,x")]
     for url in refused:
         data, error = get(url, allow=True)
@@ -111,13 +136,17 @@ def test_https_keeps_the_host_name_for_sni_and_the_certificate(tmp_path: Path, m
     name = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "localhost")])
     now = datetime.datetime.now(datetime.UTC)
     cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
         .not_valid_after(now + datetime.timedelta(days=1))
         .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
-    )  # fmt: skip
+    )
     (tmp_path / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     (tmp_path / "key.pem").write_bytes(
         key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())

@@ -55,15 +55,26 @@ def test_every_hostile_url_ends_with_its_reason_and_every_picture_is_stored_righ
         (tmp_path / "meta").mkdir()
         write_metadata(tmp_path / "meta" / "part-0.parquet", server)
         source = SourceConfig(
-            name="hostile", format="laion", paths=[str(tmp_path / "meta" / "*.parquet")],
+            name="hostile",
+            format="laion",
+            paths=[str(tmp_path / "meta" / "*.parquet")],
             filters={"max_aspect_ratio": 3.0, "min_width": 40},
-        )  # fmt: skip
+        )
         cfg = Config(
-            workspace=str(tmp_path / "ws"), sources=[source],
-            download=DownloadConfig(image_size=IMAGE_SIZE, processes=1, threads=6, timeout=1.0, deadline=DEADLINE,
-                                    retries=0, samples_per_shard=8, min_image_size=24,
-                                    allow_private_addresses=["127.0.0.1/32"]),  # the server; 127.0.0.2 stays blocked
-        )  # fmt: skip
+            workspace=str(tmp_path / "ws"),
+            sources=[source],
+            download=DownloadConfig(
+                image_size=IMAGE_SIZE,
+                processes=1,
+                threads=6,
+                timeout=1.0,
+                deadline=DEADLINE,
+                retries=0,
+                samples_per_shard=8,
+                min_image_size=24,
+                allow_private_addresses=["127.0.0.1/32"],
+            ),  # the server; 127.0.0.2 stays blocked
+        )
         ingest.run(cfg)
         curate.run(cfg)
         first = download.run(cfg).sources[0]
@@ -110,7 +121,11 @@ def test_every_hostile_url_ends_with_its_reason_and_every_picture_is_stored_righ
     assert rounds == [(0, len(by_url), first.succeeded), (1, 3, 1)]
     retries = {r["first_reason"]: r for r in summary["retries_by_reason"]}
     assert {k: retries["http_503"][k] for k in ("failed", "retried", "rescued", "still_failing")} == {
-        "failed": 1, "retried": 1, "rescued": 1, "still_failing": 0}  # fmt: skip
+        "failed": 1,
+        "retried": 1,
+        "rescued": 1,
+        "still_failing": 0,
+    }
     assert (retries["timeout"]["still_failing"], retries["timeout"]["failing_now_as"]) == (2, "timeout")
     assert retries["http_404"]["retried"] == 0
     final_rows = {r["reason"]: r for r in summary["download_reasons"]}

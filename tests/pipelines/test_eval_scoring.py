@@ -66,9 +66,17 @@ def mme(tmp_path: Path) -> Path:
 def test_read_both_layouts_in_order(mme: Path) -> None:
     questions = read_mme(str(mme))
     assert [q.qid for q in questions] == [
-        "existence/x.jpg/0", "existence/x.jpg/1", "artwork/10.jpg/0", "artwork/10.jpg/1",
-        "OCR/a.jpg/0", "OCR/a.jpg/1", "OCR/b.jpg/0", "OCR/b.jpg/1", "code_reasoning/c.png/0", "code_reasoning/c.png/1",
-    ]  # fmt: skip
+        "existence/x.jpg/0",
+        "existence/x.jpg/1",
+        "artwork/10.jpg/0",
+        "artwork/10.jpg/1",
+        "OCR/a.jpg/0",
+        "OCR/a.jpg/1",
+        "OCR/b.jpg/0",
+        "OCR/b.jpg/1",
+        "code_reasoning/c.png/0",
+        "code_reasoning/c.png/1",
+    ]
     first = questions[0]
     assert first == Question("existence", str(mme / "existence" / "x.jpg"), Q, "yes", "existence/x.jpg/0")
     assert questions[2].image == str(mme / "artwork" / "images" / "10.jpg")
@@ -135,12 +143,26 @@ def test_an_image_and_its_answers_come_together(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("answer", "parsed"),
     [
-        ("Yes", "yes"), ("Yes.", "yes"), ("yes, it is", "yes"), ("**No**", "no"), ("No, there is not", "no"),
-        ("The answer is yes.", "yes"), ("  `NO`  ", "no"), ("Yes, there is no dog.", "yes"), ("Answer: No", "no"),
-        ("There is no dog.", "no"), ("yes or no", None), ("No or yes?", None), ("I don't know", None),
-        ("not sure", None), ("Nope", None), ("yesterday", None), ("", None), ("It could be yes, it could be no", None),
+        ("Yes", "yes"),
+        ("Yes.", "yes"),
+        ("yes, it is", "yes"),
+        ("**No**", "no"),
+        ("No, there is not", "no"),
+        ("The answer is yes.", "yes"),
+        ("  `NO`  ", "no"),
+        ("Yes, there is no dog.", "yes"),
+        ("Answer: No", "no"),
+        ("There is no dog.", "no"),
+        ("yes or no", None),
+        ("No or yes?", None),
+        ("I don't know", None),
+        ("not sure", None),
+        ("Nope", None),
+        ("yesterday", None),
+        ("", None),
+        ("It could be yes, it could be no", None),
     ],
-)  # fmt: skip
+)
 def test_parse_yes_no(answer: str, parsed: str | None) -> None:
     assert parse_yes_no(answer) == parsed
 
@@ -158,13 +180,17 @@ def q(subtask: str, image: str, index: int, answer: str) -> Question:
 def test_score_by_hand() -> None:
     records = [
         # existence: image a one of two right, image b both: acc 3/4 = 75, acc+ 1/2 = 50, score 125
-        (q("existence", "a", 0, "yes"), "yes"), (q("existence", "a", 1, "no"), "yes"),
-        (q("existence", "b", 0, "yes"), "yes"), (q("existence", "b", 1, "no"), "no"),
+        (q("existence", "a", 0, "yes"), "yes"),
+        (q("existence", "a", 1, "no"), "yes"),
+        (q("existence", "b", 0, "yes"), "yes"),
+        (q("existence", "b", 1, "no"), "no"),
         # OCR: one unparseable (wrong), one right: acc 50, acc+ 0, score 50
-        (q("OCR", "c", 0, "yes"), None), (q("OCR", "c", 1, "no"), "no"),
+        (q("OCR", "c", 0, "yes"), None),
+        (q("OCR", "c", 1, "no"), "no"),
         # code_reasoning: both right: 100 + 100
-        (q("code_reasoning", "d", 0, "no"), "no"), (q("code_reasoning", "d", 1, "yes"), "yes"),
-    ]  # fmt: skip
+        (q("code_reasoning", "d", 0, "no"), "no"),
+        (q("code_reasoning", "d", 1, "yes"), "yes"),
+    ]
     score = score_mme(records[4:] + records[:4])  # any order
     assert list(score.subtasks) == ["existence", "OCR", "code_reasoning"]
     existence, ocr = score.subtasks["existence"], score.subtasks["OCR"]
@@ -259,13 +285,30 @@ CHOICES = ("red", "dark red", "blue", "green")
 @pytest.mark.parametrize(
     ("answer", "index"),
     [
-        ("B", 1), ("(B)", 1), ("B.", 1), ("b", 1), ("**C**", 2), ("The answer is B", 1), ("the answer is c.", 2),
-        ("Answer: (D)", 3), ("Option (C) is right", 2), ("C. blue", 2), ("Blue", 2), ("blue.", 2),
-        ("It is dark red.", 1), ("I think green", 3),
-        ("E", None), ("The answer is E", None), ("The answer is a cat", None), ("A or B", None),
-        ("The answer is A or B", None), ("red or blue", None), ("purple", None), ("", None),
+        ("B", 1),
+        ("(B)", 1),
+        ("B.", 1),
+        ("b", 1),
+        ("**C**", 2),
+        ("The answer is B", 1),
+        ("the answer is c.", 2),
+        ("Answer: (D)", 3),
+        ("Option (C) is right", 2),
+        ("C. blue", 2),
+        ("Blue", 2),
+        ("blue.", 2),
+        ("It is dark red.", 1),
+        ("I think green", 3),
+        ("E", None),
+        ("The answer is E", None),
+        ("The answer is a cat", None),
+        ("A or B", None),
+        ("The answer is A or B", None),
+        ("red or blue", None),
+        ("purple", None),
+        ("", None),
     ],
-)  # fmt: skip
+)
 def test_parse_choice(answer: str, index: int | None) -> None:
     assert parse_choice(answer, CHOICES) == index
 

@@ -70,10 +70,12 @@ def make_workspace(tmp_path: Path, shards: int = 4, per_shard: int = 8, broken: 
     vocab = tmp_path / "vocab.txt.gz"
     write_vocab(vocab, learn_merges(CAPTIONS * 4, 80))
     cfg = Config(
-        workspace=str(ws_root), sources=[{"name": "s", "format": "synthetic"}],
+        workspace=str(ws_root),
+        sources=[{"name": "s", "format": "synthetic"}],
         model={"imagebind": "tiny", "imagebind_vocab": str(vocab)},
-        extract={"batch_size": 8, "actors": 1, "dtype": "float32", "device": "cpu"}, ray={"num_cpus": 2},
-    )  # fmt: skip
+        extract={"batch_size": 8, "actors": 1, "dtype": "float32", "device": "cpu"},
+        ray={"num_cpus": 2},
+    )
     ws = Workspace(cfg.workspace)
     ledger = Ledger(ws, "download", "s", {"test": 1})
     for shard in range(shards):
@@ -212,8 +214,14 @@ def write_hostile_tar(path: Path) -> dict[str, bytes]:
 
 def test_hostile_tar_members_fail_their_own_sample(tmp_path: Path) -> None:
     real = write_hostile_tar(tmp_path / "00000.tar")
-    item = {"kind": "shard", "source": "s", "shard": "00000", "tar": str(tmp_path / "00000.tar"), "input": "x",
-            "sha256": hashlib.sha256((tmp_path / "00000.tar").read_bytes()).hexdigest()}  # fmt: skip
+    item = {
+        "kind": "shard",
+        "source": "s",
+        "shard": "00000",
+        "tar": str(tmp_path / "00000.tar"),
+        "input": "x",
+        "sha256": hashlib.sha256((tmp_path / "00000.tar").read_bytes()).hexdigest(),
+    }
     rows = extract_read.shard_rows(item, str(tmp_path), {}, caption_max_chars=40)
     vocab = tmp_path / "vocab.txt.gz"
     write_vocab(vocab, learn_merges(CAPTIONS * 4, 40))
@@ -269,8 +277,12 @@ def test_a_tar_changed_after_its_download_commit_is_not_read(tmp_path: Path) -> 
     assert set(ledger.failures()) == {"00000"} and set(ledger.committed()) == {"00001"}
     fails = ledger.files(".parquet")
     reasons = duckdb.sql(f"SELECT reason FROM read_parquet({[f for f in fails if 'failures-' in f]!r})").fetchall()
-    assert src.rows == 0 and sorted(r[0].split(":")[0] for r in reasons) == ["decode", "too_large", "too_large",
-                                                                            "too_large"]  # fmt: skip
+    assert src.rows == 0 and sorted(r[0].split(":")[0] for r in reasons) == [
+        "decode",
+        "too_large",
+        "too_large",
+        "too_large",
+    ]
 
     write_hostile_tar(folder / "00001.tar")  # a shard already extracted: current by its download record, never reread
     again = extract.run(cfg).sources[0]
@@ -287,8 +299,9 @@ def test_killed_at_random_moments_ends_exactly_once(tmp_path: Path) -> None:
     leases = Path(cfg.workspace) / "leases" / "extract"
     for attempt in range(3):
         command = [sys.executable, "-m", "flows.cli", "extract", "-c", str(path)]
-        proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
         started = time.time()
         if attempt == 0:  # a second extraction while the first runs is refused (the second and third attempts
             while not list(leases.glob("*.json")) and time.time() - started < 60:  # take over a killed run's lease)

@@ -25,9 +25,14 @@ def batch(n: int, failed: tuple[int, ...] = ()) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(n)
     kind = np.array(["sample"] * n, dtype=object)
     reason = np.array(["decode: x" if i in failed else "" for i in range(n)], dtype=object)
-    return {"kind": kind, "reason": reason, "uid": np.array([f"u{i}" for i in range(n)], dtype=object),
-            "shard_rows": np.full(n, n, np.int64), "pixels": rng.integers(0, 256, (n, 224, 224, 3), dtype=np.uint8),
-            "tokens": rng.integers(1, 500, (n, 77)).astype(np.int64)}  # fmt: skip
+    return {
+        "kind": kind,
+        "reason": reason,
+        "uid": np.array([f"u{i}" for i in range(n)], dtype=object),
+        "shard_rows": np.full(n, n, np.int64),
+        "pixels": rng.integers(0, 256, (n, 224, 224, 3), dtype=np.uint8),
+        "tokens": rng.integers(1, 500, (n, 77)).astype(np.int64),
+    }
 
 
 def test_actor_equals_the_encoder_called_directly(actor: extract_encode.Encoder) -> None:
@@ -139,8 +144,14 @@ def test_gpu_path_data_flow_on_fake_streams(actor: extract_encode.Encoder, monke
     monkeypatch.setattr(actor, "gpu", True)
     monkeypatch.setattr(actor, "copy_stream", fake.copy)
     pending = actor._submit(b)
-    assert fake.log == ["enter copy", "leave copy", "compute waits for copy", "torch.uint8 kept for compute",
-                        "torch.int64 kept for compute", "done recorded on compute"]  # fmt: skip
+    assert fake.log == [
+        "enter copy",
+        "leave copy",
+        "compute waits for copy",
+        "torch.uint8 kept for compute",
+        "torch.int64 kept for compute",
+        "done recorded on compute",
+    ]
     out = actor._finish(pending)
     assert fake.log[-1] == "done waited for"
     for k in ("image_emb", "text_emb", "clip_score"):

@@ -57,12 +57,24 @@ def test_grounding_needs_a_detector(tmp_path: Path) -> None:
         Grounder(cfg, GroundOptions(threshold=1.5))
 
 
-def test_cli_generate_ground(trained: tuple[Config, dict[str, str], str], detector: str,  # noqa: F811
-                             capfd: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_cli_generate_ground(
+    trained: tuple[Config, dict[str, str], str],  # noqa: F811
+    detector: str,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
     cfg, f, _ = trained
     out = Path(f["vocab"]).parent / "grounded.png"
-    base = ["generate", "--workspace", cfg.workspace, "--set", f"model.tokenizer_path={cfg.model.tokenizer_path}",
-            "--temperature", "0", "--max-new-tokens", "5"]  # fmt: skip
+    base = [
+        "generate",
+        "--workspace",
+        cfg.workspace,
+        "--set",
+        f"model.tokenizer_path={cfg.model.tokenizer_path}",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "5",
+    ]
     grounded = [*base, "--set", f"model.detector={detector}", "--ground", "--ground-threshold", "0"]
     assert main([*grounded, "--image", f["jpg"], "--ground-out", str(out), "--json"]) == 0
     answer = json.loads(capfd.readouterr().out)["answers"][0]
@@ -79,8 +91,13 @@ def test_cli_generate_ground(trained: tuple[Config, dict[str, str], str], detect
     assert f"--ground-out {out} exists" in capfd.readouterr().err
     assert main([*grounded, "--prompt", "Say hello.", "--json"]) == 0
     text_only = json.loads(capfd.readouterr().out)["answers"][0]["grounding"]
-    assert text_only == {"image": None, "phrases": [], "boxes": [], "annotated": None,
-                         "skipped": "the request has no image to ground the answer in"}  # fmt: skip
+    assert text_only == {
+        "image": None,
+        "phrases": [],
+        "boxes": [],
+        "annotated": None,
+        "skipped": "the request has no image to ground the answer in",
+    }
     assert main([*base, "--image", f["jpg"], "--ground"]) == 4
     assert "--ground needs an open-vocabulary detector" in capfd.readouterr().err
     assert main([*base, "--image", f["jpg"], "--ground-out", str(out)]) == 4
@@ -91,9 +108,19 @@ def test_chat_completions_ground(trained: tuple[Config, dict[str, str], str], de
     cfg, f, _ = trained
     cfg = cfg.model_copy(deep=True)
     cfg.serve.media_root = str(Path(f["jpg"]).parent)
-    body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": f["jpg"]}},
-                                                      {"type": "text", "text": "Describe it."}]}],
-            "temperature": 0, "max_tokens": 5}  # fmt: skip
+    body = {
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": f["jpg"]}},
+                    {"type": "text", "text": "Describe it."},
+                ],
+            }
+        ],
+        "temperature": 0,
+        "max_tokens": 5,
+    }
     served = serve.build(with_settings(cfg, {"infer.device": "cpu", "infer.dtype": "float32"}))
     try:
         transport = httpx.ASGITransport(app=served.app)

@@ -30,19 +30,37 @@ DIM, ENCODER = 1024, "imagebind-tiny-init0"  # the demo config's tiny ImageBind 
 def setup(tmp_path_factory: pytest.TempPathFactory, unclip_folder: Path) -> tuple[Config, dict[str, str]]:  # noqa: F811
     """The demo config with the tiny generator, a small cache index of the tiny encoder's size, an image and a sound."""
     tmp = tmp_path_factory.mktemp("imagine")
-    cfg = Config.from_yaml(None, [f"workspace={tmp / 'ws'}", f"imagine.generator={unclip_folder}",
-                                  "imagine.steps=2", "index.values=float32"])  # fmt: skip
+    cfg = Config.from_yaml(
+        None,
+        [f"workspace={tmp / 'ws'}", f"imagine.generator={unclip_folder}", "imagine.steps=2", "index.values=float32"],
+    )
     rng = np.random.default_rng(0)
     cached = rng.normal(size=(64, DIM)).astype(np.float32)
     cached /= np.linalg.norm(cached, axis=1, keepdims=True)
     part = str(tmp / "part-00000.parquet")
-    features.write_features(part, {
-        "uid": [f"u{i}" for i in range(64)], "source": ["s"] * 64, "caption": [f"c{i}" for i in range(64)],
-        "url": [f"http://x/{i}" for i in range(64)], "image_emb": cached, "text_emb": cached,
-        "clip_score": np.zeros(64), "encoder_id": [ENCODER] * 64,
-    }, DIM)  # fmt: skip
-    build(Workspace(cfg.workspace), cfg.index.name, [part], ENCODER, DIM, "fp",
-          BuildSettings(index_key="Flat", holdout=8, values="float32"))  # fmt: skip
+    features.write_features(
+        part,
+        {
+            "uid": [f"u{i}" for i in range(64)],
+            "source": ["s"] * 64,
+            "caption": [f"c{i}" for i in range(64)],
+            "url": [f"http://x/{i}" for i in range(64)],
+            "image_emb": cached,
+            "text_emb": cached,
+            "clip_score": np.zeros(64),
+            "encoder_id": [ENCODER] * 64,
+        },
+        DIM,
+    )
+    build(
+        Workspace(cfg.workspace),
+        cfg.index.name,
+        [part],
+        ENCODER,
+        DIM,
+        "fp",
+        BuildSettings(index_key="Flat", holdout=8, values="float32"),
+    )
     files = {"jpg": tmp / "shape.jpg", "wav": tmp / "tone.wav"}
     media.draw_shape((96, 80), "circle", "red", "grey", 0.6, 0).save(files["jpg"])
     files["wav"].write_bytes(media.tone_wav(1.0, 16000, 1, 440.0))
@@ -89,15 +107,25 @@ def test_requests_and_several_images_are_numbered(setup: tuple[Config, dict[str,
     cfg, f = setup
     cfg = cfg.model_copy(deep=True)
     cfg.imagine.images, cfg.imagine.batch = 2, 2
-    lines = [{"image": f["jpg"]}, {"audio": f["wav"], "seed": 9, "prompt": "th"}, {"prompt": "no inputs"},
-             {"image": str(tmp_path / "nowhere.jpg")}, {"image": f["jpg"]}]  # fmt: skip
+    lines = [
+        {"image": f["jpg"]},
+        {"audio": f["wav"], "seed": 9, "prompt": "th"},
+        {"prompt": "no inputs"},
+        {"image": str(tmp_path / "nowhere.jpg")},
+        {"image": f["jpg"]},
+    ]
     (tmp_path / "requests.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     out = str(tmp_path / "out" / "pic.png")
     result = imagine.run(cfg, Request(seed=1), out=out, requests_file=str(tmp_path / "requests.jsonl"))
     paths = [p.paths for p in result.pictures]
     stem = str(tmp_path / "out" / "pic")
-    assert paths == [[f"{stem}-1-0.png", f"{stem}-1-1.png"], [f"{stem}-2-0.png", f"{stem}-2-1.png"], [], [],
-                     [f"{stem}-5-0.png", f"{stem}-5-1.png"]]  # fmt: skip
+    assert paths == [
+        [f"{stem}-1-0.png", f"{stem}-1-1.png"],
+        [f"{stem}-2-0.png", f"{stem}-2-1.png"],
+        [],
+        [],
+        [f"{stem}-5-0.png", f"{stem}-5-1.png"],
+    ]
     assert [p.seed for p in result.pictures][:2] == [1, 9] and result.errors == 2
     assert result.pictures[2].error == f"line 3: {imagine.NOTHING}"
     assert result.pictures[3].error == f"line 4: image file not found: {tmp_path / 'nowhere.jpg'}"

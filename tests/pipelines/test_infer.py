@@ -59,8 +59,15 @@ def test_each_modality_and_a_mix_answer_deterministically(trained: tuple[Config,
     cfg, f, _ = trained
     cfg = cfg.model_copy(deep=True)
     cfg.model.imagebind_vocab = f["vocab"]
-    mix = Request(image=[f["jpg"]], audio=[f["wav"]], video=[f["mp4"]], text=["a red circle"],
-                  weights={"audio": 0.5}, prompt="What is shown?", **GREEDY)  # fmt: skip
+    mix = Request(
+        image=[f["jpg"]],
+        audio=[f["wav"]],
+        video=[f["mp4"]],
+        text=["a red circle"],
+        weights={"audio": 0.5},
+        prompt="What is shown?",
+        **GREEDY,
+    )
     result = infer.run(cfg, mix)
     (answer,) = result.answers
     assert isinstance(answer.answer, str) and result.summary() == answer.answer
@@ -152,8 +159,10 @@ def test_bad_inputs_are_refused_with_clear_errors(trained: tuple[Config, dict[st
 
     config, tensors, _ = read_checkpoint(checkpoint)
     other = write_checkpoint(str(tmp_path / "other"), config, tensors, {"encoder_id": "imagebind-huge-0123456789ab"})
-    with pytest.raises(InputError, match="trained on encoder imagebind-huge-0123456789ab, but the configured "
-                                         "encoder is imagebind-tiny-init0"):  # fmt: skip
+    with pytest.raises(
+        InputError,
+        match="trained on encoder imagebind-huge-0123456789ab, but the configured encoder is imagebind-tiny-init0",
+    ):
         infer.run(with_settings(cfg, {"infer.checkpoint": other}), Request(image=[f["jpg"]]))
     reseeded = cfg.model_copy(deep=True)
     reseeded.seed = 1  # another random tiny encoder than the run recorded in its run.json
@@ -212,8 +221,18 @@ def test_infer_settings_are_the_defaults_of_generate(
 ) -> None:
     """`--set infer.temperature=...` and `infer.max_new_tokens` change what is generated; a request's own field wins."""
     cfg, f, _ = trained
-    base = ["generate", "--workspace", cfg.workspace, "--set", f"model.tokenizer_path={cfg.model.tokenizer_path}",
-            "--image", f["jpg"], "--seed", "3", "--json"]  # fmt: skip
+    base = [
+        "generate",
+        "--workspace",
+        cfg.workspace,
+        "--set",
+        f"model.tokenizer_path={cfg.model.tokenizer_path}",
+        "--image",
+        f["jpg"],
+        "--seed",
+        "3",
+        "--json",
+    ]
 
     def answer(*args: str) -> str:
         assert main([*base, *args]) == 0

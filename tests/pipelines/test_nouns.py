@@ -14,26 +14,38 @@ ANSWERS = [
     ("The image shows two cats sleeping on a sofa.", ["cats", "sofa"]),
     ("In this picture, a man in a blue shirt is holding an umbrella.", ["man", "blue shirt", "umbrella"]),
     ("It is a red circle on a grey background.", ["red circle"]),
-    ("There are three apples and a banana on the wooden table; the apples look fresh.",
-     ["apples", "banana", "wooden table"]),
-    ("A woman wearing sunglasses rides a bicycle past a tall building.",
-     ["woman", "sunglasses", "bicycle", "tall building"]),
+    (
+        "There are three apples and a banana on the wooden table; the apples look fresh.",
+        ["apples", "banana", "wooden table"],
+    ),
+    (
+        "A woman wearing sunglasses rides a bicycle past a tall building.",
+        ["woman", "sunglasses", "bicycle", "tall building"],
+    ),
     ("The picture depicts a cat and a dog. The dog is bigger than the cat.", ["cat", "dog"]),
-    ("The larger box is beside the smallest ball and the happier father.",
-     ["larger box", "smallest ball", "happier father"]),
-    ("Two children are playing football in the park with their father's dog.",
-     ["children", "football", "park", "father", "dog"]),
+    (
+        "The larger box is beside the smallest ball and the happier father.",
+        ["larger box", "smallest ball", "happier father"],
+    ),
+    (
+        "Two children are playing football in the park with their father's dog.",
+        ["children", "football", "park", "father", "dog"],
+    ),
     ("The sky is blue and the grass is green.", ["sky", "grass"]),
-    ("A plate of pasta with tomato sauce and fresh basil leaves.",
-     ["plate", "pasta", "tomato sauce", "fresh basil leaves"]),
-    ("It looks like a photo of a city street at night, with cars and traffic lights.",
-     ["city street", "cars", "traffic lights"]),
+    (
+        "A plate of pasta with tomato sauce and fresh basil leaves.",
+        ["plate", "pasta", "tomato sauce", "fresh basil leaves"],
+    ),
+    (
+        "It looks like a photo of a city street at night, with cars and traffic lights.",
+        ["city street", "cars", "traffic lights"],
+    ),
     ("Yes, there is a dog. The dogs are playing with a box and two boxes.", ["dog", "box"]),
     ("a red circle", ["red circle"]),
     ("No.", []),
     ("It is this one.", []),
     ("", []),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize(("answer", "phrases"), ANSWERS)

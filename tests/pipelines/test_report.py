@@ -80,8 +80,10 @@ def test_empty_sections_say_so_in_one_line_and_outliers_get_labelled_overflow_bi
     (tmp_path / "m").mkdir()
     urls = [f"http://h/{i}.jpg" for i in range(len(scores))]
     pq.write_table(pa.table({"URL": urls, "TEXT": words, "similarity": scores}), tmp_path / "m" / "p.parquet")
-    cfg = Config(workspace=str(tmp_path / "ws"),
-                 sources=[SourceConfig(name="m", format="laion", paths=[str(tmp_path / "m" / "*")])])  # fmt: skip
+    cfg = Config(
+        workspace=str(tmp_path / "ws"),
+        sources=[SourceConfig(name="m", format="laion", paths=[str(tmp_path / "m" / "*")])],
+    )
     ingest.run(cfg)
     curate.run(cfg)
     result = report.run(cfg)
@@ -93,8 +95,15 @@ def test_empty_sections_say_so_in_one_line_and_outliers_get_labelled_overflow_bi
     assert caption["above"]["m"] == 1 and sum(caption["counts"]["m"]) == len(scores) - 1
     page = Path(result.html).read_text()
     # Nothing was downloaded or extracted: each such section is its heading and one line, with no figure.
-    for title in ("Download outcomes", "Failed URLs, examples per reason", "Retry rounds", "Shards",
-                  "Downloaded images: short side", "Downloaded images: aspect ratio", "Features"):  # fmt: skip
+    for title in (
+        "Download outcomes",
+        "Failed URLs, examples per reason",
+        "Retry rounds",
+        "Shards",
+        "Downloaded images: short side",
+        "Downloaded images: aspect ratio",
+        "Features",
+    ):
         after = page.split(f"<h2>{title}</h2>\n", 1)[1]
         assert after.startswith('<p class="empty">Nothing') or after.startswith('<p class="empty">No '), title
         assert after.split("\n", 2)[1].startswith(("<h", "</body>")), title  # then the next heading

@@ -32,8 +32,11 @@ def _data_url(path: str, mime: str) -> str:
 
 
 def _ask(parts: list[dict], **options) -> dict:
-    return {"messages": [{"role": "user", "content": [*parts, {"type": "text", "text": QUESTION}]}],
-            "temperature": 0, "max_tokens": 6} | options  # fmt: skip
+    return {
+        "messages": [{"role": "user", "content": [*parts, {"type": "text", "text": QUESTION}]}],
+        "temperature": 0,
+        "max_tokens": 6,
+    } | options
 
 
 @pytest.fixture(scope="module")
@@ -125,15 +128,23 @@ def test_streaming_gives_the_same_answer_piece_by_piece(server) -> None:
 def test_a_conversation_and_concurrent_clients_equal_sequential_answers(server) -> None:
     url, cfg, f = server
     image = {"type": "image_url", "image_url": {"url": _data_url(f["jpg"], "image/jpeg")}}
-    turns = [{"role": "system", "content": "ignored"},
-             {"role": "user", "content": [image, {"type": "text", "text": QUESTION}]},
-             {"role": "assistant", "content": "The shape is red."},
-             {"role": "user", "content": "What shape is it?"}]  # fmt: skip
+    turns = [
+        {"role": "system", "content": "ignored"},
+        {"role": "user", "content": [image, {"type": "text", "text": QUESTION}]},
+        {"role": "assistant", "content": "The shape is red."},
+        {"role": "user", "content": "What shape is it?"},
+    ]
     talk = {"messages": turns, "temperature": 0, "max_tokens": 6}
     said = httpx.post(f"{url}/v1/chat/completions", json=talk, timeout=60).json()["choices"][0]["message"]["content"]
     history = [(QUESTION, "The shape is red.")]
-    alone = infer.run(cfg, Request(image=[f["jpg"]], prompt="What shape is it?", history=history, temperature=0.0,
-                                   max_new_tokens=6)).answers[0].answer  # fmt: skip
+    alone = (
+        infer.run(
+            cfg,
+            Request(image=[f["jpg"]], prompt="What shape is it?", history=history, temperature=0.0, max_new_tokens=6),
+        )
+        .answers[0]
+        .answer
+    )
     assert said == alone
     bodies = [_ask([]), _ask([image]), talk, _ask([image], max_tokens=3)]
     sequential = [httpx.post(f"{url}/v1/chat/completions", json=b, timeout=60).json() for b in bodies]
@@ -148,8 +159,9 @@ def test_the_queue_limit_answers_429_and_the_server_stays_healthy(server) -> Non
     url, _, _ = server
     body = _ask([{"type": "image_url", "image_url": {"url": "shape.jpg"}}], max_tokens=40, temperature=1.0)
     with ThreadPoolExecutor(16) as pool:
-        codes = list(pool.map(lambda _: httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120).status_code,
-                              range(16)))  # fmt: skip
+        codes = list(
+            pool.map(lambda _: httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120).status_code, range(16))
+        )
     assert set(codes) == {200, 429} and codes.count(200) >= 4
     assert httpx.get(f"{url}/health").json()["held"] == 0
     assert 'ibllm_requests_total{outcome="rejected"}' in httpx.get(f"{url}/metrics").text
@@ -164,8 +176,12 @@ def test_the_scheduler_holds_at_most_max_queue(trained) -> None:  # noqa: F811
     finished = []
 
     def ticket() -> Ticket:
-        return Ticket(Request(prompt="Name a colour.", max_new_tokens=20, temperature=0.0), None, None,
-                      lambda finish, e: (finished.append((finish, e)), len(finished) == 2 and done.set()))  # fmt: skip
+        return Ticket(
+            Request(prompt="Name a colour.", max_new_tokens=20, temperature=0.0),
+            None,
+            None,
+            lambda finish, e: (finished.append((finish, e)), len(finished) == 2 and done.set()),
+        )
 
     scheduler.submit(ticket())
     scheduler.submit(ticket())

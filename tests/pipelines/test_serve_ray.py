@@ -39,8 +39,9 @@ def test_two_replicas_answer_concurrent_requests(trained) -> None:  # noqa: F811
         assert status.replica_states.get("RUNNING") == 2
         body = lambda p: {"messages": [{"role": "user", "content": p}], "temperature": 0, "max_tokens": 5}  # noqa: E731
         with ThreadPoolExecutor(8) as pool:
-            docs = list(pool.map(lambda p: httpx.post(f"{url}/v1/chat/completions", json=body(p), timeout=120).json(),
-                                 prompts))  # fmt: skip
+            docs = list(
+                pool.map(lambda p: httpx.post(f"{url}/v1/chat/completions", json=body(p), timeout=120).json(), prompts)
+            )
         assert [d["choices"][0]["message"]["content"] for d in docs] == expected
         assert httpx.get(f"{url}/health", timeout=30).json()["status"] == "ok"
     finally:

@@ -51,12 +51,15 @@ def files(tmp_path: Path, **data: Any) -> tuple[Workspace, dict[str, str]]:
 
 def test_each_conversation_option_makes_its_samples(tmp_path: Path) -> None:
     ws, path = files(tmp_path, sharegpt=SHAREGPT, alpaca=[{"instruction": "Add.", "input": "2+2", "output": "4"}])
-    read = {mode: instruction_examples(ws, ENCODER, [path["sharegpt"], path["alpaca"]], [], mode)
-            for mode in ("turns", "first", "whole")}  # fmt: skip
+    read = {
+        mode: instruction_examples(ws, ENCODER, [path["sharegpt"], path["alpaca"]], [], mode)
+        for mode in ("turns", "first", "whole")
+    }
     assert [(e.prompt, e.answer, e.turns) for e in read["turns"][:3]] == [
-        (format_prompt("Hi"), "Hello!", ()), (format_prompt("How are you?"), "Fine.", ()),
+        (format_prompt("Hi"), "Hello!", ()),
+        (format_prompt("How are you?"), "Fine.", ()),
         (format_prompt("And now?"), "Still fine.", ()),
-    ]  # fmt: skip
+    ]
     assert [e.answer for e in read["first"]] == ["Hello!", "4", "4"]
     whole = read["whole"]
     assert len(whole) == 3 and whole[0].turns == (
@@ -122,8 +125,11 @@ def test_chinese_data_needs_a_tokenizer_that_holds_chinese(tmp_path: Path, tok: 
     assert han_coverage(zh_tok, texts) == 1.0 and han_coverage(tok, texts) == 0.0
     assert han_coverage(tok, ["no Chinese here"]) == 1.0
     assert len(instruction_examples(ws, ENCODER, [path["alpaca_gpt4_data_zh"]], [], "turns", zh_tok, "zh.json")) == 3
-    with pytest.raises(InputError, match=r"alpaca_gpt4_data_zh\.json: Chinese text .*en\.json keeps only 0% .*"
-                                         r"needs a Chinese-capable base"):  # fmt: skip
+    with pytest.raises(
+        InputError,
+        match=r"alpaca_gpt4_data_zh\.json: Chinese text .*en\.json keeps only 0% .*"
+        r"needs a Chinese-capable base",
+    ):
         instruction_examples(ws, ENCODER, [path["alpaca"], path["alpaca_gpt4_data_zh"]], [], "whole", tok, "en.json")
     assert len(instruction_examples(ws, ENCODER, [path["alpaca"]], [], "whole", tok, "en.json")) == 1
 
@@ -139,8 +145,10 @@ def test_the_conversation_option_is_part_of_the_run(tmp_path: Path) -> None:
         cfg.train.stage2.conversation = mode
         jobs[mode] = resolve_job(cfg, ws, 2, "run", init="stage1-checkpoint")
     assert {m: (j.conversation, j.examples) for m, j in jobs.items()} == {
-        "turns": ("turns", 8), "first": ("first", 4), "whole": ("whole", 4)
-    }  # fmt: skip
+        "turns": ("turns", 8),
+        "first": ("first", 4),
+        "whole": ("whole", 4),
+    }
     cfg.train.stage2.conversation = "turns"
     cfg.train.stage2.first_turn_only = True  # the deprecated alias
     assert resolve_job(cfg, ws, 2, "run", init="stage1-checkpoint").conversation == "first"

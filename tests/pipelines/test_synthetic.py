@@ -200,17 +200,37 @@ def test_run_writes_source_and_checks_what_is_served(config: Config) -> None:
     assert table.num_rows == result.rows == 40
     assert table.column("URL")[0].as_py().startswith(base_url)
     assert result.served == {
-        "duplicate": 1, "http_404": 2, "http_500": 1, "not_an_image": 1, "ok": 30, "opted_out": 1,
-        "redirect_loop": 1, "timeout": 1, "too_large": 1, "undecodable": 1,
-    }  # fmt: skip
+        "duplicate": 1,
+        "http_404": 2,
+        "http_500": 1,
+        "not_an_image": 1,
+        "ok": 30,
+        "opted_out": 1,
+        "redirect_loop": 1,
+        "timeout": 1,
+        "too_large": 1,
+        "undecodable": 1,
+    }
     assert sum(result.bad.values()) == 10 and result.good == 30
     ws = Workspace(config.workspace)
     assert [p.rsplit("/", 1)[1] for p in ws.glob(ws.synthetic("media", "*"))] == [
-        "audio_00.wav", "audio_01.wav", "audio_02.wav", "object.ply", "photo.jpg", "video_00.mp4"
-    ]  # fmt: skip
+        "audio_00.wav",
+        "audio_01.wav",
+        "audio_02.wav",
+        "object.ply",
+        "photo.jpg",
+        "video_00.mp4",
+    ]
     ledger = Ledger(ws, "synthetic", "synthetic", synthetic.settings(config.synthetic))
-    assert set(ledger.committed()) == {"metadata", "audio_00_wav", "audio_01_wav", "audio_02_wav", "video_00_mp4",
-                                       "photo_jpg", "object_ply"}  # fmt: skip
+    assert set(ledger.committed()) == {
+        "metadata",
+        "audio_00_wav",
+        "audio_01_wav",
+        "audio_02_wav",
+        "video_00_mp4",
+        "photo_jpg",
+        "object_ply",
+    }
     changed = config.model_copy(deep=True)
     changed.synthetic.count = 41
     with pytest.raises(LedgerConflict, match="count: 40 -> 41"):

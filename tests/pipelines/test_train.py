@@ -95,8 +95,9 @@ def test_the_job_travels_whole_and_records_the_fields_of_earlier_runs(tmp_path: 
 def test_a_step_takes_the_same_examples_whatever_the_worker_count(tmp_path: Path) -> None:
     cfg = train_config(tmp_path)
     tok = load_tokenizer(cfg.model.tokenizer_path)
-    examples = [Example(torch.full((4,), float(i)).numpy(), CAPTION_PROMPT, f"a red circle {i}", str(i))
-                for i in range(40)]  # fmt: skip
+    examples = [
+        Example(torch.full((4,), float(i)).numpy(), CAPTION_PROMPT, f"a red circle {i}", str(i)) for i in range(40)
+    ]
     source = ExampleList(examples, seed=1)
     one = step_batches(source, tok, Plan(8, 1, 1, 96), 0, start_step=3)
     two = [step_batches(source, tok, Plan(8, 2, 2, 96), r, start_step=3) for r in range(2)]
@@ -116,8 +117,13 @@ def test_stage1_tunes_only_bind_gates_prefix_and_stage2_only_norms_biases_lora(t
     one = train.run(cfg, 1, local=True)
     _, after1, _ = read_checkpoint(one.checkpoint)
     stage1_names = set(phase_parameters(build_model(job), "pretrain"))
-    clean = {n: t for n, t in ((k.replace("base_model.model.", "").replace(".base_layer", "")
-                                .replace(".default", ""), v) for k, v in before.items())}  # fmt: skip
+    clean = {
+        n: t
+        for n, t in (
+            (k.replace("base_model.model.", "").replace(".base_layer", "").replace(".default", ""), v)
+            for k, v in before.items()
+        )
+    }
     assert all(torch.equal(after1[n], clean[n]) for n in after1 if n not in stage1_names)
     assert any(not torch.equal(after1[n], clean[n]) for n in stage1_names)
     assert one.steps == one.total_steps and one.losses[-1] < one.losses[0] + 0.5
@@ -160,8 +166,13 @@ def test_resume_after_sigkill_gives_the_same_losses_and_weights(tmp_path: Path) 
     cfg_b = train_config(tmp_path / "b", checkpoint_every_steps=5)
     (tmp_path / "cfg.json").write_text(cfg_b.model_dump_json())
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    killed = subprocess.run([sys.executable, "-c", KILLER, str(tmp_path / "cfg.json"), "12"], env=env,
-                            capture_output=True, text=True, cwd=ROOT)  # fmt: skip
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLER, str(tmp_path / "cfg.json"), "12"],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     resumed = train.run(cfg_b, 1, resume=True, local=True)
     assert resumed.resumed_from == 10  # the last checkpoint before the kill at step 12
@@ -206,9 +217,15 @@ def test_stage2_bad_inputs_name_the_file_and_record(tmp_path: Path) -> None:
         train.run(cfg, 2, local=True)
     llava = tmp_path / "llava.json"
     conv = [{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "red"}]
-    llava.write_text(json.dumps([{"image": "coco/synthetic-0-0000.jpg", "conversations": conv},
-                                 {"image": "coco/nope-1.jpg", "conversations": conv},
-                                 {"image": "coco/nope-2.jpg", "conversations": conv}]))  # fmt: skip
+    llava.write_text(
+        json.dumps(
+            [
+                {"image": "coco/synthetic-0-0000.jpg", "conversations": conv},
+                {"image": "coco/nope-1.jpg", "conversations": conv},
+                {"image": "coco/nope-2.jpg", "conversations": conv},
+            ]
+        )
+    )
     cfg.train.stage2.data = [str(llava)]
     with pytest.raises(InputError, match=r"llava\.json: record 1 \(image 'coco/nope-1\.jpg'\) has no feature; 2 "):
         train.run(cfg, 2, local=True)
@@ -254,8 +271,12 @@ def test_evaluate_reports_held_out_loss_and_the_grounding_gap_into_the_catalog(t
     cfg.train.holdout = 0.2
     trained = train.run(cfg, 1, local=True)
     result = evaluate.run(cfg, 1, batch_size=5)
-    heldout = count_split(Workspace(cfg.workspace), resolve_job(cfg, Workspace(cfg.workspace), 1, "x").feature_files,
-                          cfg.train.holdout, "heldout")  # fmt: skip
+    heldout = count_split(
+        Workspace(cfg.workspace),
+        resolve_job(cfg, Workspace(cfg.workspace), 1, "x").feature_files,
+        cfg.train.holdout,
+        "heldout",
+    )
     assert heldout % 5 != 0 and result.examples == heldout  # every held-out sample, the last partial batch too
     assert result.run_id == trained.run_id and result.stage == 1
     given = with_settings(cfg, {"infer.checkpoint": trained.checkpoint})

@@ -24,8 +24,12 @@ from tests.pipelines.train_fixture import train_config
 
 def masked_sum_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The reference: the summed next-token cross-entropy over answer tokens, from the logits of the whole batch."""
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
-                           ignore_index=IGNORE, reduction="sum")  # fmt: skip
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+        labels[:, 1:].reshape(-1),
+        ignore_index=IGNORE,
+        reduction="sum",
+    )
 
 
 TINY = LLMConfig.preset("tiny")
@@ -186,8 +190,15 @@ def test_a_fused_loss_is_used_only_when_it_gives_the_summed_cross_entropy() -> N
 
 
 def test_micro_batch_decides_the_accumulation() -> None:
-    base = {"epochs": 1, "warmup_epochs": 0, "global_batch_size": 32, "blr": 1e-3, "weight_decay": 0.0,
-            "max_words": 64, "workers": 2}  # fmt: skip
+    base = {
+        "epochs": 1,
+        "warmup_epochs": 0,
+        "global_batch_size": 32,
+        "blr": 1e-3,
+        "weight_decay": 0.0,
+        "max_words": 64,
+        "workers": 2,
+    }
     assert StageConfig(**base, micro_batch=4).micro_batch == 4
     with pytest.raises(ValidationError, match="not divisible by workers x micro_batch"):
         StageConfig(**base, micro_batch=5)
@@ -228,7 +239,8 @@ def test_step_rate_times_real_steps_of_the_loop_at_the_tiny_shape() -> None:
     plain = step_rate(stage=1, shape="tiny", micro_batch=4, seq=24, steps=3, device="cpu")
     assert plain["base_dtype"] == "float32" and not plain["fused"] and len(plain["losses"]) == 3
     assert plain["ms_per_step"] > 0 and plain["samples_per_s"] == pytest.approx(4e3 / plain["ms_per_step"])
-    lean = step_rate(stage=2, shape="tiny", micro_batch=2, seq=32, base_dtype="bfloat16", checkpointing=True,
-                     steps=3, device="cpu")  # fmt: skip
+    lean = step_rate(
+        stage=2, shape="tiny", micro_batch=2, seq=32, base_dtype="bfloat16", checkpointing=True, steps=3, device="cpu"
+    )
     assert lean["base_dtype"] == "bfloat16" and lean["checkpointing"] and len(lean["losses"]) == 3
     assert all(4.0 < loss < 9.0 for loss in plain["losses"] + lean["losses"])  # ~ln(512) at random weights

@@ -81,8 +81,9 @@ TWO_WORKER_RUNS = [
 
 def _worker(rank: int, job: Job, root: str) -> None:
     torch.set_num_threads(1)  # 2 processes on 2 cores
-    dist.init_process_group("gloo", init_method=f"file://{root}/rendezvous", rank=rank, world_size=2,
-                            timeout=timedelta(seconds=120))  # fmt: skip
+    dist.init_process_group(
+        "gloo", init_method=f"file://{root}/rendezvous", rank=rank, world_size=2, timeout=timedelta(seconds=120)
+    )
     try:
         losses = {}
         for name, phase, resume in TWO_WORKER_RUNS:
@@ -104,8 +105,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, list
     losses = {f"one-{phase}": _run(job, phase, 0, 1, root / f"one-{phase}") for phase in ("pretrain", "finetune")}
     mp.start_processes(_worker, args=(job, str(root)), nprocs=2, join=True, start_method="spawn")
     losses |= json.loads((root / "losses.json").read_text())
-    losses["one-from-fsdp"] = _run(job, "finetune", 0, 1, root / "one-from-fsdp",
-                                   str(root / "fsdp-finetune" / "step-00000008"))  # fmt: skip
+    losses["one-from-fsdp"] = _run(
+        job, "finetune", 0, 1, root / "one-from-fsdp", str(root / "fsdp-finetune" / "step-00000008")
+    )
     return root, losses
 
 

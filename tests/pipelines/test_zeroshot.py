@@ -217,11 +217,13 @@ def test_reader_errors_name_the_path(tmp_path: Path) -> None:
 
 def test_topk_by_hand() -> None:
     logits = torch.tensor(
-        [[0.9, 0.1, 0.0, 0.3, 0.2, 0.5],  # label 0: rank 0
-         [0.9, 0.1, 0.0, 0.3, 0.2, 0.5],  # label 4: ranks 3 (0.9, 0.5, 0.3 above)
-         [0.1, 0.2, 0.3, 0.4, 0.5, 0.6],  # label 0: rank 5
-         [0.5, 0.5, 0.5, 0.5, 0.5, 0.5]]  # label 3: all tied, 0..2 come first: rank 3
-    )  # fmt: skip
+        [
+            [0.9, 0.1, 0.0, 0.3, 0.2, 0.5],  # label 0: rank 0
+            [0.9, 0.1, 0.0, 0.3, 0.2, 0.5],  # label 4: ranks 3 (0.9, 0.5, 0.3 above)
+            [0.1, 0.2, 0.3, 0.4, 0.5, 0.6],  # label 0: rank 5
+            [0.5, 0.5, 0.5, 0.5, 0.5, 0.5],
+        ]  # label 3: all tied, 0..2 come first: rank 3
+    )
     labels = torch.tensor([0, 4, 0, 3])
     assert topk_accuracy(logits, labels) == {1: 25.0, 5: 75.0}
     assert topk_accuracy(logits, labels, ks=(1, 3, 4, 6)) == {1: 25.0, 3: 25.0, 4: 75.0, 6: 100.0}
@@ -250,8 +252,13 @@ def same(a: ZeroShotResult, b: ZeroShotResult) -> bool:
 def test_classify_matches_a_hand_computation(kind: str, encoder: ImageBind, sets: dict[str, Path]) -> None:
     data = read_labelled(kind, str(sets[kind]))
     calls: list[tuple[int, int]] = []
-    result = classify(encoder, data, batch_size=4, point_resample=0 if kind == "point" else None,
-                      progress=lambda done, total: calls.append((done, total)))  # fmt: skip
+    result = classify(
+        encoder,
+        data,
+        batch_size=4,
+        point_resample=0 if kind == "point" else None,
+        progress=lambda done, total: calls.append((done, total)),
+    )
     n = len(data.samples)
     assert (result.kind, result.layout, result.classes, result.samples) == (kind, data.layout, 3, n)
     assert result.unreadable == 0 and result.unreadable_reasons == []

@@ -12,8 +12,13 @@ MESSAGES = [
     ("failed_to_download", "HTTP Error 404: Not Found", "http_404", False),
     ("failed_to_download", "HTTP Error 503: Service Unavailable", "http_503", True),
     ("failed_to_download", "HTTP Error 429: Too Many Requests", "http_429", True),
-    ("failed_to_download", "HTTP Error 302: The HTTP server returned a redirect error that would lead to an infinite "
-     "loop.\nThe last 30x error message was:\nFound", "redirect_loop", False),
+    (
+        "failed_to_download",
+        "HTTP Error 302: The HTTP server returned a redirect error that would lead to an infinite "
+        "loop.\nThe last 30x error message was:\nFound",
+        "redirect_loop",
+        False,
+    ),
     ("failed_to_download", "timed out", "timeout", True),
     ("failed_to_download", "The read operation timed out", "timeout", True),
     ("failed_to_download", "<urlopen error [Errno 111] Connection refused>", "connection", True),
@@ -30,14 +35,27 @@ MESSAGES = [
     ("failed_to_download", "timed out: no complete answer within the download deadline of 6 s", "timeout", True),
     ("failed_to_download", "response too large: over 134217728 bytes", "too_large", False),
     ("failed_to_download", "hash mismatch", "hash_mismatch", False),
-    ("failed_to_download", "blocked address: localhost -> 127.0.0.1 (loopback): not a public address (see "
-     "download.allow_private_addresses)", "blocked_address", False),
-    ("failed_to_download", "blocked address: the URL scheme 'ftp' is not fetched (only http and https)",
-     "blocked_address", False),
-    ("failed_to_download", "HTTP Error 302: Found - Redirection to url 'file:///etc/passwd' is not allowed",
-     "blocked_address", False),
+    (
+        "failed_to_download",
+        "blocked address: localhost -> 127.0.0.1 (loopback): not a public address (see "
+        "download.allow_private_addresses)",
+        "blocked_address",
+        False,
+    ),
+    (
+        "failed_to_download",
+        "blocked address: the URL scheme 'ftp' is not fetched (only http and https)",
+        "blocked_address",
+        False,
+    ),
+    (
+        "failed_to_download",
+        "HTTP Error 302: Found - Redirection to url 'file:///etc/passwd' is not allowed",
+        "blocked_address",
+        False,
+    ),
     ("failed_to_download", "something new", "other", False),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize(("status", "message", "reason", "retryable"), MESSAGES)

@@ -28,11 +28,20 @@ def write_parts(tmp_path: Path, n: int = 3000, parts: int = 3, encoder_id: str =
     paths = []
     for p, idx in enumerate(np.array_split(np.arange(n), parts)):
         path = str(tmp_path / f"part-{p:05d}.parquet")
-        features.write_features(path, {
-            "uid": [f"u{i}" for i in idx], "source": ["s"] * len(idx), "caption": [f"caption {i}" for i in idx],
-            "url": [f"http://x/{i}" for i in idx], "image_emb": img[idx][:, :dim], "text_emb": txt[idx][:, :dim],
-            "clip_score": np.zeros(len(idx)), "encoder_id": [encoder_id] * len(idx),
-        }, dim)  # fmt: skip
+        features.write_features(
+            path,
+            {
+                "uid": [f"u{i}" for i in idx],
+                "source": ["s"] * len(idx),
+                "caption": [f"caption {i}" for i in idx],
+                "url": [f"http://x/{i}" for i in idx],
+                "image_emb": img[idx][:, :dim],
+                "text_emb": txt[idx][:, :dim],
+                "clip_score": np.zeros(len(idx)),
+                "encoder_id": [encoder_id] * len(idx),
+            },
+            dim,
+        )
         paths.append(path)
     return paths
 
@@ -151,8 +160,9 @@ def test_default_index_over_budget_is_fast_scan_and_tuned(tmp_path: Path) -> Non
     q = clustered(20, seed=5)
     sims, ids = index.search(q, 10)
     np.testing.assert_allclose(sims, np.einsum("bkd,bd->bk", index.gather(ids), q), rtol=1e-5, atol=1e-6)
-    coarse = BuildSettings(index_key="IVF16,PQ4x4fs", index_param="nprobe=16", rescore=1, holdout=200,
-                           target_recall=0.99)  # fmt: skip
+    coarse = BuildSettings(
+        index_key="IVF16,PQ4x4fs", index_param="nprobe=16", rescore=1, holdout=200, target_recall=0.99
+    )
     tuned = build(ws, "coarse", parts, ENC, DIM, "fp", coarse)  # all lists probed: only candidates can help
     assert tuned["rescore"] > 1 and tuned["recall_at_10"] >= 0.99
     assert CacheIndex.open(ws, "coarse").rescore == tuned["rescore"]  # kept on reopening

@@ -30,26 +30,46 @@ ALPACA = [
     {"instruction": "Name a colour.", "output": "Blue"},
 ]
 SHAREGPT = [
-    {"id": "a", "conversations": [
-        {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"},
-        {"from": "human", "value": "How are you?"}, {"from": "gpt", "value": "Fine."},
-        {"from": "human", "value": "   "}, {"from": "gpt", "value": "Empty question."},
-    ]},
-    {"id": "b", "conversations": [
-        {"from": "user", "value": "2+2?"}, {"from": "assistant", "value": "4"}, {"from": "user", "value": "Thanks"},
-    ]},
-]  # fmt: skip
+    {
+        "id": "a",
+        "conversations": [
+            {"from": "human", "value": "Hi"},
+            {"from": "gpt", "value": "Hello!"},
+            {"from": "human", "value": "How are you?"},
+            {"from": "gpt", "value": "Fine."},
+            {"from": "human", "value": "   "},
+            {"from": "gpt", "value": "Empty question."},
+        ],
+    },
+    {
+        "id": "b",
+        "conversations": [
+            {"from": "user", "value": "2+2?"},
+            {"from": "assistant", "value": "4"},
+            {"from": "user", "value": "Thanks"},
+        ],
+    },
+]
 LLAVA = [
-    {"id": "000000033471", "image": "coco/train2017/000000033471.jpg", "conversations": [
-        {"from": "human", "value": "What are the colors of the bus in the image?\n<image>"},
-        {"from": "gpt", "value": "The bus is white and red."},
-        {"from": "human", "value": "What feature can be seen on the back of the bus?"},
-        {"from": "gpt", "value": "An advertisement."},
-    ]},
-    {"id": "000000052846", "image": "000000052846.jpg", "conversations": [
-        {"from": "human", "value": "<image>\nWhere is the cat positioned?"}, {"from": "gpt", "value": "On a car."},
-    ]},
-]  # fmt: skip
+    {
+        "id": "000000033471",
+        "image": "coco/train2017/000000033471.jpg",
+        "conversations": [
+            {"from": "human", "value": "What are the colors of the bus in the image?\n<image>"},
+            {"from": "gpt", "value": "The bus is white and red."},
+            {"from": "human", "value": "What feature can be seen on the back of the bus?"},
+            {"from": "gpt", "value": "An advertisement."},
+        ],
+    },
+    {
+        "id": "000000052846",
+        "image": "000000052846.jpg",
+        "conversations": [
+            {"from": "human", "value": "<image>\nWhere is the cat positioned?"},
+            {"from": "gpt", "value": "On a car."},
+        ],
+    },
+]
 CC_SBU = {"annotations": [{"image_id": str(i), "caption": f"A picture number {i}."} for i in (2, 3, 5, 8, 13, 21)]}
 
 
@@ -87,8 +107,14 @@ def test_sharegpt_pairs_and_first_turn_only(tmp_path: Path) -> None:
         (0, 1, "How are you?", "Fine.", None),
         (1, 0, "2+2?", "4", None),
     ]
-    assert got.counts == {"records": 2, "samples": 3, "turns": 4, "skipped_empty": 1, "skipped_unanswered": 1,
-                          "skipped_later_turns": 0}  # fmt: skip
+    assert got.counts == {
+        "records": 2,
+        "samples": 3,
+        "turns": 4,
+        "skipped_empty": 1,
+        "skipped_unanswered": 1,
+        "skipped_later_turns": 0,
+    }
     first = read_instructions(path, first_turn_only=True)
     assert [(r.index, r.turn, r.instruction) for r in first.records] == [(0, 0, "Hi"), (1, 0, "2+2?")]
     assert first.counts["skipped_later_turns"] == 2 and first.counts["skipped_empty"] == 0
@@ -124,8 +150,14 @@ def test_whole_conversations_carry_their_earlier_turns(tmp_path: Path) -> None:
         (0, 1, "How are you?", "Fine.", (("Hi", "Hello!"),)),  # the empty third pair is skipped, as when split
         (1, 0, "2+2?", "4", ()),
     ]
-    assert got.counts == {"records": 2, "samples": 2, "turns": 4, "skipped_empty": 1, "skipped_unanswered": 1,
-                          "skipped_later_turns": 0}  # fmt: skip
+    assert got.counts == {
+        "records": 2,
+        "samples": 2,
+        "turns": 4,
+        "skipped_empty": 1,
+        "skipped_unanswered": 1,
+        "skipped_later_turns": 0,
+    }
     llava = read_instructions(write(tmp_path, "llava.json", LLAVA), whole=True).records
     assert llava[0].history == (("What are the colors of the bus in the image?", "The bus is white and red."),)
     assert (llava[0].instruction, llava[0].image) == (LLAVA[0]["conversations"][2]["value"], LLAVA[0]["image"])
@@ -173,8 +205,10 @@ def test_gpt4tools_tool_prompts_are_text_only_single_turn_samples(tmp_path: Path
 
 
 def test_gpt4tools_annotated_records_join_their_filename(tmp_path: Path) -> None:
-    records = [{**GPT4TOOLS[0], "filename": "000000438993.jpg", "id": 28, "Action": ["Edge Detection On Image"]},
-               {**GPT4TOOLS[1], "filename": "", "id": 29, "Action": []}]  # fmt: skip
+    records = [
+        {**GPT4TOOLS[0], "filename": "000000438993.jpg", "id": 28, "Action": ["Edge Detection On Image"]},
+        {**GPT4TOOLS[1], "filename": "", "id": 29, "Action": []},
+    ]
     got = read_instructions(write(tmp_path, "gpt4tools_val_seen.json", records))
     assert [r.image for r in got.records] == ["000000438993.jpg", None]
     assert image_key(got.records[0].image) == "000000438993"
@@ -234,33 +268,67 @@ ERRORS = [
     ("x.jsonl", '{"instruction": "a", "output": "b"}\n{oops\n\n[1,\n', r"x\.jsonl: line 2: not JSON .*2 line\(s\)"),
     ("x.json", "  \n", r"x\.json: empty file"),
     ("x.json", "[]", r"x\.json: empty file"),
-    ("x.json", [{"prompt": "a", "completion": "b"}, {"prompt": "c"}],
-     r"x\.json: unknown layout: record 0 has keys \['completion', 'prompt'\].*alpaca.*sharegpt.*llava.*cc_sbu_align"
-     r".*2 record\(s\) have no known layout"),
+    (
+        "x.json",
+        [{"prompt": "a", "completion": "b"}, {"prompt": "c"}],
+        r"x\.json: unknown layout: record 0 has keys \['completion', 'prompt'\].*alpaca.*sharegpt.*llava.*cc_sbu_align"
+        r".*2 record\(s\) have no known layout",
+    ),
     ("x.json", {"data": []}, r"x\.json: unknown layout: a top-level object with keys \['data'\]"),
     ("x.json", [1, 2], r"x\.json: unknown layout: record 0 is a int, not an object.*2 record\(s\) have no known"),
-    ("x.json", [ALPACA[0], GOOD, ALPACA[1], {"foo": 1}],
-     r"x\.json: record 1: mixed layouts \(looks like sharegpt; record 0 is alpaca\).*2 record\(s\) have this problem"),
-    ("x.json", [ALPACA[0], {"instruction": "a"}, {"instruction": "b"}, {"instruction": "c", "output": "d"}],
-     r"x\.json: record 1: missing field 'output': \{'instruction': 'a'\}; 2 record\(s\) have this problem"),
-    ("x.json", [ALPACA[0], ALPACA[1], {"instruction": "a", "input": 3, "output": "b"}],
-     r"x\.json: record 2: field 'input' is not a string \(got int\).*; 1 record\(s\) have this problem"),
-    ("x.json", [ALPACA[0], {"instruction": "a", "output": " "}, {"instruction": "b", "output": ""}],
-     r"x\.json: record 1: empty field 'output'.*2 record\(s\) have this problem"),
-    ("x.jsonl", [ALPACA[0], ALPACA[1], {"instruction": "a", "output": ""}],
-     r"x\.jsonl: record 2 \(line 3\): empty field 'output'"),
-    ("x.json", [GOOD, GOOD, bad(("human", "q"), ("human", "q2"), ("gpt", "a")), bad(("gpt", "a"))],
-     r"x\.json: record 2: roles do not alternate human/gpt \(turn 1 is 'human'\).*2 record\(s\) have this problem"),
-    ("x.json", [GOOD, bad(("system", "be nice"), ("human", "q"), ("gpt", "a"))],
-     r"x\.json: record 1: unknown role 'system' in turn 0.*1 record\(s\) have this problem"),
-    ("x.json", [GOOD, {"conversations": [{"from": "human"}]}, {"conversations": []}],
-     r"x\.json: record 1: a turn is not .*1 record\(s\) have this problem \(also: 1 with "
-     r"\"'conversations' is not a non-empty list\"\)"),
-    ("x.json", [{"image": 5, **GOOD}, {"image": "", **GOOD}],
-     r"x\.json: record 0: field 'image' is not a string.*1 record\(s\).*also: 1 with \"empty field 'image'\""),
-    ("x.json", {"annotations": [{"image_id": "2", "caption": "c"}, {"image_id": 3, "caption": "c"}]},
-     r"x\.json: record 1: field 'image_id' is not a string"),
-]  # fmt: skip
+    (
+        "x.json",
+        [ALPACA[0], GOOD, ALPACA[1], {"foo": 1}],
+        r"x\.json: record 1: mixed layouts \(looks like sharegpt; record 0 is alpaca\)"
+        r".*2 record\(s\) have this problem",
+    ),
+    (
+        "x.json",
+        [ALPACA[0], {"instruction": "a"}, {"instruction": "b"}, {"instruction": "c", "output": "d"}],
+        r"x\.json: record 1: missing field 'output': \{'instruction': 'a'\}; 2 record\(s\) have this problem",
+    ),
+    (
+        "x.json",
+        [ALPACA[0], ALPACA[1], {"instruction": "a", "input": 3, "output": "b"}],
+        r"x\.json: record 2: field 'input' is not a string \(got int\).*; 1 record\(s\) have this problem",
+    ),
+    (
+        "x.json",
+        [ALPACA[0], {"instruction": "a", "output": " "}, {"instruction": "b", "output": ""}],
+        r"x\.json: record 1: empty field 'output'.*2 record\(s\) have this problem",
+    ),
+    (
+        "x.jsonl",
+        [ALPACA[0], ALPACA[1], {"instruction": "a", "output": ""}],
+        r"x\.jsonl: record 2 \(line 3\): empty field 'output'",
+    ),
+    (
+        "x.json",
+        [GOOD, GOOD, bad(("human", "q"), ("human", "q2"), ("gpt", "a")), bad(("gpt", "a"))],
+        r"x\.json: record 2: roles do not alternate human/gpt \(turn 1 is 'human'\).*2 record\(s\) have this problem",
+    ),
+    (
+        "x.json",
+        [GOOD, bad(("system", "be nice"), ("human", "q"), ("gpt", "a"))],
+        r"x\.json: record 1: unknown role 'system' in turn 0.*1 record\(s\) have this problem",
+    ),
+    (
+        "x.json",
+        [GOOD, {"conversations": [{"from": "human"}]}, {"conversations": []}],
+        r"x\.json: record 1: a turn is not .*1 record\(s\) have this problem \(also: 1 with "
+        r"\"'conversations' is not a non-empty list\"\)",
+    ),
+    (
+        "x.json",
+        [{"image": 5, **GOOD}, {"image": "", **GOOD}],
+        r"x\.json: record 0: field 'image' is not a string.*1 record\(s\).*also: 1 with \"empty field 'image'\"",
+    ),
+    (
+        "x.json",
+        {"annotations": [{"image_id": "2", "caption": "c"}, {"image_id": 3, "caption": "c"}]},
+        r"x\.json: record 1: field 'image_id' is not a string",
+    ),
+]
 
 
 @pytest.mark.parametrize(("name", "data", "match"), ERRORS)
@@ -310,8 +378,16 @@ def test_image_key_empty() -> None:
 
 def features(path: Path, urls: list[str], uids: list[str], emb: np.ndarray) -> str:
     n = len(urls)
-    rows = {"uid": uids, "source": ["s"] * n, "caption": ["c"] * n, "url": urls, "image_emb": emb,
-            "text_emb": -emb, "clip_score": [0.3] * n, "encoder_id": ["enc"] * n}  # fmt: skip
+    rows = {
+        "uid": uids,
+        "source": ["s"] * n,
+        "caption": ["c"] * n,
+        "url": urls,
+        "image_emb": emb,
+        "text_emb": -emb,
+        "clip_score": [0.3] * n,
+        "encoder_id": ["enc"] * n,
+    }
     write_features(str(path), rows, emb.shape[1])
     return str(path)
 
@@ -319,8 +395,12 @@ def features(path: Path, urls: list[str], uids: list[str], emb: np.ndarray) -> s
 def test_join_features(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     emb = rng.standard_normal((5, 8)).astype(np.float16)
-    one = features(tmp_path / "a.parquet", ["http://x/train2017/000000033471.jpg?s=1", "http://y/2.jpg", "http://z/9.png"],
-                   ["u1", "u2", "u3"], emb[:3])  # fmt: skip
+    one = features(
+        tmp_path / "a.parquet",
+        ["http://x/train2017/000000033471.jpg?s=1", "http://y/2.jpg", "http://z/9.png"],
+        ["u1", "u2", "u3"],
+        emb[:3],
+    )
     # "2" appears twice more in the second file: the first row by (url, uid) wins, wherever it is.
     two = features(tmp_path / "b.parquet", ["http://a/2.jpg", "http://a/2.jpg"], ["z", "b"], emb[3:])
     keys = ["000000033471", "2", "missing", None, "9", "2"]
@@ -349,14 +429,18 @@ def test_join_features_on_object_storage(tmp_path: Path, s3_workspace: Workspace
 
 def test_join_instructions_and_require_features(tmp_path: Path) -> None:
     emb = np.eye(4, dtype=np.float16)
-    feats = features(tmp_path / "f.parquet", ["http://images.cocodataset.org/train2017/000000033471.jpg"], ["u"],
-                     emb[:1])  # fmt: skip
+    feats = features(
+        tmp_path / "f.parquet", ["http://images.cocodataset.org/train2017/000000033471.jpg"], ["u"], emb[:1]
+    )
     got = read_instructions(write(tmp_path, "llava.json", LLAVA))
     found, vectors = join_features([r.image and image_key(r.image) for r in got.records], [feats])
     assert found.tolist() == [True, True, False] and vectors[1, 0] == 1.0
     require_features(got.records[:2], found[:2])
-    with pytest.raises(InstructionFileError, match=re.escape(got.file) + r": record 1 \(image '000000052846\.jpg'\) "
-                       r"has no feature; 1 sample\(s\) \(1 distinct image\(s\)\)"):  # fmt: skip
+    with pytest.raises(
+        InstructionFileError,
+        match=re.escape(got.file) + r": record 1 \(image '000000052846\.jpg'\) "
+        r"has no feature; 1 sample\(s\) \(1 distinct image\(s\)\)",
+    ):
         require_features(got.records, found)
     text_only = read_instructions(write(tmp_path, "alpaca.json", ALPACA)).records
     require_features(text_only, np.zeros(len(text_only), bool))

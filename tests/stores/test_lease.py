@@ -41,8 +41,14 @@ def test_the_lease_of_a_dead_process_on_this_host_is_taken_over(tmp_path) -> Non
 
 def test_a_silent_lease_goes_stale_and_a_live_one_keeps_beating(workspace: Workspace) -> None:
     path = lease_path(workspace, "index", "cc3m")
-    other = {"stage": "index", "output": "cc3m", "token": "x", "host": "elsewhere", "pid": 1,
-             "heartbeat": time.time() - 10}  # fmt: skip
+    other = {
+        "stage": "index",
+        "output": "cc3m",
+        "token": "x",
+        "host": "elsewhere",
+        "pid": 1,
+        "heartbeat": time.time() - 10,
+    }
     workspace.write_bytes(path, json.dumps(other).encode())
     with pytest.raises(LeaseHeld, match="elsewhere"), lease(workspace, "index", "cc3m", stale_seconds=60):
         pass

@@ -56,11 +56,19 @@ def mmc4_doc(i: int) -> dict:
 @pytest.mark.parametrize("upper", [True, False])
 def test_laion_parquet_in_either_capitalisation(tmp_path: Path, upper: bool) -> None:
     names = ["URL", "TEXT", "WIDTH", "HEIGHT", "LANGUAGE"] if upper else ["url", "caption", "width", "height", "lang"]
-    table = pa.table({
-        names[0]: [" http://a/1.jpg ", "http://a/2.jpg"], names[1]: ["a cat", "a dog"],
-        "similarity": [0.31, 0.29], names[2]: [640, 320], names[3]: [480, 200],
-        "punsafe": [0.01, 0.2], "pwatermark": [0.3, 0.9], names[4]: ["en", "de"], "NSFW": ["UNLIKELY", "NSFW"],
-    })  # fmt: skip
+    table = pa.table(
+        {
+            names[0]: [" http://a/1.jpg ", "http://a/2.jpg"],
+            names[1]: ["a cat", "a dog"],
+            "similarity": [0.31, 0.29],
+            names[2]: [640, 320],
+            names[3]: [480, 200],
+            "punsafe": [0.01, 0.2],
+            "pwatermark": [0.3, 0.9],
+            names[4]: ["en", "de"],
+            "NSFW": ["UNLIKELY", "NSFW"],
+        }
+    )
     pq.write_table(table, tmp_path / "part-0.parquet")
     out = rows(tmp_path / "part-0.parquet", "laion", source="laion")
     assert out[0]["url"] == "http://a/1.jpg" and out[0]["caption"] == "a cat"
@@ -78,11 +86,23 @@ def test_uid_sql_equals_python() -> None:
 
 
 TRICKY = [
-    "a\x00b", "\x00\x00only nul\x00", "line one\r\nline two\n\n", "next\x85line", "c1\x80\x9f\x7fend",
-    "\ttabs\t and  double  spaces ", "\u00a0\u3000wide spaces\u2028\u2029", "emoji 👩\u200d👩\u200d👧 and e\u0301",
-    "🙂" * 1200, "x" * 999 + " y", "x" * 999 + "\x00y", " " * 5, "\x00\r\n", "", "ünïcödé " * 200,
+    "a\x00b",
+    "\x00\x00only nul\x00",
+    "line one\r\nline two\n\n",
+    "next\x85line",
+    "c1\x80\x9f\x7fend",
+    "\ttabs\t and  double  spaces ",
+    "\u00a0\u3000wide spaces\u2028\u2029",
+    "emoji 👩\u200d👩\u200d👧 and e\u0301",
+    "🙂" * 1200,
+    "x" * 999 + " y",
+    "x" * 999 + "\x00y",
+    " " * 5,
+    "\x00\r\n",
+    "",
+    "ünïcödé " * 200,
     ("word\x00\r\n\x85 " * 80_000)[:1_000_000],
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("max_chars", [1, 5, 1000, 2_000_000])
@@ -109,8 +129,13 @@ def test_captions_are_cleaned_at_ingest(tmp_path: Path) -> None:
     out = rows(tmp_path / "part-0.parquet", "laion")
     assert [r["caption"] for r in out] == ["a cat on a mat", long[:1000].strip(), "", None]
     con = connect()
-    sql = normalised_sql(adapter_for("laion"), str(tmp_path / "part-0.parquet"), {"url": "url", "caption": "caption"},
-                         ["url", "caption"], caption_max_chars=12)  # fmt: skip
+    sql = normalised_sql(
+        adapter_for("laion"),
+        str(tmp_path / "part-0.parquet"),
+        {"url": "url", "caption": "caption"},
+        ["url", "caption"],
+        caption_max_chars=12,
+    )
     capped = con.execute(sql, {"path": str(tmp_path / "part-0.parquet"), "source": "s"}).fetchall()
     assert [r[3] for r in capped] == ["a cat on a m", "a long capti", "", None]
 
@@ -147,31 +172,46 @@ def test_cc3m_and_cc12m_headerless_tsv(tmp_path: Path, fmt: str, line: str) -> N
 
 def test_sbu_json(tmp_path: Path) -> None:
     path = tmp_path / "sbu-captions-all.json"
-    path.write_text(json.dumps({"image_urls": ["http://s/1", "http://s/2"], "captions": ["one", "two"],
-                                "user_ids": ["u1", "u2"]}))  # fmt: skip
+    path.write_text(
+        json.dumps({"image_urls": ["http://s/1", "http://s/2"], "captions": ["one", "two"], "user_ids": ["u1", "u2"]})
+    )
     assert [(r["url"], r["caption"]) for r in rows(path, "sbu")] == [("http://s/1", "one"), ("http://s/2", "two")]
 
 
 def test_coco_captions_join_images(tmp_path: Path) -> None:
     path = tmp_path / "captions_train2017.json"
     doc = {
-        "info": {}, "licenses": [],
+        "info": {},
+        "licenses": [],
         "images": [{"id": 7, "file_name": "7.jpg", "coco_url": "http://coco/7.jpg", "width": 640, "height": 427}],
         "annotations": [{"image_id": 7, "id": 1, "caption": "A cat."}, {"image_id": 7, "id": 2, "caption": "Cat."}],
-    }  # fmt: skip
+    }
     path.write_text(json.dumps(doc))
     out = sorted(rows(path, "coco"), key=lambda r: r["caption"])
     assert [(r["url"], r["caption"], r["width"], r["height"]) for r in out] == [
-        ("http://coco/7.jpg", "A cat.", 640, 427), ("http://coco/7.jpg", "Cat.", 640, 427)
-    ]  # fmt: skip
+        ("http://coco/7.jpg", "A cat.", 640, 427),
+        ("http://coco/7.jpg", "Cat.", 640, 427),
+    ]
 
 
 def test_coyo_uses_its_clip_and_safety_columns(tmp_path: Path) -> None:
-    pq.write_table(pa.table({
-        "id": [1], "url": ["http://y/1"], "text": ["coyo text"], "width": [500], "height": [400],
-        "clip_similarity_vitb32": [0.2], "clip_similarity_vitl14": [0.27], "nsfw_score_opennsfw2": [0.02],
-        "watermark_score": [0.4], "aesthetic_score_laion_v2": [5.1],
-    }), tmp_path / "coyo.parquet")  # fmt: skip
+    pq.write_table(
+        pa.table(
+            {
+                "id": [1],
+                "url": ["http://y/1"],
+                "text": ["coyo text"],
+                "width": [500],
+                "height": [400],
+                "clip_similarity_vitb32": [0.2],
+                "clip_similarity_vitl14": [0.27],
+                "nsfw_score_opennsfw2": [0.02],
+                "watermark_score": [0.4],
+                "aesthetic_score_laion_v2": [5.1],
+            }
+        ),
+        tmp_path / "coyo.parquet",
+    )
     (r,) = rows(tmp_path / "coyo.parquet", "coyo")
     assert (r["similarity"], r["punsafe"], r["pwatermark"], r["width"]) == (0.27, 0.02, 0.4, 500)
 
