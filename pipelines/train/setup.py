@@ -175,5 +175,5 @@ def build_batches(job: Job, ws: Workspace, rank: int, world: int) -> Callable[[i
             ws, job.encoder_id, job.instruction_files, job.feature_files, s.conversation, tokenizer, name
         )
         source = ExampleList(examples, job.seed)
-    pad = LLMConfig.from_dict(job.llm).pad_id
-    return lambda start: prefetch(step_batches(source, tokenizer, _plan(s, world), rank, start, pad))
+    plan, pad = _plan(s, world), LLMConfig.from_dict(job.llm).pad_id
+    return lambda start: prefetch(step_batches(source, tokenizer, plan, rank, start, pad))
