@@ -165,20 +165,9 @@ def cmd_generate(cfg: Config, args: argparse.Namespace) -> BaseModel:
     """Answer a prompt about any mix of image, audio, video, point-cloud and text inputs, or every request of a
     JSONL file."""
     from pipelines.infer import stage as infer
-    from pipelines.runtime.inputs import check_weighted_inputs, make_request, parse_weights, read_history
+    from pipelines.runtime.inputs import check_weighted_inputs, read_history
 
-    request = make_request(
-        {
-            "image": args.image,
-            "audio": args.audio,
-            "video": args.video,
-            "point": args.point,
-            "text": args.text,
-            "weights": parse_weights(args.weight),
-            "prompt": args.prompt,
-            "seed": cfg.seed if args.seed is None else args.seed,
-        }
-    )
+    request = _request(cfg, args)
     if not args.requests:  # with a requests file the options are defaults: a line may give the input they weigh
         check_weighted_inputs(request)
     if args.history:
@@ -208,24 +197,22 @@ def _grounder(cfg: Config, args: argparse.Namespace) -> Any:
     return Grounder(cfg, GroundOptions(threshold=threshold, out=args.ground_out), cfg.infer.device).ground
 
 
+def _request(cfg: Config, args: argparse.Namespace) -> Any:
+    """The request of generate's or imagine's input options (a line of --requests overrides its fields)."""
+    from pipelines.runtime.inputs import make_request, parse_weights
+
+    fields = {m: getattr(args, m) for m in ("image", "audio", "video", "point", "text")}
+    seed = cfg.seed if args.seed is None else args.seed
+    return make_request(fields | {"weights": parse_weights(args.weight), "prompt": args.prompt, "seed": seed})
+
+
 def cmd_imagine(cfg: Config, args: argparse.Namespace) -> BaseModel:
     """Draw images from any mix of image, audio, video, point-cloud and text inputs: their ImageBind embedding
     (mixed with the visual cache on --cache) conditions Stable unCLIP (imagine.generator)."""
     from pipelines.apps import imagine
-    from pipelines.runtime.inputs import check_weighted_inputs, make_request, parse_weights
+    from pipelines.runtime.inputs import check_weighted_inputs
 
-    request = make_request(
-        {
-            "image": args.image,
-            "audio": args.audio,
-            "video": args.video,
-            "point": args.point,
-            "text": args.text,
-            "weights": parse_weights(args.weight),
-            "prompt": args.prompt,
-            "seed": cfg.seed if args.seed is None else args.seed,
-        }
-    )
+    request = _request(cfg, args)
     if not args.requests:
         check_weighted_inputs(request)
     return imagine.run(cfg, request, out=args.picture, requests_file=args.requests, force=args.force)

@@ -120,37 +120,31 @@ POINTS = [
 ]
 
 
+def files(about: str, text: str | None = None) -> list[Flag]:
+    """The repeatable input files of each modality (and texts for ImageBind's text tower when `text` says what they
+    are), each help ending with `about`, and the point-cloud options."""
+    kinds = {"image": "an image file", "audio": "an audio file", "video": "a video file"}
+    kinds |= {"text": text} if text else {}
+    out = [
+        flag(f"--{m}", action="append", default=[], metavar="STRING" if m == "text" else "PATH", help=f"{what} {about}")
+        for m, what in kinds.items()
+    ]
+    point = flag(
+        "--point-cloud", dest="point", action="append", default=[], metavar="PATH", help=f"{POINT_FILES} {about}"
+    )
+    return [*out, point, *POINTS]
+
+
 def inputs(text: str = "a text for ImageBind's text tower") -> list[Flag]:
     """The inputs of generate and imagine: files of each modality, texts for the text tower, their weights."""
-    files = {"image": "an image file", "audio": "an audio file", "video": "a video file", "text": text}
-    return [
-        *(
-            flag(
-                f"--{m}",
-                action="append",
-                default=[],
-                metavar="STRING" if m == "text" else "PATH",
-                help=f"{what} (repeatable; several are averaged)",
-            )
-            for m, what in files.items()
-        ),
-        flag(
-            "--point-cloud",
-            dest="point",
-            action="append",
-            default=[],
-            metavar="PATH",
-            help=f"{POINT_FILES} (repeatable; several are averaged)",
-        ),
-        *POINTS,
-        flag(
-            "--weight",
-            action="append",
-            default=[],
-            metavar="MODALITY=W",
-            help="weight of a modality in the mix, e.g. --weight audio=0.5 (default 1 each)",
-        ),
-    ]
+    weight = flag(
+        "--weight",
+        action="append",
+        default=[],
+        metavar="MODALITY=W",
+        help="weight of a modality in the mix, e.g. --weight audio=0.5 (default 1 each)",
+    )
+    return [*files("(repeatable; several are averaged)", text), weight]
 
 
 GENERATE = [
@@ -183,25 +177,7 @@ GENERATE = [
     flag("--ground-out", metavar="FILE.png", help="draw the boxes on the image there (a batch's line N: FILE-N.png)"),
 ]
 CHAT = [
-    *(
-        flag(
-            f"--{m}",
-            action="append",
-            default=[],
-            metavar="PATH",
-            help=f"{what} the conversation starts about (repeatable)",
-        )
-        for m, what in {"image": "an image file", "audio": "an audio file", "video": "a video file"}.items()
-    ),
-    flag(
-        "--point-cloud",
-        dest="point",
-        action="append",
-        default=[],
-        metavar="PATH",
-        help=f"{POINT_FILES} the conversation starts about (repeatable)",
-    ),
-    *POINTS,
+    *files("the conversation starts about (repeatable)"),
     *MODEL,
     *SAMPLING,
     flag("--seed", type=int, help="sampling seed (default: the config's seed)"),
