@@ -189,3 +189,10 @@ def test_every_setting_is_read_by_some_stage() -> None:
     ]
     assert unread == []
     assert "infer.temperature" in list(_settings(Config)) and "train.stage1.blr" in list(_settings(Config))
+
+
+def test_serve_cache_still_means_the_cache_setting() -> None:
+    """An older config's `serve.cache` is `infer.use_cache`, the one cache setting of every command."""
+    assert load_config(None, ["serve.cache=true"]).infer.use_cache is True
+    assert load_config(None, ["serve.cache=true", "infer.use_cache=false"]).infer.use_cache is False
+    assert load_config(None).infer.use_cache is False

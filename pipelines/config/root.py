@@ -46,6 +46,17 @@ class Config(Section):
 
     _absolute_workspace = field_validator("workspace")(absolute)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _serve_cache(cls, data: Any) -> Any:
+        # `serve.cache` (before infer.use_cache was every command's cache setting) still means infer.use_cache.
+        serve = data.get("serve") if isinstance(data, dict) else None
+        if isinstance(serve, dict) and "cache" in serve:
+            serve, infer = dict(serve), dict(data.get("infer") or {})
+            infer.setdefault("use_cache", serve.pop("cache"))
+            data = {**data, "serve": serve, "infer": infer}
+        return data
+
     @model_validator(mode="after")
     def _unique_sources(self) -> Config:
         names = [s.name for s in self.sources]
