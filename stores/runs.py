@@ -22,12 +22,19 @@ class RunRecord(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    status: str = "running"  # running, complete (every step), stopped (max_steps reached first)
+    status: str = "running"  # running, complete (every planned step), stopped (max_steps reached first)
     attempts: int = 0
     job: dict[str, Any] = Field(default_factory=dict, description="the training job: inputs, sizes, settings")
     checkpoint: str | None = Field(None, description="the final checkpoint, relative to the run's folder")
     steps: int | None = None
     final_loss: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        """Complete with every planned step done (a record of before `stopped` existed may say `complete` after
+        its `max_steps`: not finished)."""
+        planned = self.job.get("total_steps")
+        return self.status == "complete" and not (self.steps is not None and planned and self.steps < planned)
 
     def get(self, key: str, default: Any = None) -> Any:
         """A field of the run's job (tokenizer, base_llama, encoder_id, feature_files, holdout, seed, ...)."""
@@ -112,7 +119,7 @@ class Runs:
         """The checkpoint of the newest complete run, a location of `ws`; None when no run completed."""
         for run_id in reversed(self.run_ids()):
             rec = self.record(run_id)
-            if rec is not None and rec.status == "complete" and rec.checkpoint:
+            if rec is not None and rec.finished and rec.checkpoint:
                 return in_run(self.ws, self.run_folder(run_id), rec.checkpoint)
         return None
 

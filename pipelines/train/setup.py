@@ -65,9 +65,11 @@ def resolve_job(
         instruction_files = assets.stage2_data(cfg, ws)
         if not instruction_files:
             raise InputError("train.stage2.data lists no instruction files (Alpaca, ShareGPT, LLaVA, cc_sbu_align)")
+        chosen = "given" if init else "the newest complete stage-1 run"
         init = init or Runs.of_stage(ws, 1).newest_complete()
         if init is None:
             raise InputError("stage 2 starts from a stage-1 checkpoint: run `ibllm train --stage 1` first")
+        log.info("stage 2 starts from %s (%s)", init, chosen)
         feature_parts = _all_feature_parts(ws, encoder_id)
         examples = len(
             instruction_examples(

@@ -45,14 +45,21 @@ class TrainResult(BaseModel):
     resumed_from: int | None
     losses: list[float]
     seconds: float
+    status: str = "complete"  # complete (every planned step) or stopped (--max-steps: not chosen by default)
 
     def summary(self) -> str:
         resumed = f", resumed at step {self.resumed_from}" if self.resumed_from else ""
-        return (
+        text = (
             f"stage {self.stage} run {self.run_id}: {self.steps}/{self.total_steps} steps on {self.workers} "
             f"worker(s){resumed}, loss {self.first_loss:.4f} -> {self.final_loss:.4f}; checkpoint "
             f"{self.checkpoint}"
         )
+        if self.status == "stopped":
+            text += (
+                f"\nstopped at step {self.steps} of {self.total_steps}: not used by default until complete; "
+                f"`ibllm train --stage {self.stage} --resume` continues it"
+            )
+        return text
 
 
 def stage_config(cfg: Config, stage: int) -> StageConfig:
@@ -84,6 +91,8 @@ def run(
     run_id = (runs.run_ids() or [None])[-1] if resume else None
     if resume and run_id is None:
         log.warning("no earlier stage %d run to resume: starting a new one", stage)
+    elif resume and runs.latest(run_id) is None:
+        log.warning("stage %d run %s has no checkpoint yet: it starts again at step 0", stage, run_id)
     run_id = run_id or time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
     job = resolve_job(cfg, ws, stage, run_id, max_steps, init=init)
     if reuse and not resume:
@@ -122,7 +131,8 @@ def _attempt(cfg: Config, ws: Workspace, job: Job, local: bool, start: float) ->
     result = _result(ws, job, 1 if local else sc.workers, resumed_from, time.perf_counter() - start)
     if result is None:
         raise RuntimeError(f"stage {stage} run {run_id} ended without a checkpoint")
-    status = "complete" if result.steps >= min(job.total_steps, job.max_steps or job.total_steps) else "stopped"
+    status = "complete" if result.steps >= job.total_steps else "stopped"  # --max-steps: stopped, never a default
+    result.status = status
     runs.finish(
         run_id,
         RunRecord(status=status, attempts=attempt, job=job.record(), steps=result.steps, final_loss=result.final_loss),

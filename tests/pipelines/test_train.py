@@ -289,3 +289,24 @@ def test_evaluate_reports_held_out_loss_and_the_grounding_gap_into_the_catalog(t
     assert rows == [{"run_id": trained.run_id, "loss": result.loss, "grounding_gap": result.grounding_gap}] * 2
     with pytest.raises(InputError, match="no complete stage-2 run"):
         evaluate.run(cfg, 2)
+
+
+def test_a_max_steps_run_is_stopped_never_a_default_until_resumed(tmp_path: Path) -> None:
+    """`--max-steps` stops a run early: it is `stopped`, nothing picks it by default, and --resume completes it."""
+    from pipelines.runtime import checkpoints
+    from stores.runs import RunRecord, Runs
+
+    cfg = train_config(tmp_path, epochs=1)
+    ws, runs = Workspace(cfg.workspace), Runs.of_stage(Workspace(cfg.workspace), 1)
+    first = train.run(cfg, 1, local=True, max_steps=2)
+    assert (first.status, first.steps) == ("stopped", 2) and first.total_steps > 2
+    assert f"stopped at step 2 of {first.total_steps}" in first.summary() and "--resume" in first.summary()
+    assert runs.record(first.run_id).status == "stopped" and runs.newest_complete() is None
+    with pytest.raises(InputError, match="no trained checkpoint"):
+        checkpoints.choose(ws)
+    done = train.run(cfg, 1, resume=True, local=True)
+    assert (done.run_id, done.status, done.resumed_from) == (first.run_id, "complete", 2)
+    assert checkpoints.choose(ws) == runs.newest_complete() == done.checkpoint
+    # a record written before `stopped` existed said `complete` after its --max-steps: it is not finished either
+    old = RunRecord(status="complete", steps=2, job={"total_steps": first.total_steps}, checkpoint="x")
+    assert not old.finished and RunRecord(status="complete", steps=9, job={"total_steps": 9}).finished
