@@ -164,8 +164,9 @@ class Engine:
         out = self.drain(on_token)
         return [out[i] for i in ids]
 
-    def drain(self, on_token: TokenCallback | None = None) -> dict[int, list[int]]:
-        """Step until no request is left: request id -> its new token ids (of those that finished meanwhile)."""
+    def drain(self, on_token: TokenCallback | None = None, ends: dict[int, str] | None = None) -> dict[int, list[int]]:
+        """Step until no request is left: request id -> its new token ids (of those that finished meanwhile).
+        `ends` gets each finished request's reason: `stop` (EOS) or `length` (its token budget)."""
         out: dict[int, list[int]] = {}
         while self.pending():
             for event in self.step():
@@ -174,6 +175,8 @@ class Engine:
                     tokens.append(event.token)
                     if on_token is not None:
                         on_token(event.id, event.token)
+                if event.done and ends is not None:
+                    ends[event.id] = "stop" if event.token is None else "length"
         return out
 
     # ------------------------------------------------------------------ steps

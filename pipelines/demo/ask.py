@@ -15,6 +15,7 @@ from pipelines.demo import text as demo_text
 from pipelines.demo.synthetic import SyntheticSource
 from pipelines.errors import InputError
 from pipelines.runtime import loader
+from pipelines.runtime.answerer import Reply
 from pipelines.runtime.inputs import Request
 from pipelines.train.data import is_heldout
 from pipelines.train.setup import stage1_features
@@ -72,7 +73,7 @@ def run(cfg: Config, checkpoint: str) -> DemoAnswers:
         ]
         colour, sound = (_text(a) for a in answerer.answer_all(first))
         follow = Request(image=[image], prompt=shape_q, temperature=0.0, history=[(colour_q, colour)])
-        shape = answerer.answer(follow)  # the second turn of the conversation about the image
+        shape = answerer.answer(follow).text  # the second turn of the conversation about the image
         asked += [
             Asked(input=image, cache=cache, question=colour_q, answer=colour, truth=scene.color if scene else None),
             Asked(
@@ -83,10 +84,10 @@ def run(cfg: Config, checkpoint: str) -> DemoAnswers:
     return DemoAnswers(checkpoint=checkpoint, asked=asked)
 
 
-def _text(result: str | InputError) -> str:
+def _text(result: Reply | InputError) -> str:
     if isinstance(result, InputError):
         raise result
-    return result
+    return result.text
 
 
 def _heldout_image(cfg: Config, ws: Workspace) -> tuple[str, str]:

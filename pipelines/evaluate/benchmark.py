@@ -182,7 +182,7 @@ def run(
             given = answerer.answer_all([q.request for q in part])
             answers.add(
                 [
-                    {"qid": q.qid, "error": str(a)} if isinstance(a, InputError) else {"qid": q.qid, "answer": a}
+                    {"qid": q.qid, "error": str(a)} if isinstance(a, InputError) else {"qid": q.qid, "answer": a.text}
                     for q, a in zip(part, given, strict=True)
                 ]
             )

@@ -68,7 +68,7 @@ class Chat:
                 out.flush()
                 shown[0] = len(text)
 
-        answer = self.answerer.answer(request, stream)
+        answer = self.answerer.answer(request, stream).text
         if out is not None:
             out.write("\n")
             out.flush()

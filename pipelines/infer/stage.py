@@ -33,6 +33,7 @@ class Answer(BaseModel):
     weights: dict[str, float] = {}
     prompt: str | None = None
     answer: str | None = None
+    finish_reason: str | None = None  # stop (the model ended it) or length (cut by infer.max_new_tokens)
     error: str | None = None
     seconds: float = 0.0
     grounding: SerializeAsAny[BaseModel] | None = None  # with --ground: the answer's phrases found in its image
@@ -99,6 +100,15 @@ def run(
                     _annotate(annotate, entry)
                 answers.append(entry)
                 write(entry.model_dump_json(exclude_none=True))
+    cut = sum(a.finish_reason == "length" for a in answers)
+    if cut:
+        what = "the answer was" if len(answers) == 1 else f"{cut} of {len(answers)} answers were"
+        log.warning(
+            "%s cut at the token budget (finish_reason length): max_new_tokens (infer.max_new_tokens %d, "
+            "--max-new-tokens, or the request's own) or the model's max_seq_len",
+            what,
+            cfg.infer.max_new_tokens,
+        )
     return GenerateResult(
         checkpoint=loaded.checkpoint,
         trained_encoder_id=loaded.trained.encoder_id,
@@ -137,7 +147,7 @@ def _answer_chunk(answerer: Answerer, items: list[tuple[int | None, Request | In
                 raise result
             entry.error = f"line {number}: {result}"
         else:
-            entry.answer = result
+            entry.answer, entry.finish_reason = result.text, result.finish
         out.append(entry)
     return out
 

@@ -22,6 +22,14 @@ log = logging.getLogger(__name__)
 StreamCallback = Callable[[int, str], None]  # (index of the request, its answer so far)
 
 
+@dataclass(frozen=True)
+class Reply:
+    """An answer, and why it ended: `stop` (the model ended it) or `length` (cut by the token budget)."""
+
+    text: str
+    finish: str = "stop"
+
+
 @dataclass
 class Answerer:
     """The model's visual path, its tokenizer, the generation engine, and the encoder and cache when loaded.
@@ -111,9 +119,9 @@ class Answerer:
             raise InputError(f"prompt: {e}") from None
         return job, len(ids)
 
-    def answer_all(self, requests: Sequence[Request], stream: StreamCallback | None = None) -> list[str | InputError]:
+    def answer_all(self, requests: Sequence[Request], stream: StreamCallback | None = None) -> list[Reply | InputError]:
         """Every request's answer (or the InputError that stopped it), decoded together by the engine."""
-        out: list[str | InputError] = [InputError("not answered")] * len(requests)
+        out: list[Reply | InputError] = [InputError("not answered")] * len(requests)
         submitted: dict[int, int] = {}
         for i, req in enumerate(requests):
             try:
@@ -126,12 +134,13 @@ class Answerer:
             so_far.setdefault(job, []).append(token)
             stream(submitted[job], self.tokenizer.decode(so_far[job]))
 
-        tokens = self.engine.drain(on_token if stream is not None else None)
+        ends: dict[int, str] = {}
+        tokens = self.engine.drain(on_token if stream is not None else None, ends)
         for job, i in submitted.items():
-            out[i] = self.tokenizer.decode(tokens[job]).strip()
+            out[i] = Reply(self.tokenizer.decode(tokens[job]).strip(), ends.get(job, "stop"))
         return out
 
-    def answer(self, req: Request, stream: StreamCallback | None = None) -> str:
+    def answer(self, req: Request, stream: StreamCallback | None = None) -> Reply:
         """One request's answer; its error raised."""
         (result,) = self.answer_all([req], stream)
         if isinstance(result, InputError):

@@ -235,12 +235,16 @@ def test_infer_settings_are_the_defaults_of_generate(
 
     def answer(*args: str) -> str:
         assert main([*base, *args]) == 0
-        return json.loads(capfd.readouterr().out)["answers"][0]["answer"]
+        said = json.loads(capfd.readouterr().out)["answers"][0]
+        assert said["finish_reason"] in ("stop", "length")
+        return said["answer"]
 
     greedy = answer("--set", "infer.temperature=0", "--set", "infer.max_new_tokens=12")
     assert answer("--temperature", "0", "--max-new-tokens", "12") == greedy  # the flags are the same settings
     short = answer("--set", "infer.temperature=0", "--set", "infer.max_new_tokens=2")
     assert len(short) < len(greedy) and greedy.startswith(short.rstrip("\ufffd"))  # 2 byte tokens: cut mid-character
+    assert main([*base, "--set", "infer.temperature=0", "--set", "infer.max_new_tokens=2"]) == 0
+    assert json.loads(capfd.readouterr().out)["answers"][0]["finish_reason"] == "length"
     hot = {answer("--set", "infer.temperature=50", "--set", "infer.max_new_tokens=12", "--seed", s) for s in "123"}
     assert hot != {greedy}  # sampling far from greedy: the setting reached the engine
     assert main([*base, "--set", "infer.max_new_tokens=0"]) == 2
