@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 
 
 class InputError(ValueError):
@@ -11,3 +12,10 @@ class InputError(ValueError):
 
 # The storage's refusals of a write (full, read-only, no permission): what a rerun with room or rights completes.
 STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT})
+
+
+def folder_expected(what: str, path: str) -> str:
+    """The message for a benchmark's folder given as `path`: not found, or a file where the folder goes."""
+    if os.path.isfile(path):
+        return f"{path} is a file: the {what} benchmark takes its folder (--data DIR)"
+    return f"{what} folder not found: {path}"

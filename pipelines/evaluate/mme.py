@@ -8,7 +8,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
 from pipelines.config.names import MME_COGNITION, MME_PERCEPTION, MME_SUBTASKS
-from pipelines.errors import InputError
+from pipelines.errors import InputError, folder_expected
 
 # The folder names of MME_Benchmark_release_version (pipelines.config.names, where the config checks them too).
 PERCEPTION, COGNITION, SUBTASKS = MME_PERCEPTION, MME_COGNITION, MME_SUBTASKS
@@ -42,7 +42,7 @@ def read_mme(data_dir: str, subtasks: Sequence[str] | None = None) -> list[Quest
     each .txt line is `question<TAB>Yes|No`. Folders with other names are left alone.
     """
     if not os.path.isdir(data_dir):
-        raise InputError(f"MME folder not found: {data_dir}")
+        raise InputError(folder_expected("MME", data_dir))
     if subtasks is not None:
         unknown = [s for s in subtasks if s not in SUBTASKS]
         if unknown:

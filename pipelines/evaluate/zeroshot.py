@@ -18,7 +18,7 @@ from pydantic import BaseModel
 from model.imagebind.encoder import ImageBind
 from model.imagebind.point import farthest_points, seeded_starts
 from model.imagebind.point_files import PointCloudError, normalize_cloud, read_points
-from pipelines.errors import InputError
+from pipelines.errors import InputError, folder_expected
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +250,7 @@ def read_imagenet(root: str) -> LabelledSet:
     folder, or a classnames.txt whose line count is not the folder count.
     """
     if not os.path.isdir(root):
-        raise InputError(f"image folder not found: {root}")
+        raise InputError(folder_expected("image", root))
     root = os.path.abspath(root)
     folders = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     if not folders:
@@ -293,7 +293,7 @@ def read_esc50(root: str, folds: Sequence[int] | None = None) -> LabelledSet:
     listed file that does not exist, an unknown fold.
     """
     if not os.path.isdir(root):
-        raise InputError(f"ESC-50 folder not found: {root}")
+        raise InputError(folder_expected("ESC-50", root))
     root = os.path.abspath(root)
     table, audio_dir = os.path.join(root, ESC50_CSV), os.path.join(root, "audio")
     if not os.path.isfile(table):
@@ -362,7 +362,7 @@ def read_modelnet40(root: str, split: str = "test") -> LabelledSet:
     <class>_<number> or whose class is not a shape name, a listed cloud file that does not exist.
     """
     if not os.path.isdir(root):
-        raise InputError(f"ModelNet40 folder not found: {root}")
+        raise InputError(folder_expected("ModelNet40", root))
     root = os.path.abspath(root)
     names_path, split_path = os.path.join(root, MODELNET_SHAPES), os.path.join(root, f"modelnet40_{split}.txt")
     for path in (names_path, split_path):
