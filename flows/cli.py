@@ -20,7 +20,7 @@ from pipelines.config import Config, load_config, with_settings
 from pipelines.config.names import ZERO_SHOT
 from pipelines.console import quiet_console
 from pipelines.errors import InputError
-from pipelines.paths import ENCODER_PATHS, MODEL_PATHS, check_model_paths, check_workspace
+from pipelines.paths import ENCODER_PATHS, MODEL_PATHS, check_model_paths, check_workspace, is_url
 
 log = logging.getLogger("ibllm")
 Command = Callable[[Config, argparse.Namespace], BaseModel | None]
@@ -287,10 +287,15 @@ MODEL_INPUTS: dict[str, tuple[str, ...]] = {
     "demo": MODEL_PATHS,
 }
 NO_WORKSPACE = ("config", "convert")
+ANSWERING = ("generate", "chat", "serve")  # commands that answer with a model trained in an existing workspace
 
 
 def check_inputs(cfg: Config, command: str) -> None:
-    """Before a command runs: its local workspace can be created, and the model files it loads exist."""
+    """Before a command runs: its local workspace can be created (or, for a command that answers with a trained
+    model, exists: a mistyped --workspace is named, not created empty), and the model files it loads exist."""
+    local = not is_url(cfg.workspace)
+    if command in ANSWERING and local and not os.path.isdir(cfg.workspace):
+        raise InputError(f"workspace {cfg.workspace} does not exist: {command} answers with a model trained there")
     if command not in NO_WORKSPACE:
         check_workspace(cfg)
     check_model_paths(cfg, MODEL_INPUTS.get(command, ()))

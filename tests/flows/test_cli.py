@@ -49,6 +49,22 @@ def test_config_error_names_the_field(capsys: pytest.CaptureFixture[str]) -> Non
     assert "synthetic.count" in err and "-3" in err
 
 
+def test_setting_flags_and_a_missing_workspace(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A flag that is a setting fails as the setting does (exit 2, the field named); generate, chat and serve refuse
+    a workspace that does not exist instead of creating it empty."""
+    assert main(["serve", "--port", "70000"]) == 2
+    err = capsys.readouterr().err
+    assert "--port 70000" in err and "serve.port: Input should be less than or equal to 65535" in err
+    for command in ("generate", "chat", "serve"):
+        assert main([command, "--workspace", str(tmp_path / "mistyped")]) == 4
+        assert f"workspace {tmp_path / 'mistyped'} does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "mistyped").exists()
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())  # each setting flag names its field and the field's default
+    assert "(infer.temperature; default 0.1)" in shown and "(infer.max_new_tokens; default 256)" in shown
+
+
 def test_config_command_prints_resolved_yaml_on_stdout(tmp_path: Path) -> None:
     proc = run_cli("config", "--workspace", str(tmp_path), "--set", "index.cache_k=4")
     assert proc.returncode == 0, proc.stderr
