@@ -125,7 +125,7 @@ def test_vqa_and_captions_run_and_bad_layouts_name_the_path(trained, tmp_path: P
     assert caps.rows[0].subtask == "all" and caps.rows[0].bleu4 is not None and caps.questions == 4
     with pytest.raises(InputError, match="does not exist"):
         benchmark.run(on, "mme", str(tmp_path / "nowhere"))
-    with pytest.raises(InputError, match="set.jsonl is a file: the MME benchmark takes its folder"):
+    with pytest.raises(InputError, match=r"set\.jsonl is a file: the MME benchmark takes its folder"):
         benchmark.run(on, "mme", str(tmp_path / "set.jsonl"))
     with pytest.raises(InputError, match=f"{tmp_path}: no MME subtask folder"):
         benchmark.run(on, "mme", str(tmp_path))
