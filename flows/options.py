@@ -80,7 +80,13 @@ def settings_given(flags: list[Flag], args: argparse.Namespace) -> dict[str, Any
 POINT_FILES = "a 3D point-cloud file: .npy, .pt, .ply, .pcd, .xyz, .pts or .obj"
 
 COMMON = [
-    flag("-c", "--config", help="YAML config (default: the packaged configs/demo.yaml)"),
+    flag(
+        "-c",
+        "--config",
+        action="append",
+        help="YAML config or a packaged one's name (default: the packaged configs/demo.yaml); repeat it to lay "
+        "files one over the next, e.g. -c demo -c mine.yaml",
+    ),
     flag(
         "--set",
         dest="overrides",

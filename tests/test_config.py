@@ -196,3 +196,23 @@ def test_serve_cache_still_means_the_cache_setting() -> None:
     assert load_config(None, ["serve.cache=true"]).infer.use_cache is True
     assert load_config(None, ["serve.cache=true", "infer.use_cache=false"]).infer.use_cache is False
     assert load_config(None).infer.use_cache is False
+
+
+def test_a_small_file_layers_over_a_whole_config(tmp_path: Path) -> None:
+    """A file that sets a few keys is refused alone (the error says how to layer it), and layers over a whole
+    config by `extends:` or by repeating -c; sections merge key by key, later files win."""
+    small = tmp_path / "small.yaml"
+    small.write_text("train: {stage1: {workers: 2}}\n")
+    with pytest.raises(ConfigError, match=r"Field required(.|\n)*begin it with `extends: demo`"):
+        load_config(small)
+    demo = load_config(None)
+    layered = load_config(["demo", small])
+    assert layered.train.stage1.workers == 2 and layered.train.stage1.blr == demo.train.stage1.blr
+    assert layered.sources == demo.sources
+    (tmp_path / "mine.yaml").write_text("extends: demo\ntrain: {stage1: {workers: 2}}\nseed: 7\n")
+    (tmp_path / "more.yaml").write_text("extends: mine.yaml\nseed: 8\n")  # a path from the file's folder
+    more = load_config(tmp_path / "more.yaml", ["train.stage1.workers=3"])
+    assert (more.seed, more.train.stage1.workers, more.model) == (8, 3, demo.model)
+    (tmp_path / "loop.yaml").write_text("extends: loop.yaml\n")
+    with pytest.raises(ConfigError, match="comes back to itself"):
+        load_config(tmp_path / "loop.yaml")

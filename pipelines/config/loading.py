@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,36 @@ def format_validation_error(err: ValidationError, origin: str) -> str:
         got = f" (got {e['input']!r})" if e["type"] != "missing" and not isinstance(e["input"], dict) else ""
         lines.append(f"{origin}: {_dotted(e['loc'])}: {e['msg']}{got}")
     return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+LAYERING = (
+    "a file that sets only some keys layers over a whole one: begin it with `extends: demo` (a packaged config's "
+    "name, or a path from the file's folder), or give both, `-c demo -c FILE`"
+)
+
+
+def merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` laid on `base`: sections merge key by key, any other value (lists included) replaces the base's."""
+    out = dict(base)
+    for key, value in over.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = merged(out[key], value) if both else value
+    return out
+
+
+def _read_layered(path: str | Path | None, seen: tuple[str, ...] = ()) -> tuple[dict[str, Any], str]:
+    """A config file with what its `extends:` names beneath it (recursively), and where it came from."""
+    data, origin = _read_yaml(path)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data, origin
+    if not isinstance(parent, str) or not parent:
+        raise ConfigError(f"{origin}: extends: a packaged config's name or a file's path, got {parent!r}")
+    if origin in seen:
+        raise ConfigError(f"{origin}: extends {parent!r} comes back to itself ({' -> '.join(seen)})")
+    beside = Path(path).parent / parent if path is not None else None
+    base, base_origin = _read_layered(beside if beside is not None and beside.is_file() else parent, (*seen, origin))
+    return merged(base, data), f"{origin} over {base_origin}"
 
 
 def _read_yaml(path: str | Path | None) -> tuple[dict[str, Any], str]:
@@ -123,10 +153,18 @@ def _list_index(items: list[Any], part: str, override: str) -> int:
     raise ConfigError(f"{override}: no list item {part!r} (use an index or an item's name)")
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read, override and validate a config; raise ConfigError naming the file and field on any problem."""
-    data, origin = _read_yaml(path)
-    return _validate(data, origin, overrides)
+def load_config(path: str | Path | Sequence[str | Path] | None = None, overrides: list[str] | None = None) -> Config:
+    """Read, override and validate a config; raise ConfigError naming the file and field on any problem.
+
+    `path` is a file or a packaged config's name (None: the packaged demo config), or several of them laid one over
+    the next (`-c demo -c mine.yaml`); a file's `extends:` puts the config it names beneath it.
+    """
+    layers = [path] if path is None or isinstance(path, str | Path) else list(path) or [None]
+    data, origins = {}, []
+    for layer in layers:
+        more, origin = _read_layered(layer)
+        data, origins = merged(data, more), [*origins, origin]
+    return _validate(data, " + ".join(origins), overrides)
 
 
 def resolve_config(config: Config | str | Path | None, overrides: list[str] | None = None) -> Config:
@@ -144,4 +182,6 @@ def _validate(data: dict[str, Any], origin: str, overrides: list[str] | None) ->
     try:
         return Config.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(format_validation_error(e, origin)) from None
+        message = format_validation_error(e, origin)
+        partial = any(err["type"] == "missing" for err in e.errors())
+        raise ConfigError(message + (f"\n  ({LAYERING})" if partial else "")) from None
