@@ -264,7 +264,7 @@ COMMANDS: dict[str, tuple[Command, str]] = {
     "train": (cmd_train, "train stage 1 or 2 with Ray Train on the cached features; --resume continues a run"),
     "evaluate": (cmd_evaluate, "held-out loss, perplexity and the visual-grounding gap of a checkpoint"),
     "retrain": (cmd_retrain, "extract, index and train on what is new; promote when at least as good; --force"),
-    "generate": (cmd_generate, "answer a prompt about images, audio, video, point clouds and text (or a JSONL batch of requests)"),
+    "generate": (cmd_generate, "answer about images, audio, video, point clouds and text (or a JSONL of requests)"),
     "imagine": (cmd_imagine, "draw images from images, audio, video, point clouds and text (Stable unCLIP)"),
     "chat": (cmd_chat, "a multi-turn conversation in the terminal about images, audio, video and point clouds"),
     "serve": (cmd_serve, "the HTTP API (OpenAI chat format, streaming) and a web chat page; --ray for Ray Serve"),
