@@ -111,6 +111,7 @@ def run(
     checkpoint = checkpoints.resolve(ws, given) if given else Runs.of_stage(ws, stage).newest_complete()
     if checkpoint is None:
         raise InputError(f"no complete stage-{stage} run to evaluate: run `ibllm train --stage {stage}` first")
+    log.info("evaluating %s (%s)", checkpoint, f"given: {given}" if given else f"the newest complete stage-{stage} run")
     trained = checkpoints.inspect(cfg, ws, checkpoint)
     model, tokenizer = checkpoints.load(cfg, ws, trained)
     made_by = trained.made_by

@@ -48,9 +48,15 @@ class Trained:
 
 def choose(ws: Workspace, given: str | None = None) -> str:
     """The checkpoint to answer with: `given` (`infer.checkpoint`), else the registry's promoted stage-2 checkpoint
-    (the model in service), else the newest complete stage-2 run, else stage-1's."""
+    (the model in service), else the newest complete stage-2 run, else stage-1's. Logs which, and why."""
+    path, why = _choice(ws, given)
+    log.info("checkpoint %s: %s", path, why)
+    return path
+
+
+def _choice(ws: Workspace, given: str | None) -> tuple[str, str]:
     if given:
-        return resolve(ws, given)
+        return resolve(ws, given), f"given ({given})"
     try:
         in_service = registry.promoted(ws)
     except OutsideWorkspace as e:  # a copied workspace whose promoted model was not copied with it
@@ -58,12 +64,12 @@ def choose(ws: Workspace, given: str | None = None) -> str:
         in_service = None
     if in_service is not None:
         if "://" in in_service.stage2_checkpoint or os.path.isdir(in_service.stage2_checkpoint):
-            return in_service.stage2_checkpoint
+            return in_service.stage2_checkpoint, f"the promoted model (stage-2 run {in_service.stage2_run_id})"
         log.warning("the promoted checkpoint %s is gone: using the newest complete run", in_service.stage2_checkpoint)
     for stage in (2, 1):
         found = Runs.of_stage(ws, stage).newest_complete()
         if found:
-            return found
+            return found, f"the newest complete stage-{stage} run (nothing promoted)"
     raise InputError(f"no trained checkpoint in {ws.url()}: run `ibllm train --stage 1` first (or give --checkpoint)")
 
 

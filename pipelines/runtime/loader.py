@@ -46,7 +46,7 @@ def load(cfg: Config, need_encoder: bool = True, slots: int | None = None, check
     ws = workspace(cfg)
     chosen = checkpoints.choose(ws, checkpoint or cfg.infer.checkpoint)
     trained = checkpoints.inspect(cfg, ws, chosen)
-    log.info("answering with %s", describe(chosen, trained))
+    log.info("answering with %s", describe(chosen, trained))  # what it is; `choose` logged why
     dev = resolve_device(cfg.infer.device)
 
     def load_encoder() -> tuple[ImageBind, CacheLookup | None]:
