@@ -157,7 +157,7 @@ def cmd_convert(cfg: Config, args: argparse.Namespace) -> BaseModel:
     if args.kind == "llama":
         return convert.llama(args.source, args.output, args.dtype, args.vocab_size, args.overwrite)
     if args.kind == "adapter":
-        return convert.adapter(args.source, args.output, args.vocab_size or 32000, args.overwrite)
+        return convert.adapter(args.source, args.output, args.vocab_size, args.overwrite)
     return convert.export(args.source, args.output, args.overwrite)
 
 

@@ -254,7 +254,7 @@ CONVERT = [
         "--vocab-size",
         type=int,
         help="LLaMA's vocabulary: llama, when params.json says -1 (default: the "
-        "embedding's rows); adapter (default 32000)",
+        "embedding's rows); adapter (default: what `convert export` recorded in the file, else 32000)",
     ),
     flag("--overwrite", action="store_true", help="replace an existing output (folder or file)"),
 ]

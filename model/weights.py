@@ -106,6 +106,15 @@ def file_digest(path: str, length: int = 12) -> str:
     return h.hexdigest()[:length]
 
 
+def staging_dir(parent: str) -> str:
+    """A new private-named folder in `parent` to write a result into before `replace_dir` puts it in place; its mode
+    follows the user's umask (tempfile.mkdtemp's is 0700, which the result would keep)."""
+    os.makedirs(parent, exist_ok=True)
+    path = os.path.join(parent, f".tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    os.mkdir(path)
+    return path
+
+
 def replace_dir(tmp: str | os.PathLike, directory: str | os.PathLike) -> None:
     """Put the finished folder `tmp` at `directory`, replacing what is there: readers see the old or the new one."""
     tmp, directory = os.fspath(tmp), os.fspath(directory)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,7 +17,7 @@ from transformers.utils import logging as hf_logging
 from model.llm.config import LLMConfig, config_from_llama
 from model.llm.model import ImageBindLLM, lora_config
 from model.llm.phases import phase_parameters
-from model.weights import CheckpointMismatch, check_state, replace_dir
+from model.weights import CheckpointMismatch, check_state, replace_dir, staging_dir
 
 FORMAT = "ibllm-imagebind-llm"
 VERSION = 1
@@ -54,9 +53,7 @@ def write_checkpoint(
     """config.json, adapter.safetensors (bind, prefix, gates, norms, biases) and lora/ (peft layout), atomically."""
     plain = {n: t.contiguous() for n, t in tensors.items() if not is_lora(n)}
     lora = {lora_file_name(n): t.contiguous() for n, t in tensors.items() if is_lora(n)}
-    parent = os.path.dirname(os.path.abspath(directory))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+    tmp = staging_dir(os.path.dirname(os.path.abspath(directory)))
     try:
         doc = {
             "format": FORMAT,
@@ -179,15 +176,21 @@ def from_pretrained(
 
     Without `llama`, the base is built with random weights (tests and shape checks only).
     """
-    config, tensors, _ = read_checkpoint(directory)
+    config, tensors, doc = read_checkpoint(directory)
     base = load_llama(llama, dtype) if isinstance(llama, str) else llama
     if base is not None:
         theirs = config_from_llama(base.config)
         for field in ("vocab_size", "dim", "n_layers", "n_heads", "intermediate_size"):
             if getattr(theirs, field) != getattr(config, field):
+                converted = (doc.get("metadata") or {}).get("converted_from")
+                hint = (
+                    f" (converted from {converted}: convert it again with --vocab-size {theirs.vocab_size})"
+                    if field == "vocab_size" and converted
+                    else ""
+                )
                 raise CheckpointMismatch(
                     f"{directory}: the checkpoint is for {field}={getattr(config, field)}, the base LLaMA "
-                    f"{llama if isinstance(llama, str) else 'given'} has {field}={getattr(theirs, field)}"
+                    f"{llama if isinstance(llama, str) else 'given'} has {field}={getattr(theirs, field)}{hint}"
                 )
     has_lora = any(is_lora(n) for n in tensors)
     model = ImageBindLLM(config, base, lora=has_lora)

@@ -14,9 +14,13 @@ from model.llm.config import LLMConfig
 from model.llm.convert_llama import permute_qk, unpermute_qk
 from model.llm.model import ImageBindLLM
 from model.llm.phases import phase_parameters
-from model.weights import CheckpointMismatch, check_state, read_state_dict
+from model.weights import CheckpointMismatch, check_state, load_weights_only, read_state_dict
 
 log = logging.getLogger(__name__)
+# What `export_official` records beside the official `model` tensors (the reference reads `model` only): the
+# vocabulary size and our checkpoint's metadata, which the official layout has no place for, so a round trip keeps them.
+EXPORT_INFO = "ibllm"
+RELEASED_VOCAB = 32000  # LLaMA's: the released 7B.pth was trained on it (its tensors do not say)
 
 # official per-layer suffix (after `llama.layers.N.`) <-> ours (after `llama.model.layers.N.`)
 _LAYER = {
@@ -156,19 +160,35 @@ def ours_to_official(tensors: Mapping[str, torch.Tensor], config: LLMConfig) -> 
     return dict(to_official(k, v, config) for k, v in tensors.items())
 
 
-def convert_official_adapter(path: str, directory: str, vocab_size: int = 32000) -> str:
-    """The released adapter file (e.g. `7B.pth`, read with weights_only) -> our checkpoint directory."""
+def convert_official_adapter(path: str, directory: str, vocab_size: int | None = None) -> str:
+    """The released adapter file (e.g. `7B.pth`, read with weights_only) -> our checkpoint directory. The vocabulary
+    is `vocab_size`, else what `export_official` recorded in the file, else LLaMA's 32000; so is the metadata."""
     state = strip_training_state(read_state_dict(path))
-    config = infer_config(state, vocab_size, origin=path)
+    info = export_info(path)
+    vocab = vocab_size or info.get("vocab_size") or RELEASED_VOCAB
+    config = infer_config(state, vocab, origin=path)
     tensors = official_to_ours(state, config, origin=path)
-    return write_checkpoint(directory, config, tensors, {"converted_from": os.path.abspath(path)})
+    metadata = {**(info.get("metadata") or {}), "converted_from": os.path.abspath(path)}
+    return write_checkpoint(directory, config, tensors, metadata)
+
+
+def export_info(path: str) -> dict:
+    """What `export_official` recorded beside the tensors of `path` (empty for a released file)."""
+    if not path.endswith((".pth", ".pt")):
+        return {}
+    doc = load_weights_only(path, mmap=True)
+    info = doc.get(EXPORT_INFO) if isinstance(doc, Mapping) else None
+    return dict(info) if isinstance(info, Mapping) else {}
 
 
 def export_official(directory: str, path: str) -> str:
-    """Our checkpoint directory -> a file in the official layout (`{"model": {...}}`, loadable by the reference)."""
-    config, tensors, _ = read_checkpoint(directory)
+    """Our checkpoint directory -> a file in the official layout (`{"model": {...}}`, loadable by the reference), with
+    its vocabulary size and metadata beside (EXPORT_INFO); missing parent folders are made."""
+    config, tensors, doc = read_checkpoint(directory)
     state = {k: v.contiguous() for k, v in ours_to_official(tensors, config).items()}
+    info = {"vocab_size": config.vocab_size, "metadata": doc.get("metadata") or {}}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save({"model": state}, tmp)
+    torch.save({"model": state, EXPORT_INFO: info}, tmp)
     os.replace(tmp, path)
     return path

@@ -93,8 +93,9 @@ def llama(
     )
 
 
-def adapter(source: str, output: str, vocab_size: int = 32000, overwrite: bool = False) -> ConvertResult:
-    """The released ImageBind-LLM adapter (`7B.pth`) -> our checkpoint directory (`vocab_size`: LLaMA's)."""
+def adapter(source: str, output: str, vocab_size: int | None = None, overwrite: bool = False) -> ConvertResult:
+    """The released ImageBind-LLM adapter (`7B.pth`) -> our checkpoint directory (`vocab_size`: LLaMA's; default
+    what `convert export` recorded in the file, else 32000)."""
     start = time.perf_counter()
     _refuse_existing(output, overwrite)
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 
 from flows.cli import main
 from model.llm.checkpoint import from_pretrained
+from model.weights import CheckpointMismatch
 from tests.model.meta_reference import meta_forward, meta_visual
 from tests.model.official_fixture import TINY, official_weights, reference_state, write_meta_llama
 
@@ -24,9 +26,23 @@ def test_convert_llama_adapter_export_round_trip(tmp_path: Path, capsys: pytest.
     assert json.loads(capsys.readouterr().out)["tensors"] == len(llama)
     assert (tmp_path / "hf" / "tokenizer.model").read_bytes() == b"sentencepiece model bytes"
     assert main(["convert", "adapter", str(tmp_path / "7B.pth"), str(tmp_path / "ours"), "--vocab-size", "96"]) == 0
-    assert main(["convert", "export", str(tmp_path / "ours"), str(tmp_path / "back.pth")]) == 0
-    back = torch.load(tmp_path / "back.pth", weights_only=True)["model"]
+    assert main(["convert", "export", str(tmp_path / "ours"), str(tmp_path / "new" / "back.pth")]) == 0  # made
+    back = torch.load(tmp_path / "new" / "back.pth", weights_only=True)["model"]
     assert back.keys() == adapter.keys() and all(torch.equal(back[k], adapter[k]) for k in adapter)
+    # and back again: the vocabulary and the metadata travel with the export; folders and files follow the umask
+    assert main(["convert", "adapter", str(tmp_path / "new" / "back.pth"), str(tmp_path / "again")]) == 0
+    again = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert again["config"]["vocab_size"] == 96 and again["metadata"]["converted_from"].endswith("back.pth")
+    first = json.loads((tmp_path / "ours" / "config.json").read_text())["metadata"]["converted_from"]
+    assert again["metadata"] == {"converted_from": str(tmp_path / "new" / "back.pth")} and first.endswith("7B.pth")
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert (tmp_path / "again").stat().st_mode & 0o777 == 0o777 & ~umask
+    assert (tmp_path / "again" / "config.json").stat().st_mode & 0o777 == 0o666 & ~umask
+    # a released file says nothing of the vocabulary: 32000, and a base with another names --vocab-size
+    assert main(["convert", "adapter", str(tmp_path / "7B.pth"), str(tmp_path / "llama32k")]) == 0
+    with pytest.raises(CheckpointMismatch, match=r"vocab_size=32000.*convert it again with --vocab-size 96"):
+        from_pretrained(str(tmp_path / "llama32k"), str(tmp_path / "hf"))
 
     # the converted pair runs as the reference does
     model = from_pretrained(str(tmp_path / "ours"), str(tmp_path / "hf")).eval()
