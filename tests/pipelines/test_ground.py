@@ -102,6 +102,11 @@ def test_cli_generate_ground(
     assert "--ground needs an open-vocabulary detector" in capfd.readouterr().err
     assert main([*base, "--image", f["jpg"], "--ground-out", str(out)]) == 4
     assert "--ground-threshold and --ground-out go with --ground" in capfd.readouterr().err
+    clip = Path(f["vocab"]).parent / "not-a-detector"  # refused before generating, whatever the answer names
+    clip.mkdir(exist_ok=True)
+    (clip / "config.json").write_text(json.dumps({"model_type": "clip"}))
+    assert main([*base, "--set", f"model.detector={clip}", "--ground", "--prompt", "Say hello."]) == 4
+    assert "holds a 'clip' model, not a supported detector" in capfd.readouterr().err
 
 
 def test_chat_completions_ground(trained: tuple[Config, dict[str, str], str], detector: str) -> None:  # noqa: F811
