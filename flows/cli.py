@@ -6,9 +6,7 @@ import argparse
 import contextlib
 import logging
 import os
-import signal
 import sys
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TextIO
 
@@ -16,6 +14,8 @@ from pydantic import BaseModel
 
 from flows import exits, options
 from flows.exits import BriefFormatter
+from flows.interrupts import Interrupts
+from pipelines import stop
 from pipelines.config import Config, load_config, with_settings
 from pipelines.config.names import ZERO_SHOT
 from pipelines.console import quiet_console
@@ -243,8 +243,7 @@ def cmd_serve(cfg: Config, args: argparse.Namespace) -> None:
 
 
 def _wait_for_interrupt(message: str) -> None:
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())  # before saying so: a quick SIGTERM must find the handler
+    """Until Ctrl-C or SIGTERM (the command then ends as asked: exit 0)."""
     log.info(message)
     with contextlib.suppress(KeyboardInterrupt):
         stop.wait()
@@ -342,6 +341,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `ibllm` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
     _configure_logging(args.verbose, args.debug)
+    with Interrupts().installed() as interrupts:
+        return _run(args, interrupts)
+
+
+def _run(args: argparse.Namespace, interrupts: Interrupts) -> int:
+    """The command, its result on stdout, and its exit status (130/143 when interrupted, saying what was kept)."""
     cfg = None
     try:
         cfg = load_config(args.config, args.overrides)
@@ -352,9 +357,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.out = out  # the real stdout, for a command that talks (chat)
             result = args.func(cfg, args)
     except KeyboardInterrupt:
-        print("ibllm: interrupted; committed shards are kept, a rerun goes on from there", file=sys.stderr)
-        return 130
+        print(f"ibllm: interrupted; {stop.kept()}", file=sys.stderr)
+        return interrupts.exit_code
     except Exception as e:
+        if stop.requested():  # a library's own handling of the signal (Ray Train aborting the run) raised this
+            print(f"ibllm: interrupted ({type(e).__name__}); {stop.kept()}", file=sys.stderr)
+            return interrupts.exit_code
         if args.debug and exits.exit_code(e) == exits.UNEXPECTED:
             raise
         print(f"ibllm: {exits.message(e, workspace=cfg.workspace if cfg else None)}", file=sys.stderr)

@@ -22,7 +22,7 @@ class RunRecord(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    status: str = "running"  # running, complete (every planned step), stopped (max_steps reached first)
+    status: str = "running"  # running, complete (every planned step), stopped (interrupted, max_steps), failed
     attempts: int = 0
     job: dict[str, Any] = Field(default_factory=dict, description="the training job: inputs, sizes, settings")
     checkpoint: str | None = Field(None, description="the final checkpoint, relative to the run's folder")
@@ -85,6 +85,11 @@ class Runs:
         """Record how an attempt ended (`record.status`) with its final checkpoint (a location in the run's folder)."""
         body = record.model_copy(update={"checkpoint": run_relative(self.ws, self.run_folder(run_id), checkpoint)})
         self._write(posixpath.join(self.run_folder(run_id), RUN_FILE), body)
+
+    def end(self, run_id: str, status: str) -> None:
+        """Record that an attempt ended without finishing: `stopped` (interrupted) or `failed`."""
+        rec = self.record(run_id) or RunRecord()
+        self._write(posixpath.join(self.run_folder(run_id), RUN_FILE), rec.model_copy(update={"status": status}))
 
     def latest(self, run_id: str) -> StepPointer | None:
         """The newest committed checkpoint of a run, its path a location of `ws`; None before the first."""

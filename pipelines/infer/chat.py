@@ -9,6 +9,7 @@ from typing import TextIO
 
 from pydantic import BaseModel
 
+from pipelines import stop
 from pipelines.config import Config
 from pipelines.errors import InputError
 from pipelines.runtime import loader
@@ -63,6 +64,7 @@ class Chat:
         shown = [0]
 
         def stream(_: int, text: str) -> None:
+            stop.check()  # Ctrl-C cancels this answer (run() goes back to the prompt)
             if out is not None and len(text) > shown[0]:
                 out.write(text[shown[0] :].lstrip() if shown[0] == 0 else text[shown[0] :])
                 out.flush()
@@ -94,7 +96,12 @@ def run(chat: Chat, lines: Iterable[str], out: TextIO, prompt: str = "you> ") ->
     """Read questions and commands from `lines`, write the answers to `out`; errors are shown, not fatal."""
     out.write(f"[chatting; /help lists the commands; inputs: {chat._about()}]\n{prompt}")
     out.flush()
-    for raw in lines:
+    given = iter(lines)
+    while True:
+        with stop.at_once():  # Ctrl-C at the prompt ends the chat; while an answer streams it cancels the answer
+            raw = next(given, None)
+        if raw is None:
+            break
         line = raw.strip()
         try:
             if not line:
@@ -115,6 +122,9 @@ def run(chat: Chat, lines: Iterable[str], out: TextIO, prompt: str = "you> ") ->
                 chat.ask(line, out)
         except InputError as e:
             out.write(f"[error: {e}]\n")
+        except stop.Stopped:  # Ctrl-C while an answer streamed: that answer is dropped, the chat goes on
+            stop.clear()
+            out.write("\n[answer cancelled]\n")
         out.write(prompt)
         out.flush()
     out.write("\n")

@@ -135,7 +135,12 @@ class Answerer:
             stream(submitted[job], self.tokenizer.decode(so_far[job]))
 
         ends: dict[int, str] = {}
-        tokens = self.engine.drain(on_token if stream is not None else None, ends)
+        try:
+            tokens = self.engine.drain(on_token if stream is not None else None, ends)
+        except BaseException:  # interrupted (a chat's Ctrl-C): the engine is left with no request of these
+            for job in submitted:
+                self.engine.cancel(job)
+            raise
         for job, i in submitted.items():
             out[i] = Reply(self.tokenizer.decode(tokens[job]).strip(), ends.get(job, "stop"))
         return out

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
 import tempfile
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import uvicorn
 from fastapi import FastAPI
 
+from pipelines import stop
 from pipelines.apps.ground import Grounder, GroundOptions
 from pipelines.config import Config
 from pipelines.runtime import loader
@@ -72,10 +76,25 @@ def model_name(checkpoint: str, made_by: dict) -> str:
     return parts[-1] if parts else checkpoint
 
 
+class _StopServer(uvicorn.Server):
+    """uvicorn, stopped by the command line's signal watcher (`pipelines.stop`) instead of its own handlers, which
+    would raise the signal again once shut down (and the watcher would take it for a second Ctrl-C)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        def stop_when_asked() -> None:
+            while not self.should_exit and not stop.wait(0.2):
+                pass
+            self.should_exit = True
+
+        threading.Thread(target=stop_when_asked, name="ibllm-serve-stop", daemon=True).start()
+        yield
+
+
 def run(cfg: Config, sock: socket.socket | None = None) -> None:
     """Serve until interrupted (Ctrl-C or SIGTERM) on serve.host:serve.port, or on an already bound `sock`."""
     served = build(cfg)
-    server = uvicorn.Server(
+    server = (_StopServer if stop.is_watched() else uvicorn.Server)(
         uvicorn.Config(
             served.app, host=cfg.serve.host, port=cfg.serve.port, log_level="warning", timeout_graceful_shutdown=5
         )

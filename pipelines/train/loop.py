@@ -16,6 +16,7 @@ from torch import nn
 
 from model.llm.model import ImageBindLLM
 from model.llm.phases import phase_parameters, set_phase
+from pipelines import stop
 from pipelines.console import Progress
 from pipelines.train.compute import Compute, prepare_compute
 from pipelines.train.data import Micro
@@ -78,6 +79,7 @@ def train(
     first = state.step + 1  # its line says the run is under way
     stream = batches(state.step)
     while state.step < end:
+        stop.check()  # Ctrl-C: between steps, the newest checkpoint is where --resume goes on
         start = time.perf_counter()
         micros = next(stream)
         lr = set_lr(run.optimizer, state.step, hyper)

@@ -15,6 +15,7 @@ import torch
 from pydantic import BaseModel
 
 from model.llm.phases import STAGE_PHASE
+from pipelines import stop
 from pipelines.config import Config, StageConfig
 from pipelines.console import interval, polling
 from pipelines.errors import InputError
@@ -124,10 +125,16 @@ def _attempt(cfg: Config, ws: Workspace, job: Job, local: bool, start: float) ->
         1 if local else sc.workers,
         f", resuming at step {resumed_from}" if resumed_from else "",
     )
-    if local:
-        worker_main({"job": job, "session": "local", "resume": resume})
-    else:
-        _fit_with_ray(cfg, job, attempt, resume)
+    try:
+        with stop.note(lambda: resume_note(ws, job)):
+            if local:
+                worker_main({"job": job, "session": "local", "resume": resume})
+            else:
+                _fit_with_ray(cfg, job, attempt, resume)
+            stop.check()  # Ray Train aborts a run on Ctrl-C and returns: the run stopped, it did not end
+    except BaseException as e:  # the record says how the attempt ended: never `running` after it ended
+        runs.end(run_id, "stopped" if isinstance(e, KeyboardInterrupt) or stop.requested() else "failed")
+        raise
     result = _result(ws, job, 1 if local else sc.workers, resumed_from, time.perf_counter() - start)
     if result is None:
         raise RuntimeError(f"stage {stage} run {run_id} ended without a checkpoint")
@@ -139,6 +146,15 @@ def _attempt(cfg: Config, ws: Workspace, job: Job, local: bool, start: float) ->
         result.checkpoint,
     )
     return result
+
+
+def resume_note(ws: Workspace, job: Job) -> str:
+    """What an interrupted run keeps and how to continue it."""
+    latest = Runs.of_stage(ws, job.stage).latest(job.run_id)
+    resume = f"`ibllm train --stage {job.stage} --resume`"
+    if latest is None:
+        return f"stage {job.stage} run {job.run_id} stopped before its first checkpoint; {resume} starts it again"
+    return f"stage {job.stage} run {job.run_id} stopped; {resume} continues from step {latest.step}"
 
 
 def _result(ws: Workspace, job: Job, workers: int, resumed_from: int | None, seconds: float) -> TrainResult | None:

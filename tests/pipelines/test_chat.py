@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import pytest
 from flows.cli import main
 from model.llm.chat import chat_prompt
 from model.llm.generate import Sampling, generate_ids
+from pipelines import stop
 from pipelines.config import with_settings
 from pipelines.errors import InputError
 from pipelines.infer import chat
@@ -148,6 +150,18 @@ def test_a_scripted_chat(trained, tmp_path: Path, capfd: pytest.CaptureFixture[s
         ),
     )
     assert f"ibllm> {first.answers[0].answer}\n" in text and f"ibllm> {second.answers[0].answer}\n" in text
+
+    # Ctrl-C while an answer streams (the watcher's stop request) drops that answer; the chat goes on
+    def interrupted_once() -> Iterator[str]:
+        stop.request()
+        yield "Name a colour."
+        yield "Name a colour."
+
+    session = chat.Chat(answerer, Request(temperature=0.0, max_new_tokens=5))
+    out = io.StringIO()
+    result = chat.run(session, interrupted_once(), out)
+    assert "[answer cancelled]" in out.getvalue() and not stop.requested()
+    assert [q for q, _ in result.turns] == ["Name a colour."] and answerer.engine.active == answerer.engine.waiting == 0
     # the command itself: questions on stdin, answers on stdout
     monkeypatch.setattr("sys.stdin", io.StringIO(f"{TURNS[0][0]}\n/quit\n"))
     args = [
