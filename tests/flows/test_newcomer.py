@@ -30,6 +30,7 @@ def test_each_stage_names_the_command_to_run_first(tmp_path: Path) -> None:
 
 
 def test_generate_refuses_weights_without_their_input(tmp_path: Path) -> None:
+    (tmp_path / "workspace").mkdir()  # generate refuses a workspace that does not exist first
     proc = run_cli("generate", "--image", "x.jpg", "--weight", "audio=0.5", "--prompt", "hi", cwd=tmp_path)
     assert proc.returncode == 4 and "weight audio=0.5 given, but no audio input" in proc.stderr
     with pytest.raises(InputError, match="weight audio=1 given, but no audio input"):
