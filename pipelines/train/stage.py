@@ -7,6 +7,7 @@ import json
 import logging
 import posixpath
 import secrets
+import threading
 import time
 from dataclasses import replace
 from typing import Any
@@ -202,7 +203,31 @@ def _fit_with_ray(cfg: Config, job: Job, attempt: int, resume: str | None) -> No
     )
     waiting = f"stage {job.stage}: Ray Train is starting {sc.workers} worker(s)"
     with relay_progress(ws, ws.checkpoints(f"stage{job.stage}", job.run_id, PROGRESS_FILE), waiting=waiting):
-        trainer.fit()
+        _fit_until_stopped(trainer)
+
+
+def _fit_until_stopped(trainer: Any) -> None:
+    """`trainer.fit()` in a thread of its own, the main thread checking for a stop (Ctrl-C) meanwhile.
+
+    In the main thread Ray Train would install a SIGINT handler of its own, which ends the process from inside the
+    handler (exit 1, nothing said). Stopped here, the run's workers end with this driver; its committed checkpoints
+    are kept, and --resume goes on from the newest.
+    """
+    failed: list[BaseException] = []
+
+    def fit() -> None:
+        try:
+            trainer.fit()
+        except BaseException as e:  # handed to the main thread
+            failed.append(e)
+
+    thread = threading.Thread(target=fit, name="ibllm-ray-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.2)
+        stop.check()
+    if failed:
+        raise failed[0]
 
 
 def _run_storage(ws: Workspace, job: Job) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 from pipelines.train import stage as train
@@ -77,15 +78,27 @@ def test_a_command_that_never_checks_is_interrupted_then_forced() -> None:
     assert seconds < 5
 
 
-def test_ctrl_c_stops_training_between_steps_and_resume_goes_on(tmp_path: Path) -> None:
-    """`ibllm train` stops at the step after Ctrl-C (exit 130, saying where --resume goes on), the run is recorded
-    `stopped`, and --resume continues from its newest checkpoint to the end."""
+@pytest.mark.parametrize("where", ["--local", "ray"])
+def test_ctrl_c_stops_training_and_resume_goes_on(tmp_path: Path, where: str) -> None:
+    """`ibllm train` stops after Ctrl-C (in this process: at the next step; on Ray Train: its workers end with the
+    driver) with exit 130, saying where --resume goes on; the run is recorded `stopped`, and --resume continues from
+    its newest checkpoint to the end."""
     cfg = train_config(tmp_path, checkpoint_every_steps=5, epochs=30)
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     runs = Runs.of_stage(Workspace(cfg.workspace), 1)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "train", "--stage", "1", "--local", "-c", str(config)],
+        [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "train",
+            "--stage",
+            "1",
+            *([where] if where == "--local" else []),
+            "-c",
+            str(config),
+        ],
         cwd=tmp_path,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
