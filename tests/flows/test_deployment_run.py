@@ -22,6 +22,7 @@ from prefect.deployments import run_deployment
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from tests.e2e.test_demo import SMALL_TRAINING
+from tests.flows.test_deployments import DEPLOYMENTS
 
 ROOT = Path(__file__).resolve().parents[2]
 PREFECT = [sys.executable, "-m", "prefect"]
@@ -91,17 +92,7 @@ def test_pipeline_deployment_runs_on_a_worker(server: dict[str, str], tmp_path: 
     _prefect(env, "work-pool", "create", "ibllm", "--type", "process")
     _prefect(env, "--no-prompt", "deploy", "--all")
     listed = _prefect(env, "deployment", "ls")
-    for name in (
-        "pipeline",
-        "curate",
-        "extract",
-        "index",
-        "report",
-        "train-stage1",
-        "train-stage2",
-        "evaluate",
-        "retrain",
-    ):
+    for name in DEPLOYMENTS:
         assert name in listed, listed
     worker = _start([*PREFECT, "worker", "start", "--pool", "ibllm", "--limit", "1"], env, tmp_path / "worker.log")
     ws = tmp_path / "ws"

@@ -11,6 +11,17 @@ from prefect.flows import Flow, load_flow_from_entrypoint
 from pipelines.config import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
+DEPLOYMENTS = (
+    "pipeline",
+    "curate",
+    "extract",
+    "index",
+    "report",
+    "train-stage1",
+    "train-stage2",
+    "evaluate",
+    "retrain",
+)
 
 
 @pytest.mark.parametrize(
@@ -39,17 +50,7 @@ def test_the_retrain_deployment_runs_weekly_on_the_config_schedule_one_at_a_time
     assert dep["schedules"] == [{"cron": cfg.retrain.cron, "timezone": cfg.retrain.timezone}]
     assert dep["concurrency_limit"] == 1
     names = {d["name"] for d in spec["deployments"]}
-    assert {
-        "pipeline",
-        "curate",
-        "extract",
-        "index",
-        "report",
-        "train-stage1",
-        "train-stage2",
-        "evaluate",
-        "retrain",
-    } <= names
+    assert set(DEPLOYMENTS) <= names
 
 
 def test_retrain_serve_schedules_the_config_cron_in_its_timezone() -> None:

@@ -24,18 +24,13 @@ from pipelines.train import stage as train
 from stores import registry
 from stores.workspace import Workspace
 from tests.pipelines.test_benchmark import mme_folder
+from tests.pipelines.test_demo_stages import TINY_STAGE0
 from tests.pipelines.train_fixture import train_config
 
 # a tiny stage-0 base of the synthetic language, a few steps per stage, trained in this process (no Ray Train);
 # uids hash the URL, whose port changes per run: 40% held out makes fewer than 2 held-out images of ~27 unlikely (1e-5)
 TRAINING = [
-    "train.stage0.dim=32",
-    "train.stage0.n_layers=2",
-    "train.stage0.intermediate_size=64",
-    "train.stage0.steps=80",
-    "train.stage0.texts=300",
-    "train.stage0.batch_size=8",
-    "train.stage0.lr=0.01",
+    *TINY_STAGE0,
     "train.stage1.global_batch_size=4",
     "train.stage1.epochs=2",
     "train.stage1.warmup_epochs=0",

@@ -20,7 +20,7 @@ from pipelines.infer import stage as infer
 from pipelines.runtime import checkpoints, loader
 from pipelines.runtime.inputs import Request, parse_history, read_history
 from stores.workspace import Workspace
-from tests.pipelines.test_infer import GREEDY, trained  # noqa: F401 (the module's fixture)
+from tests.pipelines.test_infer import GREEDY, cli, trained  # noqa: F401 (the module's fixture)
 
 TURNS = [("What colour is the shape?", "The shape is red."), ("What shape is it?", "It is a circle.")]
 
@@ -77,17 +77,7 @@ def test_a_batch_answers_as_one_by_one(trained, tmp_path: Path) -> None:  # noqa
 
 def test_the_cli_takes_a_history_file(trained, tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:  # noqa: F811
     cfg, f, _ = trained
-    base = [
-        "generate",
-        "--workspace",
-        cfg.workspace,
-        "--set",
-        f"model.tokenizer_path={cfg.model.tokenizer_path}",
-        "--temperature",
-        "0",
-        "--max-new-tokens",
-        "5",
-    ]
+    base = cli(cfg, "generate", "--temperature", "0", "--max-new-tokens", "5")
     history = tmp_path / "so-far.json"
     history.write_text(
         json.dumps([{"role": "user", "content": TURNS[0][0]}, {"role": "assistant", "content": TURNS[0][1]}])
@@ -164,18 +154,6 @@ def test_a_scripted_chat(trained, tmp_path: Path, capfd: pytest.CaptureFixture[s
     assert [q for q, _ in result.turns] == ["Name a colour."] and answerer.engine.active == answerer.engine.waiting == 0
     # the command itself: questions on stdin, answers on stdout
     monkeypatch.setattr("sys.stdin", io.StringIO(f"{TURNS[0][0]}\n/quit\n"))
-    args = [
-        "chat",
-        "--workspace",
-        cfg.workspace,
-        "--set",
-        f"model.tokenizer_path={cfg.model.tokenizer_path}",
-        "--image",
-        f["jpg"],
-        "--temperature",
-        "0",
-        "--max-new-tokens",
-        "5",
-    ]
+    args = cli(cfg, "chat", "--image", f["jpg"], "--temperature", "0", "--max-new-tokens", "5")
     assert main(args) == 0
     assert f"ibllm> {first.answers[0].answer}\n" in capfd.readouterr().out

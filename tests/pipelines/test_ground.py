@@ -17,7 +17,7 @@ from pipelines.config import Config, with_settings
 from pipelines.errors import InputError
 from pipelines.serve import stage as serve
 from tests.model.tiny_detectors import owlv2_folder
-from tests.pipelines.test_infer import trained  # noqa: F401 (the module's fixture)
+from tests.pipelines.test_infer import cli, trained  # noqa: F401 (the module's fixture)
 
 
 @pytest.fixture(scope="module")
@@ -64,17 +64,7 @@ def test_cli_generate_ground(
 ) -> None:
     cfg, f, _ = trained
     out = Path(f["vocab"]).parent / "grounded.png"
-    base = [
-        "generate",
-        "--workspace",
-        cfg.workspace,
-        "--set",
-        f"model.tokenizer_path={cfg.model.tokenizer_path}",
-        "--temperature",
-        "0",
-        "--max-new-tokens",
-        "5",
-    ]
+    base = cli(cfg, "generate", "--temperature", "0", "--max-new-tokens", "5")
     grounded = [*base, "--set", f"model.detector={detector}", "--ground", "--ground-threshold", "0"]
     assert main([*grounded, "--image", f["jpg"], "--ground-out", str(out), "--json"]) == 0
     answer = json.loads(capfd.readouterr().out)["answers"][0]

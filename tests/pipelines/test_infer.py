@@ -31,6 +31,11 @@ from tests.pipelines.train_fixture import COLOURS, SHAPES, caption, train_config
 GREEDY = {"temperature": 0.0, "max_new_tokens": 6}
 
 
+def cli(cfg: Config, command: str = "generate", *more: str) -> list[str]:
+    """The command line of `command` on the trained fixture's workspace and tokenizer, then `more`."""
+    return [command, "--workspace", cfg.workspace, "--set", f"model.tokenizer_path={cfg.model.tokenizer_path}", *more]
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Config, dict[str, str], str]:
     """A stage-1 run, its cache index, media of every kind (good and corrupt) and a CLIP vocabulary."""
@@ -194,7 +199,7 @@ def test_the_newest_stage2_run_is_preferred(trained: tuple[Config, dict[str, str
 
 def test_cli_generate(trained: tuple[Config, dict[str, str], str], capfd: pytest.CaptureFixture[str]) -> None:
     cfg, f, _ = trained
-    base = ["generate", "--workspace", cfg.workspace, "--set", f"model.tokenizer_path={cfg.model.tokenizer_path}"]
+    base = cli(cfg)
     opts = ["--temperature", "0", "--max-new-tokens", "5"]
     mix = ["--image", f["jpg"], "--audio", f["wav"], "--weight", "audio=0.5", *opts]
     assert main([*base, *mix, "--json"]) == 0
@@ -220,18 +225,7 @@ def test_infer_settings_are_the_defaults_of_generate(
 ) -> None:
     """`--set infer.temperature=...` and `infer.max_new_tokens` change what is generated; a request's own field wins."""
     cfg, f, _ = trained
-    base = [
-        "generate",
-        "--workspace",
-        cfg.workspace,
-        "--set",
-        f"model.tokenizer_path={cfg.model.tokenizer_path}",
-        "--image",
-        f["jpg"],
-        "--seed",
-        "3",
-        "--json",
-    ]
+    base = cli(cfg, "generate", "--image", f["jpg"], "--seed", "3", "--json")
 
     def answer(*args: str) -> str:
         assert main([*base, *args]) == 0
@@ -255,7 +249,7 @@ def test_cli_generate_refuses_hostile_media(
     trained: tuple[Config, dict[str, str], str], tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
     cfg, f, _ = trained
-    base = ["generate", "--workspace", cfg.workspace, "--set", f"model.tokenizer_path={cfg.model.tokenizer_path}"]
+    base = cli(cfg)
     assert main([*base, "--image", str(tmp_path)]) == 4
     assert f"image {tmp_path} is a directory, not a file" in capfd.readouterr().err
     assert main([*base, "--audio", f["mp4"]]) == 4  # a video without sound
@@ -293,7 +287,7 @@ def test_point_clouds_alone_mixed_and_with_the_cache(
     cached = with_settings(cfg, {"infer.use_cache": True})
     mixed = infer.run(cached, Request(point=[str(ply)], image=[f["jpg"]], weights={"point": 0.5}, **GREEDY))
     assert mixed.cache == cfg.index.name and mixed.answers[0].weights == {"image": 1.0, "point": 0.5}
-    base = ["generate", "--workspace", cfg.workspace, "--set", f"model.tokenizer_path={cfg.model.tokenizer_path}"]
+    base = cli(cfg)
     opts = ["--temperature", "0", "--max-new-tokens", str(GREEDY["max_new_tokens"]), "--json"]
     assert main([*base, "--point-cloud", str(ply), "--prompt", "What is it?", *opts]) == 0
     assert json.loads(capfd.readouterr().out)["answers"][0]["answer"] == alone.answers[0].answer
