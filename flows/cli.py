@@ -193,8 +193,8 @@ def _grounder(cfg: Config, args: argparse.Namespace) -> Any:
         return None
     if args.ground_out and not args.requests and os.path.exists(args.ground_out) and not args.force:
         raise InputError(f"--ground-out {args.ground_out} exists: add --force to replace it")
-    threshold = 0.1 if args.ground_threshold is None else args.ground_threshold
-    return Grounder(cfg, GroundOptions(threshold=threshold, out=args.ground_out), cfg.infer.device).ground
+    given = {} if args.ground_threshold is None else {"threshold": args.ground_threshold}
+    return Grounder(cfg, GroundOptions(out=args.ground_out, **given), cfg.infer.device).ground
 
 
 def _request(cfg: Config, args: argparse.Namespace) -> Any:
