@@ -56,7 +56,8 @@ def choose(ws: Workspace, given: str | None = None) -> str:
 
 def _choice(ws: Workspace, given: str | None) -> tuple[str, str]:
     if given:
-        return resolve(ws, given), f"given ({given})"
+        found = resolve(ws, given)
+        return found, "given" if found == given else f"given as {given}"
     try:
         in_service = registry.promoted(ws)
     except OutsideWorkspace as e:  # a copied workspace whose promoted model was not copied with it
