@@ -188,7 +188,7 @@ def test_evaluate_measures_exactly_the_given_uids(tmp_path: Path) -> None:
     result = evaluate.run(on, 1, uids=[*uids, "not-a-uid"])
     assert result.examples == 3 and result.heldout == "uids"
     assert evaluate.run(on, 1, batch_size=3, uids=uids).loss == pytest.approx(result.loss)
-    cfg.train.holdout = 0.3
+    on.train.holdout = 0.3
     assert evaluate.run(on, 1).heldout == "split"  # without uids: train.holdout's split, as before
     with pytest.raises(InputError, match="1 of the 2 held-out uids"):
         evaluate.run(on, 1, uids=["synthetic-0-0000", "not-a-uid"])
