@@ -72,14 +72,14 @@ def check(cfg: Config, options: GroundOptions) -> None:
         raise InputError(NO_DETECTOR)
     if not os.path.exists(cfg.model.detector):
         raise InputError(f"model.detector: {cfg.model.detector} does not exist")
-    from model.apps.detect import detector_type  # with transformers: only when grounding is asked for
-
-    detector_type(cfg.model.detector)  # a folder that holds no supported detector is named now, before generating
     for name, value in (("--ground-threshold", options.threshold), ("nms_iou", options.nms_iou)):
         if not 0 <= value <= 1:
             raise InputError(f"{name} must be in [0, 1], got {value}")
     if options.out and not options.out.lower().endswith(".png"):
         raise InputError(f"--ground-out {options.out}: the annotated image is a PNG: give a .png path")
+    from model.apps.detect import detector_type  # with transformers: only when grounding is asked for
+
+    detector_type(cfg.model.detector)  # a folder that holds no supported detector is named now, before generating
 
 
 class Grounder:

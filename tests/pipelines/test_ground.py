@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from flows.cli import main
+from model.errors import ModelInputError
 from pipelines.apps.ground import Grounder, GroundOptions, annotated_path
 from pipelines.apps.nouns import noun_phrases
 from pipelines.config import Config, with_settings
@@ -55,6 +56,8 @@ def test_grounding_needs_a_detector(tmp_path: Path) -> None:
     cfg.model.detector = str(tmp_path)
     with pytest.raises(InputError, match="--ground-threshold must be in"):
         Grounder(cfg, GroundOptions(threshold=1.5))
+    with pytest.raises(ModelInputError, match=r"has no config\.json: give the folder of a transformers detector"):
+        Grounder(cfg, GroundOptions())  # a folder that holds no detector, refused before anything is generated
 
 
 def test_cli_generate_ground(
