@@ -33,12 +33,16 @@ def read_state_dict(path: str, mmap: bool = False) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"{path}: no such checkpoint file")
     if path.endswith(".safetensors"):
         return load_file(path)
-    state = load_weights_only(path, mmap=mmap and zipfile.is_zipfile(path))
-    if isinstance(state, Mapping) and "model" in state and isinstance(state["model"], Mapping):
-        state = state["model"]
-    if not isinstance(state, Mapping):
-        raise CheckpointMismatch(f"{path}: expected a state dict, found {type(state).__name__}")
-    return dict(state)
+    return state_dict_of(load_weights_only(path, mmap=mmap and zipfile.is_zipfile(path)), path)
+
+
+def state_dict_of(doc: Any, path: str) -> dict[str, torch.Tensor]:
+    """The tensors of a loaded `.pth` document: itself, or its `model` entry (the reference's layout)."""
+    if isinstance(doc, Mapping) and "model" in doc and isinstance(doc["model"], Mapping):
+        doc = doc["model"]
+    if not isinstance(doc, Mapping):
+        raise CheckpointMismatch(f"{path}: expected a state dict, found {type(doc).__name__}")
+    return dict(doc)
 
 
 def load_weights_only(path: str, mmap: bool = False) -> Any:

@@ -14,7 +14,7 @@ from model.llm.config import LLMConfig
 from model.llm.convert_llama import permute_qk, unpermute_qk
 from model.llm.model import ImageBindLLM
 from model.llm.phases import phase_parameters
-from model.weights import CheckpointMismatch, check_state, load_weights_only, read_state_dict
+from model.weights import CheckpointMismatch, check_state, load_weights_only, read_state_dict, state_dict_of
 
 log = logging.getLogger(__name__)
 # What `export_official` records beside the official `model` tensors (the reference reads `model` only): the
@@ -163,8 +163,8 @@ def ours_to_official(tensors: Mapping[str, torch.Tensor], config: LLMConfig) -> 
 def convert_official_adapter(path: str, directory: str, vocab_size: int | None = None) -> str:
     """The released adapter file (e.g. `7B.pth`, read with weights_only) -> our checkpoint directory. The vocabulary
     is `vocab_size`, else what `export_official` recorded in the file, else LLaMA's 32000; so is the metadata."""
-    state = strip_training_state(read_state_dict(path))
-    info = export_info(path)
+    state, info = _read_release(path)
+    state = strip_training_state(state)
     vocab = vocab_size or info.get("vocab_size") or RELEASED_VOCAB
     config = infer_config(state, vocab, origin=path)
     tensors = official_to_ours(state, config, origin=path)
@@ -172,13 +172,14 @@ def convert_official_adapter(path: str, directory: str, vocab_size: int | None =
     return write_checkpoint(directory, config, tensors, metadata)
 
 
-def export_info(path: str) -> dict:
-    """What `export_official` recorded beside the tensors of `path` (empty for a released file)."""
-    if not path.endswith((".pth", ".pt")):
-        return {}
-    doc = load_weights_only(path, mmap=True)
+def _read_release(path: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors of an adapter file, read once, and what `export_official` recorded beside them (empty for a
+    released file or a .safetensors one)."""
+    if not path.endswith((".pth", ".pt")) or not os.path.isfile(path):
+        return read_state_dict(path), {}
+    doc = load_weights_only(path)
     info = doc.get(EXPORT_INFO) if isinstance(doc, Mapping) else None
-    return dict(info) if isinstance(info, Mapping) else {}
+    return state_dict_of(doc, path), dict(info) if isinstance(info, Mapping) else {}
 
 
 def export_official(directory: str, path: str) -> str:
