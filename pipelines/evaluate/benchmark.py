@@ -174,7 +174,7 @@ def run(
             "%s: %d of %d questions answered before; asking the other %d", benchmark, resumed, len(questions), len(todo)
         )
     if todo:
-        loaded = loader.load(cfg, need_encoder=True, slots=min(batch, len(todo)), checkpoint=chosen)
+        loaded = loader.load(cfg, need_encoder=True, slots=min(batch, len(todo)), chosen=chosen)
         answerer, trained = loaded.answerer, loaded.trained
         chunk = 4 * batch
         for at in range(0, len(todo), chunk):

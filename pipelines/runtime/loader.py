@@ -39,12 +39,12 @@ def sampling_defaults(cfg: Config) -> Sampling:
     return Sampling(temperature=i.temperature, top_p=i.top_p, max_new_tokens=i.max_new_tokens)
 
 
-def load(cfg: Config, need_encoder: bool = True, slots: int | None = None, checkpoint: str | None = None) -> Loaded:
-    """The model of `checkpoint` (default `infer.checkpoint`, else the promoted or newest run) on `infer.device` in
-    `infer.dtype`, with `slots` KV-cache slots (default `infer.batch`). The encoder (and the cache, when
-    `infer.use_cache`) is loaded now when `need_encoder`, else on first need."""
+def load(cfg: Config, need_encoder: bool = True, slots: int | None = None, chosen: str | None = None) -> Loaded:
+    """The model of `infer.checkpoint` (else the promoted or newest run; `chosen`: a checkpoint the caller chose
+    already) on `infer.device` in `infer.dtype`, with `slots` KV-cache slots (default `infer.batch`). The encoder (and
+    the cache, when `infer.use_cache`) is loaded now when `need_encoder`, else on first need."""
     ws = workspace(cfg)
-    chosen = checkpoints.choose(ws, checkpoint or cfg.infer.checkpoint)
+    chosen = chosen or checkpoints.choose(ws, cfg.infer.checkpoint)
     trained = checkpoints.inspect(cfg, ws, chosen)
     log.info("answering with %s", describe(chosen, trained))  # what it is; `choose` logged why
     dev = resolve_device(cfg.infer.device)
