@@ -19,13 +19,18 @@ class Stopped(KeyboardInterrupt):
 
 
 @contextlib.contextmanager
-def watched() -> Iterator[None]:
-    """While the block runs, signals reach the program as stop requests (the command line's watcher says so)."""
-    _watchers.append(True)
+def _raised(flag: list[bool]) -> Iterator[None]:
+    """`flag` is raised (non-empty) while the block runs; nested blocks stack."""
+    flag.append(True)
     try:
         yield
     finally:
-        _watchers.pop()
+        flag.pop()
+
+
+def watched() -> contextlib.AbstractContextManager[None]:
+    """While the block runs, signals reach the program as stop requests (the command line's watcher says so)."""
+    return _raised(_watchers)
 
 
 def is_watched() -> bool:
@@ -60,14 +65,9 @@ def wait(timeout: float | None = None) -> bool:
     return _asked.wait(timeout)
 
 
-@contextlib.contextmanager
-def at_once() -> Iterator[None]:
+def at_once() -> contextlib.AbstractContextManager[None]:
     """While the block runs (a blocking read, say), a stop interrupts it at once: nothing is left half done."""
-    _at_once.append(True)
-    try:
-        yield
-    finally:
-        _at_once.pop()
+    return _raised(_at_once)
 
 
 def interruptible() -> bool:
