@@ -153,18 +153,23 @@ def inputs(text: str = "a text for ImageBind's text tower") -> list[Flag]:
     return [*files("(repeatable; several are averaged)", text), weight]
 
 
+def requests(fields: str) -> Flag:
+    """--requests of generate and imagine: a JSONL of requests whose fields override the options."""
+    return flag(
+        "--requests",
+        metavar="FILE.jsonl",
+        help=f"one JSON request per line: image/audio/video/point/text, weights, prompt, {fields} (the options above "
+        "are the defaults)",
+    )
+
+
 GENERATE = [
     *inputs("a text for ImageBind's text tower (not the prompt)"),
     flag("--prompt", help="the instruction (default with inputs: 'Generate caption of this image')"),
     *MODEL,
     *SAMPLING,
     flag("--seed", type=int, help="sampling seed (default: the config's seed)"),
-    flag(
-        "--requests",
-        metavar="FILE.jsonl",
-        help="one JSON request per line: image/audio/video/point/text, weights, prompt, temperature, top_p, "
-        "max_new_tokens, seed (the options above are the defaults)",
-    ),
+    requests("temperature, top_p, max_new_tokens, seed"),
     flag("--output", metavar="FILE.jsonl", help="write one JSON line per request there (default: stdout)"),
     flag(
         "--history",
@@ -206,12 +211,7 @@ IMAGINE = [
     flag("--noise-level", setting="imagine.noise_level", type=int),
     flag("--size", setting="imagine.size", type=int),
     flag("--num-images", setting="imagine.images", type=int),
-    flag(
-        "--requests",
-        metavar="FILE.jsonl",
-        help="one JSON request per line: image/audio/video/point/text, "
-        "weights, prompt, seed (the options above are the defaults)",
-    ),
+    requests("seed"),
     flag("--batch", setting="imagine.batch", type=int),
     *DEVICE,
 ]
