@@ -165,12 +165,13 @@ class Ledger:
         recs = sorted(self.committed().values(), key=lambda r: r.shard_id)
         return [f.path for r in recs for f in r.files if f.path.endswith(suffix)]
 
-    def is_current(self, shard_id: str, input_fingerprint: str) -> bool:
-        """True when the shard is committed and was made from an input with this fingerprint."""
+    def is_current(self, shard_id: str, input_fingerprint: str, *older: str) -> bool:
+        """True when the shard is committed and was made from an input with this fingerprint (or with one of the
+        `older` ways of writing it that earlier records kept)."""
         path = self._record(shard_id)
         if not self.ws.exists(path):
             return False
-        return self._read_record(path).extra.get("input") == input_fingerprint
+        return self._read_record(path).extra.get("input") in (input_fingerprint, *older)
 
     # -- settings -----------------------------------------------------------------------------------------------
     def _open(self, force: bool) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -140,19 +141,33 @@ def promote(ws: Workspace, promotion: Promotion) -> None:
 def record_decision(ws: Workspace, decision: Decision) -> str:
     """Write a decision record (the commit point of a retrain: written after lineage and promotion)."""
     target = path(ws, DECISIONS, f"{decision.stamp}.json")
-    _write(ws, target, decision)
+    _write(ws, target, _decision_located(decision, ws.to_record))  # workspace files relative to the root
     return target
 
 
 def decisions(ws: Workspace) -> list[Decision]:
     """Every recorded decision, oldest first."""
-    return [Decision.model_validate_json(ws.read_bytes(p)) for p in ws.glob(path(ws, DECISIONS, "*.json"))]
+    return [_read_decision(ws, p) for p in ws.glob(path(ws, DECISIONS, "*.json"))]
 
 
 def last_decision(ws: Workspace) -> Decision | None:
     """The newest decision, or None before the first retrain."""
     files = ws.glob(path(ws, DECISIONS, "*.json"))
-    return Decision.model_validate_json(ws.read_bytes(files[-1])) if files else None
+    return _read_decision(ws, files[-1]) if files else None
+
+
+def _read_decision(ws: Workspace, target: str) -> Decision:
+    return _decision_located(Decision.model_validate_json(ws.read_bytes(target)), ws.locate)
+
+
+def _decision_located(decision: Decision, where: Callable[[str], str]) -> Decision:
+    """The decision with `where` applied to its lineage record and its models' checkpoints."""
+    models = {k: _ref_located(getattr(decision, k), where) for k in ("candidate", "incumbent")}
+    return decision.model_copy(update={"lineage": where(decision.lineage), **models})
+
+
+def _ref_located(ref: ModelRef | None, where: Callable[[str], str]) -> ModelRef | None:
+    return None if ref is None else ref.model_copy(update={k: where(getattr(ref, k)) for k in CHECKPOINTS})
 
 
 def lineage_path(ws: Workspace, stage2_run_id: str) -> str:
@@ -163,13 +178,23 @@ def lineage_path(ws: Workspace, stage2_run_id: str) -> str:
 def write_lineage(ws: Workspace, lineage: Lineage) -> str:
     """Record the lineage of a stage-2 run (replacing an earlier record of the same run)."""
     target = lineage_path(ws, lineage.stage2_run_id)
-    _write(ws, target, lineage)
+    _write(ws, target, _located(lineage, ws.to_record))  # workspace files relative to the root
     return target
 
 
 def read_lineage(ws: Workspace, stage2_run_id: str) -> Lineage | None:
     """The lineage of a stage-2 run, or None when none was recorded."""
-    return _read(ws, lineage_path(ws, stage2_run_id), Lineage)
+    found = _read(ws, lineage_path(ws, stage2_run_id), Lineage)
+    return None if found is None else _located(found, ws.locate)
+
+
+def _located(lineage: Lineage, where: Callable[[str], str]) -> Lineage:
+    """The lineage with `where` applied to each location it names (its checkpoints and instruction files)."""
+    names = ("parent_checkpoint", *CHECKPOINTS)
+    update: dict[str, Any] = {k: where(getattr(lineage, k)) for k in names if getattr(lineage, k)}
+    parts = {source: [where(f) for f in files] for source, files in lineage.features.parts.items()}
+    update["features"] = lineage.features.model_copy(update={"parts": parts})
+    return lineage.model_copy(update=update | {"instructions": [where(f) for f in lineage.instructions]})
 
 
 def frozen_heldout(ws: Workspace) -> HeldOut | None:

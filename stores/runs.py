@@ -25,6 +25,9 @@ class RunRecord(BaseModel):
     status: str = "running"  # running, complete (every planned step), stopped (interrupted, max_steps), failed
     attempts: int = 0
     job: dict[str, Any] = Field(default_factory=dict, description="the training job: inputs, sizes, settings")
+    relative: list[str] | None = Field(
+        None, description="the job's fields that name workspace files relative to its root (older records: none)"
+    )
     checkpoint: str | None = Field(None, description="the final checkpoint, relative to the run's folder")
     steps: int | None = None
     final_loss: float | None = None
@@ -73,23 +76,27 @@ class Runs:
     def record(self, run_id: str) -> RunRecord | None:
         """A run's record, or None before it started."""
         doc = self._read(posixpath.join(self.run_folder(run_id), RUN_FILE))
-        return None if doc is None else RunRecord.model_validate(doc)
+        if doc is None:
+            return None
+        rec = RunRecord.model_validate(doc)
+        job = self.ws.placed(rec.job, rec.relative)
+        return rec.model_copy(update={"job": job | ({"workspace": self.ws.root} if "workspace" in job else {})})
 
     def start(self, run_id: str, job: dict[str, Any]) -> int:
         """Record a new attempt of a run as running; returns its number (1 for a new run)."""
         attempt = (self.record(run_id) or RunRecord()).attempts + 1
-        self._write(posixpath.join(self.run_folder(run_id), RUN_FILE), RunRecord(attempts=attempt, job=job))
+        self._write_run(run_id, RunRecord(attempts=attempt, job=job))
         return attempt
 
     def finish(self, run_id: str, record: RunRecord, checkpoint: str) -> None:
         """Record how an attempt ended (`record.status`) with its final checkpoint (a location in the run's folder)."""
         body = record.model_copy(update={"checkpoint": run_relative(self.ws, self.run_folder(run_id), checkpoint)})
-        self._write(posixpath.join(self.run_folder(run_id), RUN_FILE), body)
+        self._write_run(run_id, body)
 
     def end(self, run_id: str, status: str) -> None:
         """Record that an attempt ended without finishing: `stopped` (interrupted) or `failed`."""
         rec = self.record(run_id) or RunRecord()
-        self._write(posixpath.join(self.run_folder(run_id), RUN_FILE), rec.model_copy(update={"status": status}))
+        self._write_run(run_id, rec.model_copy(update={"status": status}))
 
     def latest(self, run_id: str) -> StepPointer | None:
         """The newest committed checkpoint of a run, its path a location of `ws`; None before the first."""
@@ -130,12 +137,25 @@ class Runs:
 
     def same_inputs(self, job: dict[str, Any]) -> tuple[str, str] | None:
         """(run id, status) of the newest run whose job equals `job` but for its run id, else None."""
-        want = json.loads(json.dumps(job, default=str)) | {"run_id": None}
+        want = self._comparable(json.loads(json.dumps(job, default=str)))
         for run_id in reversed(self.run_ids()):
             rec = self.record(run_id)
-            if rec is not None and rec.job | {"run_id": None} == want:
+            if rec is not None and self._comparable(rec.job) == want:
                 return run_id, rec.status
         return None
+
+    def _comparable(self, job: dict[str, Any]) -> dict[str, Any]:
+        """A job as reuse compares it: but for its run id, and with its workspace files named relative to the root
+        (a moved or copied workspace's runs are runs of the same inputs)."""
+        return self.ws.portable(job)[0] | {"run_id": None, "workspace": None}
+
+    def _write_run(self, run_id: str, rec: RunRecord) -> None:
+        """Write a run's record, its job's workspace files relative to the root (and the root itself as `.`)."""
+        job, relative = self.ws.portable(rec.job)
+        job = job | ({"workspace": "."} if "workspace" in job else {})
+        self._write(
+            posixpath.join(self.run_folder(run_id), RUN_FILE), rec.model_copy(update={"job": job, "relative": relative})
+        )
 
     def record_evaluation(self, run_id: str, stamp: str, body: bytes) -> str:
         """Write one evaluation's record beside the run; returns its path."""

@@ -319,10 +319,16 @@ def localise(url: str, scratch: str, options: Mapping[str, Any] | None = None) -
     return local
 
 
-def input_fingerprint(url: str, options: Mapping[str, Any] | None = None) -> str:
-    """Changes when the file changes (fsspec's key: size and modification time, or the ETag)."""
+def input_fingerprints(url: str, options: Mapping[str, Any] | None = None) -> tuple[str, ...]:
+    """What changes when the file changes: first the fingerprint records keep (a local file's size and modification
+    time, so a file copied or moved with its times is the same input; elsewhere fsspec's key, the ETag), then the
+    one older records kept (fsspec's key, which for a local file also changed with its path and inode)."""
     fs, path = _fs(url, options)
-    return str(fs.ukey(path))
+    key = str(fs.ukey(path))
+    if not isinstance(fs, LocalFileSystem):
+        return (key,)
+    info = fs.info(path)
+    return (f"size={info['size']} mtime={info['mtime']!r}", key)
 
 
 def copy_to_parquet(con: Any, sql: str, out: str, params: Mapping[str, Any] | None = None) -> int:

@@ -31,6 +31,9 @@ LAYOUT = (
     "ledger",
     "models",
     "registry",
+    "instructions",
+    "evaluations",
+    "demo",
 )
 
 
@@ -131,6 +134,49 @@ class Workspace:
         if posixpath.isabs(recorded) or "://" in recorded:
             return self.as_url(self.resolve_legacy(recorded))
         return self.as_url(self.inside(recorded))
+
+    def locate(self, recorded: str) -> str:
+        """A location a record names, for reading: relative ones from this root; a full path an older ibllm wrote as
+        `resolve_legacy` finds it here; any other (a user's model, a remote source) unchanged."""
+        if not (posixpath.isabs(recorded) or "://" in recorded):
+            return self.as_url(self.inside(recorded))
+        try:
+            return self.as_url(self.resolve_legacy(recorded))
+        except OutsideWorkspace:
+            return recorded
+
+    def portable(self, record: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+        """A record's fields with every location inside the workspace (a string, or the strings of a list) made
+        relative to the root, and the names of the fields that hold them (for `placed`)."""
+        out, keys = dict(record), []
+        for key, value in record.items():
+            values = value if isinstance(value, list) else [value]
+            if values and all(isinstance(v, str) and self._within(v) for v in values):
+                rel = [self.to_record(v) for v in values]
+                out[key], keys = (rel if isinstance(value, list) else rel[0]), [*keys, key]
+        return out, keys
+
+    def placed(self, record: Mapping[str, Any], relative: list[str] | None) -> dict[str, Any]:
+        """A record `portable` wrote, its `relative` fields as locations of this workspace; an older record (no
+        list) has its full paths found again here by `locate` (the workspace was moved or copied since)."""
+        out = dict(record)
+        for key, value in record.items():
+            values = value if isinstance(value, list) else [value]
+            legacy = relative is None and values and all(isinstance(v, str) and posixpath.isabs(v) for v in values)
+            if (relative is not None and key in relative) or legacy:
+                found = [self.locate(v) for v in values]
+                out[key] = found if isinstance(value, list) else found[0]
+        return out
+
+    def _within(self, location: str) -> bool:
+        """A full path or URL inside the workspace (a bare name, say an encoder id, is no location)."""
+        if not (posixpath.isabs(location) or "://" in location):
+            return False
+        try:
+            self.relative(posixpath.normpath(self.fs._strip_protocol(location)))
+        except OutsideWorkspace:
+            return False
+        return True
 
     # -- layout (DESIGN.md) -------------------------------------------------------------------------------------
     def synthetic(self, *parts: str) -> str:

@@ -102,8 +102,9 @@ def read_benchmark(name: str, data: str, images: str | None = None, subtasks: Se
 
 
 def evaluation_key(checkpoint: str, data: str, cache: bool, limit: int | None, subtasks: Sequence[str] | None) -> str:
-    """Names one evaluation's folder: the same checkpoint, data and options resume into the same answers."""
-    spec = json.dumps([checkpoint, os.path.abspath(data), cache, limit, sorted(subtasks or [])])
+    """Names one evaluation's folder: the same checkpoint, data and options (locations as records keep them)
+    resume into the same answers."""
+    spec = json.dumps([checkpoint, data, cache, limit, sorted(subtasks or [])])
     return hashlib.sha256(spec.encode()).hexdigest()[:16]
 
 
@@ -155,11 +156,13 @@ def run(
     ws = Workspace(cfg.workspace, cfg.storage_options)
     chosen = checkpoints.choose(ws, cfg.infer.checkpoint)
     cache, batch = cfg.infer.use_cache, cfg.infer.batch
-    folder = ws.path(EVALUATIONS, benchmark, evaluation_key(chosen, data, cache, limit, subtasks))
+    # the records name workspace files relative to its root: a moved or copied workspace finds its evaluations
+    recorded, recorded_data = ws.to_record(chosen), ws.to_record(os.path.abspath(data))
+    folder = ws.path(EVALUATIONS, benchmark, evaluation_key(recorded, recorded_data, cache, limit, subtasks))
     spec = {
         "benchmark": benchmark,
-        "data": os.path.abspath(data),
-        "checkpoint": chosen,
+        "data": recorded_data,
+        "checkpoint": recorded,
         "cache": cache,
         "limit": limit,
         "subtasks": list(subtasks or []),
@@ -196,10 +199,10 @@ def run(
         EvalRow(
             **asdict(r),
             benchmark=benchmark,
-            checkpoint=chosen,
+            checkpoint=recorded,
             stage=made_by.get("stage"),
             run_id=made_by.get("run_id"),
-            data=os.path.abspath(data),
+            data=recorded_data,
             cache=cache,
             evaluated_at=stamp,
         )

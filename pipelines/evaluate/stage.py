@@ -153,5 +153,6 @@ def run(
     )
     stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"  # two evaluations in a second: two records
     runs = Runs.of_stage(ws, stage if made_by.get("run_id") else EXTERNAL)  # external: no run of this workspace
-    runs.record_evaluation(run_id, stamp, result.model_dump_json(indent=1).encode())
+    recorded = result.model_copy(update={"checkpoint": ws.to_record(checkpoint)})  # a moved workspace: still right
+    runs.record_evaluation(run_id, stamp, recorded.model_dump_json(indent=1).encode())
     return result

@@ -53,7 +53,8 @@ def run(cfg: Config, kind: str, data: str, limit: int | None = None) -> ZeroShot
         progress=progress,
     )
     name = f"zeroshot-{kind}"
-    folder = ws.path(EVALUATIONS, name, evaluation_key(encoder.encoder_id, data, False, limit, None))
+    recorded_data = ws.to_record(os.path.abspath(data))
+    folder = ws.path(EVALUATIONS, name, evaluation_key(encoder.encoder_id, recorded_data, False, limit, None))
     ws.write_bytes(posixpath.join(folder, "results.json"), result.model_dump_json(indent=1).encode())
     row = EvalRow(
         benchmark=name,
@@ -63,7 +64,7 @@ def run(cfg: Config, kind: str, data: str, limit: int | None = None) -> ZeroShot
         questions=result.samples,
         accuracy=result.top1,
         top5=result.top5,
-        data=os.path.abspath(data),
+        data=recorded_data,
         evaluated_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
     )
     ws.write_bytes(posixpath.join(folder, RECORD), json.dumps([row.model_dump()], indent=1).encode())

@@ -109,6 +109,10 @@ def run(
             what,
             cfg.infer.max_new_tokens,
         )
+    empty = sum(a.error is None and not a.answer for a in answers)
+    if empty:
+        what = "the answer is" if len(answers) == 1 else f"{empty} of {len(answers)} answers are"
+        log.warning("%s empty: the model ended it at its first token (finish_reason stop)", what)
     return GenerateResult(
         checkpoint=loaded.checkpoint,
         trained_encoder_id=loaded.trained.encoder_id,

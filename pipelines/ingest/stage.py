@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
+import posixpath
 import re
 import time
 
@@ -16,7 +18,7 @@ from pipelines.errors import InputError
 from stores import sources as formats
 from stores.ledger import Ledger
 from stores.metadata import CAPTION_MAX_CHARS
-from stores.workspace import Workspace
+from stores.workspace import OutsideWorkspace, Workspace
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +49,29 @@ class IngestResult(BaseModel):
         )
 
 
-def shard_id_for(url: str) -> str:
-    """A stable shard id for an input file: its name and a short hash of its full path."""
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", os.path.basename(url))[:60].strip("._-") or "file"
-    return f"{stem}-{hashlib.sha1(url.encode()).hexdigest()[:8]}"
+def shard_id_for(recorded: str) -> str:
+    """A stable shard id for an input file: its name and a short hash of where it is as records keep it (a file
+    inside the workspace: its path relative to the root, so a moved or copied workspace keys it the same)."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", os.path.basename(recorded))[:60].strip("._-") or "file"
+    return f"{stem}-{hashlib.sha1(recorded.encode()).hexdigest()[:8]}"
+
+
+def shard_ids(ws: Workspace, ledger: Ledger, files: list[str]) -> dict[str, str]:
+    """Each input file's shard id: the committed shard made from it when there is one (an older ibllm keyed a file
+    by its full path, which a move of the workspace changed: its record's input is found again inside this one),
+    else `shard_id_for` its recorded location."""
+    made_from = {}
+    for sid, rec in ledger.committed().items():
+        recorded = rec.extra.get("input_url")
+        if recorded:
+            with contextlib.suppress(OutsideWorkspace):
+                made_from[ws.to_record(ws.from_record(recorded) if _legacy(recorded) else recorded)] = sid
+    return {f: made_from.get(ws.to_record(f)) or shard_id_for(ws.to_record(f)) for f in files}
+
+
+def _legacy(recorded: str) -> bool:
+    """A full local path an older ibllm recorded for a file that may have been inside the workspace."""
+    return posixpath.isabs(recorded)
 
 
 def settings(src: SourceConfig, caption_max_chars: int) -> dict[str, object]:
@@ -82,8 +103,9 @@ def ingest_source(
     adapter = formats.adapter_for(src.format, src.columns)
     with Ledger.writing(ws, "ingest", src.name, settings(src, caption_max_chars), force=force) as ledger:
         files = input_files(ws, src)
-        fingerprints = {f: formats.input_fingerprint(f, ws.options_for(f)) for f in files}
-        todo = [f for f in files if not ledger.is_current(shard_id_for(f), fingerprints[f])]
+        fingerprints = {f: formats.input_fingerprints(f, ws.options_for(f)) for f in files}
+        sids = shard_ids(ws, ledger, files)
+        todo = [f for f in files if not ledger.is_current(sids[f], *fingerprints[f])]
         con = formats.connect()
         with ws.scratch() as scratch:
             checked = {}
@@ -97,7 +119,7 @@ def ingest_source(
                 local, mapping = checked[url]
                 available = list(formats.describe(con, adapter, local))
                 sql = formats.normalised_sql(adapter, local, mapping, available, caption_max_chars)
-                sid = shard_id_for(url)
+                sid = sids[url]
                 out = os.path.join(scratch, f"{sid}.parquet")
                 with ledger.shard(sid) as shard:
                     con.execute(
@@ -105,7 +127,7 @@ def ingest_source(
                         {"path": local, "source": src.name},
                     )
                     shard.rows = con.execute("SELECT count(*) FROM read_parquet($p)", {"p": out}).fetchone()[0]
-                    shard.extra = {"input": fingerprints[url], "input_url": url}
+                    shard.extra = {"input": fingerprints[url][0], "input_url": ws.to_record(url)}
                     shard.put(out, ws.sources(src.name, f"{sid}.parquet"))
         committed = ledger.committed()
         return SourceIngest(
@@ -113,7 +135,7 @@ def ingest_source(
             files=len(files),
             written=len(todo),
             skipped=len(files) - len(todo),
-            rows=sum(committed[shard_id_for(f)].rows for f in files),
+            rows=sum(committed[sids[f]].rows for f in files),
             output=ws.url("sources", src.name),
         )
 

@@ -110,7 +110,8 @@ def inspect(cfg: Config, ws: Workspace, checkpoint: str) -> Trained:
         config, doc = read_checkpoint_config(folder)  # the tensors are read once, by `load`
     except ValueError as e:  # CheckpointMismatch and the like: the message names the file
         raise InputError(str(e)) from None
-    made_by = doc.get("metadata") or {}
+    metadata = doc.get("metadata") or {}
+    made_by = ws.placed(metadata, metadata.get("relative"))  # its base and tokenizer, if in the workspace: here
     run = run_of(ws, made_by)
     recorded = (run.job if run else {}) | {k: v for k, v in made_by.items() if v is not None}
     return Trained(folder=folder, config=config, made_by=made_by, recorded=recorded)

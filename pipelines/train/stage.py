@@ -275,7 +275,9 @@ def worker_main(config: dict[str, Any]) -> None:
     session = (RaySession if config["session"] == "ray" else LocalSession)(ws, job, config.get("resume"))
     model = build_model(job)
     batches = build_batches(job, ws, session.rank, session.world)
-    made_by = {"encoder_id": job.encoder_id, "seed": job.seed, "base_llama": job.base_llama, "tokenizer": job.tokenizer}
-    metadata = {"stage": job.stage, "run_id": job.run_id, **made_by}
+    made_by, relative = ws.portable(
+        {"encoder_id": job.encoder_id, "seed": job.seed, "base_llama": job.base_llama, "tokenizer": job.tokenizer}
+    )
+    metadata = {"stage": job.stage, "run_id": job.run_id, **made_by, "relative": relative}
     phase, every, compute = STAGE_PHASE[job.stage], job.settings.checkpoint_every_steps, Compute.of(job.train)
     train(session, model, phase, batches, job.hyper, every, job.max_steps, metadata=metadata, compute=compute)

@@ -7,6 +7,7 @@ import itertools
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -149,6 +150,27 @@ def test_ibllm_demo_learns_to_see_the_colour(tmp_path: Path) -> None:
     assert mme["asked_now"] + mme["resumed"] == 32 and mme["errors"] == 0
     assert (tmp_path / "ws" / "synthetic" / "metadata.parquet").is_file()
     assert Path(result["report"]["html"]).is_file()
+    # a copy of the workspace (cp -a, then the original moved away) reuses everything: its records name their files
+    # relative to the root, so nothing is ingested, downloaded, trained or asked again
+    shutil.copytree(tmp_path / "ws", tmp_path / "copy", symlinks=True)
+    (tmp_path / "ws").rename(tmp_path / "gone")
+    again = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "demo", "--json", "--workspace", str(tmp_path / "copy")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    copied = json.loads(again.stdout)
+    assert [s["written"] for s in copied["curation"]["ingest"]["sources"]] == [0]
+    assert (copied["stage1"]["run_id"], copied["stage2"]["run_id"]) == (
+        result["stage1"]["run_id"],
+        result["stage2"]["run_id"],
+    )
+    assert copied["stage2"]["checkpoint"].startswith(str(tmp_path / "copy"))
+    assert copied["mme"]["asked_now"] == 0 and copied["mme"]["resumed"] == 32
+    assert "reusing it" in again.stderr and f"{tmp_path / 'ws'}/" not in again.stdout
 
 
 def longest_silence(lines: list[str]) -> int:

@@ -46,7 +46,9 @@ def test_readme_commands_run_as_written(tmp_path: Path) -> None:
         proc = run(line)
         assert proc.returncode == 0, f"{line}\n{proc.stderr[-3000:]}"
         assert "Traceback" not in proc.stderr, f"{line}\n{proc.stderr[-3000:]}"
-        assert ">" in line or proc.stdout.strip(), f"{line}: nothing on stdout"
+        # an answer may be empty (a short-trained model can end at once), and the stage then says so on stderr
+        said = ">" in line or proc.stdout.strip() or "answer is empty" in proc.stderr
+        assert said, f"{line}: nothing on stdout"
     resolved = yaml.safe_load((folder / "resolved.yaml").read_text())
     assert resolved["workspace"] == "s3://ibllm/paper" and resolved["download"]["timeout"] == 5
     answers = [json.loads(a) for a in (folder / "answers.jsonl").read_text().splitlines()]
