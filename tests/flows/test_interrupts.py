@@ -119,3 +119,55 @@ def test_ctrl_c_stops_training_and_resume_goes_on(tmp_path: Path, where: str) ->
     assert record["status"] == "stopped" and latest.step < record["job"]["total_steps"]
     done = train.run(cfg, 1, resume=True, local=True)
     assert (done.run_id, done.resumed_from, done.status) == (run_id, latest.step, "complete")
+
+
+def _train(cfg_file: Path, cwd: Path, *extra: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "train", "--stage", "1", "--local", "-c", str(cfg_file), *extra],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+
+
+def test_ctrl_c_at_any_moment_keeps_every_checkpoint_whole(tmp_path: Path) -> None:
+    """Ctrl-C before the first checkpoint, then again and again while checkpoints are written at every step (the
+    race of a signal during a write): each attempt ends 130 within 30 s, the run stays `stopped` and points at a
+    whole checkpoint, and each --resume says where it starts and goes on from there to the end."""
+    cfg = train_config(tmp_path, checkpoint_every_steps=1, epochs=12)
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    runs = Runs.of_stage(Workspace(cfg.workspace), 1)
+    proc = _train(config, tmp_path)
+    deadline = time.monotonic() + 120
+    while not runs.run_ids():  # the run is recorded; its first step is still to come
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.stderr else ""
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    code, _, err, seconds = _ended(proc, 60)
+    (run_id,) = runs.run_ids()
+    assert code == 130 and seconds < 30, err[-2000:]
+    assert runs.record(run_id).status == "stopped"
+    reached = runs.latest(run_id).step if runs.latest(run_id) else 0
+    kept = "stopped before its first checkpoint;" if reached == 0 else f"continues from step {reached}"
+    assert f"stage 1 run {run_id} stopped" in err and kept in err, err[-2000:]
+    for delay in (0.1, 0.7):  # at different moments of a step and of its checkpoint's write
+        proc = _train(config, tmp_path, "--resume")
+        while not (runs.latest(run_id) and runs.latest(run_id).step > reached):
+            assert proc.poll() is None and time.monotonic() < deadline + 120, proc.stderr.read() if proc.stderr else ""
+            time.sleep(0.01)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        code, _, err, seconds = _ended(proc, 60)
+        assert code == 130 and seconds < 30, err[-2000:]
+        assert f"resuming at step {reached}" in err or (reached == 0 and "no checkpoint yet" in err), err[-2000:]
+        latest = runs.latest(run_id)
+        assert runs.record(run_id).status == "stopped" and latest.step > reached
+        model = Path(latest.path) / "model"
+        assert json.loads((model / "config.json").read_text()) and any(model.glob("*.safetensors"))
+        assert not list(Path(latest.path).parent.glob("*.tmp*"))  # no half-written step left beside it
+        reached = latest.step
+    done = train.run(cfg, 1, resume=True, local=True)
+    assert (done.run_id, done.resumed_from, done.status) == (run_id, reached, "complete")
