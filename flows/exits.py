@@ -7,7 +7,7 @@ from typing import Any
 
 from model.errors import ModelInputError
 from pipelines.config import ConfigError
-from pipelines.errors import STORAGE_ERRNOS, InputError
+from pipelines.errors import STORAGE_ERRNOS, Diverged, InputError
 from pipelines.paths import WorkspaceError
 from stores.errors import StoreInputError
 from stores.lease import LeaseHeld
@@ -21,6 +21,7 @@ INPUT = 4  # bad or missing input: a file, field or value named in the message
 STORAGE = 5  # the storage refused to write: full, read-only, no permission
 LOCKED = 6  # another run is writing the same stage output (its lease is live); wait for it
 PARTIAL = 7  # the command ran, but some of its work failed (failed requests, shards left incomplete)
+DIVERGED = 8  # training diverged (a non-finite loss or gradient, a loss spike); the newest checkpoint is good
 
 
 def exit_code(error: BaseException) -> int:
@@ -31,6 +32,8 @@ def exit_code(error: BaseException) -> int:
         return SETTINGS
     if isinstance(error, LeaseHeld):
         return LOCKED
+    if isinstance(error, Diverged):
+        return DIVERGED
     if isinstance(error, InputError | ModelInputError | StoreInputError | FileNotFoundError):
         return INPUT
     if isinstance(error, OSError) and error.errno in STORAGE_ERRNOS:

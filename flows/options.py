@@ -278,7 +278,7 @@ OPTIONS: dict[str, list[Flag]] = {
             "sql",
             nargs="?",
             help="a DuckDB query over the views metadata, curated, funnel, features, "
-            "feature_failures, evaluations, downloads, download_latest",
+            "feature_failures, evaluations, runs, training_metrics, downloads, download_latest",
         )
     ],
     "train": [

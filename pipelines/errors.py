@@ -19,3 +19,21 @@ def folder_expected(what: str, path: str) -> str:
     if os.path.isfile(path):
         return f"{path} is a file: the {what} benchmark takes its folder (--data DIR)"
     return f"{what} folder not found: {path}"
+
+
+class Diverged(RuntimeError):
+    """A training step whose loss or gradient must not be applied (non-finite, or a spike): the run stops there."""
+
+    def __init__(self, step: int, value: str, why: str) -> None:
+        super().__init__(step, value, why)
+        self.step, self.value, self.why = step, value, why
+
+    def __str__(self) -> str:
+        return f"diverged at step {self.step}: {self.value} ({self.why})"
+
+
+class RunDiverged(Diverged):
+    """A run that diverged, as its driver says it: the worker's message and what the run keeps."""
+
+    def __str__(self) -> str:
+        return f"{self.value}; {self.why}"

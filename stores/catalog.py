@@ -9,6 +9,7 @@ from typing import Any
 
 import duckdb
 
+from stores import metrics
 from stores.ledger import Ledger
 from stores.workspace import Workspace
 
@@ -48,7 +49,29 @@ RETRYABLE_SQL = "reason IN ('timeout', 'connection', 'http_429') OR regexp_match
 DOWNLOAD_COLUMNS = (
     "uid, source, similarity, caption, url, key, status, error_message, width, height, original_width, original_height"
 )
-VIEWS = ("metadata", "curated", "funnel", "features", "feature_failures", "evaluations", "downloads", "download_latest")
+VIEWS = (
+    "metadata",
+    "curated",
+    "funnel",
+    "features",
+    "feature_failures",
+    "evaluations",
+    "runs",
+    "training_metrics",
+    "downloads",
+    "download_latest",
+)
+_DUCK = {"int32": "INTEGER", "int64": "BIGINT", "double": "DOUBLE", "string": "VARCHAR"}
+# a run of each stage, from its record (`run.json`), with its best held-out loss from the `evaluations` view
+RUNS_SQL = r"""
+SELECT CAST(regexp_extract(filename, 'stage(\d+)/[^/]+/run\.json$', 1) AS INTEGER) AS stage,
+       regexp_extract(filename, '([^/]+)/run\.json$', 1) AS run_id, status, attempts, steps,
+       job.total_steps AS planned_steps, final_loss, h.best_heldout_loss, job.init_checkpoint AS parent, checkpoint,
+       strptime(left(regexp_extract(filename, '([^/]+)/run\.json$', 1), 15), '%Y%m%d-%H%M%S') AS started
+FROM read_json($files, union_by_name = true, filename = true) AS r
+LEFT JOIN (SELECT run_id AS id, min(loss) AS best_heldout_loss FROM evaluations WHERE benchmark = 'heldout'
+           GROUP BY ALL) AS h ON h.id = regexp_extract(filename, '([^/]+)/run\.json$', 1)
+"""
 EMPTY = {
     "metadata": "SELECT NULL::VARCHAR AS uid, NULL::VARCHAR AS source, NULL::VARCHAR AS url, NULL::VARCHAR AS caption, "
     "NULL::DOUBLE AS similarity, NULL::BIGINT AS width, NULL::BIGINT AS height, NULL::DOUBLE AS punsafe, "
@@ -69,6 +92,13 @@ EMPTY = {
     "NULL::BIGINT AS examples, NULL::BIGINT AS tokens, NULL::DOUBLE AS loss, NULL::DOUBLE AS perplexity, "
     "NULL::DOUBLE AS shuffled_loss, NULL::DOUBLE AS grounding_gap, NULL::VARCHAR AS evaluated_at, "
     "NULL::DOUBLE AS seconds, NULL::VARCHAR AS heldout WHERE false",
+    "runs": "SELECT NULL::INTEGER AS stage, NULL::VARCHAR AS run_id, NULL::VARCHAR AS status, "
+    "NULL::BIGINT AS attempts, NULL::BIGINT AS steps, NULL::BIGINT AS planned_steps, NULL::DOUBLE AS final_loss, "
+    "NULL::DOUBLE AS best_heldout_loss, NULL::VARCHAR AS parent, NULL::VARCHAR AS checkpoint, "
+    "NULL::TIMESTAMP AS started WHERE false",
+    "training_metrics": "SELECT "
+    + ", ".join(f"NULL::{_DUCK[str(f.type)]} AS {f.name}" for f in metrics.SCHEMA)
+    + " WHERE false",
     "downloads_raw": "SELECT NULL::VARCHAR AS uid, NULL::VARCHAR AS source, NULL::DOUBLE AS similarity, "
     "NULL::VARCHAR AS caption, NULL::VARCHAR AS url, NULL::VARCHAR AS key, NULL::VARCHAR AS status, "
     "NULL::VARCHAR AS error_message, NULL::BIGINT AS width, NULL::BIGINT AS height, NULL::BIGINT AS original_width, "
@@ -156,6 +186,14 @@ class Catalog:
         benchmarks = self.ws.glob(self.ws.path("evaluations", "*", "*", "record.json"))  # arrays of rows
         evaluations = sorted(self._ref(f) for f in held_out + benchmarks)
         self._view("evaluations", evaluations, "SELECT * FROM read_json($files, union_by_name = true)")
+        records = self.ws.glob(self.ws.path("checkpoints", "stage*", "*", "run.json"))
+        self._view("runs", sorted(self._ref(f) for f in records), RUNS_SQL)
+        segments = self.ws.glob(self.ws.path("checkpoints", "stage*", "*", metrics.METRICS, "steps-*.parquet"))
+        self._view(
+            "training_metrics",
+            sorted(self._ref(f) for f in segments),
+            "SELECT * FROM read_parquet($files, union_by_name = true)",
+        )
         downloads = []
         for out in outputs(self.ws, "download"):
             for f in Ledger.reader(self.ws, "download", out).files(".parquet"):

@@ -13,6 +13,7 @@ from stores.workspace import OutsideWorkspace, Workspace
 RUN_FILE = "run.json"  # the run's record: status, attempts, job, final checkpoint (written by the driver)
 LATEST_FILE = "latest.json"  # the newest committed checkpoint and the loss history (written after each checkpoint)
 PROGRESS_FILE = "progress.json"  # rank 0's newest progress line, for the driver's console (written every interval)
+DIVERGED_FILE = "diverged.json"  # where and why the running attempt diverged (written by rank 0, read by the driver)
 EVALUATIONS = "evaluations"  # one record per evaluation of the run's checkpoints (the catalog's `evaluations` view)
 EXTERNAL = "external"  # where evaluations of checkpoints no run of the workspace made are recorded
 
@@ -22,7 +23,8 @@ class RunRecord(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    status: str = "running"  # running, complete (every planned step), stopped (interrupted, max_steps), failed
+    # running, complete (every planned step), stopped (interrupted, max_steps), diverged, failed
+    status: str = "running"
     attempts: int = 0
     job: dict[str, Any] = Field(default_factory=dict, description="the training job: inputs, sizes, settings")
     relative: list[str] | None = Field(
@@ -85,6 +87,9 @@ class Runs:
     def start(self, run_id: str, job: dict[str, Any]) -> int:
         """Record a new attempt of a run as running; returns its number (1 for a new run)."""
         attempt = (self.record(run_id) or RunRecord()).attempts + 1
+        diverged = posixpath.join(self.run_folder(run_id), DIVERGED_FILE)
+        if self.ws.exists(diverged):  # an earlier attempt's
+            self.ws.remove(diverged)
         self._write_run(run_id, RunRecord(attempts=attempt, job=job))
         return attempt
 
@@ -97,6 +102,15 @@ class Runs:
         """Record that an attempt ended without finishing: `stopped` (interrupted) or `failed`."""
         rec = self.record(run_id) or RunRecord()
         self._write_run(run_id, rec.model_copy(update={"status": status}))
+
+    def record_divergence(self, run_id: str, step: int, message: str) -> None:
+        """Record where and why the running attempt diverged (`diverged.json`; a new attempt clears it)."""
+        body = json.dumps({"step": step, "message": message}).encode()
+        self.ws.write_bytes(posixpath.join(self.run_folder(run_id), DIVERGED_FILE), body)
+
+    def divergence(self, run_id: str) -> dict[str, Any] | None:
+        """The running attempt's divergence ({"step", "message"}), or None."""
+        return self._read(posixpath.join(self.run_folder(run_id), DIVERGED_FILE))
 
     def latest(self, run_id: str) -> StepPointer | None:
         """The newest committed checkpoint of a run, its path a location of `ws`; None before the first."""

@@ -4,6 +4,7 @@ components beside it; the loss of a step is the exact token mean over the global
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import tempfile
 import time
@@ -20,6 +21,8 @@ from pipelines import stop
 from pipelines.console import Progress
 from pipelines.train.compute import Compute, prepare_compute
 from pipelines.train.data import Micro
+from pipelines.train.guard import Guard
+from pipelines.train.metrics import Recorder, peak_memory_mb
 from pipelines.train.parallel import grad_sync, is_sharded
 from pipelines.train.schedule import Hyper, adamw, set_lr
 from pipelines.train.session import Session
@@ -39,6 +42,8 @@ class StepLog:
     lr: float
     tokens: int
     seconds: float
+    grad_norm: float | None = None  # before clipping
+    samples: int | None = None
 
 
 @dataclass
@@ -64,6 +69,8 @@ def train(
     metadata: dict[str, Any] | None = None,
     compute: Compute | None = None,
     save: bool = True,
+    recorder: Recorder | None = None,
+    guard: Guard | None = None,
 ) -> LoopState:
     """Run steps until `hyper.total_steps` (or `max_steps`), checkpointing every `checkpoint_every` and at the end
     (never when not `save`: benchmarks).
@@ -72,34 +79,67 @@ def train(
     micro-batch's summed loss (`ImageBindLLM.forward(sum_loss=True)`: no logits of the whole batch) is divided by
     the global count of answer tokens, so 1 worker and N workers with the same global batch compute the same
     gradient. Autocast runs in bfloat16 on CUDA, and wherever the frozen base is bfloat16 (`compute`).
+
+    `recorder` (rank 0) keeps every step's metrics in the run's history, flushed before each checkpoint; `guard`
+    stops the run (Diverged) at a step whose loss or gradient must not be applied, before the optimizer steps, so
+    the newest checkpoint stays the last good one.
     """
     run = _start(session, model, phase, hyper, compute or Compute())
     state, end = run.state, min(hyper.total_steps, max_steps or hyper.total_steps)
     progress = Progress(log, f"stage {(metadata or {}).get('stage', '?')}", start_at=state.step)
     first = state.step + 1  # its line says the run is under way
     stream = batches(state.step)
-    while state.step < end:
-        stop.check()  # Ctrl-C: between steps, the newest checkpoint is where --resume goes on
-        start = time.perf_counter()
-        micros = next(stream)
-        lr = set_lr(run.optimizer, state.step, hyper)
-        tokens, total = _accumulate(session, run, micros)
-        _update(run, hyper.clip_grad)
-        loss = float(session.all_reduce(total.reshape(1))[0] / tokens.clamp(min=1)[0])
-        state.step += 1
-        entry = StepLog(state.step, loss, lr, int(tokens[0]), time.perf_counter() - start)
-        state.history.append(asdict(entry))
-        if on_step:
-            on_step(entry)
-        metrics = {"step": state.step, "loss": loss, "lr": lr, "tokens": entry.tokens}
-        if save and (state.step % checkpoint_every == 0 or state.step == end):
-            _checkpoint(session, model, run, metrics, metadata)
-        elif state.step % REPORT_EVERY == 0:  # a Ray report synchronises the workers: not every step
-            session.report(metrics, None, state.step)
-        if session.rank == 0 and (progress.due() or state.step in (first, end)):
-            detail = f"steps, loss {loss:.4f}, lr {lr:.3g}, {entry.tokens / max(entry.seconds, 1e-9):.0f} tokens/s"
-            session.progress(progress.update(state.step, end, detail, force=True) or "")
+    if recorder:
+        recorder.starting_at(state.step)
+    if guard:
+        guard.seen([h["loss"] for h in state.history])
+    try:
+        while state.step < end:
+            stop.check()  # Ctrl-C: between steps, the newest checkpoint is where --resume goes on
+            start = time.perf_counter()
+            micros = next(stream)
+            lr = set_lr(run.optimizer, state.step, hyper)
+            tokens, total = _accumulate(session, run, micros)
+            loss = float(session.all_reduce(total.reshape(1))[0] / tokens.clamp(min=1)[0])
+            grad_norm = _clip(run, hyper.clip_grad)
+            samples = sum(len(m.input_ids) for m in micros) * session.world
+            entry = StepLog(state.step + 1, loss, lr, int(tokens[0]), 0.0, grad_norm, samples)
+            if guard:
+                guard.check(entry.step, loss, grad_norm)
+            run.optimizer.step()
+            run.optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            entry.seconds = time.perf_counter() - start
+            state.history.append(asdict(entry))
+            if recorder:
+                recorder.add(**_row(entry, session.device))
+            if on_step:
+                on_step(entry)
+            metrics = {"step": state.step, "loss": loss, "lr": lr, "tokens": entry.tokens, "grad_norm": grad_norm}
+            if save and (state.step % checkpoint_every == 0 or state.step == end):
+                if recorder:
+                    recorder.flush()  # a committed checkpoint's steps are all in the history
+                _checkpoint(session, model, run, metrics, metadata)
+            elif state.step % REPORT_EVERY == 0:  # a Ray report synchronises the workers: not every step
+                session.report(metrics, None, state.step)
+            if session.rank == 0 and (progress.due() or state.step in (first, end)):
+                detail = f"steps, loss {loss:.4f}, lr {lr:.3g}, {entry.tokens / max(entry.seconds, 1e-9):.0f} tokens/s"
+                session.progress(progress.update(state.step, end, detail, force=True) or "")
+    finally:
+        if recorder:
+            recorder.flush()  # steps after the newest checkpoint too: a resume from it forgets them
     return state
+
+
+def _row(entry: StepLog, device: torch.device) -> dict[str, Any]:
+    """A step's row of the metric history."""
+    seconds = max(entry.seconds, 1e-9)
+    return asdict(entry) | {
+        "step_seconds": entry.seconds,
+        "tokens_per_s": entry.tokens / seconds,
+        "samples_per_s": (entry.samples or 0) / seconds,
+        "peak_memory_mb": peak_memory_mb(device),
+    }
 
 
 def _start(session: Session, model: ImageBindLLM, phase: str, hyper: Hyper, compute: Compute) -> _Parts:
@@ -140,12 +180,9 @@ def _accumulate(session: Session, run: _Parts, micros: list[Micro]) -> tuple[tor
     return tokens, total
 
 
-def _update(run: _Parts, clip_grad: float | None) -> None:
-    """Clip the gradient (its norm over every trained tensor, DTensor shards too), step and clear it."""
-    if clip_grad:
-        torch.nn.utils.clip_grad_norm_(run.trainable, clip_grad)
-    run.optimizer.step()
-    run.optimizer.zero_grad(set_to_none=True)
+def _clip(run: _Parts, clip_grad: float | None) -> float:
+    """The gradient's norm over every trained tensor (DTensor shards too) before clipping; clipped to `clip_grad`."""
+    return float(torch.nn.utils.clip_grad_norm_(run.trainable, clip_grad or math.inf))
 
 
 def _checkpoint(

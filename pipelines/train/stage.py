@@ -19,10 +19,12 @@ from model.llm.phases import STAGE_PHASE
 from pipelines import stop
 from pipelines.config import Config, StageConfig
 from pipelines.console import interval, polling
-from pipelines.errors import InputError
+from pipelines.errors import Diverged, InputError, RunDiverged
 from pipelines.train.compute import Compute
+from pipelines.train.guard import Guard
 from pipelines.train.job import Job
 from pipelines.train.loop import train
+from pipelines.train.metrics import Recorder
 from pipelines.train.session import LocalSession, RaySession
 from pipelines.train.setup import build_batches, build_model, resolve_job
 from pipelines.train.state import MODEL_DIR
@@ -134,6 +136,11 @@ def _attempt(cfg: Config, ws: Workspace, job: Job, local: bool, start: float) ->
                 _fit_with_ray(cfg, job, attempt, resume)
             stop.check()  # Ray Train aborts a run on Ctrl-C and returns: the run stopped, it did not end
     except BaseException as e:  # the record says how the attempt ended: never `running` after it ended
+        diverged = runs.divergence(run_id)  # a worker's Diverged, however Ray Train wrapped it
+        if diverged is not None:
+            runs.end(run_id, "diverged")
+            said = f"stage {stage} run {run_id} {diverged['message']}"
+            raise RunDiverged(diverged["step"], said, diverged_note(ws, job)) from None
         runs.end(run_id, "stopped" if isinstance(e, KeyboardInterrupt) or stop.requested() else "failed")
         raise
     result = _result(ws, job, 1 if local else sc.workers, resumed_from, time.perf_counter() - start)
@@ -147,6 +154,19 @@ def _attempt(cfg: Config, ws: Workspace, job: Job, local: bool, start: float) ->
         result.checkpoint,
     )
     return result
+
+
+def diverged_note(ws: Workspace, job: Job) -> str:
+    """What a diverged run keeps and how to go on."""
+    latest = Runs.of_stage(ws, job.stage).latest(job.run_id)
+    resume = f"`ibllm train --stage {job.stage} --resume`"
+    lower = f"--set train.stage{job.stage}.blr=<lower>"
+    if latest is None:
+        return f"no checkpoint was taken before it; a new run with a lower learning rate ({lower}) starts again"
+    return (
+        f"its newest checkpoint, step {latest.step}, is the last good one: {resume} goes on from it "
+        f"(with a lower learning rate: {lower})"
+    )
 
 
 def resume_note(ws: Workspace, job: Job) -> str:
@@ -280,4 +300,22 @@ def worker_main(config: dict[str, Any]) -> None:
     )
     metadata = {"stage": job.stage, "run_id": job.run_id, **made_by, "relative": relative}
     phase, every, compute = STAGE_PHASE[job.stage], job.settings.checkpoint_every_steps, Compute.of(job.train)
-    train(session, model, phase, batches, job.hyper, every, job.max_steps, metadata=metadata, compute=compute)
+    recorder = Recorder(ws, job) if session.rank == 0 else None
+    try:
+        train(
+            session,
+            model,
+            phase,
+            batches,
+            job.hyper,
+            every,
+            job.max_steps,
+            metadata=metadata,
+            compute=compute,
+            recorder=recorder,
+            guard=Guard(job.train.max_loss_ratio),
+        )
+    except Diverged as e:  # every rank stops at the step; rank 0 says where, for the driver
+        if session.rank == 0:
+            Runs.of_stage(ws, job.stage).record_divergence(job.run_id, e.step, str(e))
+        raise

@@ -24,6 +24,7 @@ from pipelines.train import stage as train
 from pipelines.train.data import CAPTION_PROMPT, Example, ExampleList, Plan, count_split, step_batches
 from pipelines.train.schedule import Hyper, lr_at
 from pipelines.train.setup import build_model, resolve_job
+from stores.metrics import MetricLog
 from stores.workspace import Workspace
 from tests.pipelines.train_fixture import train_config
 
@@ -177,6 +178,11 @@ def test_resume_after_sigkill_gives_the_same_losses_and_weights(tmp_path: Path) 
     resumed = train.run(cfg_b, 1, resume=True, local=True)
     assert resumed.resumed_from == 10  # the last checkpoint before the kill at step 12
     assert len(resumed.losses) == 24
+    # the metric history: every step once, those logged after step 10 by the killed attempt forgotten
+    history = MetricLog(Workspace(cfg_b.workspace), str(Path(resumed.checkpoint).parents[2])).read()
+    assert history.column("step").to_pylist() == list(range(1, 25))
+    assert history.column("attempt").to_pylist() == [1] * 10 + [2] * 14
+    assert history.column("loss").to_pylist() == pytest.approx(resumed.losses, abs=1e-6)
     assert max(abs(a - b) for a, b in zip(resumed.losses, straight.losses, strict=True)) < 1e-6
     _, a, _ = read_checkpoint(straight.checkpoint)
     _, b, _ = read_checkpoint(resumed.checkpoint)
