@@ -94,6 +94,13 @@ def cmd_catalog(cfg: Config, args: argparse.Namespace) -> BaseModel:
     return query.run(cfg, args.sql)
 
 
+def cmd_runs(cfg: Config, args: argparse.Namespace) -> BaseModel:
+    """List the training runs, write one run's report, or compare runs."""
+    from pipelines.runs import stage as runs
+
+    return runs.run(cfg, args.what)
+
+
 def cmd_demo(cfg: Config, args: argparse.Namespace) -> BaseModel:
     """Run every stage on the config through the Prefect `pipeline` flow."""
     from flows.pipeline import pipeline_flow
@@ -261,6 +268,7 @@ COMMANDS: dict[str, tuple[Command, str]] = {
     "catalog": (cmd_catalog, 'query the catalog\'s views with SQL, e.g. ibllm catalog "SELECT * FROM funnel"'),
     "base": (cmd_base, "demo stage 0: the small base LLaMA and tokenizer that stand in for LLaMA 7B"),
     "train": (cmd_train, "train stage 1 or 2 with Ray Train on the cached features; --resume continues a run"),
+    "runs": (cmd_runs, "list training runs (status, steps, losses); RUN: its report; compare A B: side by side"),
     "evaluate": (cmd_evaluate, "held-out loss, perplexity and the visual-grounding gap of a checkpoint"),
     "retrain": (cmd_retrain, "extract, index and train on what is new; promote when at least as good; --force"),
     "generate": (cmd_generate, "answer about images, audio, video, point clouds and text (or a JSONL of requests)"),
@@ -286,7 +294,7 @@ MODEL_INPUTS: dict[str, tuple[str, ...]] = {
     "demo": MODEL_PATHS,
 }
 NO_WORKSPACE = ("config", "convert")
-ANSWERING = ("generate", "chat", "serve")  # commands that answer with a model trained in an existing workspace
+ANSWERING = ("generate", "chat", "serve", "runs")  # commands that read what was trained in an existing workspace
 
 
 def check_inputs(cfg: Config, command: str) -> None:

@@ -301,6 +301,14 @@ OPTIONS: dict[str, list[Flag]] = {
     "imagine": IMAGINE,
     "serve": SERVE,
     "convert": CONVERT,
+    "runs": [
+        flag(
+            "what",
+            nargs="*",
+            help="nothing: list every training run; RUN: write that run's report; compare RUN RUN [RUN ...]: the "
+            "settings that differ and the curves on the same axes (a run: its id, or a part naming one run)",
+        )
+    ],
 }
 
 

@@ -108,7 +108,11 @@ def run(
             log.info("stage %d: continuing the unfinished run %s of the same inputs and settings", stage, same[0])
             run_id, job = same[0], replace(job, run_id=same[0])
     with lease(ws, "train", f"stage{stage}.{run_id}"):  # a run continued by two commands at once is refused
-        return _attempt(cfg, ws, job, local, start)
+        try:
+            return _attempt(cfg, ws, job, local, start)
+        finally:
+            if runs.record(run_id) is not None:
+                _report(ws, job)
 
 
 def _attempt(cfg: Config, ws: Workspace, job: Job, local: bool, start: float) -> TrainResult:
@@ -154,6 +158,17 @@ def _attempt(cfg: Config, ws: Workspace, job: Job, local: bool, start: float) ->
         result.checkpoint,
     )
     return result
+
+
+def _report(ws: Workspace, job: Job) -> None:
+    """Write the run's report (`report.html` in its folder) once its record says how the attempt ended, however it
+    ended (a report that cannot be written is a warning: it never hides how the run ended)."""
+    try:
+        from pipelines.runs.report import write_run_report
+
+        log.info("stage %d run %s: report %s", job.stage, job.run_id, write_run_report(ws, job.stage, job.run_id))
+    except Exception as e:
+        log.warning("stage %d run %s: no report written (%s: %s)", job.stage, job.run_id, type(e).__name__, e)
 
 
 def diverged_note(ws: Workspace, job: Job) -> str:

@@ -267,6 +267,10 @@ def test_ray_two_workers_and_resume_match_one_worker(tmp_path: Path) -> None:
     _, a, _ = read_checkpoint(one.checkpoint)
     _, b, _ = read_checkpoint(two.checkpoint)
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+    # rank 0 of each Ray attempt kept the metric history: every step once, the samples of both workers counted
+    history = MetricLog(Workspace(cfg.workspace), str(Path(two.checkpoint).parents[2])).read()
+    assert history.column("step").to_pylist() == list(range(1, two.total_steps + 1))
+    assert set(history.column("samples").to_pylist()) == {cfg.train.stage1.global_batch_size}
 
 
 def test_evaluate_reports_held_out_loss_and_the_grounding_gap_into_the_catalog(tmp_path: Path) -> None:
