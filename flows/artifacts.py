@@ -43,6 +43,13 @@ def training(result: TrainResult) -> None:
     every = max(1, len(losses) // CURVE_POINTS)
     rows = [{"step": i + 1, "loss": round(loss, 5)} for i, loss in enumerate(losses) if (i + 1) % every == 0]
     create_table_artifact(rows, key=f"training-stage{result.stage}", description=result.summary())
+    if result.report:
+        create_markdown_artifact(
+            f"# Stage {result.stage} run {result.run_id}\n\nTraining report (curves, settings): `{result.report}`\n\n"
+            f"`ibllm runs compare {result.run_id} <another run>` puts it beside another run.",
+            key=f"training-report-stage{result.stage}",
+            description=f"stage {result.stage} run {result.run_id}: {result.status}, report {result.report}",
+        )
 
 
 def evaluation(result: EvalResult) -> None:

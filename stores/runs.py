@@ -13,6 +13,7 @@ from stores.workspace import OutsideWorkspace, Workspace
 RUN_FILE = "run.json"  # the run's record: status, attempts, job, final checkpoint (written by the driver)
 LATEST_FILE = "latest.json"  # the newest committed checkpoint and the loss history (written after each checkpoint)
 PROGRESS_FILE = "progress.json"  # rank 0's newest progress line, for the driver's console (written every interval)
+REPORT_FILE = "report.html"  # the run's training report (curves, settings), written when an attempt ends
 DIVERGED_FILE = "diverged.json"  # where and why the running attempt diverged (written by rank 0, read by the driver)
 EVALUATIONS = "evaluations"  # one record per evaluation of the run's checkpoints (the catalog's `evaluations` view)
 EXTERNAL = "external"  # where evaluations of checkpoints no run of the workspace made are recorded

@@ -16,11 +16,11 @@ from pipelines.errors import InputError
 from pipelines.runs import figures
 from pipelines.runs.listing import RunRow, find, flat_settings, row
 from stores.metrics import MetricLog
-from stores.runs import EVALUATIONS, Runs
+from stores.runs import EVALUATIONS, REPORT_FILE, Runs
 from stores.workspace import Workspace
 
 log = logging.getLogger(__name__)
-REPORT, CURVES = "report.html", "curves.png"
+CURVES = "curves.png"
 STYLE = "body{font-family:sans-serif;margin:2em;max-width:70em}td,th{padding:2px 8px;text-align:left}"
 
 
@@ -84,7 +84,7 @@ def write_run_report(ws: Workspace, stage: int, run_id: str) -> str:
         + "<h2>settings</h2>"
         + _table([{"setting": k, "value": _short(v, 200)} for k, v in settings.items()])
     )
-    target = posixpath.join(folder, REPORT)
+    target = posixpath.join(folder, REPORT_FILE)
     ws.write_bytes(target, _page(f"stage {stage} run {run_id}", body).encode())
     return ws.as_url(target)
 

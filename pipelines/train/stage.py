@@ -29,7 +29,7 @@ from pipelines.train.session import LocalSession, RaySession
 from pipelines.train.setup import build_batches, build_model, resolve_job
 from pipelines.train.state import MODEL_DIR
 from stores.lease import lease
-from stores.runs import PROGRESS_FILE, RunRecord, Runs
+from stores.runs import PROGRESS_FILE, REPORT_FILE, RunRecord, Runs
 from stores.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,7 @@ class TrainResult(BaseModel):
     losses: list[float]
     seconds: float
     status: str = "complete"  # complete (every planned step) or stopped (--max-steps: not chosen by default)
+    report: str | None = None  # the run's report (curves, settings), written when it ended
 
     def summary(self) -> str:
         resumed = f", resumed at step {self.resumed_from}" if self.resumed_from else ""
@@ -109,10 +110,13 @@ def run(
             run_id, job = same[0], replace(job, run_id=same[0])
     with lease(ws, "train", f"stage{stage}.{run_id}"):  # a run continued by two commands at once is refused
         try:
-            return _attempt(cfg, ws, job, local, start)
-        finally:
+            result = _attempt(cfg, ws, job, local, start)
+        except BaseException:
             if runs.record(run_id) is not None:
                 _report(ws, job)
+            raise
+        result.report = _report(ws, job)
+        return result
 
 
 def _attempt(cfg: Config, ws: Workspace, job: Job, local: bool, start: float) -> TrainResult:
@@ -160,15 +164,18 @@ def _attempt(cfg: Config, ws: Workspace, job: Job, local: bool, start: float) ->
     return result
 
 
-def _report(ws: Workspace, job: Job) -> None:
+def _report(ws: Workspace, job: Job) -> str | None:
     """Write the run's report (`report.html` in its folder) once its record says how the attempt ended, however it
     ended (a report that cannot be written is a warning: it never hides how the run ended)."""
     try:
         from pipelines.runs.report import write_run_report
 
-        log.info("stage %d run %s: report %s", job.stage, job.run_id, write_run_report(ws, job.stage, job.run_id))
+        written = write_run_report(ws, job.stage, job.run_id)
     except Exception as e:
         log.warning("stage %d run %s: no report written (%s: %s)", job.stage, job.run_id, type(e).__name__, e)
+        return None
+    log.info("stage %d run %s: report %s", job.stage, job.run_id, written)
+    return written
 
 
 def diverged_note(ws: Workspace, job: Job) -> str:
@@ -211,7 +218,14 @@ def _result(ws: Workspace, job: Job, workers: int, resumed_from: int | None, sec
         resumed_from=resumed_from,
         losses=losses,
         seconds=seconds,
+        report=_report_of(ws, job),
     )
+
+
+def _report_of(ws: Workspace, job: Job) -> str | None:
+    """The run's report when one was written (a reused run's)."""
+    path = posixpath.join(Runs.of_stage(ws, job.stage).run_folder(job.run_id), REPORT_FILE)
+    return ws.as_url(path) if ws.exists(path) else None
 
 
 def _fit_with_ray(cfg: Config, job: Job, attempt: int, resume: str | None) -> None:

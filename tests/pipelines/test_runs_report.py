@@ -20,6 +20,7 @@ def test_runs_are_listed_reported_and_compared(tmp_path: Path) -> None:
     # each run wrote its report when it ended: its curves and settings
     for result in (first, stopped):
         folder = Path(result.checkpoint).parents[2]
+        assert result.report == str(folder / "report.html")
         page = (folder / "report.html").read_text()
         assert f"run {result.run_id}" in page and "curves.png" in page and "blr" not in page  # the job's own lr
         assert (folder / "curves.png").stat().st_size > 10_000
