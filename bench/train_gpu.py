@@ -26,7 +26,9 @@ from model.llm.model import IGNORE, ImageBindLLM
 from model.llm.phases import STAGE_PHASE
 from pipelines.train.compute import Compute
 from pipelines.train.data import Micro
+from pipelines.train.guard import Guard
 from pipelines.train.loop import StepLog, train
+from pipelines.train.metrics import Recorder
 from pipelines.train.schedule import Hyper
 
 SHAPES = {"7b": "7B", "tiny": "tiny"}
@@ -85,6 +87,8 @@ def step_rate(
     steps: int = 10,
     device: str | torch.device = "cpu",
     answer_share: float | None = None,
+    recorder: Recorder | None = None,
+    guard: Guard | None = None,
 ) -> dict[str, Any]:
     """Real training steps of `stage` (1: bind network, prefix, gates; 2: LoRA, norms, biases) at `shape`.
 
@@ -122,6 +126,8 @@ def step_rate(
         on_step=on_step,
         compute=compute,
         save=False,
+        recorder=recorder,
+        guard=guard,
     )
     seconds = [h["seconds"] for h in state.history]
     timed = seconds[WARMUP:] or seconds

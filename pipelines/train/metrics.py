@@ -23,13 +23,17 @@ class Recorder:
     they are trained again, and the history keeps one row a step.
     """
 
-    def __init__(self, ws: Workspace, job: Job) -> None:
-        runs = Runs.of_stage(ws, job.stage)
-        record = runs.record(job.run_id)
-        self.stage, self.run_id, self.attempt = job.stage, job.run_id, record.attempts if record else 1
-        self.log = MetricLog(ws, runs.run_folder(job.run_id))
+    def __init__(self, ws: Workspace, stage: int, run_id: str, attempt: int) -> None:
+        self.stage, self.run_id, self.attempt = stage, run_id, attempt
+        self.log = MetricLog(ws, Runs.of_stage(ws, stage).run_folder(run_id))
         self.rows: list[dict[str, Any]] = []
         self.flushed = time.monotonic()
+
+    @classmethod
+    def of_job(cls, ws: Workspace, job: Job) -> Recorder:
+        """The recorder of a run's running attempt (its number from the run's record)."""
+        record = Runs.of_stage(ws, job.stage).record(job.run_id)
+        return cls(ws, job.stage, job.run_id, record.attempts if record else 1)
 
     def starting_at(self, step: int) -> None:
         """The loop starts after `step` (0, or the checkpoint it resumes from): later logged steps are forgotten."""

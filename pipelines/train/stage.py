@@ -329,7 +329,7 @@ def worker_main(config: dict[str, Any]) -> None:
     )
     metadata = {"stage": job.stage, "run_id": job.run_id, **made_by, "relative": relative}
     phase, every, compute = STAGE_PHASE[job.stage], job.settings.checkpoint_every_steps, Compute.of(job.train)
-    recorder = Recorder(ws, job) if session.rank == 0 else None
+    recorder = Recorder.of_job(ws, job) if session.rank == 0 else None
     try:
         train(
             session,

@@ -1,0 +1,64 @@
+"""Benchmark: what watching a run costs a training step: the metric history (rank 0's recorder) and the guard.
+
+Usage: python -m bench.train_watch [--rounds 5] [--steps 40] [--micro-batch 16] [--seq 48] [--flush-every 500]
+Runs the loop's real steps (`bench.train_gpu.step_rate`, the tiny shape on the CPU, the demo's stage-1 batch) in
+alternating rounds without and with the recorder and the divergence guard, and prints the median step times and the
+overhead as a ratio measured in this run; then the cost of one segment flush of `--flush-every` rows (the demo
+checkpoints every 500 steps), spread over those steps. Absolute times are noisy on a shared machine: read the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import torch
+
+from bench.train_gpu import step_rate
+from pipelines.train.guard import Guard
+from pipelines.train.metrics import Recorder
+from stores.workspace import Workspace
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--micro-batch", type=int, default=16)
+    p.add_argument("--seq", type=int, default=48)
+    p.add_argument("--flush-every", type=int, default=500)
+    a = p.parse_args()
+    torch.set_num_threads(2)
+    plain, watched = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        ws = Workspace(tmp)
+        for r in range(a.rounds):
+            args = {"stage": 1, "shape": "tiny", "micro_batch": a.micro_batch, "seq": a.seq, "steps": a.steps}
+            plain.append(step_rate(**args)["ms_per_step"])
+            recorder = Recorder(ws, 1, f"bench-{r}", 1)
+            watched.append(step_rate(**args, recorder=recorder, guard=Guard(10.0))["ms_per_step"])
+        rows = [
+            {"step": i, "loss": 1.0, "lr": 1e-4, "grad_norm": 0.5, "tokens": 700, "samples": 16, "step_seconds": 0.1}
+            for i in range(1, a.flush_every + 1)
+        ]
+        recorder = Recorder(ws, 1, "bench-flush", 1)
+        for row in rows:
+            recorder.rows.append(row)
+        start = time.perf_counter()
+        recorder.flush()
+        flush_ms = (time.perf_counter() - start) * 1e3
+    p_ms, w_ms = statistics.median(plain), statistics.median(watched)
+    print(f"step, tiny stage 1, micro-batch {a.micro_batch} x {a.seq} tokens, {a.rounds} rounds of {a.steps} steps")
+    print(f"  without recorder and guard: {p_ms:.2f} ms  (rounds: {', '.join(f'{x:.1f}' for x in plain)})")
+    print(f"  with recorder and guard:    {w_ms:.2f} ms  (rounds: {', '.join(f'{x:.1f}' for x in watched)})")
+    print(f"  overhead: {100 * (w_ms / p_ms - 1):+.2f}% of a step (median over rounds; noise is about that size)")
+    print(
+        f"one segment flush of {a.flush_every} rows: {flush_ms:.1f} ms = {100 * flush_ms / a.flush_every / p_ms:.3f}%"
+        f" of each of the {a.flush_every} steps it covers"
+    )
+
+
+if __name__ == "__main__":
+    main()
