@@ -103,13 +103,7 @@ async def _artifacts() -> list:
 def test_ibllm_demo_learns_to_see_the_colour(tmp_path: Path) -> None:
     """`ibllm demo` as `make demo` runs it, on the embedded default: the model really learns from the features."""
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")}
-    proc = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "demo", "--json", "--workspace", str(tmp_path / "ws")],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=1200,
-    )
+    proc = _demo(tmp_path / "ws", env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout)
     # the console: a short log with a progress line at least every 30 s (third-party chatter filtered; --verbose
@@ -154,13 +148,7 @@ def test_ibllm_demo_learns_to_see_the_colour(tmp_path: Path) -> None:
     # relative to the root, so nothing is ingested, downloaded, trained or asked again
     shutil.copytree(tmp_path / "ws", tmp_path / "copy", symlinks=True)
     (tmp_path / "ws").rename(tmp_path / "gone")
-    again = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "demo", "--json", "--workspace", str(tmp_path / "copy")],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
+    again = _demo(tmp_path / "copy", env)
     assert again.returncode == 0, again.stderr[-3000:]
     copied = json.loads(again.stdout)
     assert [s["written"] for s in copied["curation"]["ingest"]["sources"]] == [0]
@@ -171,6 +159,12 @@ def test_ibllm_demo_learns_to_see_the_colour(tmp_path: Path) -> None:
     assert copied["stage2"]["checkpoint"].startswith(str(tmp_path / "copy"))
     assert copied["mme"]["asked_now"] == 0 and copied["mme"]["resumed"] == 32
     assert "reusing it" in again.stderr and f"{tmp_path / 'ws'}/" not in again.stdout
+
+
+def _demo(workspace: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """`ibllm demo --json` on `workspace`, as `make demo` runs it."""
+    command = [sys.executable, "-m", "flows.cli", "demo", "--json", "--workspace", str(workspace)]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=1200)
 
 
 def longest_silence(lines: list[str]) -> int:
