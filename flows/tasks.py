@@ -15,7 +15,7 @@ from pipelines.config import Config, ConfigError
 from pipelines.config.names import ZERO_SHOT
 from pipelines.curate import stage as curate
 from pipelines.download import stage as download
-from pipelines.errors import InputError
+from pipelines.errors import Diverged, InputError
 from pipelines.evaluate import benchmark as bench
 from pipelines.evaluate import stage as evaluate
 from pipelines.evaluate import zeroshot_stage
@@ -32,7 +32,8 @@ from stores.workspace import Workspace
 
 HOUR = 3600
 DAY = 24 * HOUR
-NOT_RETRIED = (InputError, ConfigError, LedgerConflict, SourceFileError)  # the same input fails the same way again
+# the same input fails the same way again (a diverged run diverges again: its operator lowers the learning rate)
+NOT_RETRIED = (InputError, ConfigError, LedgerConflict, SourceFileError, Diverged)
 
 
 def worth_retrying(task: Any, task_run: Any, state: Any) -> bool:

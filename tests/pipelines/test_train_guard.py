@@ -62,7 +62,7 @@ def test_a_learning_rate_too_large_diverges_and_the_run_resumes_from_its_last_go
     cfg = train_config(tmp_path, checkpoint_every_steps=12, epochs=2)
     first = train.run(cfg, 1, local=True, max_steps=12)
     with pytest.raises(RunDiverged, match=r"diverged at step \d+: (loss|gradient norm) ") as raised:
-        train.run(with_settings(cfg, {"train.stage1.blr": 1e6}), 1, resume=True, local=True)
+        train.run(with_settings(cfg, {"train.stage1.blr": 1e6, "train.max_loss_ratio": 10}), 1, resume=True, local=True)
     runs = Runs.of_stage(Workspace(cfg.workspace), 1)
     assert raised.value.step > 12 and runs.latest(first.run_id).step == 12  # never a checkpoint of a bad step
     record = json.loads((Path(runs.run_folder(first.run_id)) / "run.json").read_text())
