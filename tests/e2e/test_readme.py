@@ -54,7 +54,7 @@ def test_readme_commands_run_as_written(tmp_path: Path) -> None:
     answers = [json.loads(a) for a in (folder / "answers.jsonl").read_text().splitlines()]
     assert len(answers) == 1 and answers[0]["answer"]
     # every stage again with --json: nothing left to do, and stdout is one JSON document
-    for stage in ("ingest", "curate", "download", "report", "extract", "index", "base", "config", "catalog"):
+    for stage in ("ingest", "curate", "download", "report", "extract", "index", "base", "config", "catalog", "runs"):
         proc = run(f"ibllm {stage} --json")
         assert proc.returncode == 0, f"{stage}\n{proc.stderr[-2000:]}"
         assert isinstance(json.loads(proc.stdout), dict), stage
