@@ -59,3 +59,6 @@ def test_readme_commands_run_as_written(tmp_path: Path) -> None:
         assert proc.returncode == 0, f"{stage}\n{proc.stderr[-2000:]}"
         assert isinstance(json.loads(proc.stdout), dict), stage
     assert (folder / "workspace" / "checkpoints" / "stage2").is_dir()
+    (folder / "notes.jpg").write_text("not an image")
+    proc = run("ibllm index --query-image notes.jpg")
+    assert proc.returncode == 4 and "notes.jpg" in proc.stderr and "Traceback" not in proc.stderr

@@ -78,11 +78,10 @@ def test_a_command_that_never_checks_is_interrupted_then_forced() -> None:
     assert seconds < 5
 
 
-@pytest.mark.parametrize("where", ["--local", "ray"])
+@pytest.mark.parametrize("where", ["ray"])  # in this process (--local): the next test, at several moments
 def test_ctrl_c_stops_training_and_resume_goes_on(tmp_path: Path, where: str) -> None:
-    """`ibllm train` stops after Ctrl-C (in this process: at the next step; on Ray Train: its workers end with the
-    driver) with exit 130, saying where --resume goes on; the run is recorded `stopped`, and --resume continues from
-    its newest checkpoint to the end."""
+    """`ibllm train` on Ray Train stops after Ctrl-C (its workers end with the driver) with exit 130, saying where
+    --resume goes on; the run is recorded `stopped`, and --resume continues from its newest checkpoint to the end."""
     cfg = train_config(tmp_path, checkpoint_every_steps=5, epochs=30)
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))

@@ -25,11 +25,12 @@ def test_runs_are_listed_reported_and_compared(tmp_path: Path) -> None:
         assert f"run {result.run_id}" in page and "curves.png" in page and "blr" not in page  # the job's own lr
         assert (folder / "curves.png").stat().st_size > 10_000
     listed = runs_stage.run(cfg)
-    assert [(r.run_id, r.status, r.steps, r.planned_steps) for r in listed.runs] == [
+    rows = {r.run_id: r for r in listed.runs}  # two runs started in the same second: ordered by their ids' suffix
+    assert {(r.run_id, r.status, r.steps, r.planned_steps) for r in listed.runs} == {
         (first.run_id, "complete", first.total_steps, first.total_steps),
         (stopped.run_id, "stopped", 6, first.total_steps),
-    ]
-    assert listed.runs[0].settings_hash != listed.runs[1].settings_hash
+    }
+    assert rows[first.run_id].settings_hash != rows[stopped.run_id].settings_hash
     assert first.run_id in listed.summary() and "6/" in listed.summary()
     compared = runs_stage.run(cfg, ["compare", first.run_id, stopped.run_id[-4:]])  # a unique part of an id does
     assert set(compared.differences) == {"lr", "max_steps"}
