@@ -67,7 +67,7 @@ RUNS_SQL = r"""
 SELECT CAST(regexp_extract(filename, 'stage(\d+)/[^/]+/run\.json$', 1) AS INTEGER) AS stage,
        regexp_extract(filename, '([^/]+)/run\.json$', 1) AS run_id, status, attempts, steps,
        job.total_steps AS planned_steps, final_loss, h.best_heldout_loss, job.init_checkpoint AS parent, checkpoint,
-       strptime(left(regexp_extract(filename, '([^/]+)/run\.json$', 1), 15), '%Y%m%d-%H%M%S') AS started
+       try_strptime(left(regexp_extract(filename, '([^/]+)/run\.json$', 1), 15), '%Y%m%d-%H%M%S') AS started
 FROM read_json($files, union_by_name = true, filename = true) AS r
 LEFT JOIN (SELECT run_id AS id, min(loss) AS best_heldout_loss FROM evaluations WHERE benchmark = 'heldout'
            GROUP BY ALL) AS h ON h.id = regexp_extract(filename, '([^/]+)/run\.json$', 1)
