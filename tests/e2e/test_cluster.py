@@ -197,5 +197,6 @@ def _placements(address: str) -> dict[str, Counter]:
 
     out: dict[str, Counter] = {}
     for a in list_actors(address=address, limit=10_000, raise_on_missing_output=False):
-        out.setdefault(a.class_name, Counter())[a.node_id[:8]] += 1
+        if a.node_id:  # an actor that died before it was placed (a pool scaled down at once) ran nowhere
+            out.setdefault(a.class_name, Counter())[a.node_id[:8]] += 1
     return out
