@@ -53,6 +53,11 @@ def main() -> None:
         start = time.perf_counter()
         recorder.flush()
         flush_ms = (time.perf_counter() - start) * 1e3
+        adds = Recorder(ws, 1, "bench-adds", 1)
+        start = time.perf_counter()
+        for step in range(1, 10_001):
+            adds.add(step=step, loss=1.0, lr=1e-4, grad_norm=0.5, tokens=700, samples=16, step_seconds=0.02)
+        add_us = (time.perf_counter() - start) / 10_000 * 1e6
         queries = history_queries(ws, a.history_rows)
     p_ms, w_ms = statistics.median(plain), statistics.median(watched)
     print(f"step, tiny stage 1, micro-batch {a.micro_batch} x {a.seq} tokens, {a.rounds} rounds of {a.steps} steps")
@@ -63,6 +68,7 @@ def main() -> None:
         f"one segment flush of {a.flush_every} rows: {flush_ms:.1f} ms = {100 * flush_ms / a.flush_every / p_ms:.3f}%"
         f" of each of the {a.flush_every} steps it covers"
     )
+    print(f"recording one step (Recorder.add, no flush): {add_us:.1f} us = {add_us / 10 / p_ms:.4f}% of a step")
     for sql, seconds in queries:
         print(f"catalog over {a.history_rows:,} logged steps: {seconds * 1e3:.0f} ms  {sql}")
 
