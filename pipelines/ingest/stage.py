@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
-import posixpath
 import re
 import time
 
@@ -18,7 +16,7 @@ from pipelines.errors import InputError
 from stores import sources as formats
 from stores.ledger import Ledger
 from stores.metadata import CAPTION_MAX_CHARS
-from stores.workspace import OutsideWorkspace, Workspace
+from stores.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
@@ -60,18 +58,12 @@ def shard_ids(ws: Workspace, ledger: Ledger, files: list[str]) -> dict[str, str]
     """Each input file's shard id: the committed shard made from it when there is one (an older ibllm keyed a file
     by its full path, which a move of the workspace changed: its record's input is found again inside this one),
     else `shard_id_for` its recorded location."""
-    made_from = {}
-    for sid, rec in ledger.committed().items():
-        recorded = rec.extra.get("input_url")
-        if recorded:
-            with contextlib.suppress(OutsideWorkspace):
-                made_from[ws.to_record(ws.from_record(recorded) if _legacy(recorded) else recorded)] = sid
+    made_from = {
+        ws.to_record(ws.locate(rec.extra["input_url"])): sid
+        for sid, rec in ledger.committed().items()
+        if rec.extra.get("input_url")
+    }
     return {f: made_from.get(ws.to_record(f)) or shard_id_for(ws.to_record(f)) for f in files}
-
-
-def _legacy(recorded: str) -> bool:
-    """A full local path an older ibllm recorded for a file that may have been inside the workspace."""
-    return posixpath.isabs(recorded)
 
 
 def settings(src: SourceConfig, caption_max_chars: int) -> dict[str, object]:
