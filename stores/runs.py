@@ -19,6 +19,11 @@ EVALUATIONS = "evaluations"  # one record per evaluation of the run's checkpoint
 EXTERNAL = "external"  # where evaluations of checkpoints no run of the workspace made are recorded
 
 
+# what reuse ignores when it compares jobs: the run id, and where the workspace lives (a moved or copied workspace's
+# runs are runs of the same inputs)
+_ANY_RUN = {"run_id": None, "workspace": None}
+
+
 class RunRecord(BaseModel):
     """A training run's record (`run.json`): its status, attempts, the job it ran and, once done, its checkpoint."""
 
@@ -78,16 +83,20 @@ class Runs:
 
     def record(self, run_id: str) -> RunRecord | None:
         """A run's record, or None before it started."""
-        doc = self._read(posixpath.join(self.run_folder(run_id), RUN_FILE))
-        if doc is None:
+        rec = self._stored(run_id)
+        if rec is None:
             return None
-        rec = RunRecord.model_validate(doc)
         job = self.ws.placed(rec.job, rec.relative)
         return rec.model_copy(update={"job": job | ({"workspace": self.ws.root} if "workspace" in job else {})})
 
+    def _stored(self, run_id: str) -> RunRecord | None:
+        """A run's record as stored: its job's workspace files relative (older records: full paths)."""
+        doc = self._read(posixpath.join(self.run_folder(run_id), RUN_FILE))
+        return None if doc is None else RunRecord.model_validate(doc)
+
     def start(self, run_id: str, job: dict[str, Any]) -> int:
         """Record a new attempt of a run as running; returns its number (1 for a new run)."""
-        attempt = (self.record(run_id) or RunRecord()).attempts + 1
+        attempt = (self._stored(run_id) or RunRecord()).attempts + 1
         diverged = posixpath.join(self.run_folder(run_id), DIVERGED_FILE)
         if self.ws.exists(diverged):  # an earlier attempt's
             self.ws.remove(diverged)
@@ -152,17 +161,16 @@ class Runs:
 
     def same_inputs(self, job: dict[str, Any]) -> tuple[str, str] | None:
         """(run id, status) of the newest run whose job equals `job` but for its run id, else None."""
-        want = self._comparable(json.loads(json.dumps(job, default=str)))
+        want = self.ws.portable(json.loads(json.dumps(job, default=str)))[0] | _ANY_RUN
         for run_id in reversed(self.run_ids()):
-            rec = self.record(run_id)
-            if rec is not None and self._comparable(rec.job) == want:
+            rec = self._stored(run_id)
+            if rec is None:
+                continue
+            # the stored job is already in the relative form; an older record's full paths are found here first
+            stored = rec.job if rec.relative is not None else self.ws.portable(self.ws.placed(rec.job, None))[0]
+            if stored | _ANY_RUN == want:
                 return run_id, rec.status
         return None
-
-    def _comparable(self, job: dict[str, Any]) -> dict[str, Any]:
-        """A job as reuse compares it: but for its run id, and with its workspace files named relative to the root
-        (a moved or copied workspace's runs are runs of the same inputs)."""
-        return self.ws.portable(job)[0] | {"run_id": None, "workspace": None}
 
     def _write_run(self, run_id: str, rec: RunRecord) -> None:
         """Write a run's record, its job's workspace files relative to the root (and the root itself as `.`)."""
