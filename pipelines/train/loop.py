@@ -110,9 +110,10 @@ def train(
             run.optimizer.zero_grad(set_to_none=True)
             state.step += 1
             entry.seconds = time.perf_counter() - start
-            state.history.append(asdict(entry))
+            logged = asdict(entry)
+            state.history.append(logged)
             if recorder:
-                recorder.add(**_row(entry, session.device))
+                recorder.add(**_row(logged, session.device))
             if on_step:
                 on_step(entry)
             metrics = {"step": state.step, "loss": loss, "lr": lr, "tokens": entry.tokens, "grad_norm": grad_norm}
@@ -131,13 +132,13 @@ def train(
     return state
 
 
-def _row(entry: StepLog, device: torch.device) -> dict[str, Any]:
-    """A step's row of the metric history."""
-    seconds = max(entry.seconds, 1e-9)
-    return asdict(entry) | {
-        "step_seconds": entry.seconds,
-        "tokens_per_s": entry.tokens / seconds,
-        "samples_per_s": (entry.samples or 0) / seconds,
+def _row(logged: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """A step's row of the metric history: its StepLog, with rates and peak memory."""
+    seconds = max(logged["seconds"], 1e-9)
+    return logged | {
+        "step_seconds": logged["seconds"],
+        "tokens_per_s": logged["tokens"] / seconds,
+        "samples_per_s": (logged["samples"] or 0) / seconds,
         "peak_memory_mb": peak_memory_mb(device),
     }
 
