@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import posixpath
 import re
 from typing import Any
 
@@ -64,13 +65,12 @@ def settings_hash(record: RunRecord, ws: Workspace) -> str:
     return hashlib.sha256(json.dumps(job, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
-def row(ws: Workspace, stage: int, run_id: str, record: RunRecord) -> RunRow:
-    """The listing's row of a run."""
+def row(
+    ws: Workspace, stage: int, run_id: str, record: RunRecord, heldout: list[tuple[int | None, float]] | None = None
+) -> RunRow:
+    """The listing's row of a run (`heldout`: its `heldout_losses`, when the caller read them already)."""
     runs = Runs.of_stage(ws, stage)
-    losses = [
-        json.loads(ws.read_bytes(p)).get("loss") for p in ws.glob(f"{runs.run_folder(run_id)}/{EVALUATIONS}/*.json")
-    ]
-    losses = [x for x in losses if isinstance(x, int | float)]
+    losses = [loss for _, loss in (heldout_losses(ws, stage, run_id) if heldout is None else heldout)]
     parent = record.get("init_checkpoint")
     found = _PARENT.search(ws.to_record(parent)) if parent else None
     return RunRow(
@@ -86,6 +86,17 @@ def row(ws: Workspace, stage: int, run_id: str, record: RunRecord) -> RunRow:
         parent=found[1] if found else parent,
         started=f"{run_id[:4]}-{run_id[4:6]}-{run_id[6:8]} {run_id[9:11]}:{run_id[11:13]}:{run_id[13:15]}",
     )
+
+
+def heldout_losses(ws: Workspace, stage: int, run_id: str) -> list[tuple[int | None, float]]:
+    """A run's recorded held-out losses, each with the step of the checkpoint it was measured on (None: unknown)."""
+    out = []
+    for path in ws.glob(posixpath.join(Runs.of_stage(ws, stage).run_folder(run_id), EVALUATIONS, "*.json")):
+        doc = json.loads(ws.read_bytes(path))
+        loss, where = doc.get("loss"), str(doc.get("checkpoint") or "")
+        if isinstance(loss, int | float):
+            out.append((int(where.split("step-")[1].split("/")[0]) if "step-" in where else None, float(loss)))
+    return out
 
 
 def _latest_step(runs: Runs, run_id: str) -> int | None:
@@ -105,9 +116,12 @@ def all_runs(ws: Workspace) -> list[tuple[int, str, RunRecord]]:
     return out
 
 
-def find(ws: Workspace, given: str) -> tuple[int, str, RunRecord]:
-    """The run a user named: its id, or a part of it that names one run only (InputError otherwise)."""
-    every = all_runs(ws)
+def find(
+    ws: Workspace, given: str, every: list[tuple[int, str, RunRecord]] | None = None
+) -> tuple[int, str, RunRecord]:
+    """The run a user named: its id, or a part of it that names one run only (InputError otherwise), among `every`
+    run (default: `all_runs`)."""
+    every = all_runs(ws) if every is None else every
     exact = [r for r in every if r[1] == given]
     matches = exact or [r for r in every if given in r[1]]
     if len(matches) == 1:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import html
-import json
 import logging
 import os
 import posixpath
@@ -14,9 +13,9 @@ from pydantic import BaseModel
 
 from pipelines.errors import InputError
 from pipelines.runs import figures
-from pipelines.runs.listing import RunRow, find, flat_settings, row
+from pipelines.runs.listing import RunRow, all_runs, find, flat_settings, heldout_losses, row
 from stores.metrics import MetricLog
-from stores.runs import EVALUATIONS, REPORT_FILE, Runs
+from stores.runs import REPORT_FILE, Runs
 from stores.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -51,16 +50,9 @@ def _short(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _heldout(ws: Workspace, stage: int, run_id: str, history_steps: int) -> list[tuple[int, float]]:
-    """A run's held-out losses, at the step of the checkpoint each was measured on (the run's last, when unknown)."""
-    out = []
-    for path in ws.glob(posixpath.join(Runs.of_stage(ws, stage).run_folder(run_id), EVALUATIONS, "*.json")):
-        doc = json.loads(ws.read_bytes(path))
-        loss, where = doc.get("loss"), str(doc.get("checkpoint") or "")
-        step = int(where.split("step-")[1].split("/")[0]) if "step-" in where else history_steps
-        if isinstance(loss, int | float):
-            out.append((step, float(loss)))
-    return sorted(out)
+def _at_steps(heldout: list[tuple[int | None, float]], last_step: int) -> list[tuple[int, float]]:
+    """Held-out losses to plot, each at its checkpoint's step (the run's last, when unknown)."""
+    return sorted((last_step if step is None else step, loss) for step, loss in heldout)
 
 
 def write_run_report(ws: Workspace, stage: int, run_id: str) -> str:
@@ -70,11 +62,12 @@ def write_run_report(ws: Workspace, stage: int, run_id: str) -> str:
     if record is None:
         raise InputError(f"stage {stage} has no run {run_id!r}")
     history = MetricLog(ws, folder).read()
-    r = row(ws, stage, run_id, record)
+    heldout = heldout_losses(ws, stage, run_id)
+    r = row(ws, stage, run_id, record, heldout)
     last = max(history.column("step").to_pylist(), default=0)
     with ws.scratch() as scratch:
         local = os.path.join(scratch, CURVES)
-        figures.plot_curves(local, {run_id: history}, {run_id: _heldout(ws, stage, run_id, last)})
+        figures.plot_curves(local, {run_id: history}, {run_id: _at_steps(heldout, last)})
         ws.upload(local, posixpath.join(folder, CURVES))
     settings = flat_settings(record, ws)
     body = (
@@ -93,8 +86,10 @@ def compare(ws: Workspace, given: list[str]) -> Comparison:
     """Compare runs (ids or unique parts of them): a report under `reports/runs/<key>/`."""
     if len(given) < 2:
         raise InputError("`ibllm runs compare` takes two runs or more (`ibllm runs` lists them)")
-    found = [find(ws, g) for g in given]
-    rows = [row(ws, stage, run_id, rec) for stage, run_id, rec in found]
+    every = all_runs(ws)
+    found = [find(ws, g, every) for g in given]
+    measured = {run_id: heldout_losses(ws, stage, run_id) for stage, run_id, _ in found}
+    rows = [row(ws, stage, run_id, rec, measured[run_id]) for stage, run_id, rec in found]
     flats = [flat_settings(rec, ws) for _, _, rec in found]
     keys = sorted(set().union(*flats))
     differences = {k: [f.get(k) for f in flats] for k in keys if len({repr(f.get(k)) for f in flats}) > 1}
@@ -102,7 +97,7 @@ def compare(ws: Workspace, given: list[str]) -> Comparison:
     for stage, run_id, _ in found:
         history = MetricLog(ws, Runs.of_stage(ws, stage).run_folder(run_id)).read()
         histories[run_id] = history
-        heldout[run_id] = _heldout(ws, stage, run_id, max(history.column("step").to_pylist(), default=0))
+        heldout[run_id] = _at_steps(measured[run_id], max(history.column("step").to_pylist(), default=0))
     key = hashlib.sha256(" ".join(r.run_id for r in rows).encode()).hexdigest()[:12]
     folder = ws.path("reports", "runs", key)
     with ws.scratch() as scratch:
